@@ -1,0 +1,178 @@
+"""The ``"ds_ext"`` block of a DeepSpeed JSON config.
+
+A DeepSpeed user adds one top-level key to the config they already have::
+
+    {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
+     "ds_ext": {"topology": {"ranks_per_replica": 2}}}
+
+DeepSpeed ignores unknown top-level keys, so the same file still works with stock DeepSpeed. Inside ``"ds_ext"``
+every key is checked: each section is a ``DeepSpeedConfigModel`` (pydantic, ``extra="forbid"``) with a docstring
+per field, values must have their JSON type (no string-to-number coercion), and every error names the JSON path,
+the offending value and what is allowed.
+
+Rules that span sections, or the ``"ds_ext"`` block and the rest of the DeepSpeed config, live in one function,
+:func:`validate_compat`. Rules that need the world size (how ranks split into replicas) are checked when the
+:class:`ds_ext.topology.Topology` is built.
+
+Command line: ``python -m ds_ext.config check FILE`` validates files and exits 2 on error (``__main__.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Union
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import ConfigDict, Field, ValidationError
+
+EXT_KEY = "ds_ext"
+
+
+class DsExtConfigError(ValueError):
+    """A bad config: ``problems`` lists one ``(json_path, message)`` per problem."""
+
+    def __init__(self, problems: List[tuple], source: str = "config"):
+        self.problems = list(problems)
+        self.source = source
+        lines = [f"invalid ds_ext config ({source}):"]
+        lines += [f"  {path}: {msg}" for path, msg in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class ExtSection(DeepSpeedConfigModel):
+    """Base of every ``ds_ext`` section: DeepSpeed's config model, plus JSON-strict types."""
+
+    model_config = ConfigDict(**{**DeepSpeedConfigModel.model_config, "strict": True})
+
+
+class TopologyConfig(ExtSection):
+    """How the world splits into replicas x ranks-per-replica (x pipeline stages).
+
+    ZeRO shards optimizer state (and gradients at stage 2) over the ranks of one replica. With one replica (the
+    default) this is stock DeepSpeed data parallelism.
+    """
+
+    ranks_per_replica: Optional[int] = Field(None, ge=1)
+    """Ranks in one replica (pipeline stages x ZeRO data-parallel ranks). ``null``: all ranks form one replica.
+    Must divide the world size. More than one replica needs a feature that synchronises replicas."""
+
+    pipeline_stages: int = Field(1, ge=1)
+    """Pipeline stages inside a replica, used by the reference model's ``PipelineModule`` form. 1: no pipeline.
+    Must divide ``ranks_per_replica`` (or the world size)."""
+
+
+class DsExtConfig(ExtSection):
+    """The whole ``"ds_ext"`` block. Every feature section defaults to off."""
+
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    """Replica / pipeline layout of the world (see :class:`TopologyConfig`)."""
+
+    @property
+    def replica_sync_enabled(self) -> bool:
+        """Whether an enabled feature synchronises replicas. None of this version's sections does, so a layout
+        with more than one replica is refused (:meth:`ds_ext.topology.Topology.from_config`)."""
+        return False
+
+    @property
+    def any_feature_enabled(self) -> bool:
+        """Whether any feature section is on; with none, the engine is stock DeepSpeed bit for bit."""
+        return False
+
+
+def _json_path(loc: tuple) -> str:
+    path = EXT_KEY
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _model_at(loc: tuple):
+    """The pydantic model class that owns the field at ``loc`` (for listing allowed keys)."""
+    model = DsExtConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, ExtSection)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc, value = tuple(err["loc"]), err.get("input")
+    if err["type"] == "extra_forbidden":
+        model = _model_at(loc)
+        allowed = sorted(model.model_fields) if model else []
+        return f"unknown key {loc[-1]!r}; allowed keys: {', '.join(allowed) or '(none)'}"
+    return f"got {json.dumps(value, default=str)}: {err['msg']}"
+
+
+def _section_problems(block: Any) -> List[tuple]:
+    if not isinstance(block, dict):
+        return [(EXT_KEY, f"got {json.dumps(block, default=str)}: must be a JSON object")]
+    try:
+        DsExtConfig(**block)
+    except ValidationError as exc:
+        return [(_json_path(tuple(e["loc"])), _describe(e)) for e in exc.errors()]
+    return []
+
+
+def _zero_stage(ds_config: Dict[str, Any]) -> int:
+    zero = ds_config.get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def validate_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
+    """Rules that cross sections or reach into the DeepSpeed part of the config.
+
+    Returns a list of ``(json_path, message)``; empty when the combination is allowed. Feature issues add their
+    rules here so that every cross-feature rule is in one tested place.
+    """
+    problems = []
+    topo = ext.topology
+    if topo.pipeline_stages > 1 and _zero_stage(ds_config) > 1:
+        problems.append((f"{EXT_KEY}.topology.pipeline_stages",
+                         f"got {topo.pipeline_stages} with zero_optimization.stage={_zero_stage(ds_config)}: "
+                         "DeepSpeed's PipelineEngine supports ZeRO stage 0 or 1 only; use stage 1 or "
+                         "pipeline_stages=1"))
+    if topo.ranks_per_replica and topo.ranks_per_replica % topo.pipeline_stages:
+        problems.append((f"{EXT_KEY}.topology.ranks_per_replica",
+                         f"got {topo.ranks_per_replica}: must be a multiple of "
+                         f"topology.pipeline_stages={topo.pipeline_stages}"))
+    return problems
+
+
+def parse_ext_config(ds_config: Dict[str, Any], source: str = "config") -> DsExtConfig:
+    """Parse and validate the ``"ds_ext"`` block of a DeepSpeed config dict.
+
+    A config without the block gives the all-off default. Raises :class:`DsExtConfigError` naming every problem.
+    """
+    if not isinstance(ds_config, dict):
+        raise DsExtConfigError([("$", "a DeepSpeed config must be a JSON object")], source)
+    block = ds_config.get(EXT_KEY, {})
+    problems = _section_problems(block)
+    if problems:
+        raise DsExtConfigError(problems, source)
+    ext = DsExtConfig(**block)
+    problems = validate_compat(ds_config, ext)
+    if problems:
+        raise DsExtConfigError(problems, source)
+    return ext
+
+
+def load_config_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a DeepSpeed JSON config; a missing file or malformed JSON becomes a :class:`DsExtConfigError`."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise DsExtConfigError([("$", f"cannot read file: {exc.strerror}")], path) from None
+    except json.JSONDecodeError as exc:
+        raise DsExtConfigError([("$", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")],
+                               path) from None
+
+
+def check_file(path: Union[str, os.PathLike]) -> DsExtConfig:
+    """Load and validate a config file (what the ``ds-ext`` launcher runs before any worker starts)."""
+    return parse_ext_config(load_config_file(path), source=os.fspath(path))

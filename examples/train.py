@@ -1,0 +1,156 @@
+"""Pretrain the ds_ext reference model with a DeepSpeed engine; every ds_ext feature is switched on by config alone.
+
+    ds-ext --config configs/baseline.json examples/train.py --max_steps 200
+    mpirun --allow-run-as-root -np 2 python examples/train.py --deepspeed_config configs/baseline.json
+    deepspeed --num_gpus 2 examples/train.py --deepspeed_config configs/baseline.json
+
+Metrics (train loss, tokens/s, eval loss) go through the DeepSpeed monitor blocks of the config (``csv_monitor``,
+``tensorboard``); rank 0 shows a progress bar and prints one JSON summary as its last line. ``--save_dir`` with
+``--save_interval`` writes DeepSpeed checkpoints; ``--resume`` continues from the latest one, data position included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import deepspeed
+import torch
+from tqdm import tqdm
+
+import ds_ext
+from ds_ext.config import load_config_file
+from ds_ext.models import (LlamaForCausalLM, ModelConfig, llama_pipeline, load_corpus, sharded_batches,
+                           threads_per_process, train_eval_split)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    p.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--data", default=None, help="text file or directory (default: the Python standard library)")
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument("--eval_interval", type=int, default=50, help="steps between eval-loss measurements")
+    p.add_argument("--eval_batches", type=int, default=4)
+    p.add_argument("--save_dir", default=None, help="DeepSpeed checkpoint directory")
+    p.add_argument("--save_interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="load the latest checkpoint in --save_dir")
+    p.add_argument("--seed", type=int, default=1234)
+    deepspeed.add_config_arguments(p)
+    return p.parse_args(argv)
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4 // 8 * 8,
+                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                       max_seq_len=args.seq_len)
+
+
+def build_model(cfg: ModelConfig, topology):
+    if topology.pipeline_stages > 1:
+        return llama_pipeline(cfg, topology=topology.process_topology())
+    return LlamaForCausalLM(cfg)
+
+
+class Trainer:
+    """The loop: one ``step()`` is one optimizer step (``gradient_accumulation_steps`` micro-batches)."""
+
+    def __init__(self, args, engine, train_set, eval_set, topology):
+        self.args, self.engine, self.topology = args, engine, topology
+        self.is_pipe = isinstance(engine, deepspeed.PipelineEngine)
+        self.gas = engine.gradient_accumulation_steps()
+        self.micro = engine.train_micro_batch_size_per_gpu()
+        self.train_set, self.eval_set = train_set, eval_set
+        self.batches = None
+
+    def start_data(self, consumed_batches: int) -> None:
+        shard = self.topology.data_shard(deepspeed.comm.get_rank())
+        self.batches = sharded_batches(self.train_set, self.micro, shard, seed=self.args.seed,
+                                       start_batch=consumed_batches)
+
+    def step(self) -> float:
+        if self.is_pipe:
+            return self.engine.train_batch(self.batches).item()
+        total = 0.0
+        for _ in range(self.gas):
+            x, y = next(self.batches)
+            loss = self.engine(x, y)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        return total / self.gas
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Mean loss on the first ``eval_batches`` held-out batches (the same on every rank: no collective)."""
+        it = sharded_batches(self.eval_set, self.micro, (0, 1), seed=0)
+        self.engine.eval()
+        if self.is_pipe:
+            losses = [self.engine.eval_batch(it).item() for _ in range(self.args.eval_batches)]
+        else:
+            losses = [self.engine(*next(it)).item() for _ in range(self.args.eval_batches)]
+        self.engine.train()
+        return sum(losses) / len(losses)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(threads_per_process())
+    torch.manual_seed(args.seed)
+    ds_config = load_config_file(args.deepspeed_config)
+    topology = ds_ext.build_topology(ds_config)
+    rank = deepspeed.comm.get_rank()
+    cfg = model_config(args)
+    model = build_model(cfg, topology)
+    train_set, eval_set = train_eval_split(load_corpus(args.data), args.seq_len)
+    engine, *_ = ds_ext.initialize(args=args, model=model, model_parameters=[p for p in model.parameters()],
+                                   topology=topology)
+    trainer = Trainer(args, engine, train_set, eval_set, topology)
+    start = 0
+    if args.resume and args.save_dir:
+        path, client = engine.load_checkpoint(args.save_dir)
+        start = engine.global_steps if path else 0
+        if rank == 0:
+            print(f"resumed from {path} at step {start}" if path else f"no checkpoint in {args.save_dir}")
+    trainer.start_data(start * trainer.gas)
+    summary = run(args, engine, trainer, topology, start, rank)
+    if args.save_dir:
+        engine.save_checkpoint(args.save_dir, client_state={"data_batches": engine.global_steps * trainer.gas})
+    if rank == 0:
+        print(json.dumps(summary))
+
+
+def run(args, engine, trainer, topology, start, rank) -> dict:
+    tokens_per_step = trainer.micro * trainer.gas * args.seq_len * topology.num_replicas * topology.data_parallel_size
+    bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    first = last = None
+    eval_first = trainer.eval_loss() if start < args.max_steps else None
+    t0, steps_done = time.perf_counter(), 0
+    for step in range(start + 1, args.max_steps + 1):
+        t = time.perf_counter()
+        loss = trainer.step()
+        dt = time.perf_counter() - t
+        first, last, steps_done = first if first is not None else loss, loss, steps_done + 1
+        events = [("Train/loss", loss, step), ("Train/tokens_per_s", tokens_per_step / dt, step)]
+        if step % args.eval_interval == 0 or step == args.max_steps:
+            events.append(("Eval/loss", trainer.eval_loss(), step))
+        engine.monitor.write_events(events)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1)
+        if args.save_dir and args.save_interval and step % args.save_interval == 0 and step < args.max_steps:
+            engine.save_checkpoint(args.save_dir, client_state={"data_batches": step * trainer.gas})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"steps": steps_done, "start_step": start, "first_loss": first, "last_loss": last,
+            "eval_loss_start": eval_first, "eval_loss_end": trainer.eval_loss() if steps_done else None,
+            "tokens_per_s": tokens_per_step * steps_done / elapsed if steps_done else None,
+            "world_size": topology.world_size}
+
+
+if __name__ == "__main__":
+    main()
