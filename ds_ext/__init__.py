@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 import deepspeed
 
 from ds_ext.config import EXT_KEY, DsExtConfig, DsExtConfigError, load_config_file, parse_ext_config
+from ds_ext.distributed import init_distributed
 from ds_ext.engine import DsExtEngine, DsExtPipelineEngine
 from ds_ext.topology import Topology
 
@@ -36,19 +37,13 @@ def _resolve_config(args, config, config_params) -> Dict[str, Any]:
     return dict(config) if isinstance(config, dict) else load_config_file(config)
 
 
-def _init_distributed(dist_init_required=None, distributed_port=None) -> None:
-    kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
-    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
-                               dist_init_required=dist_init_required, **kwargs)
-
-
 def build_topology(config, ext: Optional[DsExtConfig] = None) -> Topology:
     """Initialise torch.distributed (as ``deepspeed.initialize`` would) and build the :class:`Topology` of a
     config (dict or path). Call it before building the model when data sharding or a ``PipelineModule`` needs
     the layout; pass the result to :func:`initialize` as ``topology=``."""
     ds_config = config if isinstance(config, dict) else load_config_file(config)
     ext = ext or parse_ext_config(ds_config)
-    _init_distributed()
+    init_distributed()
     return Topology.from_config(ext, deepspeed.comm.get_world_size())
 
 
@@ -74,7 +69,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     """
     ds_config = _resolve_config(args, config, config_params)
     ext = parse_ext_config(ds_config)
-    _init_distributed(dist_init_required, distributed_port)
+    init_distributed(dist_init_required, distributed_port)
     topology = topology or Topology.from_config(ext, deepspeed.comm.get_world_size())
     if isinstance(model, deepspeed.PipelineModule):
         _check_pipeline_layout(model, topology)

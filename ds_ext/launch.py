@@ -77,9 +77,10 @@ def _worker_env(nprocs: Optional[int]) -> None:
 
 def _elastic_argv(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> List[str]:
     nnodes = max(ns.num_nodes, 1) if ns.no_ssh else 1
-    argv = [f"--nnodes={nnodes}", f"--node_rank={ns.node_rank if ns.no_ssh else 0}",
-            f"--nproc_per_node={nprocs}", f"--max_restarts={max_restarts}",
-            f"--master_addr={ns.master_addr or '127.0.0.1'}", f"--master_port={ns.master_port}"]
+    # c10d rendezvous: each restart round gets fresh stores and ports (the static one can race a new round).
+    argv = [f"--nnodes={nnodes}", f"--nproc_per_node={nprocs}", f"--max_restarts={max_restarts}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={ns.master_addr or '127.0.0.1'}:{ns.master_port}",
+            f"--rdzv_id=ds_ext_{ns.master_port}"]
     if ns.module:
         argv.append("--module")
     if ns.no_python:

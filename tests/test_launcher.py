@@ -1,0 +1,128 @@
+"""The ``ds-ext`` launcher and examples/train.py, run as a user runs them: real subprocesses, real workers."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_ext.launch import split_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_EXT = [sys.executable, "-m", "ds_ext.launch"]
+TRAIN = str(ROOT / "examples" / "train.py")
+FLAKY = str(ROOT / "tests" / "workers" / "flaky_train.py")
+QUICK = ["--layers", "2", "--hidden", "64", "--seq_len", "64", "--eval_batches", "2"]
+
+
+def run(cmd, timeout=300, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
+
+
+def summary(proc) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the launcher's own log lines may follow rank 0's summary line
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_own_flags_are_taken_only_before_the_script():
+    own, ns, argv = split_argv(["--num_gpus", "2", "--config", "a.json", "--max_restarts=3", "train.py",
+                                "--config", "script-own.yaml", "--max_steps", "5"])
+    assert own == {"config": "a.json", "max_restarts": "3"}
+    assert ns.num_gpus == 2 and ns.user_script == "train.py"
+    assert ns.user_args == ["--config", "script-own.yaml", "--max_steps", "5"]
+    assert argv == ["--num_gpus", "2", "train.py", "--config", "script-own.yaml", "--max_steps", "5"]
+
+
+BAD_CONFIGS = {
+    "malformed": ('{"train_batch_size": 4, "ds_ext": {', "$: malformed JSON at line 1"),
+    "unknown_key": ({"ds_ext": {"topology": {"replicas": 2}}}, "ds_ext.topology.replicas: unknown key"),
+    "wrong_type": ({"ds_ext": {"topology": {"pipeline_stages": "2"}}}, 'ds_ext.topology.pipeline_stages: got "2"'),
+    "out_of_range": ({"ds_ext": {"topology": {"ranks_per_replica": 0}}},
+                     "ds_ext.topology.ranks_per_replica: got 0"),
+    "incompatible": ({"zero_optimization": {"stage": 2}, "ds_ext": {"topology": {"pipeline_stages": 2}}},
+                     "ds_ext.topology.pipeline_stages: got 2 with zero_optimization.stage=2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_path_and_starts_no_worker(case, tmp_path):
+    content, message = BAD_CONFIGS[case]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(content if isinstance(content, str) else json.dumps(content))
+    out = tmp_path / "out"
+    proc = run(DS_EXT + ["--config", str(cfg), FLAKY, "--out", str(out)], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "no worker was started" in proc.stderr
+    assert not out.exists(), "a worker ran although the config was refused"
+
+
+def test_config_is_required_and_not_given_twice(tmp_path):
+    assert run(DS_EXT + [FLAKY, "--out", str(tmp_path)], timeout=120).returncode == 2
+    twice = run(DS_EXT + ["--config", "configs/baseline.json", FLAKY, "--deepspeed_config", "x.json"], timeout=120)
+    assert twice.returncode == 2 and "give the config once" in twice.stderr
+
+
+def test_noloco_config_runs_five_steps_on_two_processes():
+    proc = run(DS_EXT + ["--config", "configs/noloco.json", TRAIN, "--max_steps", "5", "--eval_interval", "5"]
+               + QUICK)
+    s = summary(proc)
+    assert s["steps"] == 5 and s["world_size"] == 2
+
+
+def test_main_job_loss_falls(tmp_path):
+    cfg = json.loads((ROOT / "configs" / "baseline.json").read_text())
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path), "job_name": "main"}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    s = summary(run(DS_EXT + ["--config", str(path), TRAIN, "--max_steps", "60", "--eval_interval", "30"] + QUICK))
+    # Byte-level loss starts near ln(259) = 5.56; 60 steps on code text reliably get well below 3.5.
+    assert s["first_loss"] > 5.0 and s["last_loss"] < 3.5
+    assert s["eval_loss_end"] < s["eval_loss_start"] - 1.5
+    logged = {p.name for p in tmp_path.rglob("*.csv")}
+    assert {"Train_loss.csv", "Train_tokens_per_s.csv", "Eval_loss.csv"} <= logged
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    """3 steps + save + resume to 6 steps ends with the same loss as 6 steps straight (data position and optimizer
+    state restored)."""
+    base = DS_EXT + ["--config", "configs/baseline.json", TRAIN, "--eval_interval", "100"] + QUICK
+    straight = summary(run(base + ["--max_steps", "6", "--save_dir", str(tmp_path / "a")]))
+    summary(run(base + ["--max_steps", "3", "--save_dir", str(tmp_path / "b")]))
+    resumed = summary(run(base + ["--max_steps", "6", "--save_dir", str(tmp_path / "b"), "--resume"]))
+    assert resumed["start_step"] == 3 and resumed["steps"] == 3
+    assert resumed["last_loss"] == straight["last_loss"]
+    assert resumed["eval_loss_end"] == straight["eval_loss_end"]
+
+
+def test_max_restarts_relaunches_after_kill_9(tmp_path):
+    proc = run(DS_EXT + ["--config", "configs/baseline.json", "--max_restarts", "2", FLAKY, "--out", str(tmp_path),
+                         "--die_rank", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = {p.name for p in tmp_path.glob("started.*")}
+    assert {"started.0.0", "started.1.0"} <= started  # the first round ran, and rank 1 killed itself in it
+    finals = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert finals[0]["attempt"] == finals[1]["attempt"] >= 1, proc.stderr[-6000:]  # finished in a restarted round
+    for rank, r in enumerate(finals):
+        assert r == {"rank": rank, "attempt": r["attempt"], "world": 2, "engine": "DsExtEngine", "steps": 2}
+
+
+def test_without_restarts_a_killed_worker_fails_the_job(tmp_path):
+    proc = run(DS_EXT + ["--config", "configs/baseline.json", FLAKY, "--out", str(tmp_path), "--die_rank", "1"])
+    assert proc.returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI not installed (scripts/bootstrap.sh installs it)")
+def test_mpirun_two_processes():
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (extra [mpi])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, TRAIN,
+           "--deepspeed_config", "configs/baseline.json", "--max_steps", "3", "--eval_interval", "3"] + QUICK
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    s = summary(proc)
+    assert s["steps"] == 3 and s["world_size"] == 2
