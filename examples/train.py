@@ -28,7 +28,7 @@ from ds_ext.models import (LlamaForCausalLM, ModelConfig, llama_pipeline, load_c
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
-    p.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps")
     p.add_argument("--data", default=None, help="text file or directory (default: the Python standard library)")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
