@@ -16,6 +16,7 @@ import deepspeed
 
 from ds_ext.config import EXT_KEY, DsExtConfig, DsExtConfigError, load_config_file, parse_ext_config
 from ds_ext.distributed import init_distributed
+from ds_ext.features import attach_features
 from ds_ext.engine import DsExtEngine, DsExtPipelineEngine
 from ds_ext.topology import Topology
 
@@ -90,9 +91,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         deepspeed.DeepSpeedEngine = functools.partial(DsExtEngine, **bound)
         deepspeed.PipelineEngine = functools.partial(DsExtPipelineEngine, **bound)
         try:
-            return _STOCK_INITIALIZE(**kwargs)
+            result = _STOCK_INITIALIZE(**kwargs)
         finally:
             deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine = saved
+    attach_features(result[0], ext, topology)
+    return result
 
 
 def _routing_initialize(*args, **kwargs):

@@ -6,8 +6,9 @@ The engines add exactly three things, each marked ``# ds_ext addition:``:
   ``mpu``;
 * after every applied optimizer step (both engines reach it through ``_take_model_step``) they call
   ``after_optimizer_step(engine)`` on each attached feature, in attach order;
-* ``save_checkpoint`` / ``load_checkpoint`` carry each feature's ``state_dict()`` in DeepSpeed's ``client_state``
-  under the key ``"ds_ext"``, so feature state (NoLoCo outer weights, ...) rides in the ordinary checkpoint.
+* ``save_checkpoint`` / ``load_checkpoint`` write each rank's feature ``state_dict()`` (NoLoCo outer weights, ...)
+  beside DeepSpeed's files, ``<dir>/<tag>/ds_ext_state_rank<R>.pt``, and give each replica its own directory
+  ``<dir>/replica_<r>`` when there are several (their weights differ; DeepSpeed's file names do not say replica).
 
 A feature is any object with a ``name`` and any of ``after_optimizer_step(engine)``, ``state_dict()`` and
 ``load_state_dict(sd)``. With no feature attached nothing else changes: training is bit-identical to stock
@@ -15,15 +16,16 @@ DeepSpeed (tested for ZeRO-1 and ZeRO-2).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import os
+from typing import Any, Dict, List
+
+import torch
 
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from ds_ext.config import DsExtConfig
 from ds_ext.topology import Topology
-
-CLIENT_STATE_KEY = "ds_ext"
 
 
 class DsExtEngineMixin:
@@ -59,18 +61,48 @@ class DsExtEngineMixin:
             if feature.name in state and hasattr(feature, "load_state_dict"):
                 feature.load_state_dict(state[feature.name])
 
-    def save_checkpoint(self, save_dir, tag=None, client_state: Optional[dict] = None, *args, **kwargs):
-        client_state = dict(client_state or {})
-        # ds_ext addition: feature state rides in the client state of the ordinary checkpoint.
-        if self.ds_ext_features:
-            client_state[CLIENT_STATE_KEY] = self.ds_ext_state_dict()
-        return super().save_checkpoint(save_dir, tag, client_state, *args, **kwargs)
+    def ds_ext_metrics(self) -> Dict[str, float]:
+        """Every attached feature's ``metrics()``, keys prefixed by the feature name."""
+        out = {}
+        for feature in self.ds_ext_features:
+            if hasattr(feature, "metrics"):
+                out.update({f"{feature.name}/{k}": v for k, v in feature.metrics().items()})
+        return out
 
-    def load_checkpoint(self, *args, **kwargs):
-        load_path, client_state = super().load_checkpoint(*args, **kwargs)
-        # ds_ext addition: restore feature state and hide it from the caller's client state.
-        if client_state is not None and CLIENT_STATE_KEY in client_state:
-            self.ds_ext_load_state_dict(client_state.pop(CLIENT_STATE_KEY))
+    def _replica_dir(self, save_dir: str) -> str:
+        # Replicas hold different weights, and DeepSpeed names its files by data/model-parallel rank only, so
+        # each replica gets its own directory.
+        if self.topology.num_replicas == 1:
+            return save_dir
+        return os.path.join(save_dir, f"replica_{self.topology.coords(self.global_rank)[0]}")
+
+    def _feature_state_path(self, ckpt_dir: str, tag) -> str:
+        if tag is None:
+            with open(os.path.join(ckpt_dir, "latest")) as f:
+                tag = f.read().strip()
+        return os.path.join(ckpt_dir, str(tag), f"ds_ext_state_rank{self.global_rank:05d}.pt")
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, *args, **kwargs):
+        # ds_ext addition: a directory per replica, and each rank's feature state in a file of its own (shards
+        # differ per rank, while DeepSpeed's client_state is written by one rank).
+        ckpt_dir = self._replica_dir(save_dir)
+        tag = tag if tag is not None else f"global_step{self.global_steps}"
+        result = super().save_checkpoint(ckpt_dir, tag, client_state or {}, save_latest, *args, **kwargs)
+        if save_latest and ckpt_dir != save_dir and self.global_rank != 0 and self.topology.coords(
+                self.global_rank)[1:] == (0, 0):
+            with open(os.path.join(ckpt_dir, "latest"), "w") as f:
+                f.write(str(tag))
+        if self.ds_ext_features:
+            torch.save(self.ds_ext_state_dict(), self._feature_state_path(ckpt_dir, tag))
+        return result
+
+    def load_checkpoint(self, load_dir, tag=None, *args, **kwargs):
+        ckpt_dir = self._replica_dir(load_dir)
+        load_path, client_state = super().load_checkpoint(ckpt_dir, tag, *args, **kwargs)
+        # ds_ext addition: restore this rank's feature state (tensors and plain values only: weights_only).
+        state_path = self._feature_state_path(ckpt_dir, tag) if load_path is not None else None
+        if state_path and self.ds_ext_features and os.path.exists(state_path):
+            self.ds_ext_load_state_dict(torch.load(state_path, weights_only=True))
         return load_path, client_state
 
 

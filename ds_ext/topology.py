@@ -46,8 +46,8 @@ class Topology:
     def from_config(cls, ext: DsExtConfig, world_size: int) -> "Topology":
         """Build from the ``ds_ext.topology`` section; errors name the JSON path."""
         cfg = ext.topology
-        rpr = cfg.ranks_per_replica or world_size
-        path = "ds_ext.topology.ranks_per_replica"
+        rpr = ext.ranks_per_replica(world_size)
+        path = "ds_ext.topology.ranks_per_replica" if cfg.ranks_per_replica else "ds_ext.noloco.ranks_per_replica"
         if world_size % rpr:
             raise DsExtConfigError([(path, f"got {rpr}: must divide the world size {world_size}")])
         if rpr % cfg.pipeline_stages:
@@ -58,7 +58,7 @@ class Topology:
             raise DsExtConfigError([(path, f"got {rpr} with world size {world_size}: that makes "
                                            f"{topo.num_replicas} replicas, but no enabled ds_ext feature "
                                            "synchronises replicas, so they would train independently; "
-                                           "use ranks_per_replica=null (one replica)")])
+                                           "enable ds_ext.noloco or use ranks_per_replica=null (one replica)")])
         return topo
 
     @property
@@ -108,6 +108,13 @@ class Topology:
         replica, _, data = self.coords(rank)
         return replica * self.data_parallel_size + data, self.num_replicas * self.data_parallel_size
 
+    def build_shard_peer_group(self, rank: Optional[int] = None):
+        """Create the shard-peer groups (collective over the default group: every rank calls it, in the same order)
+        and return the one of ``rank``: the only group a cross-replica feature may communicate in."""
+        rank = dist.get_rank() if rank is None else rank
+        heads = [self.rank_of(0, s, d) for s in range(self.pipeline_stages) for d in range(self.data_parallel_size)]
+        return _new_groups([self.shard_peer_ranks(h) for h in heads], rank)
+
     def build_mpu(self, rank: Optional[int] = None) -> "ReplicaMPU":
         """Create the process groups (collective over the default group) and return the ``mpu`` for ``rank``."""
         return ReplicaMPU(self, dist.get_rank() if rank is None else rank)
@@ -127,8 +134,7 @@ class ReplicaMPU:
     """The model-parallel-unit interface DeepSpeed reads (``get_{data,model}_parallel_{group,rank,world_size}``).
 
     Data parallel = the ranks of this rank's replica and stage, so ZeRO shards inside a replica. Tensor model
-    parallelism is 1 (each rank its own group). ``shard_peer_group`` joins the ranks that hold the same shard in
-    every replica: the only group a cross-replica feature may use.
+    parallelism is 1 (each rank its own group).
     """
 
     def __init__(self, topology: Topology, rank: int):
@@ -140,9 +146,6 @@ class ReplicaMPU:
         self.dp_group = _new_groups([topology.data_parallel_ranks(r * topology.ranks_per_replica)
                                      for r in range(topology.num_replicas)], rank)
         self.self_group = _new_groups([[r] for r in range(world)], rank)
-        self.shard_peers = topology.shard_peer_ranks(rank)
-        self.shard_peer_group = _new_groups([topology.shard_peer_ranks(d) for d in range(topology.ranks_per_replica)],
-                                            rank)
 
     def get_data_parallel_group(self):
         return self.dp_group

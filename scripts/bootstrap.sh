@@ -17,6 +17,8 @@ fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PATH="$PWD/.venv/bin:$PATH"
+# One JIT cache per venv (ds-ext and the tests use the same): a cache built with another ninja is rebuilt.
+export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
 if ! python -c "import torch" 2>/dev/null; then
   pip install -q --upgrade pip
   pip install -q torch==2.13.0

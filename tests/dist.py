@@ -7,16 +7,19 @@
 cores as torch threads; ``deepspeed.initialize`` or ``dist.init_process_group("gloo")`` inside the body finds
 them. The returned list holds each rank's return value (anything ``torch.save`` can write). An exception in any
 rank fails the caller with that rank's traceback; a hang fails it after ``timeout`` seconds, all ranks killed.
+Ranks listed in ``may_die`` may end by a signal (a fault test's kill -9); their result is ``None`` and the other
+ranks skip the closing barrier.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import tempfile
 import time
+import traceback
 
 import torch
-import torch.multiprocessing as mp
 
 
 def free_port() -> int:
@@ -25,33 +28,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, body, args, world_size: int, port: int, out_dir: str, env: dict):
+def _worker(rank: int, body, args, world_size: int, port: int, out_dir: str, env: dict, closing_barrier: bool):
     os.environ.update(env)
-    os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "LOCAL_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         result = body(*args)
-    finally:
         import torch.distributed as dist
-        if dist.is_initialized():
+        if closing_barrier and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-    torch.save(result, os.path.join(out_dir, f"rank{local_rank}.pt"))
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)  # skip interpreter teardown: a gloo group whose peer died can block in its destructor
 
 
-def run_distributed(body, world_size: int = 2, args: tuple = (), timeout: float = 300.0, env: dict = None) -> list:
+def run_distributed(body, world_size: int = 2, args: tuple = (), timeout: float = 300.0, env: dict = None,
+                    may_die: tuple = ()) -> list:
+    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(body, args, world_size, free_port(), out_dir, dict(env or {})),
-                                 nprocs=world_size, join=False, start_method="spawn")
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, body, args, world_size, port, out_dir, dict(env or {}),
+                                                   not may_die), daemon=True) for r in range(world_size)]
+        for p in procs:
+            p.start()
         deadline = time.monotonic() + timeout
         try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{body.__name__} on {world_size} ranks did not finish in {timeout:.0f} s")
+            while any(p.is_alive() for p in procs):
+                failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in may_die]
+                if failed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
         finally:
-            for p in ctx.processes:
+            for p in procs:
                 if p.is_alive():
                     p.kill()
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+                p.join()
+        errors = [open(os.path.join(out_dir, f"rank{r}.err")).read() for r in range(world_size)
+                  if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))]
+        if errors:
+            raise AssertionError(f"{body.__name__} failed on a rank:\n" + "\n".join(errors))
+        bad = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0 and r not in may_die}
+        if bad:
+            raise AssertionError(f"{body.__name__}: ranks ended with exit codes {bad} (timeout {timeout:.0f} s: "
+                                 "negative = killed by the harness or a signal)")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+                if os.path.exists(os.path.join(out_dir, f"rank{r}.pt")) else None for r in range(world_size)]

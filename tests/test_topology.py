@@ -46,11 +46,13 @@ def _groups_body():
     import torch.distributed as dist
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    mpu = Topology(world_size=4, ranks_per_replica=2).build_mpu()
+    topo = Topology(world_size=4, ranks_per_replica=2)
+    mpu = topo.build_mpu()
+    peer_group = topo.build_shard_peer_group()
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t, group=mpu.get_data_parallel_group())
     peers = torch.tensor([float(rank + 1)])
-    dist.all_reduce(peers, group=mpu.shard_peer_group)
+    dist.all_reduce(peers, group=peer_group)
     own = torch.tensor([float(rank + 1)])
     dist.all_reduce(own, group=mpu.get_model_parallel_group())
     return {"dp_sum": t.item(), "peer_sum": peers.item(), "mp_sum": own.item(),

@@ -22,8 +22,10 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Union
 
-from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
+
+from ds_ext.config.base import ExtSection
+from ds_ext.noloco.config import NoLoCoConfig
 
 EXT_KEY = "ds_ext"
 
@@ -39,12 +41,6 @@ class DsExtConfigError(ValueError):
         super().__init__("\n".join(lines))
 
 
-class ExtSection(DeepSpeedConfigModel):
-    """Base of every ``ds_ext`` section: DeepSpeed's config model, plus JSON-strict types."""
-
-    model_config = ConfigDict(**{**DeepSpeedConfigModel.model_config, "strict": True})
-
-
 class TopologyConfig(ExtSection):
     """How the world splits into replicas x ranks-per-replica (x pipeline stages).
 
@@ -54,7 +50,7 @@ class TopologyConfig(ExtSection):
 
     ranks_per_replica: Optional[int] = Field(None, ge=1)
     """Ranks in one replica (pipeline stages x ZeRO data-parallel ranks). ``null``: all ranks form one replica.
-    Must divide the world size. More than one replica needs a feature that synchronises replicas."""
+    Must divide the world size. More than one replica needs a feature that synchronises replicas (``noloco``)."""
 
     pipeline_stages: int = Field(1, ge=1)
     """Pipeline stages inside a replica, used by the reference model's ``PipelineModule`` form. 1: no pipeline.
@@ -67,16 +63,26 @@ class DsExtConfig(ExtSection):
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     """Replica / pipeline layout of the world (see :class:`TopologyConfig`)."""
 
+    noloco: NoLoCoConfig = Field(default_factory=NoLoCoConfig)
+    """NoLoCo / DiLoCo outer steps between replicas (see :class:`ds_ext.noloco.config.NoLoCoConfig`)."""
+
     @property
     def replica_sync_enabled(self) -> bool:
-        """Whether an enabled feature synchronises replicas. None of this version's sections does, so a layout
-        with more than one replica is refused (:meth:`ds_ext.topology.Topology.from_config`)."""
-        return False
+        """Whether an enabled feature synchronises replicas; without one, several replicas are refused
+        (:meth:`ds_ext.topology.Topology.from_config`)."""
+        return self.noloco.enabled
 
     @property
     def any_feature_enabled(self) -> bool:
         """Whether any feature section is on; with none, the engine is stock DeepSpeed bit for bit."""
-        return False
+        return self.noloco.enabled
+
+    def ranks_per_replica(self, world_size: int) -> int:
+        """Ranks per replica: the topology's or NoLoCo's value; NoLoCo with neither makes every rank a replica."""
+        value = self.topology.ranks_per_replica or self.noloco.ranks_per_replica
+        if value is None and self.noloco.enabled:
+            return self.topology.pipeline_stages
+        return value or world_size
 
 
 def _json_path(loc: tuple) -> str:
@@ -139,6 +145,31 @@ def validate_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
         problems.append((f"{EXT_KEY}.topology.ranks_per_replica",
                          f"got {topo.ranks_per_replica}: must be a multiple of "
                          f"topology.pipeline_stages={topo.pipeline_stages}"))
+    problems += _noloco_compat(ds_config, ext)
+    return problems
+
+
+def _noloco_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
+    noloco, topo, problems = ext.noloco, ext.topology, []
+    if not noloco.enabled:
+        return problems
+    if noloco.ranks_per_replica and topo.ranks_per_replica and noloco.ranks_per_replica != topo.ranks_per_replica:
+        problems.append((f"{EXT_KEY}.noloco.ranks_per_replica",
+                         f"got {noloco.ranks_per_replica} but ds_ext.topology.ranks_per_replica is "
+                         f"{topo.ranks_per_replica}: give one of them, or the same value"))
+    if noloco.ranks_per_replica and noloco.ranks_per_replica % topo.pipeline_stages:
+        problems.append((f"{EXT_KEY}.noloco.ranks_per_replica",
+                         f"got {noloco.ranks_per_replica}: must be a multiple of "
+                         f"topology.pipeline_stages={topo.pipeline_stages}"))
+    if _zero_stage(ds_config) > 2:
+        problems.append((f"{EXT_KEY}.noloco.enabled",
+                         f"got true with zero_optimization.stage={_zero_stage(ds_config)}: NoLoCo averages ZeRO-1/2 "
+                         "fp32 shards; use stage 0, 1 or 2"))
+    low_precision = [k for k in ("fp16", "bf16") if (ds_config.get(k) or {}).get("enabled")]
+    if low_precision and _zero_stage(ds_config) == 0:
+        problems.append((f"{EXT_KEY}.noloco.enabled",
+                         f"got true with {low_precision[0]}.enabled and ZeRO stage 0: the outer step needs fp32 "
+                         "master weights; use ZeRO stage 1 or 2"))
     return problems
 
 

@@ -1,0 +1,20 @@
+"""Which feature attaches to a freshly built ds_ext engine, in which order. One place, so the engine stays thin."""
+from __future__ import annotations
+
+from typing import List
+
+from ds_ext.config import DsExtConfig
+from ds_ext.topology import Topology
+
+
+def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object]:
+    """Attach every enabled feature (collective: all ranks call it right after the engine is built).
+
+    Order: NoLoCo (its outer step runs after the inner optimizer step). With every feature off nothing is
+    attached and the engine is stock DeepSpeed.
+    """
+    attached = []
+    if ext.noloco.enabled:
+        from ds_ext.noloco.feature import apply_noloco
+        attached.append(apply_noloco(engine, ext.noloco, topology))
+    return attached

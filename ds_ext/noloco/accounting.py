@@ -1,0 +1,119 @@
+"""Per-rank counters of collectives and bytes, by kind and by the span of their group.
+
+Every ``torch.distributed`` communication call of this process (DeepSpeed's ``deepspeed.comm`` ends in them; the
+two functions DeepSpeed binds at start-up, ``all_gather_function`` and ``reduce_scatter_function``, are wrapped on
+its backend object too) is recorded as ``(kind, span)``:
+
+* kind: ``all_reduce``, ``reduce_scatter``, ``all_gather``, ``broadcast``, ``reduce``, ``all_to_all``,
+  ``barrier``, ``p2p``, ``other``;
+* span: ``self`` (a group of one rank), ``replica`` (all ranks in one replica), ``cross_replica`` (the group, or the
+  point-to-point peer, is in another replica).
+
+The wrappers are installed by :meth:`CommAccounting.install` and removed by :meth:`CommAccounting.uninstall` (the
+NoLoCo feature does both); counting costs a dict update per call, no communication.
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+KINDS = {
+    "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce", "reduce_scatter": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter", "all_gather": "all_gather",
+    "all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather_object": "all_gather",
+    "broadcast": "broadcast", "broadcast_object_list": "broadcast", "reduce": "reduce", "gather": "other",
+    "scatter": "other", "all_to_all": "all_to_all", "all_to_all_single": "all_to_all", "barrier": "barrier",
+    "send": "p2p", "recv": "p2p", "isend": "p2p", "irecv": "p2p",
+}
+P2P_PEER_ARG = {"send": "dst", "isend": "dst", "recv": "src", "irecv": "src"}
+
+
+def _tensor_bytes(args, kwargs) -> int:
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if isinstance(first, torch.Tensor):
+        return first.numel() * first.element_size()
+    if isinstance(first, (list, tuple)):
+        return sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+    return 0
+
+
+class CommAccounting:
+    """Counts this rank's communication. ``replica_of`` maps a global rank to its replica index."""
+
+    def __init__(self, rank: int, replica_of: Callable[[int], int]):
+        self.rank, self.replica_of = rank, replica_of
+        self.calls: Dict[Tuple[str, str], int] = defaultdict(int)
+        self.bytes: Dict[Tuple[str, str], int] = defaultdict(int)
+        self.cross_replica_ops: List[str] = []  # names of collectives (not p2p) that spanned replicas
+        self._saved: List[tuple] = []
+        self._group_span: Dict[int, str] = {}
+
+    def _span_of_group(self, group) -> str:
+        key = id(group)
+        if key not in self._group_span:
+            ranks = dist.get_process_group_ranks(group if group is not None else c10d._get_default_group())
+            replicas = {self.replica_of(r) for r in ranks}
+            self._group_span[key] = "self" if len(ranks) == 1 else "replica" if len(replicas) == 1 else "cross_replica"
+        return self._group_span[key]
+
+    def record(self, name: str, args, kwargs, group, peer: Optional[int] = None) -> None:
+        kind = KINDS.get(name, "other")
+        if peer is not None:
+            span = "replica" if self.replica_of(peer) == self.replica_of(self.rank) else "cross_replica"
+        else:
+            span = self._span_of_group(group)
+        self.calls[(kind, span)] += 1
+        self.bytes[(kind, span)] += _tensor_bytes(args, kwargs)
+        if span == "cross_replica" and kind != "p2p":
+            self.cross_replica_ops.append(name)
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        import inspect
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            peer = bound.get(P2P_PEER_ARG.get(name, ""), None) if name in P2P_PEER_ARG else None
+            if name in P2P_PEER_ARG and peer is None:
+                peer = bound.get("group_dst", bound.get("group_src"))
+            self.record(name, args, kwargs, bound.get("group"), peer)
+            return fn(*args, **kwargs)
+        return counted
+
+    def install(self, backend=None) -> "CommAccounting":
+        """Wrap ``torch.distributed``'s communication functions (and ``backend``'s bound ones, e.g. DeepSpeed's
+        ``deepspeed.comm.comm.cdb``)."""
+        if self._saved:
+            raise RuntimeError("CommAccounting is already installed")
+        targets = [(dist, n) for n in KINDS if hasattr(dist, n)]
+        targets += [(c10d, n) for n in ("_all_gather_base", "_reduce_scatter_base") if hasattr(c10d, n)]
+        for obj, attr in targets:
+            self._swap(obj, attr, attr)
+        for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor")):
+            if backend is not None and getattr(backend, attr, None) is not None:
+                self._swap(backend, attr, name)
+        return self
+
+    def _swap(self, obj, attr: str, name: str) -> None:
+        original = getattr(obj, attr)
+        self._saved.append((obj, attr, original))
+        setattr(obj, attr, self._wrap(name, original))
+
+    def uninstall(self) -> None:
+        for obj, attr, original in reversed(self._saved):
+            setattr(obj, attr, original)
+        self._saved.clear()
+
+    def summary(self) -> Dict[str, int]:
+        """Flat counters for metrics: ``calls/<kind>/<span>`` and ``bytes/<kind>/<span>``."""
+        out = {f"calls/{k}/{s}": v for (k, s), v in sorted(self.calls.items())}
+        out.update({f"bytes/{k}/{s}": v for (k, s), v in sorted(self.bytes.items())})
+        out["cross_replica_collectives"] = len(self.cross_replica_ops)
+        return out
