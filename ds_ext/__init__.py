@@ -18,7 +18,7 @@ from ds_ext.config import EXT_KEY, DsExtConfig, DsExtConfigError, load_config_fi
 from ds_ext.distributed import init_distributed
 from ds_ext.features import attach_features
 from ds_ext.engine import DsExtEngine, DsExtPipelineEngine
-from ds_ext.topology import Topology
+from ds_ext.topology import Topology, narrow_pipeline_grid
 
 __version__ = "0.1.0"
 __all__ = ["initialize", "register", "unregister", "build_topology", "DsExtConfig", "DsExtConfigError",
@@ -74,6 +74,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     topology = topology or Topology.from_config(ext, deepspeed.comm.get_world_size())
     if isinstance(model, deepspeed.PipelineModule):
         _check_pipeline_layout(model, topology)
+        if topology.num_replicas > 1:
+            narrow_pipeline_grid(model.mpu(), topology)
     elif not topology.is_trivial:
         if mpu is not None:
             raise ValueError("pass either mpu= or a ds_ext topology with several replicas, not both")

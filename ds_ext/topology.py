@@ -120,6 +120,22 @@ class Topology:
         return ReplicaMPU(self, dist.get_rank() if rank is None else rank)
 
 
+def narrow_pipeline_grid(grid, topology: Topology) -> None:
+    """Make a ``PipelineParallelGrid``'s model-parallel group one replica's stages (collective).
+
+    DeepSpeed's grid builds that group from every rank with the same ``data`` coordinate, which with a ``replica``
+    axis spans replicas; ZeRO all-reduces the gradient norm over it every step. Narrowed, the norm is the replica's
+    own and no per-step collective leaves the replica.
+    """
+    rank = dist.get_rank()
+    lists = [[topology.rank_of(r, s, d) for s in range(topology.pipeline_stages)]
+             for r in range(topology.num_replicas) for d in range(topology.data_parallel_size)]
+    mine = next(ranks for ranks in lists if rank in ranks)
+    grid.ds_model_proc_group = _new_groups(lists, rank)
+    grid.ds_model_world_size = len(mine)
+    grid.ds_model_rank = mine.index(rank)
+
+
 def _new_groups(rank_lists: List[List[int]], rank: int):
     """``dist.new_group`` for every list (all ranks must call it in the same order); return the one with ``rank``."""
     mine = None

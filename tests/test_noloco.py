@@ -1,0 +1,208 @@
+"""NoLoCo: update rules, pairing, and real 2-4 process DeepSpeed runs (exact pair mean, collective spans, faults)."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from dist import run_distributed
+from ds_ext.noloco.gossip import pairing, partner_of
+from ds_ext.noloco.outer import OuterState, diloco_update, noloco_update
+from test_engine import TINY, batches
+
+# anchor + (mean - anchor) and anchor - (anchor - mean) differ from mean by rounding: at most a few fp32 ulps of the
+# largest weight (weights here are < 4 in magnitude, ulp(4) = 4.8e-7).
+ULP_ATOL = 2e-6
+
+
+def test_noloco_rule_matches_the_reference_formula():
+    g = torch.Generator().manual_seed(0)
+    theta0_i, theta0_j, theta_i, theta_j = (torch.randn(50, generator=g) for _ in range(4))
+    state = OuterState(anchor=theta0_i.clone(), momentum=torch.randn(50, generator=g))
+    m_prev = state.momentum.clone()
+    weights = theta_i.clone()
+    noloco_update(weights, (theta_i + theta_j) / 2, state, lr=0.7, momentum=0.5)
+    # the reference's two-term bracket: pair-mean pseudo-gradient + pull toward the pair's mean outer weights
+    bracket = ((theta_i - theta0_i) + (theta_j - theta0_j)) / 2 + ((theta0_i + theta0_j) / 2 - theta0_i)
+    m = 0.5 * m_prev + 0.7 * bracket
+    assert torch.allclose(state.momentum, m, atol=1e-6) and torch.allclose(weights, theta0_i + m, atol=1e-6)
+    assert torch.equal(weights, state.anchor)
+
+
+def test_diloco_rule_is_nesterov_sgd_on_the_mean_pseudo_gradient():
+    anchor, w = torch.ones(4), torch.full((4,), 0.5)
+    state = OuterState.start(anchor)
+    diloco_update(w, anchor - w, state, lr=0.7, momentum=0.9)
+    # b = delta = 0.5; step = lr * (delta + mu * b) = 0.7 * 0.95
+    assert torch.allclose(w, torch.full((4,), 1 - 0.7 * 0.95))
+    ref = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    ref.grad = torch.full((4,), 0.5)
+    opt.step()
+    assert torch.allclose(w, ref.detach())
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 4, 7])
+def test_pairing_is_shared_random_and_covers_every_replica(replicas):
+    for step in range(5):
+        groups = pairing(replicas, step, seed=3)
+        assert groups == pairing(replicas, step, seed=3)
+        assert sorted(r for g in groups for r in g) == list(range(replicas))
+        assert sum(len(g) == 1 for g in groups) == replicas % 2  # odd counts: one replica sits out
+        for g in groups:
+            assert all(partner_of(r, replicas, step, 3) == next((x for x in g if x != r), None) for r in g)
+    if replicas >= 4:
+        assert len({tuple(map(tuple, pairing(replicas, s))) for s in range(10)}) > 1  # pairs change over time
+
+
+def noloco_config(stage: int, mode="noloco", inner_steps=2, **noloco) -> dict:
+    from test_engine import ds_config
+    cfg = ds_config(stage)
+    cfg["ds_ext"] = {"noloco": {"enabled": True, "mode": mode, "inner_steps": inner_steps, **noloco}}
+    return cfg
+
+
+class WeightProbe:
+    """Records the full model weights before each outer step (attached ahead of NoLoCo)."""
+
+    name = "probe"
+
+    def __init__(self, every: int):
+        self.every, self.before = every, {}
+
+    def after_optimizer_step(self, engine):
+        if engine.global_steps % self.every == 0:
+            self.before[engine.global_steps] = flat_weights(engine)
+
+
+def flat_weights(engine) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float().clone() for p in engine.module.parameters()])
+
+
+def build(config, **kw):
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config, **kw)
+    return engine
+
+
+def train_steps(engine, steps: int, seed: int):
+    for x, y in batches(steps * engine.gradient_accumulation_steps(), seed=seed):
+        engine.backward(engine(x, y))
+        engine.step()
+
+
+def _noloco_run_body(stage: int):
+    import deepspeed
+    results = {}
+    for mode in ("noloco", "diloco"):
+        engine = build(noloco_config(stage, mode, inner_steps=2, outer_lr=1.0, outer_momentum=0.0,
+                                     ranks_per_replica=2))
+        probe = WeightProbe(2)
+        engine.ds_ext_features.insert(0, probe)
+        rank = deepspeed.comm.get_rank()
+        train_steps(engine, 2, seed=rank)  # step 2: outer step
+        after_first = flat_weights(engine)
+        train_steps(engine, 2, seed=100 + rank)  # step 4: second outer step
+        feature = engine.ds_ext_features[1]
+        results[mode] = {"before": probe.before[2], "after": after_first, "metrics": feature.metrics(),
+                         "cross": list(feature.accounting.cross_replica_ops), "dp_world": engine.dp_world_size}
+        feature.close()
+    return results
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_replicas_of_two_zero_shards(stage):
+    """4 processes = 2 replicas x 2 ZeRO shards. With outer_lr 1 and momentum 0, the weights after an outer step are
+    the exact mean of the pair's weights, and equal DiLoCo's with the same settings; NoLoCo makes no collective that
+    spans replicas, only point-to-point exchanges, while DiLoCo all-reduces across them."""
+    r = run_distributed(_noloco_run_body, world_size=4, args=(stage,), timeout=500)
+    pair_mean = (r[0]["noloco"]["before"] + r[2]["noloco"]["before"]) / 2
+    assert not torch.equal(r[0]["noloco"]["before"], r[2]["noloco"]["before"])  # replicas had diverged
+    for x in r:
+        assert x["noloco"]["dp_world"] == 2
+        assert (x["noloco"]["after"] - pair_mean).abs().max().item() <= ULP_ATOL
+        assert (x["diloco"]["after"] - x["noloco"]["after"]).abs().max().item() <= ULP_ATOL
+        m = x["noloco"]["metrics"]
+        assert x["noloco"]["cross"] == [] and m["cross_replica_collectives"] == 0
+        assert m["mixed"] == 2 and m["skipped"] == 0 and m["outer_step"] == 2
+        assert m["calls/p2p/cross_replica"] == 4  # isend + irecv per outer step
+        assert m["bytes/p2p/cross_replica"] == 2 * m["bytes_sent"]  # counted on send and on receive
+        inner = "calls/reduce_scatter/replica" if stage == 2 else "calls/all_reduce/replica"
+        assert m.get(inner, 0) + m.get("calls/all_reduce/replica", 0) > 0  # ZeRO did reduce, inside the replica
+        assert m.get("calls/all_gather/replica", 0) > 0
+        assert x["diloco"]["cross"].count("all_reduce") == 2  # the baseline does use a global collective
+    for a, b in ((0, 1), (2, 3)):  # shards of one replica stay one model
+        assert torch.equal(r[a]["noloco"]["after"], r[b]["noloco"]["after"])
+
+
+def _dead_partner_body(out_dir: str):
+    import deepspeed
+    engine = build(noloco_config(1, inner_steps=3, exchange_timeout_s=5.0))
+    rank = deepspeed.comm.get_rank()
+    if rank == 1:
+        train_steps(engine, 2, seed=rank)
+        os.kill(os.getpid(), signal.SIGKILL)  # dies before the outer step at step 3
+    t0 = time.monotonic()
+    train_steps(engine, 6, seed=rank)  # outer steps at 3 and 6, both with a dead partner
+    feature = engine.ds_ext_features[0]
+    return {"seconds": time.monotonic() - t0, "metrics": feature.metrics(), "steps": engine.global_steps}
+
+
+def test_dead_partner_is_skipped_without_hanging(tmp_path):
+    """2 replicas x 1 rank; rank 1 is killed (SIGKILL) before the first outer step. The survivor times out or sees
+    the broken link, skips the mixing, counts it and finishes its steps; the whole test is bounded."""
+    r = run_distributed(_dead_partner_body, world_size=2, args=(str(tmp_path),), timeout=200, may_die=(1,))
+    assert r[1] is None
+    survivor = r[0]
+    assert survivor["steps"] == 6
+    assert survivor["metrics"]["skipped"] == 2 and survivor["metrics"]["mixed"] == 0
+    assert survivor["seconds"] < 2 * 5.0 + 60  # two exchange timeouts at most, plus the training itself
+
+
+def test_replicas_without_noloco_are_refused():
+    from ds_ext.config import DsExtConfig, DsExtConfigError
+    from ds_ext.topology import Topology
+    with pytest.raises(DsExtConfigError, match="enable ds_ext.noloco"):
+        Topology.from_config(DsExtConfig(topology={"ranks_per_replica": 1}), world_size=2)
+    topo = Topology.from_config(DsExtConfig(noloco={"enabled": True}), world_size=4)
+    assert topo.num_replicas == 4  # NoLoCo without ranks_per_replica: every rank is a replica
+
+
+def _pipeline_body():
+    import itertools
+
+    import deepspeed
+    import ds_ext
+    from ds_ext.models import ModelConfig, llama_pipeline
+    config = noloco_config(1, inner_steps=2, outer_lr=1.0, outer_momentum=0.0, ranks_per_replica=2)
+    config["ds_ext"]["topology"] = {"pipeline_stages": 2}
+    topo = ds_ext.build_topology(config)
+    torch.manual_seed(0)
+    model = llama_pipeline(ModelConfig(**TINY), topology=topo.process_topology())
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config, topology=topo)
+    probe = WeightProbe(2)
+    engine.ds_ext_features.insert(0, probe)
+    replica = topo.coords(deepspeed.comm.get_rank())[0]
+    data = itertools.cycle(list(batches(4, seed=replica)))  # the two stages of a replica read the same data
+    losses = [engine.train_batch(data).item() for _ in range(2)]
+    feature = engine.ds_ext_features[1]
+    return {"coords": topo.coords(deepspeed.comm.get_rank()), "before": probe.before[2],
+            "after": flat_weights(engine), "cross": list(feature.accounting.cross_replica_ops),
+            "metrics": feature.metrics(), "cls": type(engine).__name__, "losses": losses}
+
+
+def test_each_replica_a_pipeline_pairs_within_each_stage():
+    """4 processes = 2 replicas x 2 pipeline stages (ZeRO-1): stage s of replica 0 mixes with stage s of replica 1."""
+    r = run_distributed(_pipeline_body, world_size=4, timeout=500)
+    assert [x["coords"] for x in r] == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
+    for stage in (0, 1):
+        a, b = r[stage], r[2 + stage]
+        assert a["cls"] == "DsExtPipelineEngine" and not torch.equal(a["before"], b["before"])
+        mean = (a["before"] + b["before"]) / 2
+        for x in (a, b):
+            assert (x["after"] - mean).abs().max().item() <= ULP_ATOL
+            assert x["cross"] == [] and x["metrics"]["mixed"] == 1
