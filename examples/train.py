@@ -137,7 +137,7 @@ def run(args, engine, trainer, topology, start, rank) -> dict:
         dt = time.perf_counter() - t
         first, last, steps_done = first if first is not None else loss, loss, steps_done + 1
         events = [("Train/loss", loss, step), ("Train/tokens_per_s", tokens_per_step / dt, step)]
-        if step % args.eval_interval == 0 or step == args.max_steps:
+        if step % args.eval_interval == 0 and step < args.max_steps:
             events.append(("Eval/loss", trainer.eval_loss(), step))
         engine.monitor.write_events(events)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -146,10 +146,13 @@ def run(args, engine, trainer, topology, start, rank) -> dict:
             engine.save_checkpoint(args.save_dir, client_state={"data_batches": step * trainer.gas})
     bar.close()
     elapsed = time.perf_counter() - t0
+    eval_last = trainer.eval_loss() if steps_done else None
+    if eval_last is not None:
+        engine.monitor.write_events([("Eval/loss", eval_last, args.max_steps)])
     return {"steps": steps_done, "start_step": start, "first_loss": first, "last_loss": last,
-            "eval_loss_start": eval_first, "eval_loss_end": trainer.eval_loss() if steps_done else None,
+            "eval_loss_start": eval_first, "eval_loss_end": eval_last,
             "tokens_per_s": tokens_per_step * steps_done / elapsed if steps_done else None,
-            "world_size": topology.world_size}
+            "world_size": topology.world_size, "replicas": topology.num_replicas, **engine.ds_ext_metrics()}
 
 
 if __name__ == "__main__":

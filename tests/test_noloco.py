@@ -206,3 +206,12 @@ def test_each_replica_a_pipeline_pairs_within_each_stage():
         for x in (a, b):
             assert (x["after"] - mean).abs().max().item() <= ULP_ATOL
             assert x["cross"] == [] and x["metrics"]["mixed"] == 1
+
+
+def test_wire_bytes_follow_the_ring_model():
+    from ds_ext.noloco.accounting import wire_bytes_sent
+    assert wire_bytes_sent("all_reduce", 1000, 4) == 1500           # 2(n-1)/n
+    assert wire_bytes_sent("reduce_scatter_tensor", 1000, 4) == 750  # (n-1)/n of the full input
+    assert wire_bytes_sent("all_gather_into_tensor", 250, 4) == 750  # (n-1) x the local part
+    assert wire_bytes_sent("isend", 1000, 2) == 1000 and wire_bytes_sent("irecv", 1000, 2) == 0
+    assert wire_bytes_sent("all_reduce", 1000, 1) == 0               # a group of one sends nothing

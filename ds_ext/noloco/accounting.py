@@ -15,6 +15,7 @@ NoLoCo feature does both); counting costs a dict update per call, no communicati
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -31,15 +32,30 @@ KINDS = {
     "send": "p2p", "recv": "p2p", "isend": "p2p", "irecv": "p2p",
 }
 P2P_PEER_ARG = {"send": "dst", "isend": "dst", "recv": "src", "irecv": "src"}
+# The argument holding what this rank contributes (defaults to the first argument).
+PAYLOAD_ARG = {"all_gather_into_tensor": "input_tensor", "_all_gather_base": "input_tensor",
+               "reduce_scatter": "input_list", "reduce_scatter_tensor": "input", "_reduce_scatter_base": "input",
+               "all_to_all_single": "input", "all_to_all": "input_tensor_list"}
 
 
-def _tensor_bytes(args, kwargs) -> int:
-    first = args[0] if args else next(iter(kwargs.values()), None)
-    if isinstance(first, torch.Tensor):
-        return first.numel() * first.element_size()
-    if isinstance(first, (list, tuple)):
-        return sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
     return 0
+
+
+def wire_bytes_sent(name: str, payload: int, n: int) -> float:
+    """Bytes this rank puts on the wire for one call with an ``n``-rank group, by the bandwidth-optimal (ring)
+    algorithms: all-reduce 2(n-1)/n, reduce-scatter and all-to-all (n-1)/n of the payload, all-gather (n-1) times
+    the local part, broadcast/reduce one payload, a send its tensor, a receive nothing."""
+    kind = KINDS.get(name, "other")
+    if n <= 1 or kind == "barrier" or name in ("recv", "irecv"):
+        return 0.0
+    factor = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter": (n - 1) / n, "all_to_all": (n - 1) / n,
+              "all_gather": n - 1}.get(kind, 1.0)
+    return factor * payload
 
 
 class CommAccounting:
@@ -48,41 +64,42 @@ class CommAccounting:
     def __init__(self, rank: int, replica_of: Callable[[int], int]):
         self.rank, self.replica_of = rank, replica_of
         self.calls: Dict[Tuple[str, str], int] = defaultdict(int)
-        self.bytes: Dict[Tuple[str, str], int] = defaultdict(int)
+        self.bytes: Dict[Tuple[str, str], int] = defaultdict(int)   # payload bytes handed to the call
+        self.sent: Dict[Tuple[str, str], float] = defaultdict(float)  # estimated wire bytes sent (ring model)
         self.cross_replica_ops: List[str] = []  # names of collectives (not p2p) that spanned replicas
         self._saved: List[tuple] = []
         self._group_span: Dict[int, str] = {}
 
-    def _span_of_group(self, group) -> str:
+    def _span_of_group(self, group) -> Tuple[str, int]:
         key = id(group)
         if key not in self._group_span:
             ranks = dist.get_process_group_ranks(group if group is not None else c10d._get_default_group())
             replicas = {self.replica_of(r) for r in ranks}
-            self._group_span[key] = "self" if len(ranks) == 1 else "replica" if len(replicas) == 1 else "cross_replica"
+            span = "self" if len(ranks) == 1 else "replica" if len(replicas) == 1 else "cross_replica"
+            self._group_span[key] = (span, len(ranks))
         return self._group_span[key]
 
-    def record(self, name: str, args, kwargs, group, peer: Optional[int] = None) -> None:
+    def record(self, name: str, payload: int, group, peer: Optional[int] = None) -> None:
         kind = KINDS.get(name, "other")
         if peer is not None:
-            span = "replica" if self.replica_of(peer) == self.replica_of(self.rank) else "cross_replica"
+            span, n = ("replica" if self.replica_of(peer) == self.replica_of(self.rank) else "cross_replica"), 2
         else:
-            span = self._span_of_group(group)
+            span, n = self._span_of_group(group)
         self.calls[(kind, span)] += 1
-        self.bytes[(kind, span)] += _tensor_bytes(args, kwargs)
+        self.bytes[(kind, span)] += payload
+        self.sent[(kind, span)] += wire_bytes_sent(name, payload, n)
         if span == "cross_replica" and kind != "p2p":
             self.cross_replica_ops.append(name)
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
-        import inspect
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
         def counted(*args, **kwargs):
             bound = sig.bind_partial(*args, **kwargs).arguments
-            peer = bound.get(P2P_PEER_ARG.get(name, ""), None) if name in P2P_PEER_ARG else None
-            if name in P2P_PEER_ARG and peer is None:
-                peer = bound.get("group_dst", bound.get("group_src"))
-            self.record(name, args, kwargs, bound.get("group"), peer)
+            peer = bound.get(P2P_PEER_ARG[name]) if name in P2P_PEER_ARG else None
+            payload = bound.get(PAYLOAD_ARG.get(name), next(iter(bound.values()), None))
+            self.record(name, _nbytes(payload), bound.get("group"), peer)
             return fn(*args, **kwargs)
         return counted
 
@@ -115,5 +132,7 @@ class CommAccounting:
         """Flat counters for metrics: ``calls/<kind>/<span>`` and ``bytes/<kind>/<span>``."""
         out = {f"calls/{k}/{s}": v for (k, s), v in sorted(self.calls.items())}
         out.update({f"bytes/{k}/{s}": v for (k, s), v in sorted(self.bytes.items())})
+        out["sent_bytes"] = sum(self.sent.values())
+        out["sent_bytes_cross_replica"] = sum(v for (_, s), v in self.sent.items() if s == "cross_replica")
         out["cross_replica_collectives"] = len(self.cross_replica_ops)
         return out
