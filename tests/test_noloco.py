@@ -215,3 +215,56 @@ def test_wire_bytes_follow_the_ring_model():
     assert wire_bytes_sent("all_gather_into_tensor", 250, 4) == 750  # (n-1) x the local part
     assert wire_bytes_sent("isend", 1000, 2) == 1000 and wire_bytes_sent("irecv", 1000, 2) == 0
     assert wire_bytes_sent("all_reduce", 1000, 1) == 0               # a group of one sends nothing
+
+
+def _slow_partner_body():
+    import deepspeed
+    engine = build(noloco_config(1, inner_steps=2, exchange_timeout_s=2.0))
+    rank = deepspeed.comm.get_rank()
+    train_steps(engine, 1, seed=rank)
+    if rank == 1:
+        time.sleep(6.0)  # arrives three timeouts late at the outer step of step 2
+    train_steps(engine, 9, seed=rank)  # outer steps at 2, 4, 6, 8, 10
+    m = engine.ds_ext_features[0].metrics()
+    return {"skipped": m["skipped"], "mixed": m["mixed"], "outer_step": m["outer_step"]}
+
+
+def test_slow_partner_is_skipped_and_the_pair_recovers():
+    """Rank 1 arrives 6 s late (timeout 2 s). Rank 0 skips the mixings it cannot wait for, losing at most the
+    timeout each time, so rank 1 catches up and later rounds mix again; rank 1 finds rank 0's messages already
+    there and mixes every round. The link survives the timeouts and no message lands in the wrong round."""
+    r = run_distributed(_slow_partner_body, world_size=2, timeout=200)
+    assert r[0]["outer_step"] == r[1]["outer_step"] == 5
+    assert 1 <= r[0]["skipped"] <= 3 and r[0]["mixed"] == 5 - r[0]["skipped"] and r[0]["mixed"] >= 2
+    assert (r[1]["skipped"], r[1]["mixed"]) == (0, 5)
+
+
+def _checkpoint_body(save_dir: str):
+    import deepspeed
+    engine = build(noloco_config(1, inner_steps=2))
+    rank = deepspeed.comm.get_rank()
+    train_steps(engine, 3, seed=rank)
+    engine.save_checkpoint(save_dir)
+    feature = engine.ds_ext_features[0]
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in feature.state_dict().items()}
+    weights = flat_weights(engine)
+    feature.close()
+    fresh = build(noloco_config(1, inner_steps=2))
+    path, _ = fresh.load_checkpoint(save_dir)
+    restored = fresh.ds_ext_features[0].state_dict()
+    fresh.ds_ext_features[0].close()
+    return {"path": path, "saved": saved, "restored": restored, "weights": weights, "loaded": flat_weights(fresh),
+            "steps": fresh.global_steps}
+
+
+def test_outer_state_and_replica_weights_round_trip_through_checkpoints(tmp_path):
+    r = run_distributed(_checkpoint_body, world_size=2, args=(str(tmp_path),))
+    for rank, x in enumerate(r):
+        assert f"replica_{rank}" in x["path"] and x["steps"] == 3
+        assert x["restored"]["outer_step"] == x["saved"]["outer_step"] == 1
+        assert torch.equal(x["restored"]["anchor"], x["saved"]["anchor"])
+        assert torch.equal(x["restored"]["momentum"], x["saved"]["momentum"])
+        assert torch.equal(x["loaded"], x["weights"])
+    assert not torch.equal(r[0]["weights"], r[1]["weights"])  # each replica restored its own weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replica_0", "replica_1"]
+    assert (tmp_path / "replica_1" / "latest").read_text() == "global_step3"

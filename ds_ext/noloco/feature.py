@@ -133,6 +133,9 @@ def apply_noloco(engine, cfg: NoLoCoConfig, topology: Topology) -> NoLoCoFeature
     """Attach NoLoCo to a ds_ext engine (collective: every rank calls it once, after the engine is built)."""
     import deepspeed.comm.comm as ds_comm
     rank = dist.get_rank()
+    if topology.num_replicas == 1:
+        log.warning("ds_ext::noloco: one replica (ranks_per_replica = world size): outer steps have no partner "
+                    "and apply this replica's own pseudo-gradient only")
     peer_group = topology.build_shard_peer_group(rank)
     shards = FP32Shards(engine)
     sync_replicas(shards, topology, rank, peer_group)

@@ -8,13 +8,13 @@ its own pseudo-gradient only. The permutation changes every round, so every repl
 Exchange: rank k of replica A and rank k of replica B (same stage, same ZeRO shard index) swap their flat fp32
 shards with ``isend``/``irecv`` on the shard-peer group, tagged by the outer step. A partner that is dead or slower
 than the timeout makes the exchange give up (``None``); the caller skips that mixing. Abandoned requests are kept
-alive so that a late message lands in its own buffer instead of in freed memory or in a later round.
+alive (and their waiting thread keeps waiting), so a late message lands in its own round's buffer instead of in
+freed memory or in a later round, and the link stays usable.
 """
 from __future__ import annotations
 
 import logging
-import time
-from datetime import timedelta
+import threading
 from typing import List, Optional
 
 import numpy as np
@@ -49,19 +49,39 @@ class ShardExchange:
         self._abandoned: List[tuple] = []  # (requests, buffers) of exchanges that timed out
 
     def swap(self, tensor: torch.Tensor, peer: int, tag: int) -> Optional[torch.Tensor]:
-        """Send ``tensor`` to global rank ``peer`` and receive its tensor; ``None`` on failure or timeout."""
+        """Send ``tensor`` to global rank ``peer`` and receive its tensor; ``None`` on failure or timeout.
+
+        The requests are waited on in a helper thread without a gloo timeout: a gloo ``wait(timeout)`` that expires
+        closes the pair for good, so one late partner would cut the link for every later round.
+        """
         received = torch.empty_like(tensor)
-        requests = []
-        deadline = time.monotonic() + self.timeout_s
+        errors: List[BaseException] = []
+        done = threading.Event()
         try:
-            requests.append(dist.irecv(received, src=peer, group=self.group, tag=tag))
-            requests.append(dist.isend(tensor, dst=peer, group=self.group, tag=tag))
-            for req in requests:
-                left = max(deadline - time.monotonic(), 0.001)
-                req.wait(timeout=timedelta(seconds=left))
-        except RuntimeError as exc:  # gloo raises RuntimeError (DistBackendError) for timeouts and dead peers
-            log.warning("ds_ext::noloco exchange with rank %d (tag %d) failed: %s", peer, tag,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self._abandoned.append((requests, received, tensor))
-            return None
+            requests = [dist.irecv(received, src=peer, group=self.group, tag=tag),
+                        dist.isend(tensor, dst=peer, group=self.group, tag=tag)]
+        except RuntimeError as exc:  # a peer known dead fails at once
+            return self._give_up(peer, tag, exc, (received, tensor))
+
+        def wait_all():
+            try:
+                for req in requests:
+                    req.wait()
+            except BaseException as exc:  # gloo raises RuntimeError (DistBackendError) for a dead peer
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=wait_all, name=f"ds_ext-noloco-exchange-{tag}", daemon=True).start()
+        if not done.wait(self.timeout_s):
+            return self._give_up(peer, tag, TimeoutError(f"no answer in {self.timeout_s:.1f} s"),
+                                 (requests, received, tensor))
+        if errors:
+            return self._give_up(peer, tag, errors[0], (requests, received, tensor))
         return received
+
+    def _give_up(self, peer: int, tag: int, exc: BaseException, keep: tuple) -> None:
+        log.warning("ds_ext::noloco exchange with rank %d (tag %d) failed: %s", peer, tag,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self._abandoned.append(keep)
+        return None
