@@ -1,0 +1,170 @@
+"""StreamBP for a pre-norm decoder layer: exact backward, chunked along the sequence (arXiv 2506.03077).
+
+Forward runs the layer on the whole sequence under ``no_grad`` and keeps only its input ``x: [B, T, C]`` (what
+activation checkpointing keeps). Backward receives ``G = dL/dY: [B, T, C]`` and walks the sequence in chunks
+``[s, e)`` of ``chunk_size`` tokens (the last may be shorter); for each chunk it recomputes, with gradients on:
+
+* ``h = norm1(x[:, :e])``; keys/values from ``h`` at positions ``0..e-1``, queries from ``h[:, s:e]`` only;
+* attention of the ``c = e - s`` queries over the ``e`` keys with a ``[c, e]`` causal mask aligned bottom-right
+  (query ``s + i`` sees keys ``<= s + i``; never a ``T x T`` mask) and the key padding mask;
+* ``y = x[:, s:e] + o_proj(attn)``, ``y = y + mlp(norm2(y))`` on the chunk only;
+
+then ``autograd.backward(y, G[:, s:e])``. Input, key/value and parameter gradients accumulate over chunks, so the
+result is the full-sequence gradient (a sum of the same terms). The layer's structure is reached through a
+:class:`LayerAdapter` (one per layer family; the reference model's is here).
+
+Gradient reduction: for every chunk but the last, the layer's parameters carry ``ds_grad_is_ready = False``,
+which DeepSpeed ZeRO-1/2 honour: each parameter's gradient is reduced once per backward, not once per chunk.
+"""
+from __future__ import annotations
+
+import types
+from abc import ABC, abstractmethod
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerAdapter(ABC):
+    """How StreamBP reaches a decoder layer's parts. Subclasses bind one layer family.
+
+    Shapes: ``x: [B, t, C]``, ``positions: [B, t]``, ``q: [B, H, t, D]``, ``k, v: [B, Hkv, t, D]``.
+    """
+
+    scale: Optional[float] = None  # softmax scale; None = 1/sqrt(D)
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    @abstractmethod
+    def norm1(self, x):
+        """The pre-attention norm."""
+
+    @abstractmethod
+    def queries(self, h, positions):
+        """Roped queries of the normed rows ``h``."""
+
+    @abstractmethod
+    def keys_values(self, h, positions):
+        """Roped keys and values of the normed rows ``h``."""
+
+    @abstractmethod
+    def attention_out(self, attn):
+        """``attn: [B, H, c, D]`` -> ``[B, c, C]`` (output projection)."""
+
+    @abstractmethod
+    def mlp_block(self, y):
+        """``y + mlp(norm2(y))``."""
+
+
+def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Boolean ``[B or 1, 1, c, e]`` mask: causal aligned bottom-right, key padding, and each query sees itself
+    (so a padded row never becomes all-masked; its output is unused)."""
+    q_pos = torch.arange(s, e, device=device)[:, None]
+    k_pos = torch.arange(e, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if key_padding_mask is not None:
+        mask = (mask & key_padding_mask[:, None, None, :e]) | (k_pos == q_pos)
+    return mask if mask.dim() == 4 else mask[None, None]
+
+
+def chunk_output(adapter: LayerAdapter, x: torch.Tensor, positions: torch.Tensor, s: int, e: int,
+                 key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The layer's output rows ``[s, e)`` from its input rows ``[0, e)``: ``[B, e - s, C]``."""
+    h = adapter.norm1(x[:, :e])
+    q = adapter.queries(h[:, s:], positions[:, s:e])
+    k, v = adapter.keys_values(h, positions[:, :e])
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk_mask(s, e, key_padding_mask, x.device),
+                                          scale=adapter.scale, enable_gqa=True)
+    return adapter.mlp_block(x[:, s:e] + adapter.attention_out(attn))
+
+
+def _set_grad_ready(params, ready: bool) -> None:
+    for p in params:
+        p.ds_grad_is_ready = ready
+
+
+class StreamedLayerFunction(torch.autograd.Function):
+    """``y = layer(x)`` with StreamBP's backward. Parameters are reached through the adapter (like reentrant
+    checkpointing), so their gradients are accumulated in ``param.grad`` by the inner ``autograd.backward``."""
+
+    @staticmethod
+    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size):
+        ctx.save_for_backward(x, positions, key_padding_mask)
+        ctx.adapter, ctx.chunk_size = adapter, chunk_size
+        with torch.no_grad():
+            return full_forward(x, positions, key_padding_mask)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, positions, key_padding_mask = ctx.saved_tensors
+        adapter, chunk = ctx.adapter, ctx.chunk_size
+        x = x.detach().requires_grad_(True)
+        params = [p for p in adapter.layer.parameters() if p.requires_grad]
+        t = x.shape[1]
+        bounds = [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
+        with torch.enable_grad():
+            for i, (s, e) in enumerate(bounds):
+                _set_grad_ready(params, i == len(bounds) - 1)
+                y = chunk_output(adapter, x, positions, s, e, key_padding_mask)
+                torch.autograd.backward(y, grad_out[:, s:e])
+        _set_grad_ready(params, True)
+        return x.grad, None, None, None, None, None
+
+
+def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> None:
+    """Give ``layer`` (signature ``forward(x, position_ids, key_padding_mask=None)``) StreamBP's backward.
+
+    The instance's ``forward`` is replaced, the module stays where it is, so parameter names, state dicts and
+    hooks are unchanged; :func:`unstream_layer` undoes it. Without gradients the stock forward runs.
+    """
+    if getattr(layer, "_ds_ext_streamed", False):
+        raise ValueError(f"{type(layer).__name__} is already streamed")
+    full_forward = type(layer).forward.__get__(layer)
+
+    def forward(self, x, position_ids, key_padding_mask=None):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not needs_grad:
+            return full_forward(x, position_ids, key_padding_mask)
+        return StreamedLayerFunction.apply(x, position_ids, key_padding_mask, adapter, full_forward, chunk_size)
+
+    layer.forward = types.MethodType(forward, layer)
+    layer._ds_ext_streamed = True
+
+
+def unstream_layer(layer: nn.Module) -> None:
+    layer.__dict__.pop("forward", None)
+    layer.__dict__.pop("_ds_ext_streamed", None)
+
+
+class ReferenceLayerAdapter(LayerAdapter):
+    """:class:`ds_ext.models.llama.DecoderLayer`."""
+
+    def norm1(self, x):
+        return self.layer.input_norm(x)
+
+    def _heads(self, proj, h):
+        b, t, _ = h.shape
+        return proj(h).view(b, t, -1, self.layer.attn.cfg.head_dim).transpose(1, 2)
+
+    def _rope(self, z, positions):
+        from ds_ext.models.llama import apply_rope, rope_cos_sin
+        cfg = self.layer.attn.cfg
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, z.dtype)
+        return apply_rope(z, cos, sin)
+
+    def queries(self, h, positions):
+        return self._rope(self._heads(self.layer.attn.q_proj, h), positions)
+
+    def keys_values(self, h, positions) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn = self.layer.attn
+        return self._rope(self._heads(attn.k_proj, h), positions), self._heads(attn.v_proj, h)
+
+    def attention_out(self, attn):
+        b, _, c, _ = attn.shape
+        return self.layer.attn.o_proj(attn.transpose(1, 2).reshape(b, c, -1))
+
+    def mlp_block(self, y):
+        return y + self.layer.mlp(self.layer.post_attn_norm(y))
