@@ -10,10 +10,15 @@ from ds_ext.topology import Topology
 def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object]:
     """Attach every enabled feature (collective: all ranks call it right after the engine is built).
 
-    Order: NoLoCo (its outer step runs after the inner optimizer step). With every feature off nothing is
-    attached and the engine is stock DeepSpeed.
+    Order: StreamBP (changes the model's backward), then NoLoCo (its outer step runs after the inner optimizer
+    step). With every feature off nothing is attached and the engine is stock DeepSpeed.
     """
     attached = []
+    if ext.streambp.enabled:
+        from ds_ext.streambp.apply import apply_streambp
+        feature = apply_streambp(engine.module, ext.streambp)
+        engine.attach_feature(feature)
+        attached.append(feature)
     if ext.noloco.enabled:
         from ds_ext.noloco.feature import apply_noloco
         attached.append(apply_noloco(engine, ext.noloco, topology))

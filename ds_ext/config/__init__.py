@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError
 
 from ds_ext.config.base import ExtSection
 from ds_ext.noloco.config import NoLoCoConfig
+from ds_ext.streambp.config import StreamBPConfig
 
 EXT_KEY = "ds_ext"
 
@@ -66,6 +67,9 @@ class DsExtConfig(ExtSection):
     noloco: NoLoCoConfig = Field(default_factory=NoLoCoConfig)
     """NoLoCo / DiLoCo outer steps between replicas (see :class:`ds_ext.noloco.config.NoLoCoConfig`)."""
 
+    streambp: StreamBPConfig = Field(default_factory=StreamBPConfig)
+    """StreamBP chunked backward (see :class:`ds_ext.streambp.config.StreamBPConfig`)."""
+
     @property
     def replica_sync_enabled(self) -> bool:
         """Whether an enabled feature synchronises replicas; without one, several replicas are refused
@@ -75,7 +79,7 @@ class DsExtConfig(ExtSection):
     @property
     def any_feature_enabled(self) -> bool:
         """Whether any feature section is on; with none, the engine is stock DeepSpeed bit for bit."""
-        return self.noloco.enabled
+        return self.noloco.enabled or self.streambp.enabled
 
     def ranks_per_replica(self, world_size: int) -> int:
         """Ranks per replica: the topology's or NoLoCo's value; NoLoCo with neither makes every rank a replica."""
@@ -146,6 +150,22 @@ def validate_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
                          f"got {topo.ranks_per_replica}: must be a multiple of "
                          f"topology.pipeline_stages={topo.pipeline_stages}"))
     problems += _noloco_compat(ds_config, ext)
+    problems += _streambp_compat(ds_config, ext)
+    return problems
+
+
+def _streambp_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
+    if not ext.streambp.enabled:
+        return []
+    problems = []
+    if ds_config.get("activation_checkpointing"):
+        problems.append((f"{EXT_KEY}.streambp.enabled",
+                         "got true together with DeepSpeed's activation_checkpointing block: StreamBP replaces "
+                         "activation checkpointing on the same layers; remove one of them"))
+    if _zero_stage(ds_config) > 2:
+        problems.append((f"{EXT_KEY}.streambp.enabled",
+                         f"got true with zero_optimization.stage={_zero_stage(ds_config)}: StreamBP supports ZeRO "
+                         "stage 0, 1 or 2"))
     return problems
 
 

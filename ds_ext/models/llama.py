@@ -167,7 +167,13 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_loss_fn: Optional[Callable] = None
         init_weights(self, cfg.init_std)
+
+    def set_lm_loss(self, fn: Optional[Callable]) -> None:
+        """Replace "logits, then mean token cross-entropy" by ``fn(hidden [B, T, C], lm_head.weight [V, C],
+        labels [B, T]) -> loss`` (StreamBP's chunked head); ``None`` restores the default."""
+        self.lm_loss_fn = fn
 
     def set_attention_fn(self, fn: Callable) -> None:
         for layer in self.layers:
@@ -182,5 +188,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, labels=None, position_ids=None, key_padding_mask=None):
-        logits = self.lm_head(self.hidden_states(input_ids, position_ids, key_padding_mask))
+        hidden = self.hidden_states(input_ids, position_ids, key_padding_mask)
+        if labels is not None and self.lm_loss_fn is not None:
+            return self.lm_loss_fn(hidden, self.lm_head.weight, labels)
+        logits = self.lm_head(hidden)
         return logits if labels is None else causal_lm_loss(logits, labels)

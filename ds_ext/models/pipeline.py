@@ -38,14 +38,19 @@ class DecoderLayerPipe(DecoderLayer):
 
 
 class HeadPipe(nn.Module):
+    """Final norm + LM head. With ``emit_hidden`` (set by StreamBP) it returns the normed hidden states and the
+    module's ``loss_fn`` applies the head chunk by chunk."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.emit_hidden = False
         init_weights(self, cfg.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)
+        return h if self.emit_hidden else self.lm_head(h)
 
 
 def llama_pipeline(cfg: ModelConfig, num_stages: Optional[int] = None, topology: Optional[ProcessTopology] = None,

@@ -39,6 +39,13 @@ class LayerAdapter(ABC):
         self.layer = layer
 
     @abstractmethod
+    def full_forward(self, x, positions, key_padding_mask):
+        """The layer's own forward on the whole sequence ``[B, T, C] -> [B, T, C]``."""
+
+    def default_positions(self, x):
+        return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
+
+    @abstractmethod
     def norm1(self, x):
         """The pre-attention norm."""
 
@@ -115,20 +122,22 @@ class StreamedLayerFunction(torch.autograd.Function):
 
 
 def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> None:
-    """Give ``layer`` (signature ``forward(x, position_ids, key_padding_mask=None)``) StreamBP's backward.
+    """Give ``layer`` StreamBP's backward; it is then called as ``layer(x, position_ids=None,
+    key_padding_mask=None)`` (positions default to ``0..T-1``).
 
     The instance's ``forward`` is replaced, the module stays where it is, so parameter names, state dicts and
-    hooks are unchanged; :func:`unstream_layer` undoes it. Without gradients the stock forward runs.
+    hooks are unchanged; :func:`unstream_layer` undoes it. Without gradients the layer's own forward runs.
     """
     if getattr(layer, "_ds_ext_streamed", False):
         raise ValueError(f"{type(layer).__name__} is already streamed")
-    full_forward = type(layer).forward.__get__(layer)
 
-    def forward(self, x, position_ids, key_padding_mask=None):
+    def forward(self, x, position_ids=None, key_padding_mask=None):
+        position_ids = adapter.default_positions(x) if position_ids is None else position_ids
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not needs_grad:
-            return full_forward(x, position_ids, key_padding_mask)
-        return StreamedLayerFunction.apply(x, position_ids, key_padding_mask, adapter, full_forward, chunk_size)
+            return adapter.full_forward(x, position_ids, key_padding_mask)
+        return StreamedLayerFunction.apply(x, position_ids, key_padding_mask, adapter, adapter.full_forward,
+                                           chunk_size)
 
     layer.forward = types.MethodType(forward, layer)
     layer._ds_ext_streamed = True
@@ -140,7 +149,11 @@ def unstream_layer(layer: nn.Module) -> None:
 
 
 class ReferenceLayerAdapter(LayerAdapter):
-    """:class:`ds_ext.models.llama.DecoderLayer`."""
+    """:class:`ds_ext.models.llama.DecoderLayer` (and its pipeline form)."""
+
+    def full_forward(self, x, positions, key_padding_mask):
+        from ds_ext.models.llama import DecoderLayer
+        return DecoderLayer.forward(self.layer, x, positions, key_padding_mask)
 
     def norm1(self, x):
         return self.layer.input_norm(x)

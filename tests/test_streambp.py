@@ -1,0 +1,148 @@
+"""StreamBP: streamed layer backward, chunked LM head and losses, and their attachment, against plain autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist import run_distributed
+from ds_ext.models import LlamaForCausalLM, ModelConfig
+from ds_ext.streambp.apply import apply_streambp
+from ds_ext.streambp.config import StreamBPConfig
+from ds_ext.streambp.layer import ReferenceLayerAdapter, chunk_mask, stream_layer
+from ds_ext.streambp.loss import GRPOTokenLoss, TokenCrossEntropy, chunked_lm_loss
+
+TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+# fp32: chunked sums reorder additions; the project's exactness bar for fp32 is a relative error of 1e-5.
+FP32_RTOL = 1e-5
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def pair(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**TINY, **overrides})
+    plain, streamed = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    streamed.load_state_dict(plain.state_dict())
+    return plain, streamed
+
+
+def test_chunk_mask_is_causal_bottom_right_without_a_full_square():
+    m = chunk_mask(4, 7, None, "cpu")[0, 0]
+    assert m.shape == (3, 7)
+    assert m.tolist() == [[k <= q for k in range(7)] for q in range(4, 7)]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 29, 64])
+def test_streamed_model_matches_autograd(chunk):
+    """Whole model (every layer streamed, chunked head) vs plain backprop; chunk sizes dividing T=29 or not, longer
+    than T, with right padding in one row and GQA (4 query heads, 2 KV heads)."""
+    plain, streamed = pair()
+    apply_streambp(streamed, StreamBPConfig(enabled=True, chunk_size=chunk, logits_chunk_size=max(1, chunk // 2)))
+    ids = torch.randint(0, 256, (3, 29))
+    labels = torch.randint(0, 256, (3, 29))
+    mask = torch.ones(3, 29, dtype=torch.bool)
+    mask[1, 21:] = False
+    labels[1, 21:] = -100
+    losses = [m(ids, labels, key_padding_mask=mask) for m in (plain, streamed)]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[1].item() - losses[0].item()) <= FP32_RTOL * abs(losses[0].item())
+    g_plain, g_streamed = grads(plain), grads(streamed)
+    assert g_plain.keys() == g_streamed.keys()
+    for name in g_plain:
+        assert rel_err(g_streamed[name], g_plain[name]) <= FP32_RTOL, name
+
+
+def test_streamed_layer_input_gradient_and_forward_are_exact():
+    plain, streamed = pair(seed=1)
+    layer_p, layer_s = plain.layers[0], streamed.layers[0]
+    stream_layer(layer_s, ReferenceLayerAdapter(layer_s), 6)
+    x = torch.randn(2, 20, 64)
+    pos = torch.arange(20).expand(2, 20) + 3  # positions need not start at 0
+    xp, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yp, ys = layer_p(xp, pos), layer_s(xs, pos)
+    assert torch.equal(yp, ys)  # forward is the layer's own
+    g = torch.randn_like(yp)
+    yp.backward(g)
+    ys.backward(g)
+    assert rel_err(xs.grad, xp.grad) <= FP32_RTOL
+    with pytest.raises(ValueError, match="already streamed"):
+        stream_layer(layer_s, ReferenceLayerAdapter(layer_s), 6)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 9, 40])
+def test_chunked_cross_entropy_matches_full_logits(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(3, 23, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 23))
+    labels[0, :5] = -100
+    ref = F.cross_entropy((h @ w.t()).reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
+    out = chunked_lm_loss(h, w, TokenCrossEntropy(labels), chunk)
+    assert abs(out.item() - ref.item()) <= FP32_RTOL * ref.item()
+    for a, b in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(ref, (h, w))):
+        assert rel_err(a, b) <= FP32_RTOL
+
+
+def grpo_reference(logits, targets, mask, adv, old, ref, eps_low, eps_high, kl, norm):
+    """Independent full-sequence GRPO loss (the textbook form, per sequence then per batch)."""
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    ratio = torch.exp(logp - old)
+    per_token = -torch.minimum(ratio * adv[:, None], ratio.clamp(1 - eps_low, 1 + eps_high) * adv[:, None])
+    per_token = per_token + kl * (torch.exp(ref - logp) - (ref - logp) - 1)
+    m = mask.float()
+    if norm == "grpo":
+        return ((per_token * m).sum(1) / m.sum(1)).mean()
+    if norm == "dapo":
+        return (per_token * m).sum() / m.sum()
+    return (per_token * m).sum() / (m.shape[0] * m.shape[1])
+
+
+@pytest.mark.parametrize("norm", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("chunk", [3, 8, 30])
+def test_chunked_grpo_loss_matches_full_sequence(norm, chunk):
+    torch.manual_seed(1)
+    b, t, c, v = 4, 19, 16, 40
+    h = torch.randn(b, t, c, requires_grad=True)
+    w = torch.randn(v, c, requires_grad=True)
+    targets = torch.randint(0, v, (b, t))
+    mask = torch.rand(b, t) > 0.3
+    mask[:, 0] = True
+    adv = torch.randn(b)
+    with torch.no_grad():
+        logp = torch.log_softmax(h @ w.t(), -1).gather(-1, targets[..., None])[..., 0]
+    old = logp + 0.3 * torch.randn(b, t)  # ratios on both sides of the clip range
+    ref = logp + 0.2 * torch.randn(b, t)
+    kw = dict(eps_low=0.2, eps_high=0.28, kl=0.05, norm=norm)
+    expected = grpo_reference(h @ w.t(), targets, mask, adv, old, ref, **kw)
+    objective = GRPOTokenLoss(targets, mask, adv, old, ref, eps_low=0.2, eps_high=0.28, kl_coef=0.05, norm=norm)
+    out = chunked_lm_loss(h, w, objective, chunk)
+    assert abs(out.item() - expected.item()) <= FP32_RTOL * abs(expected.item())
+    for a, e in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(expected, (h, w))):
+        assert rel_err(a, e) <= FP32_RTOL
+
+
+def test_grpo_loss_input_errors():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        GRPOTokenLoss(z.long(), z.bool(), torch.zeros(2), z, kl_coef=0.1)
+    with pytest.raises(ValueError, match="allowed grpo, dapo, dr_grpo"):
+        GRPOTokenLoss(z.long(), z.bool(), torch.zeros(2), z, norm="mean")
+
+
+def test_streambp_config_rules():
+    from ds_ext.config import DsExtConfigError, parse_ext_config
+    on = {"streambp": {"enabled": True, "chunk_size": 128}}
+    assert parse_ext_config({"ds_ext": on}).streambp.chunk_size == 128
+    for ds, fragment in (({"activation_checkpointing": {"partition_activations": True}}, "activation_checkpointing"),
+                         ({"zero_optimization": {"stage": 3}}, "stage=3")):
+        with pytest.raises(DsExtConfigError, match=fragment) as info:
+            parse_ext_config(dict(ds, ds_ext=on))
+        assert info.value.problems[0][0] == "ds_ext.streambp.enabled"
+    with pytest.raises(DsExtConfigError, match="ds_ext.streambp.chunk_size"):
+        parse_ext_config({"ds_ext": {"streambp": {"chunk_size": 0}}})
