@@ -146,3 +146,102 @@ def test_streambp_config_rules():
         assert info.value.problems[0][0] == "ds_ext.streambp.enabled"
     with pytest.raises(DsExtConfigError, match="ds_ext.streambp.chunk_size"):
         parse_ext_config({"ds_ext": {"streambp": {"chunk_size": 0}}})
+
+
+def sgd_config(stage: int, ext=None, gas: int = 2) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas, "steps_per_print": 10 ** 9,
+           "optimizer": {"type": "SGD", "params": {"lr": 0.5}}, "zero_allow_untested_optimizer": True,
+           "zero_optimization": {"stage": stage}}
+    if ext is not None:
+        cfg["ds_ext"] = ext
+    return cfg
+
+
+def flat_params(module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+def _zero_body(stage: int):
+    import deepspeed
+    import ds_ext
+    deltas = {}
+    for mode in ("stock", "streambp"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(ModelConfig(**TINY))
+        before = flat_params(model)
+        if mode == "stock":
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=sgd_config(stage))
+        else:
+            ext = {"streambp": {"enabled": True, "chunk_size": 7, "logits_chunk_size": 5}}
+            engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(),
+                                           config=sgd_config(stage, ext))
+        g = torch.Generator().manual_seed(deepspeed.comm.get_rank())
+        for _ in range(2):  # one optimizer step of 2 micro-batches
+            x = torch.randint(0, 256, (2, 31), generator=g)
+            engine.backward(engine(x[:, :-1], x[:, 1:]))
+            engine.step()
+        deltas[mode] = flat_params(engine.module) - before
+    return deltas
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_streambp_under_zero_matches_stock_deepspeed(stage):
+    """2 processes, ZeRO-1/2, SGD (so the weight change is lr x the reduced gradient): StreamBP's update equals
+    stock DeepSpeed's. Under ZeRO-2 a gradient reduced twice would trip DeepSpeed's own assertion."""
+    for r in run_distributed(_zero_body, world_size=2, args=(stage,)):
+        assert rel_err(r["streambp"], r["stock"]) <= FP32_RTOL
+
+
+def _pipeline_body():
+    import itertools
+
+    import deepspeed
+    import ds_ext
+    from ds_ext.models import llama_pipeline
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = ModelConfig(**TINY)
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    data = [(x[:, :-1], x[:, 1:]) for x in (torch.randint(0, 256, (2, 27), generator=g) for _ in range(2))]
+    for mode in ("stock", "streambp"):
+        torch.manual_seed(0)
+        config = sgd_config(1)
+        if mode == "stock":
+            model = llama_pipeline(cfg, num_stages=2)
+            before = flat_params(model)
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        else:
+            config["ds_ext"] = {"topology": {"pipeline_stages": 2},
+                                "streambp": {"enabled": True, "chunk_size": 6, "logits_chunk_size": 4}}
+            topo = ds_ext.build_topology(config)
+            model = llama_pipeline(cfg, topology=topo.process_topology())
+            before = flat_params(model)
+            engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config,
+                                           topology=topo)
+        loss = engine.train_batch(itertools.cycle(data)).item()
+        out[mode] = {"loss": loss, "delta": flat_params(engine.module) - before,
+                     "streamed": engine.ds_ext_metrics()["streambp/streamed_layers"] if mode == "streambp" else 0}
+    return out
+
+
+def test_streambp_in_a_two_stage_pipeline_matches_stock():
+    """2-stage PipelineModule under the ds_ext engine (2 processes): each stage streams its own decoder layers, the
+    last stage chunks the head; loss and per-stage updates equal the stock PipelineEngine's."""
+    for r in run_distributed(_pipeline_body, world_size=2):
+        assert abs(r["streambp"]["loss"] - r["stock"]["loss"]) <= FP32_RTOL * r["stock"]["loss"]
+        assert rel_err(r["streambp"]["delta"], r["stock"]["delta"]) <= FP32_RTOL
+        assert r["streambp"]["streamed"] == 1  # 2 decoder layers, one per stage
+
+
+def test_streambp_refuses_a_checkpointing_pipeline():
+    from ds_ext.config import DsExtConfigError
+
+    class FakePipe(torch.nn.Module):
+        activation_checkpoint_interval = 1
+
+    import deepspeed.pipe
+    fake = FakePipe()
+    fake.__class__ = type("P", (deepspeed.pipe.PipelineModule,), {})
+    fake.activation_checkpoint_interval = 1
+    with pytest.raises(DsExtConfigError, match="activation_checkpoint_interval=1"):
+        apply_streambp(fake, StreamBPConfig(enabled=True))
