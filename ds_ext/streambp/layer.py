@@ -1,20 +1,22 @@
 """StreamBP for a pre-norm decoder layer: exact backward, chunked along the sequence (arXiv 2506.03077).
 
 Forward runs the layer on the whole sequence under ``no_grad`` and keeps only its input ``x: [B, T, C]`` (what
-activation checkpointing keeps). Backward receives ``G = dL/dY: [B, T, C]`` and walks the sequence in chunks
-``[s, e)`` of ``chunk_size`` tokens (the last may be shorter); for each chunk it recomputes, with gradients on:
+activation checkpointing keeps). Backward receives ``G = dL/dY: [B, T, C]``, recomputes ``h = norm1(x)`` and the
+keys/values of all positions once, then walks the sequence in chunks ``[s, e)`` of ``chunk_size`` tokens (the last
+may be shorter); for each chunk, with gradients on:
 
-* ``h = norm1(x[:, :e])``; keys/values from ``h`` at positions ``0..e-1``, queries from ``h[:, s:e]`` only;
-* attention of the ``c = e - s`` queries over the ``e`` keys with a ``[c, e]`` causal mask aligned bottom-right
-  (query ``s + i`` sees keys ``<= s + i``; never a ``T x T`` mask) and the key padding mask;
+* queries from ``h[:, s:e]`` only;
+* attention of the ``c = e - s`` queries over the ``e`` keys ``< e`` with a ``[c, e]`` boolean causal mask aligned
+  bottom-right (query ``s + i`` sees keys ``<= s + i``; never a ``T x T`` mask; PyTorch's CPU flash kernel takes the
+  mask without materialising scores) and the key padding mask;
 * ``y = x[:, s:e] + o_proj(attn)``, ``y = y + mlp(norm2(y))`` on the chunk only;
 
-then ``autograd.backward(y, G[:, s:e])``. Input, key/value and parameter gradients accumulate over chunks, so the
+then backpropagates ``G[:, s:e]``. Input, key/value and parameter gradients accumulate over chunks, so the
 result is the full-sequence gradient (a sum of the same terms). The layer's structure is reached through a
 :class:`LayerAdapter` (one per layer family; the reference model's is here).
 
-Gradient reduction: for every chunk but the last, the layer's parameters carry ``ds_grad_is_ready = False``,
-which DeepSpeed ZeRO-1/2 honour: each parameter's gradient is reduced once per backward, not once per chunk.
+Gradient reduction: until the final backward call the layer's parameters carry ``ds_grad_is_ready = False``, which
+DeepSpeed ZeRO-1/2 honour: each parameter's gradient is reduced once per backward, not once per chunk.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ class LayerAdapter(ABC):
 
     def default_positions(self, x):
         return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
+
+    def slice_positions(self, positions, s: int, e: int):
+        """The position information of rows ``[s, e)`` (a ``[B, T]`` tensor here; adapters may carry more)."""
+        return positions[:, s:e]
 
     @abstractmethod
     def norm1(self, x):
@@ -77,14 +83,13 @@ def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device)
     return mask if mask.dim() == 4 else mask[None, None]
 
 
-def chunk_output(adapter: LayerAdapter, x: torch.Tensor, positions: torch.Tensor, s: int, e: int,
+def chunk_output(adapter: LayerAdapter, x, h, k, v, positions, s: int, e: int,
                  key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The layer's output rows ``[s, e)`` from its input rows ``[0, e)``: ``[B, e - s, C]``."""
-    h = adapter.norm1(x[:, :e])
-    q = adapter.queries(h[:, s:], positions[:, s:e])
-    k, v = adapter.keys_values(h, positions[:, :e])
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk_mask(s, e, key_padding_mask, x.device),
-                                          scale=adapter.scale, enable_gqa=True)
+    """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input ``x``, the normed input ``h`` and the
+    keys/values ``k, v: [B, Hkv, T, D]`` of the whole sequence (only rows ``< e`` are read)."""
+    q = adapter.queries(h[:, s:e], adapter.slice_positions(positions, s, e))
+    attn = F.scaled_dot_product_attention(q, k[:, :, :e], v[:, :, :e], scale=adapter.scale, enable_gqa=True,
+                                          attn_mask=chunk_mask(s, e, key_padding_mask, x.device))
     return adapter.mlp_block(x[:, s:e] + adapter.attention_out(attn))
 
 
@@ -95,29 +100,47 @@ def _set_grad_ready(params, ready: bool) -> None:
 
 class StreamedLayerFunction(torch.autograd.Function):
     """``y = layer(x)`` with StreamBP's backward. Parameters are reached through the adapter (like reentrant
-    checkpointing), so their gradients are accumulated in ``param.grad`` by the inner ``autograd.backward``."""
+    checkpointing), so their gradients are accumulated in ``param.grad`` by the inner ``autograd.backward``.
+
+    Backward order: ``h = norm1(x)`` and the keys/values of all ``T`` positions are recomputed once (``O(T)``
+    memory for one layer at a time, instead of recomputing the prefix's keys/values for every chunk); chunks
+    ``0 .. D-2`` backpropagate into detached copies of ``h, k, v`` (and straight into ``x`` through the residual);
+    the last chunk backpropagates together with the accumulated ``dh, dk, dv`` through the real graph, so every
+    parameter receives its gradient in that one final call (the only one with ``ds_grad_is_ready = True``).
+    """
 
     @staticmethod
     def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size):
-        ctx.save_for_backward(x, positions, key_padding_mask)
-        ctx.adapter, ctx.chunk_size = adapter, chunk_size
+        ctx.save_for_backward(x, key_padding_mask)
+        ctx.positions, ctx.adapter, ctx.chunk_size = positions, adapter, chunk_size
         with torch.no_grad():
             return full_forward(x, positions, key_padding_mask)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, positions, key_padding_mask = ctx.saved_tensors
-        adapter, chunk = ctx.adapter, ctx.chunk_size
+        x, key_padding_mask = ctx.saved_tensors
+        adapter, positions, chunk = ctx.adapter, ctx.positions, ctx.chunk_size
         x = x.detach().requires_grad_(True)
         params = [p for p in adapter.layer.parameters() if p.requires_grad]
         t = x.shape[1]
         bounds = [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
         with torch.enable_grad():
-            for i, (s, e) in enumerate(bounds):
-                _set_grad_ready(params, i == len(bounds) - 1)
-                y = chunk_output(adapter, x, positions, s, e, key_padding_mask)
+            h = adapter.norm1(x)
+            k, v = adapter.keys_values(h, positions)
+            leaves = [z.detach().requires_grad_(True) for z in (h, k, v)]
+            _set_grad_ready(params, False)
+            for s, e in bounds[:-1]:
+                y = chunk_output(adapter, x, *leaves, positions, s, e, key_padding_mask)
                 torch.autograd.backward(y, grad_out[:, s:e])
-        _set_grad_ready(params, True)
+            _set_grad_ready(params, True)
+            s, e = bounds[-1]
+            outputs = [chunk_output(adapter, x, h, k, v, positions, s, e, key_padding_mask)]
+            grads = [grad_out[:, s:e]]
+            for real, leaf in zip((h, k, v), leaves):
+                if leaf.grad is not None:
+                    outputs.append(real)
+                    grads.append(leaf.grad)
+            torch.autograd.backward(outputs, grads)
         return x.grad, None, None, None, None, None
 
 
