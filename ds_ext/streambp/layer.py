@@ -83,14 +83,14 @@ def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device)
     return mask if mask.dim() == 4 else mask[None, None]
 
 
-def chunk_output(adapter: LayerAdapter, x, h, k, v, positions, s: int, e: int,
+def chunk_output(adapter: LayerAdapter, xc, hc, ke, ve, positions, s: int, e: int,
                  key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input ``x``, the normed input ``h`` and the
-    keys/values ``k, v: [B, Hkv, T, D]`` of the whole sequence (only rows ``< e`` are read)."""
-    q = adapter.queries(h[:, s:e], adapter.slice_positions(positions, s, e))
-    attn = F.scaled_dot_product_attention(q, k[:, :, :e], v[:, :, :e], scale=adapter.scale, enable_gqa=True,
-                                          attn_mask=chunk_mask(s, e, key_padding_mask, x.device))
-    return adapter.mlp_block(x[:, s:e] + adapter.attention_out(attn))
+    """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, the normed
+    rows ``hc = h[:, s:e]`` and the keys/values of positions ``< e``, ``ke, ve: [B, Hkv, e, D]``."""
+    q = adapter.queries(hc, adapter.slice_positions(positions, s, e))
+    attn = F.scaled_dot_product_attention(q, ke, ve, scale=adapter.scale, enable_gqa=True,
+                                          attn_mask=chunk_mask(s, e, key_padding_mask, xc.device))
+    return adapter.mlp_block(xc + adapter.attention_out(attn))
 
 
 def _set_grad_ready(params, ready: bool) -> None:
@@ -104,8 +104,8 @@ class StreamedLayerFunction(torch.autograd.Function):
 
     Backward order: ``h = norm1(x)`` and the keys/values of all ``T`` positions are recomputed once (``O(T)``
     memory for one layer at a time, instead of recomputing the prefix's keys/values for every chunk); chunks
-    ``0 .. D-2`` backpropagate into detached copies of ``h, k, v`` (and straight into ``x`` through the residual);
-    the last chunk backpropagates together with the accumulated ``dh, dk, dv`` through the real graph, so every
+    ``0 .. D-2`` backpropagate into detached slices of ``x, h, k, v`` whose gradients are summed into buffers
+    ``dx, dh, dk, dv``; the last chunk backpropagates together with ``dh, dk, dv`` through the real graph, so every
     parameter receives its gradient in that one final call (the only one with ``ds_grad_is_ready = True``).
     """
 
@@ -127,21 +127,30 @@ class StreamedLayerFunction(torch.autograd.Function):
         with torch.enable_grad():
             h = adapter.norm1(x)
             k, v = adapter.keys_values(h, positions)
-            leaves = [z.detach().requires_grad_(True) for z in (h, k, v)]
+            dx, dh, dk, dv = (torch.zeros_like(z) for z in (x, h, k, v))
             _set_grad_ready(params, False)
             for s, e in bounds[:-1]:
-                y = chunk_output(adapter, x, *leaves, positions, s, e, key_padding_mask)
-                torch.autograd.backward(y, grad_out[:, s:e])
+                _chunk_backward(adapter, x, h, k, v, (dx, dh, dk, dv), positions, s, e, key_padding_mask,
+                                grad_out[:, s:e])
             _set_grad_ready(params, True)
             s, e = bounds[-1]
-            outputs = [chunk_output(adapter, x, h, k, v, positions, s, e, key_padding_mask)]
-            grads = [grad_out[:, s:e]]
-            for real, leaf in zip((h, k, v), leaves):
-                if leaf.grad is not None:
-                    outputs.append(real)
-                    grads.append(leaf.grad)
-            torch.autograd.backward(outputs, grads)
-        return x.grad, None, None, None, None, None
+            y = chunk_output(adapter, x[:, s:e], h[:, s:e], k[:, :, :e], v[:, :, :e], positions, s, e,
+                             key_padding_mask)
+            torch.autograd.backward([y, h, k, v], [grad_out[:, s:e], dh, dk, dv])
+        return x.grad + dx, None, None, None, None, None
+
+
+def _chunk_backward(adapter, x, h, k, v, buffers, positions, s, e, key_padding_mask, grad_chunk) -> None:
+    """Backpropagate rows ``[s, e)`` into per-chunk leaves (only the slices the chunk reads) and add their
+    gradients into the full-size buffers; parameter gradients accumulate in ``param.grad``."""
+    dx, dh, dk, dv = buffers
+    xc, hc = x[:, s:e].detach().requires_grad_(True), h[:, s:e].detach().requires_grad_(True)
+    ke, ve = k[:, :, :e].detach().requires_grad_(True), v[:, :, :e].detach().requires_grad_(True)
+    torch.autograd.backward(chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask), grad_chunk)
+    dx[:, s:e] += xc.grad
+    dh[:, s:e] += hc.grad
+    dk[:, :, :e] += ke.grad
+    dv[:, :, :e] += ve.grad
 
 
 def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> None:

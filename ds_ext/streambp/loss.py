@@ -1,8 +1,8 @@
 """Chunked LM head and token losses: full-sequence logits ``[B, T, V]`` are never materialised.
 
-:class:`ChunkedLMHeadLoss` computes ``sum_chunks objective(hidden[:, s:e] @ W^T, s, e)`` in forward without keeping
-logits, and in backward recomputes each chunk's logits, backpropagates that chunk's loss into ``dhidden[:, s:e]``
-and ``dW`` and frees them. Objectives weight every token with a denominator taken over the *whole* batch, so the
+:class:`ChunkedLMHeadLoss` computes ``sum_chunks objective(hidden[:, s:e] @ W^T, s, e)`` one chunk of logits at a
+time and, when gradients are wanted, backpropagates each chunk's loss into ``dhidden[:, s:e]`` and ``dW`` at once
+(the logits are made once and freed). Objectives weight every token with a denominator taken over the *whole* batch, so the
 chunk losses sum exactly to the unchunked loss:
 
 * :class:`TokenCrossEntropy`: mean token cross-entropy over labels != ignore_index (SFT, pretraining);
@@ -91,31 +91,38 @@ class GRPOTokenLoss:
 
 
 class ChunkedLMHeadLoss(torch.autograd.Function):
-    """``loss = sum over chunks objective(hidden[:, s:e] @ weight^T, s, e)``, logits live one chunk at a time."""
+    """``loss = sum over chunks objective(hidden[:, s:e] @ weight^T, s, e)``, logits live one chunk at a time.
+
+    When a gradient is needed the chunk's gradients are computed right away in forward (as StreamBP does), so the
+    logits are made once, not once in forward and again in backward; ``dhidden: [B, T, C]`` and ``dW: [V, C]`` wait
+    for backward, which only scales them by the incoming gradient.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, objective, chunk_size):
-        ctx.save_for_backward(hidden, weight)
-        ctx.objective, ctx.chunk_size = objective, chunk_size
         total = hidden.new_zeros((), dtype=torch.float32)
-        with torch.no_grad():
-            for s in range(0, hidden.shape[1], chunk_size):
-                e = min(s + chunk_size, hidden.shape[1])
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        d_hidden = torch.zeros_like(hidden) if want_grad else None
+        d_weight = torch.zeros_like(weight) if want_grad else None
+        w = weight.detach().requires_grad_(want_grad)
+        for s in range(0, hidden.shape[1], chunk_size):
+            e = min(s + chunk_size, hidden.shape[1])
+            if not want_grad:
                 total += objective(hidden[:, s:e] @ weight.t(), s, e)
+                continue
+            with torch.enable_grad():
+                h = hidden[:, s:e].detach().requires_grad_(True)
+                loss = objective(h @ w.t(), s, e)
+                dh, dw = torch.autograd.grad(loss, (h, w))
+            total += loss.detach()
+            d_hidden[:, s:e] = dh
+            d_weight += dw
+        ctx.save_for_backward(d_hidden, d_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight = ctx.saved_tensors
-        d_hidden, d_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
-        w = weight.detach().requires_grad_(True)
-        with torch.enable_grad():
-            for s in range(0, hidden.shape[1], ctx.chunk_size):
-                e = min(s + ctx.chunk_size, hidden.shape[1])
-                h = hidden[:, s:e].detach().requires_grad_(True)
-                dh, dw = torch.autograd.grad(ctx.objective(h @ w.t(), s, e), (h, w))
-                d_hidden[:, s:e] = dh
-                d_weight += dw
+        d_hidden, d_weight = ctx.saved_tensors
         return d_hidden * grad, d_weight * grad, None, None
 
 
