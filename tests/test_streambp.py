@@ -7,7 +7,8 @@ from dist import run_distributed
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 from ds_ext.streambp.apply import apply_streambp
 from ds_ext.streambp.config import StreamBPConfig
-from ds_ext.streambp.layer import ReferenceLayerAdapter, chunk_mask, stream_layer
+from ds_ext.streambp.attention import SplitCausalAttention, chunk_attention, chunk_mask
+from ds_ext.streambp.layer import ReferenceLayerAdapter, stream_layer
 from ds_ext.streambp.loss import GRPOTokenLoss, TokenCrossEntropy, chunked_lm_loss
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
@@ -35,6 +36,23 @@ def test_chunk_mask_is_causal_bottom_right_without_a_full_square():
     m = chunk_mask(4, 7, None, "cpu")[0, 0]
     assert m.shape == (3, 7)
     assert m.tolist() == [[k <= q for k in range(7)] for q in range(4, 7)]
+
+
+@pytest.mark.parametrize("s, c", [(0, 5), (3, 1), (7, 9), (20, 4)])
+def test_split_attention_matches_masked_sdpa(s, c):
+    """The log-sum-exp merge of the unmasked prefix and the causal diagonal block equals one masked softmax, in
+    value and in the gradients of q, k and v (GQA: 4 query heads over 2 key/value heads)."""
+    torch.manual_seed(s)
+    q = torch.randn(2, 4, c, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, s + c, 8, requires_grad=True) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk_mask(s, s + c, None, "cpu"), enable_gqa=True)
+    out = SplitCausalAttention.apply(q, k, v, 8 ** -0.5)
+    g = torch.randn_like(ref)
+    assert rel_err(out, ref) <= FP32_RTOL
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel_err(a, b) <= FP32_RTOL
+    padding = torch.ones(2, s + c, dtype=torch.bool)
+    assert chunk_attention(q, k, v, s, padding).shape == ref.shape  # the masked path takes key padding
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 7, 16, 29, 64])

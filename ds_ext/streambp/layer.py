@@ -6,9 +6,9 @@ keys/values of all positions once, then walks the sequence in chunks ``[s, e)`` 
 may be shorter); for each chunk, with gradients on:
 
 * queries from ``h[:, s:e]`` only;
-* attention of the ``c = e - s`` queries over the ``e`` keys ``< e`` with a ``[c, e]`` boolean causal mask aligned
-  bottom-right (query ``s + i`` sees keys ``<= s + i``; never a ``T x T`` mask; PyTorch's CPU flash kernel takes the
-  mask without materialising scores) and the key padding mask;
+* attention of the ``c = e - s`` queries over the ``e`` keys ``< e``, causal aligned bottom-right (query ``s + i``
+  sees keys ``<= s + i``; never a ``T x T`` mask): the unmasked prefix part and the causal diagonal block merged
+  by log-sum-exp, or a ``[c, e]`` mask with key padding (:mod:`ds_ext.streambp.attention`);
 * ``y = x[:, s:e] + o_proj(attn)``, ``y = y + mlp(norm2(y))`` on the chunk only;
 
 then backpropagates ``G[:, s:e]``. Input, key/value and parameter gradients accumulate over chunks, so the
@@ -25,8 +25,9 @@ from abc import ABC, abstractmethod
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ds_ext.streambp.attention import chunk_attention
 
 
 class LayerAdapter(ABC):
@@ -72,24 +73,12 @@ class LayerAdapter(ABC):
         """``y + mlp(norm2(y))``."""
 
 
-def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
-    """Boolean ``[B or 1, 1, c, e]`` mask: causal aligned bottom-right, key padding, and each query sees itself
-    (so a padded row never becomes all-masked; its output is unused)."""
-    q_pos = torch.arange(s, e, device=device)[:, None]
-    k_pos = torch.arange(e, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if key_padding_mask is not None:
-        mask = (mask & key_padding_mask[:, None, None, :e]) | (k_pos == q_pos)
-    return mask if mask.dim() == 4 else mask[None, None]
-
-
 def chunk_output(adapter: LayerAdapter, xc, hc, ke, ve, positions, s: int, e: int,
                  key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, the normed
     rows ``hc = h[:, s:e]`` and the keys/values of positions ``< e``, ``ke, ve: [B, Hkv, e, D]``."""
     q = adapter.queries(hc, adapter.slice_positions(positions, s, e))
-    attn = F.scaled_dot_product_attention(q, ke, ve, scale=adapter.scale, enable_gqa=True,
-                                          attn_mask=chunk_mask(s, e, key_padding_mask, xc.device))
+    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale)
     return adapter.mlp_block(xc + adapter.attention_out(attn))
 
 
