@@ -23,8 +23,8 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q --upgrade pip
   pip install -q torch==2.13.0
 fi
-if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard" 2>/dev/null; then
-  pip install -q -e ".[test,mpi,monitor]"
+if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard, transformers" 2>/dev/null; then
+  pip install -q -e ".[test,mpi,monitor,hf]"
 fi
 DS_ACCELERATOR=cpu python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
   >/dev/null 2>&1 || echo "bootstrap: warning: DeepSpeed's CPU comm op did not build; runs will try again" >&2

@@ -61,6 +61,9 @@ def test_streamed_model_matches_autograd(chunk):
     than T, with right padding in one row and GQA (4 query heads, 2 KV heads)."""
     plain, streamed = pair()
     apply_streambp(streamed, StreamBPConfig(enabled=True, chunk_size=chunk, logits_chunk_size=max(1, chunk // 2)))
+    kinds = []
+    for layer in streamed.layers:
+        layer.register_forward_hook(lambda mod, args, out: kinds.append(type(out.grad_fn).__name__))
     ids = torch.randint(0, 256, (3, 29))
     labels = torch.randint(0, 256, (3, 29))
     mask = torch.ones(3, 29, dtype=torch.bool)
@@ -70,6 +73,7 @@ def test_streamed_model_matches_autograd(chunk):
     for loss in losses:
         loss.backward()
     assert abs(losses[1].item() - losses[0].item()) <= FP32_RTOL * abs(losses[0].item())
+    assert kinds == ["StreamedLayerFunctionBackward"] * 2 and losses[1].grad_fn.name() == "ChunkedLMHeadLossBackward"
     g_plain, g_streamed = grads(plain), grads(streamed)
     assert g_plain.keys() == g_streamed.keys()
     for name in g_plain:
@@ -263,3 +267,45 @@ def test_streambp_refuses_a_checkpointing_pipeline():
     fake.activation_checkpoint_interval = 1
     with pytest.raises(DsExtConfigError, match="activation_checkpoint_interval=1"):
         apply_streambp(fake, StreamBPConfig(enabled=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_decoder_layers_stream_exactly(family):
+    """An unmodified HF transformers model (tiny, random weights, no download): decoder layers streamed, head
+    chunked; loss and every parameter's gradient match HF's own forward/backward, with right padding."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the optional [hf] extra")
+    from ds_ext.streambp.hf import causal_lm_loss
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    config = (transformers.LlamaConfig(**kw) if family == "llama" else transformers.Qwen2Config(**kw))
+    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    plain = cls(config)
+    streamed = cls(config)
+    streamed.load_state_dict(plain.state_dict())
+    feature = apply_streambp(streamed, StreamBPConfig(enabled=True, chunk_size=7, logits_chunk_size=5))
+    assert len(feature.layers) == 2
+    backward_kinds = []
+    for layer in streamed.model.layers:
+        layer.register_forward_hook(lambda mod, args, out: backward_kinds.append(type(out.grad_fn).__name__))
+    ids = torch.randint(0, 300, (2, 26))
+    mask = torch.ones(2, 26, dtype=torch.long)
+    mask[1, 19:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    ref = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
+    out = causal_lm_loss(streamed, ids, labels, attention_mask=mask, logits_chunk_size=5)
+    ref.backward()
+    out.backward()
+    assert abs(out.item() - ref.item()) <= FP32_RTOL * ref.item()
+    assert backward_kinds == ["StreamedLayerFunctionBackward"] * 2  # really streamed, not the layers' own path
+    for (name, p), q in zip(plain.named_parameters(), streamed.parameters()):
+        assert rel_err(q.grad, p.grad) <= FP32_RTOL, name
+
+
+def test_hf_mask_other_than_causal_padding_is_refused():
+    from ds_ext.streambp.hf import key_padding_from_mask
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    assert key_padding_from_mask(causal, 5).tolist() == [[True] * 5]
+    window = causal & ~torch.ones(5, 5, dtype=torch.bool).tril(-3)[None, None]  # sliding window of 3
+    with pytest.raises(ValueError, match="causal attention with key padding only"):
+        key_padding_from_mask(window, 5)
