@@ -8,7 +8,8 @@ heads, SwiGLU 704, vocabulary 8192, so vocabulary / hidden = 32 as in Llama-3-8B
 
 Measurement: each (mode, length) runs in a fresh process (2 torch threads) that builds the model, runs one
 warm-up step at T=64, reads its resident set size (VmRSS), runs one forward+backward at length T, and reports
-``ru_maxrss - VmRSS_before`` as the peak extra memory of the step and its wall time. Modes:
+``ru_maxrss - VmRSS_before`` as the peak extra memory of the step and its wall time (glibc's mmap threshold is
+fixed at 64 KiB in the child so that freed tensors leave RSS). Modes:
 * ``none``: plain autograd (all activations kept, full logits);
 * ``checkpointing``: ``deepspeed.checkpointing.checkpoint`` around every decoder layer (full logits);
 * ``streambp``: ds_ext StreamBP (``--chunk_size``, ``--logits_chunk_size``).
@@ -91,7 +92,9 @@ def child(mode: str, length: int, chunk: int, logits_chunk: int) -> dict:
 def measure(mode: str, length: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(length), "--chunk_size",
            str(args.chunk_size), "--logits_chunk_size", str(args.logits_chunk_size)]
-    env = dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu")
+    # A fixed mmap threshold makes glibc return freed large blocks, so RSS follows the live tensors (otherwise its
+    # adaptive threshold keeps freed blocks in the heap and the peak depends on allocation history).
+    env = dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -115,7 +118,9 @@ def grad_errors(length: int, args) -> dict:
 
 
 def theory_bytes_per_token(mode: str, args) -> float:
-    """Activation bytes per token kept at the peak (fp32), leading terms only."""
+    """Activation bytes per token at the peak (fp32), leading terms. StreamBP's backward of one layer holds, beside
+    the stored inputs, x, h = norm1(x), their gradients and buffers (dx, dh, x.grad, the incoming gradient) and
+    k, v with their gradient buffers."""
     c, f, v, layers = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["vocab_size"], MODEL["num_layers"]
     kv = 2 * c * MODEL["num_kv_heads"] // MODEL["num_heads"]
     one_layer = 7 * c + 4 * f       # norms, q/k/v/o, residuals, SwiGLU gate/up/act/product
@@ -125,7 +130,7 @@ def theory_bytes_per_token(mode: str, args) -> float:
         return 4 * (layers * one_layer + logits)
     if mode == "checkpointing":
         return 4 * (stored + one_layer + logits)
-    return 4 * (stored + 2 * c + kv + c)  # inputs, dX and dY buffers, recomputed K/V, final hidden
+    return 4 * (stored + 6 * c + 2 * kv + 2 * c)  # + final hidden and its gradient
 
 
 def budget_answer(rows: list, budget_length: int) -> dict:

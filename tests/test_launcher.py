@@ -67,11 +67,14 @@ def test_config_is_required_and_not_given_twice(tmp_path):
     assert twice.returncode == 2 and "give the config once" in twice.stderr
 
 
-def test_noloco_config_runs_five_steps_on_two_processes():
-    proc = run(DS_EXT + ["--config", "configs/noloco.json", TRAIN, "--max_steps", "5", "--eval_interval", "5"]
+@pytest.mark.parametrize("config, feature_key", [("noloco", "noloco/outer_step"),
+                                                ("streambp", "streambp/streamed_layers")])
+def test_feature_configs_run_five_steps_on_two_processes(config, feature_key):
+    proc = run(DS_EXT + ["--config", f"configs/{config}.json", TRAIN, "--max_steps", "5", "--eval_interval", "5"]
                + QUICK)
     s = summary(proc)
-    assert s["steps"] == 5 and s["world_size"] == 2
+    assert s["steps"] == 5 and s["world_size"] == 2 and feature_key in s
+    assert s["last_loss"] < s["first_loss"]
 
 
 def test_main_job_loss_falls(tmp_path):

@@ -111,6 +111,16 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
         assert rel_err(a, b) <= FP32_RTOL
 
 
+def test_chunked_loss_without_gradients_is_the_same_value():
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 11, 8), torch.randn(30, 8)
+    labels = torch.randint(0, 30, (2, 11))
+    ref = F.cross_entropy((h @ w.t()).reshape(-1, 30), labels.reshape(-1))
+    with torch.no_grad():
+        out = chunked_lm_loss(h, w, TokenCrossEntropy(labels), 4)
+    assert out.grad_fn is None and abs(out.item() - ref.item()) <= FP32_RTOL * ref.item()
+
+
 def grpo_reference(logits, targets, mask, adv, old, ref, eps_low, eps_high, kl, norm):
     """Independent full-sequence GRPO loss (the textbook form, per sequence then per batch)."""
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]

@@ -13,7 +13,8 @@ calls' ``dQ`` add up and their ``dK, dV`` are the parts' exact gradients.
 This uses PyTorch's CPU flash kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward). When
 they are not there (other devices, other builds) or a key padding mask is given, it falls back to SDPA with a
 boolean ``[c, e]`` mask aligned bottom-right, which is exact too, only slower. Shapes: ``q: [B, H, c, D]``,
-``k, v: [B, Hkv, e, D]``, output ``[B, H, c, D]``.
+``k, v: [B, Hkv, e, D]`` (grouped-query heads are handled by the kernels, K/V are not repeated), output
+``[B, H, c, D]``.
 """
 from __future__ import annotations
 
@@ -37,25 +38,15 @@ def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device)
     return mask if mask.dim() == 4 else mask[None, None]
 
 
-def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
-
-
-def _fold_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    b, h, n, d = grad.shape
-    return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, n, d).sum(2)
-
-
 class SplitCausalAttention(torch.autograd.Function):
     """Prefix part (no mask) + diagonal part (causal), merged by log-sum-exp; see the module docstring."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
         s = k.shape[2] - q.shape[2]
-        kx, vx = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
-        out, lse = _OPS(q, kx[:, :, s:], vx[:, :, s:], 0.0, True, scale=scale)
+        out, lse = _OPS(q, k[:, :, s:], v[:, :, s:], 0.0, True, scale=scale)
         if s > 0:
-            out_p, lse_p = _OPS(q, kx[:, :, :s], vx[:, :, :s], 0.0, False, scale=scale)
+            out_p, lse_p = _OPS(q, k[:, :, :s], v[:, :, :s], 0.0, False, scale=scale)
             merged = torch.logaddexp(lse, lse_p)
             out = torch.exp(lse - merged)[..., None] * out + torch.exp(lse_p - merged)[..., None] * out_p
             lse = merged
@@ -67,16 +58,12 @@ class SplitCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         s = k.shape[2] - q.shape[2]
-        kx, vx = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
         grad_out = grad_out.contiguous()
-        dq, dk_d, dv_d = _BACKWARD(grad_out, q, kx[:, :, s:], vx[:, :, s:], out, lse, 0.0, True, scale=ctx.scale)
-        dk, dv = torch.zeros_like(kx), torch.zeros_like(vx)
-        dk[:, :, s:], dv[:, :, s:] = dk_d, dv_d
-        if s > 0:
-            dq_p, dk[:, :, :s], dv[:, :, :s] = _BACKWARD(grad_out, q, kx[:, :, :s], vx[:, :, :s], out, lse, 0.0,
-                                                         False, scale=ctx.scale)
-            dq = dq + dq_p
-        return dq, _fold_heads(dk, k.shape[1]), _fold_heads(dv, v.shape[1]), None
+        dq, dk_d, dv_d = _BACKWARD(grad_out, q, k[:, :, s:], v[:, :, s:], out, lse, 0.0, True, scale=ctx.scale)
+        if s == 0:
+            return dq, dk_d, dv_d, None
+        dq_p, dk_p, dv_p = _BACKWARD(grad_out, q, k[:, :, :s], v[:, :, :s], out, lse, 0.0, False, scale=ctx.scale)
+        return dq + dq_p, torch.cat([dk_p, dk_d], dim=2), torch.cat([dv_p, dv_d], dim=2), None
 
 
 def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = None,

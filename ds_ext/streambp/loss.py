@@ -128,4 +128,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, objective, chunk_size: int) -> torch.Tensor:
     """The loss of ``objective`` on ``hidden @ weight^T`` computed ``chunk_size`` positions at a time."""
-    return ChunkedLMHeadLoss.apply(hidden, weight, objective, chunk_size)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return ChunkedLMHeadLoss.apply(hidden, weight, objective, chunk_size)
+    with torch.no_grad():  # evaluation: no gradient work in the chunks
+        return sum(objective(hidden[:, s:s + chunk_size] @ weight.t(), s, min(s + chunk_size, hidden.shape[1]))
+                   for s in range(0, hidden.shape[1], chunk_size))
