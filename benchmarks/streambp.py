@@ -1,7 +1,7 @@
 """StreamBP vs DeepSpeed activation checkpointing vs plain autograd: peak memory, step time, gradient error.
 
-    python benchmarks/streambp.py                          # CPU default: T = 1k..16k, ~6 min
-    python benchmarks/streambp.py --lengths 1024,2048 --budget_length 1024
+    python benchmarks/streambp.py                          # CPU default: T = 1k..16k (+24k StreamBP), ~6 min
+    python benchmarks/streambp.py --lengths 1024,2048 --budget_length 1024 --streambp_only_lengths 4096
 
 Model: the reference Llama-style decoder sized like an LLM in proportion (hidden 256, 4 layers, 8 heads / 4 KV
 heads, SwiGLU 704, vocabulary 8192, so vocabulary / hidden = 32 as in Llama-3-8B), batch 1, fp32, random tokens.
@@ -168,6 +168,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--budget_length", type=int, default=4096)
+    p.add_argument("--streambp_only_lengths", default="24576",
+                   help="extra lengths measured for StreamBP alone (to find its longest fit under the budget)")
     p.add_argument("--chunk_size", type=int, default=1024)
     p.add_argument("--logits_chunk_size", type=int, default=512)
     p.add_argument("--grad_length", type=int, default=1024)
@@ -179,6 +181,7 @@ def main(argv=None) -> dict:
         return {}
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = [measure(mode, t, args) for t in lengths for mode in MODES]
+    rows += [measure("streambp", int(t), args) for t in args.streambp_only_lengths.split(",") if t]
     errors = grad_errors(args.grad_length, args)
     by = {(r["mode"], r["length"]): r for r in rows if "error" not in r}
     print(f"{'T':>7}" + "".join(f"{m + ' MiB':>18}{m + ' s':>16}" for m in MODES) + f"{'mem ratio':>11}"
