@@ -66,11 +66,19 @@ def _checkpointed(layer):
 
 def step(model, length: int, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, MODEL["vocab_size"], (1, length + 1), generator=g)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, MODEL["vocab_size"], (1, length + 1), generator=g).to(device)
     model.zero_grad(set_to_none=True)
+    _sync(device)
     t0 = time.perf_counter()
     model(ids[:, :-1], ids[:, 1:]).backward()
+    _sync(device)
     return time.perf_counter() - t0
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def rss_bytes() -> int:
@@ -78,11 +86,17 @@ def rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def child(mode: str, length: int, chunk: int, logits_chunk: int) -> dict:
+def child(mode: str, length: int, chunk: int, logits_chunk: int, device: str) -> dict:
     torch.set_num_threads(2)
-    model = build(mode, chunk, logits_chunk)
+    model = build(mode, chunk, logits_chunk).to(device)
     step(model, 64)
     model.zero_grad(set_to_none=True)
+    if device == "cuda":  # the caching allocator's own count of live tensor bytes
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        seconds = step(model, length)
+        return {"mode": mode, "length": length, "seconds": seconds,
+                "peak_bytes": torch.cuda.max_memory_allocated() - before}
     before = rss_bytes()
     seconds = step(model, length)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -91,10 +105,12 @@ def child(mode: str, length: int, chunk: int, logits_chunk: int) -> dict:
 
 def measure(mode: str, length: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(length), "--chunk_size",
-           str(args.chunk_size), "--logits_chunk_size", str(args.logits_chunk_size)]
+           str(args.chunk_size), "--logits_chunk_size", str(args.logits_chunk_size), "--device", args.device]
     # A fixed mmap threshold makes glibc return freed large blocks, so RSS follows the live tensors (otherwise its
     # adaptive threshold keeps freed blocks in the heap and the peak depends on allocation history).
-    env = dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="65536")
+    if args.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -106,12 +122,12 @@ def measure(mode: str, length: int, args) -> dict:
 
 def grad_errors(length: int, args) -> dict:
     """Max relative gradient error over parameters, vs plain autograd, in this process."""
-    reference = build("none", args.chunk_size, args.logits_chunk_size)
+    reference = build("none", args.chunk_size, args.logits_chunk_size).to(args.device)
     step(reference, length, seed=1)
     ref = {n: p.grad for n, p in reference.named_parameters()}
     errors = {}
     for mode in ("checkpointing", "streambp"):
-        model = build(mode, args.chunk_size, args.logits_chunk_size)
+        model = build(mode, args.chunk_size, args.logits_chunk_size).to(args.device)
         step(model, length, seed=1)
         errors[mode] = max(((p.grad - ref[n]).norm() / ref[n].norm()).item() for n, p in model.named_parameters())
     return errors
@@ -145,7 +161,7 @@ def budget_answer(rows: list, budget_length: int) -> dict:
             "streambp_max_extrapolated": extrapolated}
 
 
-def plot(rows: list, path: str) -> None:
+def plot(rows: list, path: str, device_label: str = "2 CPU threads") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,8 +172,8 @@ def plot(rows: list, path: str) -> None:
         if pts:
             a.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
             b.loglog([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode)
-    a.set(xlabel="sequence length", ylabel="peak extra memory (MiB, RSS)", title="memory of one fwd+bwd")
-    b.set(xlabel="sequence length", ylabel="seconds", title="time of one fwd+bwd (2 CPU threads)")
+    a.set(xlabel="sequence length", ylabel="peak extra memory (MiB)", title="memory of one fwd+bwd")
+    b.set(xlabel="sequence length", ylabel="seconds", title=f"time of one fwd+bwd ({device_label})")
     a.legend()
     b.legend()
     fig.tight_layout()
@@ -174,10 +190,13 @@ def main(argv=None) -> dict:
     p.add_argument("--logits_chunk_size", type=int, default=512)
     p.add_argument("--grad_length", type=int, default=1024)
     p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "results", "streambp.png"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: peak memory from torch.cuda.max_memory_allocated, times after synchronize")
     p.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.chunk_size, args.logits_chunk_size)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.chunk_size, args.logits_chunk_size,
+                               args.device)))
         return {}
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = [measure(mode, t, args) for t in lengths for mode in MODES]
@@ -200,10 +219,10 @@ def main(argv=None) -> dict:
           "extrapolated")
     print(f"max grad rel err vs autograd at T={args.grad_length}: {errors}")
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    plot(rows, args.plot)
+    plot(rows, args.plot, "2 CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
     longest = max(t for t in lengths if ("checkpointing", t) in by and ("streambp", t) in by)
     result = {
-        "benchmark": "streambp", "model": MODEL, "chunk_size": args.chunk_size,
+        "benchmark": "streambp", "device": args.device, "model": MODEL, "chunk_size": args.chunk_size,
         "logits_chunk_size": args.logits_chunk_size,
         "max_seq_ratio_vs_checkpointing": budget["streambp_max_measured"] / args.budget_length,
         "max_seq_ratio_extrapolated": budget["streambp_max_extrapolated"] / args.budget_length,
