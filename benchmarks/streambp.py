@@ -154,9 +154,11 @@ def budget_answer(rows: list, budget_length: int) -> dict:
     budget = by[("checkpointing", budget_length)]["peak_bytes"]
     fits = [r["length"] for r in rows if r["mode"] == "streambp" and "error" not in r and r["peak_bytes"] <= budget]
     stream = sorted((r["length"], r["peak_bytes"]) for r in rows if r["mode"] == "streambp" and "error" not in r)
-    (t1, m1), (t2, m2) = stream[-2], stream[-1]
-    slope = (m2 - m1) / (t2 - t1)
-    extrapolated = t2 + (budget - m2) / slope if slope > 0 else float("inf")
+    extrapolated = float(max(fits, default=0))
+    if len(stream) >= 2:
+        (t1, m1), (t2, m2) = stream[-2], stream[-1]
+        slope = (m2 - m1) / (t2 - t1)
+        extrapolated = t2 + (budget - m2) / slope if slope > 0 else float("inf")
     return {"budget_bytes": budget, "budget_length": budget_length, "streambp_max_measured": max(fits, default=0),
             "streambp_max_extrapolated": extrapolated}
 
