@@ -73,17 +73,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def grouped_sdpa(q, k, v, **kwargs) -> torch.Tensor:
+    """SDPA with grouped key/value heads (``k, v: [B, Hkv, T, D]``, ``Hkv`` dividing ``H``).
+
+    On CPU the flash kernel takes grouped heads directly (``enable_gqa``). On CUDA, ``enable_gqa`` rules out the
+    memory-efficient kernel, the only fused one for fp32, so SDPA would fall back to the math path and materialise
+    ``T x T`` scores; there K/V are repeated to ``H`` heads instead (``O(T)`` extra memory)."""
+    if q.device.type == "cpu" or k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    repeat = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                          **kwargs)
+
+
 def sdpa_attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention with PyTorch SDPA. ``key_padding_mask: [B, T]`` bool, True for real tokens.
 
     A query always sees itself, so a row of padding never becomes all-masked (no NaN); its output is unused."""
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return grouped_sdpa(q, k, v, is_causal=True)
     t = q.shape[-2]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     mask = causal & key_padding_mask[:, None, None, :]
     mask = mask | torch.eye(t, dtype=torch.bool, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return grouped_sdpa(q, k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 _OPS = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -75,5 +74,5 @@ def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = 
     if fast:
         return SplitCausalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
                                           scale if scale is not None else q.shape[-1] ** -0.5)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=chunk_mask(s, e, key_padding_mask, q.device),
-                                          scale=scale, enable_gqa=True)
+    from ds_ext.models.llama import grouped_sdpa
+    return grouped_sdpa(q, k, v, attn_mask=chunk_mask(s, e, key_padding_mask, q.device), scale=scale)
