@@ -7,7 +7,7 @@ from dist import run_distributed
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 from ds_ext.streambp.apply import apply_streambp
 from ds_ext.streambp.config import StreamBPConfig
-from ds_ext.streambp.attention import SplitCausalAttention, chunk_attention, chunk_mask
+from ds_ext.streambp.attention import chunk_attention, chunk_mask
 from ds_ext.streambp.layer import ReferenceLayerAdapter, stream_layer
 from ds_ext.streambp.loss import GRPOTokenLoss, TokenCrossEntropy, chunked_lm_loss
 
@@ -46,7 +46,7 @@ def test_split_attention_matches_masked_sdpa(s, c):
     q = torch.randn(2, 4, c, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, s + c, 8, requires_grad=True) for _ in range(2))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk_mask(s, s + c, None, "cpu"), enable_gqa=True)
-    out = SplitCausalAttention.apply(q, k, v, 8 ** -0.5)
+    out = chunk_attention(q, k, v, s, scale=8 ** -0.5)
     g = torch.randn_like(ref)
     assert rel_err(out, ref) <= FP32_RTOL
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):

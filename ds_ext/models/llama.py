@@ -120,9 +120,9 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(position_ids, d, self.cfg.rope_theta, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, position_ids, key_padding_mask=None):
+    def forward(self, x, position_ids, key_padding_mask=None, attention_fn=None):
         q, k, v = self.project_qkv(x, position_ids)
-        out = self.attention_fn(q, k, v, key_padding_mask)
+        out = (attention_fn or self.attention_fn)(q, k, v, key_padding_mask)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -147,8 +147,8 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, position_ids, key_padding_mask=None):
-        h = x + self.attn(self.input_norm(x), position_ids, key_padding_mask)
+    def forward(self, x, position_ids, key_padding_mask=None, attention_fn=None):
+        h = x + self.attn(self.input_norm(x), position_ids, key_padding_mask, attention_fn)
         return h + self.mlp(self.post_attn_norm(h))
 
 
@@ -192,16 +192,17 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             layer.attn.attention_fn = fn
 
-    def hidden_states(self, input_ids, position_ids=None, key_padding_mask=None) -> torch.Tensor:
-        """Final-norm hidden states ``[B, T, C]``."""
+    def hidden_states(self, input_ids, position_ids=None, key_padding_mask=None, attention_fn=None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, T, C]``. ``attention_fn`` overrides the layers' attention for this call
+        (Prefix Grouper's grouped attention)."""
         position_ids = default_position_ids(input_ids) if position_ids is None else position_ids
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, position_ids, key_padding_mask)
+            x = layer(x, position_ids, key_padding_mask, **({"attention_fn": attention_fn} if attention_fn else {}))
         return self.norm(x)
 
-    def forward(self, input_ids, labels=None, position_ids=None, key_padding_mask=None):
-        hidden = self.hidden_states(input_ids, position_ids, key_padding_mask)
+    def forward(self, input_ids, labels=None, position_ids=None, key_padding_mask=None, attention_fn=None):
+        hidden = self.hidden_states(input_ids, position_ids, key_padding_mask, attention_fn)
         if labels is not None and self.lm_loss_fn is not None:
             return self.lm_loss_fn(hidden, self.lm_head.weight, labels)
         logits = self.lm_head(hidden)

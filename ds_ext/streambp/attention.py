@@ -37,42 +37,61 @@ def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device)
     return mask if mask.dim() == 4 else mask[None, None]
 
 
-class SplitCausalAttention(torch.autograd.Function):
-    """Prefix part (no mask) + diagonal part (causal), merged by log-sum-exp; see the module docstring."""
+class MergedAttention(torch.autograd.Function):
+    """Attention of ``q`` over several key/value parts at once, one flash call per part, merged by log-sum-exp.
+
+    ``apply(q, scale, causal_flags, k_1, v_1, ..., k_m, v_m)``: part ``i`` is attended causally (square,
+    upper-left aligned) when ``causal_flags[i]``, else fully. The result equals one softmax over the concatenated
+    keys with the parts' masks; see the module docstring for why the backward is exact.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        s = k.shape[2] - q.shape[2]
-        out, lse = _OPS(q, k[:, :, s:], v[:, :, s:], 0.0, True, scale=scale)
-        if s > 0:
-            out_p, lse_p = _OPS(q, k[:, :, :s], v[:, :, :s], 0.0, False, scale=scale)
-            merged = torch.logaddexp(lse, lse_p)
-            out = torch.exp(lse - merged)[..., None] * out + torch.exp(lse_p - merged)[..., None] * out_p
+    def forward(ctx, q, scale, causal_flags, *kv):
+        out = lse = None
+        for i, causal in enumerate(causal_flags):
+            o_i, lse_i = _OPS(q, kv[2 * i], kv[2 * i + 1], 0.0, causal, scale=scale)
+            if out is None:
+                out, lse = o_i, lse_i
+                continue
+            merged = torch.logaddexp(lse, lse_i)
+            out = torch.exp(lse - merged)[..., None] * out + torch.exp(lse_i - merged)[..., None] * o_i
             lse = merged
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.save_for_backward(q, out, lse, *kv)
+        ctx.scale, ctx.causal_flags = scale, causal_flags
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        s = k.shape[2] - q.shape[2]
+        q, out, lse, *kv = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        dq, dk_d, dv_d = _BACKWARD(grad_out, q, k[:, :, s:], v[:, :, s:], out, lse, 0.0, True, scale=ctx.scale)
-        if s == 0:
-            return dq, dk_d, dv_d, None
-        dq_p, dk_p, dv_p = _BACKWARD(grad_out, q, k[:, :, :s], v[:, :, :s], out, lse, 0.0, False, scale=ctx.scale)
-        return dq + dq_p, torch.cat([dk_p, dk_d], dim=2), torch.cat([dv_p, dv_d], dim=2), None
+        dq, dkv = torch.zeros_like(q), []
+        for i, causal in enumerate(ctx.causal_flags):
+            dq_i, dk_i, dv_i = _BACKWARD(grad_out, q, kv[2 * i], kv[2 * i + 1], out, lse, 0.0, causal,
+                                         scale=ctx.scale)
+            dq += dq_i
+            dkv += [dk_i, dv_i]
+        return (dq, None, None, *dkv)
+
+
+def merged_attention_available(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :class:`MergedAttention` can run: CPU flash kernels present, fp32 CPU tensors, grouped heads."""
+    return (_OPS is not None and _BACKWARD is not None and q.device.type == "cpu" and q.dtype == torch.float32
+            and q.shape[1] % k.shape[1] == 0)
+
+
+def merged_attention(q, parts, scale: float) -> torch.Tensor:
+    """``parts``: list of ``(k, v, causal)``; see :class:`MergedAttention`."""
+    kv = [t.contiguous() for k, v, _ in parts for t in (k, v)]
+    return MergedAttention.apply(q.contiguous(), scale, tuple(c for _, _, c in parts), *kv)
 
 
 def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None) -> torch.Tensor:
     """Causal attention of queries at positions ``[s, s + c)`` over keys ``[0, s + c)``."""
     e = k.shape[2]
-    fast = (_OPS is not None and _BACKWARD is not None and key_padding_mask is None and q.device.type == "cpu"
-            and q.dtype == torch.float32 and q.shape[1] % k.shape[1] == 0)
-    if fast:
-        return SplitCausalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                          scale if scale is not None else q.shape[-1] ** -0.5)
+    if key_padding_mask is None and merged_attention_available(q, k):
+        parts = [(k[:, :, :s], v[:, :, :s], False)] if s > 0 else []
+        parts.append((k[:, :, s:], v[:, :, s:], True))
+        return merged_attention(q, parts, scale if scale is not None else q.shape[-1] ** -0.5)
     from ds_ext.models.llama import grouped_sdpa
     return grouped_sdpa(q, k, v, attn_mask=chunk_mask(s, e, key_padding_mask, q.device), scale=scale)

@@ -152,7 +152,10 @@ def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> No
     if getattr(layer, "_ds_ext_streamed", False):
         raise ValueError(f"{type(layer).__name__} is already streamed")
 
-    def forward(self, x, position_ids=None, key_padding_mask=None):
+    def forward(self, x, position_ids=None, key_padding_mask=None, attention_fn=None):
+        if attention_fn is not None:
+            raise ValueError("StreamBP does not stream a layer whose attention is replaced per call (prefix-grouped "
+                             "attention); turn one of them off")
         position_ids = adapter.default_positions(x) if position_ids is None else position_ids
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not needs_grad:
