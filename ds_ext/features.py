@@ -10,13 +10,18 @@ from ds_ext.topology import Topology
 def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object]:
     """Attach every enabled feature (collective: all ranks call it right after the engine is built).
 
-    Order: StreamBP (changes the model's backward), then NoLoCo (its outer step runs after the inner optimizer
+    Order: StreamBP (changes the model's backward), Prefix Grouper (its input hook), then NoLoCo (its outer step runs after the inner optimizer
     step). With every feature off nothing is attached and the engine is stock DeepSpeed.
     """
     attached = []
     if ext.streambp.enabled:
         from ds_ext.streambp.apply import apply_streambp
         feature = apply_streambp(engine.module, ext.streambp)
+        engine.attach_feature(feature)
+        attached.append(feature)
+    if ext.prefix_grouper.enabled:
+        from ds_ext.prefix_grouper.apply import apply_prefix_grouper
+        feature = apply_prefix_grouper(engine.module)
         engine.attach_feature(feature)
         attached.append(feature)
     if ext.noloco.enabled:

@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError
 
 from ds_ext.config.base import ExtSection
 from ds_ext.noloco.config import NoLoCoConfig
+from ds_ext.prefix_grouper.config import PrefixGrouperConfig
 from ds_ext.streambp.config import StreamBPConfig
 
 EXT_KEY = "ds_ext"
@@ -70,6 +71,9 @@ class DsExtConfig(ExtSection):
     streambp: StreamBPConfig = Field(default_factory=StreamBPConfig)
     """StreamBP chunked backward (see :class:`ds_ext.streambp.config.StreamBPConfig`)."""
 
+    prefix_grouper: PrefixGrouperConfig = Field(default_factory=PrefixGrouperConfig)
+    """Prefix Grouper for GRPO groups (see :class:`ds_ext.prefix_grouper.config.PrefixGrouperConfig`)."""
+
     @property
     def replica_sync_enabled(self) -> bool:
         """Whether an enabled feature synchronises replicas; without one, several replicas are refused
@@ -79,7 +83,7 @@ class DsExtConfig(ExtSection):
     @property
     def any_feature_enabled(self) -> bool:
         """Whether any feature section is on; with none, the engine is stock DeepSpeed bit for bit."""
-        return self.noloco.enabled or self.streambp.enabled
+        return self.noloco.enabled or self.streambp.enabled or self.prefix_grouper.enabled
 
     def ranks_per_replica(self, world_size: int) -> int:
         """Ranks per replica: the topology's or NoLoCo's value; NoLoCo with neither makes every rank a replica."""
@@ -158,6 +162,10 @@ def _streambp_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]
     if not ext.streambp.enabled:
         return []
     problems = []
+    if ext.prefix_grouper.enabled:
+        problems.append((f"{EXT_KEY}.prefix_grouper.enabled",
+                         "got true together with ds_ext.streambp: streaming prefix-grouped layers is not "
+                         "available yet; enable one of them"))
     if ds_config.get("activation_checkpointing"):
         problems.append((f"{EXT_KEY}.streambp.enabled",
                          "got true together with DeepSpeed's activation_checkpointing block: StreamBP replaces "
