@@ -80,9 +80,10 @@ def merged_attention_available(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def merged_attention(q, parts, scale: float) -> torch.Tensor:
-    """``parts``: list of ``(k, v, causal)``; see :class:`MergedAttention`."""
-    kv = [t.contiguous() for k, v, _ in parts for t in (k, v)]
-    return MergedAttention.apply(q.contiguous(), scale, tuple(c for _, _, c in parts), *kv)
+    """``parts``: list of ``(k, v, causal)``; see :class:`MergedAttention`. Strided views are fine (the kernels take
+    them), so slices of one K/V tensor are read in place, not copied."""
+    kv = [t for k, v, _ in parts for t in (k, v)]
+    return MergedAttention.apply(q, scale, tuple(c for _, _, c in parts), *kv)
 
 
 def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = None,
