@@ -147,3 +147,33 @@ def test_prefix_grouper_needs_a_model_that_takes_attention_fn():
     from ds_ext.prefix_grouper.apply import apply_prefix_grouper
     with pytest.raises(ValueError, match="position_ids and attention_fn"):
         apply_prefix_grouper(torch.nn.Linear(2, 2))
+
+
+def test_hf_llama_grouped_matches_repeated_baseline():
+    """An unmodified HF LlamaForCausalLM (tiny, random): the grouped attention registered with transformers gives the
+    repeated-prompt baseline's response log-probs and parameter gradients."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the optional [hf] extra")
+    from ds_ext.prefix_grouper.hf import enable_hf_prefix_grouper, hf_grouped_logits
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    import copy
+    base_model = transformers.LlamaForCausalLM(config)
+    grouped_model = transformers.LlamaForCausalLM(copy.deepcopy(config))  # set_attn_implementation edits the config
+    grouped_model.load_state_dict(base_model.state_dict())
+    enable_hf_prefix_grouper(grouped_model)
+    prompts, pmask, comps, cmask, sizes = grpo_batch(3)
+    b = pack(prompts, pmask, comps, cmask, sizes)
+    grouped = b.completion_logprobs(hf_grouped_logits(grouped_model, b), comps)
+
+    class Adapter(torch.nn.Module):  # the baseline helper calls model(ids, key_padding_mask=...)
+        def forward(self, ids, key_padding_mask):
+            return base_model(input_ids=ids, attention_mask=key_padding_mask.long(), use_cache=False).logits
+    base = baseline_logprobs(Adapter(), prompts, pmask, comps, cmask, sizes)
+    assert rel_err(grouped[cmask], base[cmask]) <= FP32_RTOL
+    adv = torch.randn(comps.shape[0], 1)
+    (grouped * adv * cmask).sum().backward()
+    (base * adv * cmask).sum().backward()
+    for (name, p), q in zip(base_model.named_parameters(), grouped_model.parameters()):
+        assert rel_err(q.grad, p.grad) <= FP32_RTOL, name
