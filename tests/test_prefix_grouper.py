@@ -5,6 +5,7 @@ import torch
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 from ds_ext.prefix_grouper.attention import GroupedAttention, prefix_grouped_attention
 from ds_ext.prefix_grouper.layout import grouped_attention_mask, pack
+from ds_ext.streambp.loss import GRPOTokenLoss
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128)
 # fp32: the grouped path sums attention over two key parts and reorders reductions; 1e-5 relative is the bar.
@@ -114,7 +115,7 @@ def _zero2_body():
     prompts, pmask, comps, cmask, sizes = grpo_batch(10 + deepspeed.comm.get_rank())
     adv = torch.randn(comps.shape[0], 1, generator=torch.Generator().manual_seed(5))
     deltas = {}
-    for mode in ("baseline", "grouped"):
+    for mode in ("baseline", "grouped", "grouped_streambp"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(ModelConfig(**TINY))
         before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
@@ -126,21 +127,27 @@ def _zero2_body():
             logp = baseline_logprobs(engine, prompts, pmask, comps, cmask, sizes)
         else:
             config["ds_ext"] = {"prefix_grouper": {"enabled": True}}
+            if mode == "grouped_streambp":
+                config["ds_ext"]["streambp"] = {"enabled": True, "chunk_size": 5}
             engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config)
             batch = pack(prompts, pmask, comps, cmask, sizes)
             logp = batch.completion_logprobs(engine(batch), comps)
-        engine.backward((logp * adv * cmask).sum())
+        old = logp.detach() + 0.1  # behaviour policy off by a little: ratios inside the clip range
+        loss = GRPOTokenLoss(comps, cmask, adv[:, 0], old, norm="grpo").from_logprobs(logp)
+        engine.backward(loss)
         engine.step()
         deltas[mode] = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()]) - before
     return deltas
 
 
 def test_grouped_engine_under_zero2_matches_repeated_baseline():
-    """2 processes, ZeRO-2, SGD: one step through the ds_ext engine with Prefix Grouper on (engine(grouped_batch))
-    moves the weights as stock DeepSpeed does on the repeated-prompt batch."""
+    """2 processes, ZeRO-2, SGD, GRPO token loss on the completion log-probs: one step through the ds_ext engine with
+    Prefix Grouper on (engine(grouped_batch)), alone and together with StreamBP, moves the weights as stock DeepSpeed
+    does on the repeated-prompt batch."""
     from dist import run_distributed
     for r in run_distributed(_zero2_body, world_size=2):
         assert rel_err(r["grouped"], r["baseline"]) <= FP32_RTOL
+        assert rel_err(r["grouped_streambp"], r["baseline"]) <= FP32_RTOL
 
 
 def test_prefix_grouper_needs_a_model_that_takes_attention_fn():
@@ -176,4 +183,31 @@ def test_hf_llama_grouped_matches_repeated_baseline():
     (grouped * adv * cmask).sum().backward()
     (base * adv * cmask).sum().backward()
     for (name, p), q in zip(base_model.named_parameters(), grouped_model.parameters()):
+        assert rel_err(q.grad, p.grad) <= FP32_RTOL, name
+
+
+@pytest.mark.parametrize("chunk", [3, 10, 64])
+def test_grouped_and_streamed_matches_repeated_baseline(chunk):
+    """Prefix Grouper with StreamBP on the same layers: packed rows streamed in chunks that cut across prefix and
+    suffixes (chunk 3, 10) or cover the row (64); prefix gradients gather over every suffix and chunk before they
+    flow into the prefix. Log-probs and all parameter gradients equal the repeated-prompt baseline."""
+    from ds_ext.streambp.apply import apply_streambp
+    from ds_ext.streambp.config import StreamBPConfig
+    prompts, pmask, comps, cmask, sizes = grpo_batch(4)
+    torch.manual_seed(0)
+    model, base_model = LlamaForCausalLM(ModelConfig(**TINY)), LlamaForCausalLM(ModelConfig(**TINY))
+    base_model.load_state_dict(model.state_dict())
+    apply_streambp(model, StreamBPConfig(enabled=True, chunk_size=chunk))
+    b = pack(prompts, pmask, comps, cmask, sizes)
+    kinds = []
+    model.layers[0].register_forward_hook(lambda mod, args, out: kinds.append(type(out.grad_fn).__name__))
+    grouped = b.completion_logprobs(model(b.input_ids, position_ids=b.position_ids, attention_fn=GroupedAttention(b)),
+                                    comps)
+    base = baseline_logprobs(base_model, prompts, pmask, comps, cmask, sizes)
+    assert kinds == ["StreamedLayerFunctionBackward"]
+    assert rel_err(grouped[cmask], base[cmask]) <= FP32_RTOL
+    adv = torch.randn(comps.shape[0], 1)
+    (grouped * adv * cmask).sum().backward()
+    (base * adv * cmask).sum().backward()
+    for (name, p), q in zip(base_model.named_parameters(), model.parameters()):
         assert rel_err(q.grad, p.grad) <= FP32_RTOL, name

@@ -162,10 +162,6 @@ def _streambp_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]
     if not ext.streambp.enabled:
         return []
     problems = []
-    if ext.prefix_grouper.enabled:
-        problems.append((f"{EXT_KEY}.prefix_grouper.enabled",
-                         "got true together with ds_ext.streambp: streaming prefix-grouped layers is not "
-                         "available yet; enable one of them"))
     if ds_config.get("activation_checkpointing"):
         problems.append((f"{EXT_KEY}.streambp.enabled",
                          "got true together with DeepSpeed's activation_checkpointing block: StreamBP replaces "

@@ -84,12 +84,17 @@ def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: to
                         predictor, row_of)
 
 
+def grouped_chunk_mask(segment_ids: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Boolean ``[N, 1, e - s, e]``: rows ``[s, e)`` of the grouped mask over keys ``[0, e)``. Prefix tokens attend
+    causally to the prefix; a suffix token attends to the whole prefix and causally to its own suffix; every token
+    sees itself (padding rows never become all-masked)."""
+    q_seg, k_seg = segment_ids[:, s:e, None], segment_ids[:, None, :e]
+    q_idx = torch.arange(s, e, device=segment_ids.device)[:, None]
+    k_idx = torch.arange(e, device=segment_ids.device)[None, :]
+    allowed = (k_idx <= q_idx) & ((k_seg == 0) & (q_seg >= 0) | (k_seg == q_seg) & (q_seg > 0))
+    return (allowed | (k_idx == q_idx))[:, None]
+
+
 def grouped_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[N, 1, L, L]``: prefix tokens attend causally to the prefix; a suffix token attends to the whole
-    prefix and causally to its own suffix; padding rows see only themselves (never all-masked)."""
-    q_seg, k_seg = segment_ids[:, :, None], segment_ids[:, None, :]
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = causal & ((k_seg == 0) & (q_seg >= 0) | (k_seg == q_seg) & (q_seg > 0))
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)
-    return allowed[:, None]
+    """The whole grouped mask ``[N, 1, L, L]`` (see :func:`grouped_chunk_mask`)."""
+    return grouped_chunk_mask(segment_ids, 0, segment_ids.shape[1])

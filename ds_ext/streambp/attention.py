@@ -87,9 +87,14 @@ def merged_attention(q, parts, scale: float) -> torch.Tensor:
 
 
 def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = None,
-                    scale: Optional[float] = None) -> torch.Tensor:
-    """Causal attention of queries at positions ``[s, s + c)`` over keys ``[0, s + c)``."""
+                    scale: Optional[float] = None, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of queries at positions ``[s, s + c)`` over keys ``[0, s + c)``; with ``segment_ids``
+    (Prefix Grouper's packed rows) the grouped mask's rows ``[s, s + c)`` instead."""
     e = k.shape[2]
+    if segment_ids is not None:
+        from ds_ext.models.llama import grouped_sdpa
+        from ds_ext.prefix_grouper.layout import grouped_chunk_mask
+        return grouped_sdpa(q, k, v, attn_mask=grouped_chunk_mask(segment_ids, s, e), scale=scale)
     if key_padding_mask is None and merged_attention_available(q, k):
         parts = [(k[:, :, :s], v[:, :, :s], False)] if s > 0 else []
         parts.append((k[:, :, s:], v[:, :, s:], True))

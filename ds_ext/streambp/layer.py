@@ -74,11 +74,11 @@ class LayerAdapter(ABC):
 
 
 def chunk_output(adapter: LayerAdapter, xc, hc, ke, ve, positions, s: int, e: int,
-                 key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                 key_padding_mask: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, the normed
     rows ``hc = h[:, s:e]`` and the keys/values of positions ``< e``, ``ke, ve: [B, Hkv, e, D]``."""
     q = adapter.queries(hc, adapter.slice_positions(positions, s, e))
-    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale)
+    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale, segment_ids)
     return adapter.mlp_block(xc + adapter.attention_out(attn))
 
 
@@ -99,15 +99,15 @@ class StreamedLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size):
-        ctx.save_for_backward(x, key_padding_mask)
+    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, segment_ids=None):
+        ctx.save_for_backward(x, key_padding_mask, segment_ids)
         ctx.positions, ctx.adapter, ctx.chunk_size = positions, adapter, chunk_size
         with torch.no_grad():
             return full_forward(x, positions, key_padding_mask)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, key_padding_mask = ctx.saved_tensors
+        x, key_padding_mask, segment_ids = ctx.saved_tensors
         adapter, positions, chunk = ctx.adapter, ctx.positions, ctx.chunk_size
         x = x.detach().requires_grad_(True)
         params = [p for p in adapter.layer.parameters() if p.requires_grad]
@@ -120,22 +120,24 @@ class StreamedLayerFunction(torch.autograd.Function):
             _set_grad_ready(params, False)
             for s, e in bounds[:-1]:
                 _chunk_backward(adapter, x, h, k, v, (dx, dh, dk, dv), positions, s, e, key_padding_mask,
-                                grad_out[:, s:e])
+                                grad_out[:, s:e], segment_ids)
             _set_grad_ready(params, True)
             s, e = bounds[-1]
             y = chunk_output(adapter, x[:, s:e], h[:, s:e], k[:, :, :e], v[:, :, :e], positions, s, e,
-                             key_padding_mask)
+                             key_padding_mask, segment_ids)
             torch.autograd.backward([y, h, k, v], [grad_out[:, s:e], dh, dk, dv])
-        return x.grad + dx, None, None, None, None, None
+        return x.grad + dx, None, None, None, None, None, None
 
 
-def _chunk_backward(adapter, x, h, k, v, buffers, positions, s, e, key_padding_mask, grad_chunk) -> None:
+def _chunk_backward(adapter, x, h, k, v, buffers, positions, s, e, key_padding_mask, grad_chunk,
+                    segment_ids=None) -> None:
     """Backpropagate rows ``[s, e)`` into per-chunk leaves (only the slices the chunk reads) and add their
     gradients into the full-size buffers; parameter gradients accumulate in ``param.grad``."""
     dx, dh, dk, dv = buffers
     xc, hc = x[:, s:e].detach().requires_grad_(True), h[:, s:e].detach().requires_grad_(True)
     ke, ve = k[:, :, :e].detach().requires_grad_(True), v[:, :, :e].detach().requires_grad_(True)
-    torch.autograd.backward(chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask), grad_chunk)
+    y = chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask, segment_ids)
+    torch.autograd.backward(y, grad_chunk)
     dx[:, s:e] += xc.grad
     dh[:, s:e] += hc.grad
     dk[:, :, :e] += ke.grad
@@ -153,18 +155,28 @@ def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> No
         raise ValueError(f"{type(layer).__name__} is already streamed")
 
     def forward(self, x, position_ids=None, key_padding_mask=None, attention_fn=None):
-        if attention_fn is not None:
-            raise ValueError("StreamBP does not stream a layer whose attention is replaced per call (prefix-grouped "
-                             "attention); turn one of them off")
+        segment_ids = _segments_of(attention_fn)
         position_ids = adapter.default_positions(x) if position_ids is None else position_ids
+        full = adapter.full_forward if attention_fn is None else (
+            lambda x_, pos, kpm: adapter.full_forward(x_, pos, kpm, attention_fn=attention_fn))
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not needs_grad:
-            return adapter.full_forward(x, position_ids, key_padding_mask)
-        return StreamedLayerFunction.apply(x, position_ids, key_padding_mask, adapter, adapter.full_forward,
-                                           chunk_size)
+            return full(x, position_ids, key_padding_mask)
+        return StreamedLayerFunction.apply(x, position_ids, key_padding_mask, adapter, full, chunk_size, segment_ids)
 
     layer.forward = types.MethodType(forward, layer)
     layer._ds_ext_streamed = True
+
+
+def _segments_of(attention_fn) -> Optional[torch.Tensor]:
+    """The packed-row segment ids of Prefix Grouper's per-call attention (the only per-call attention StreamBP
+    streams: its chunk attention then uses the grouped mask's rows)."""
+    if attention_fn is None:
+        return None
+    batch = getattr(attention_fn, "batch", None)
+    if batch is None or not hasattr(batch, "segment_ids"):
+        raise ValueError(f"StreamBP streams the default causal attention or Prefix Grouper's, not {attention_fn!r}")
+    return batch.segment_ids
 
 
 def unstream_layer(layer: nn.Module) -> None:
@@ -175,9 +187,9 @@ def unstream_layer(layer: nn.Module) -> None:
 class ReferenceLayerAdapter(LayerAdapter):
     """:class:`ds_ext.models.llama.DecoderLayer` (and its pipeline form)."""
 
-    def full_forward(self, x, positions, key_padding_mask):
+    def full_forward(self, x, positions, key_padding_mask, attention_fn=None):
         from ds_ext.models.llama import DecoderLayer
-        return DecoderLayer.forward(self.layer, x, positions, key_padding_mask)
+        return DecoderLayer.forward(self.layer, x, positions, key_padding_mask, attention_fn)
 
     def norm1(self, x):
         return self.layer.input_norm(x)

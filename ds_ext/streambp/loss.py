@@ -89,6 +89,11 @@ class GRPOTokenLoss:
         logprobs = token_logprobs(logits, self.targets[:, s:e])
         return (self.per_token(logprobs, s, e) * self.weights[:, s:e]).sum()
 
+    def from_logprobs(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The loss from per-token log-probs ``[B, T]`` already computed (e.g. Prefix Grouper's
+        ``GroupedBatch.completion_logprobs``); ``targets`` is then not read."""
+        return (self.per_token(logprobs, 0, logprobs.shape[1]) * self.weights).sum()
+
 
 class ChunkedLMHeadLoss(torch.autograd.Function):
     """``loss = sum over chunks objective(hidden[:, s:e] @ weight^T, s, e)``, logits live one chunk at a time.
