@@ -52,6 +52,16 @@ def baseline_logprobs(model, prompts, prompt_mask, completions, completion_mask,
     return out
 
 
+def assert_same_logprobs_and_grads(grouped, base, cmask, grouped_model, base_model):
+    """Grouped vs baseline completion log-probs, then every parameter gradient of ``sum(logp * adv)``."""
+    assert rel_err(grouped[cmask], base[cmask]) <= FP32_RTOL
+    adv = torch.randn(cmask.shape[0], 1)
+    (grouped * adv * cmask).sum().backward()
+    (base * adv * cmask).sum().backward()
+    for (name, p), q in zip(base_model.named_parameters(), grouped_model.parameters()):
+        assert rel_err(q.grad, p.grad) <= FP32_RTOL, name
+
+
 def test_pack_layout_positions_and_predictors():
     prompts, pmask, comps, cmask, sizes = grpo_batch()
     b = pack(prompts, pmask, comps, cmask, sizes)
@@ -88,16 +98,11 @@ def test_grouped_model_matches_repeated_prefix_baseline():
     grouped_model = LlamaForCausalLM(ModelConfig(**TINY))
     base_model = LlamaForCausalLM(ModelConfig(**TINY))
     base_model.load_state_dict(grouped_model.state_dict())
-    adv = torch.randn(comps.shape[0], 1)
     b = pack(prompts, pmask, comps, cmask, sizes)
     logits = grouped_model(b.input_ids, position_ids=b.position_ids, attention_fn=GroupedAttention(b))
     grouped = b.completion_logprobs(logits, comps)
     base = baseline_logprobs(base_model, prompts, pmask, comps, cmask, sizes)
-    assert rel_err(grouped[cmask], base[cmask]) <= FP32_RTOL
-    (grouped * adv * cmask).sum().backward()
-    (base * adv * cmask).sum().backward()
-    for (name, p), q in zip(base_model.named_parameters(), grouped_model.parameters()):
-        assert rel_err(q.grad, p.grad) <= FP32_RTOL, name
+    assert_same_logprobs_and_grads(grouped, base, cmask, grouped_model, base_model)
     # the grouped batch runs the projections and MLP on fewer tokens than the repeated one
     assert b.input_ids.numel() < sum(int(pmask[n].sum()) * g for n, g in enumerate(sizes)) + int(cmask.sum()) + 1
 
@@ -178,12 +183,7 @@ def test_hf_llama_grouped_matches_repeated_baseline():
         def forward(self, ids, key_padding_mask):
             return base_model(input_ids=ids, attention_mask=key_padding_mask.long(), use_cache=False).logits
     base = baseline_logprobs(Adapter(), prompts, pmask, comps, cmask, sizes)
-    assert rel_err(grouped[cmask], base[cmask]) <= FP32_RTOL
-    adv = torch.randn(comps.shape[0], 1)
-    (grouped * adv * cmask).sum().backward()
-    (base * adv * cmask).sum().backward()
-    for (name, p), q in zip(base_model.named_parameters(), grouped_model.parameters()):
-        assert rel_err(q.grad, p.grad) <= FP32_RTOL, name
+    assert_same_logprobs_and_grads(grouped, base, cmask, grouped_model, base_model)
 
 
 @pytest.mark.parametrize("chunk", [3, 10, 64])
@@ -205,9 +205,4 @@ def test_grouped_and_streamed_matches_repeated_baseline(chunk):
                                     comps)
     base = baseline_logprobs(base_model, prompts, pmask, comps, cmask, sizes)
     assert kinds == ["StreamedLayerFunctionBackward"]
-    assert rel_err(grouped[cmask], base[cmask]) <= FP32_RTOL
-    adv = torch.randn(comps.shape[0], 1)
-    (grouped * adv * cmask).sum().backward()
-    (base * adv * cmask).sum().backward()
-    for (name, p), q in zip(base_model.named_parameters(), model.parameters()):
-        assert rel_err(q.grad, p.grad) <= FP32_RTOL, name
+    assert_same_logprobs_and_grads(grouped, base, cmask, model, base_model)
