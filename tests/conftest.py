@@ -17,3 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU shared-memory all-reduce (used by runs its launcher starts, which set LOCAL_SIZE) leaves a
+    ~69 MB file per rank in /dev/shm; remove the ones this session created so repeated runs do not eat the RAM."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob(SHM_BUFFERS)) if shm.is_dir() else set()
+    yield
+    for leftover in (set(shm.glob(SHM_BUFFERS)) - before) if shm.is_dir() else ():
+        leftover.unlink(missing_ok=True)

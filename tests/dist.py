@@ -30,9 +30,11 @@ def free_port() -> int:
 
 def _worker(rank: int, body, args, world_size: int, port: int, out_dir: str, env: dict, closing_barrier: bool):
     os.environ.update(env)
+    # No LOCAL_SIZE: with it DeepSpeed's CPU backend maps ~69 MB of /dev/shm per rank for its shared-memory
+    # all-reduce and never unlinks it when a rank ends abruptly; tests would fill the machine's RAM run by run.
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "LOCAL_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         result = body(*args)
