@@ -5,13 +5,13 @@ The engines add exactly three things, each marked ``# ds_ext addition:``:
 * they carry the parsed ``"ds_ext"`` block (:class:`ds_ext.config.DsExtConfig`), the :class:`Topology` and its
   ``mpu``;
 * after every applied optimizer step (both engines reach it through ``_take_model_step``) they call
-  ``after_optimizer_step(engine)`` on each attached feature, in attach order;
+  ``after_optimizer_step(engine)`` on each attached feature, in attach order (``after_skipped_step(engine)`` for a
+  step skipped on fp16 overflow, ``after_load_checkpoint(engine)`` after a checkpoint was loaded);
 * ``save_checkpoint`` / ``load_checkpoint`` write each rank's feature ``state_dict()`` (NoLoCo outer weights, ...)
   beside DeepSpeed's files, ``<dir>/<tag>/ds_ext_state_rank<R>.pt``, and give each replica its own directory
   ``<dir>/replica_<r>`` when there are several (their weights differ; DeepSpeed's file names do not say replica).
 
-A feature is any object with a ``name`` and any of ``after_optimizer_step(engine)``, ``state_dict()`` and
-``load_state_dict(sd)``. With no feature attached nothing else changes: training is bit-identical to stock
+A feature is any object with a ``name`` and any of those hooks, ``state_dict()`` and ``load_state_dict(sd)``. With no feature attached nothing else changes: training is bit-identical to stock
 DeepSpeed (tested for ZeRO-1 and ZeRO-2).
 """
 from __future__ import annotations
@@ -47,11 +47,13 @@ class DsExtEngineMixin:
     def _take_model_step(self, lr_kwargs, *args, **kwargs):
         super()._take_model_step(lr_kwargs, *args, **kwargs)
         # ds_ext addition: the one per-optimizer-step seam, shared by DeepSpeedEngine and PipelineEngine.
-        if self._step_applied:
-            for feature in self.ds_ext_features:
-                hook = getattr(feature, "after_optimizer_step", None)
-                if hook is not None:
-                    hook(self)
+        self._call_features("after_optimizer_step" if self._step_applied else "after_skipped_step")
+
+    def _call_features(self, hook_name: str) -> None:
+        for feature in self.ds_ext_features:
+            hook = getattr(feature, hook_name, None)
+            if hook is not None:
+                hook(self)
 
     def ds_ext_state_dict(self) -> Dict[str, Any]:
         return {f.name: f.state_dict() for f in self.ds_ext_features if hasattr(f, "state_dict")}
@@ -103,6 +105,8 @@ class DsExtEngineMixin:
         state_path = self._feature_state_path(ckpt_dir, tag) if load_path is not None else None
         if state_path and self.ds_ext_features and os.path.exists(state_path):
             self.ds_ext_load_state_dict(torch.load(state_path, weights_only=True))
+        if load_path is not None:
+            self._call_features("after_load_checkpoint")
         return load_path, client_state
 
 

@@ -8,7 +8,8 @@ cores as torch threads; ``deepspeed.initialize`` or ``dist.init_process_group("g
 them. The returned list holds each rank's return value (anything ``torch.save`` can write). An exception in any
 rank fails the caller with that rank's traceback; a hang fails it after ``timeout`` seconds, all ranks killed.
 Ranks listed in ``may_die`` may end by a signal (a fault test's kill -9); their result is ``None`` and the other
-ranks skip the closing barrier.
+ranks skip the closing barrier. ``group_dies_with=True`` kills the other ranks as soon as one of those dies, as
+torch elastic's agent does before it relaunches the group (their exit code is then not checked).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _worker(rank: int, body, args, world_size: int, port: int, out_dir: str, env
 
 
 def run_distributed(body, world_size: int = 2, args: tuple = (), timeout: float = 300.0, env: dict = None,
-                    may_die: tuple = ()) -> list:
+                    may_die: tuple = (), group_dies_with: bool = False) -> list:
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
@@ -63,7 +64,8 @@ def run_distributed(body, world_size: int = 2, args: tuple = (), timeout: float 
         try:
             while any(p.is_alive() for p in procs):
                 failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in may_die]
-                if failed or time.monotonic() > deadline:
+                died = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r in may_die]
+                if failed or time.monotonic() > deadline or (died and group_dies_with):
                     break
                 time.sleep(0.2)
         finally:
@@ -71,11 +73,14 @@ def run_distributed(body, world_size: int = 2, args: tuple = (), timeout: float 
                 if p.is_alive():
                     p.kill()
                 p.join()
+        victim_died = any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r in may_die)
         errors = [open(os.path.join(out_dir, f"rank{r}.err")).read() for r in range(world_size)
-                  if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))]
+                  if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))
+                  and not (group_dies_with and victim_died)]  # peers of a killed rank fail in their collectives
         if errors:
             raise AssertionError(f"{body.__name__} failed on a rank:\n" + "\n".join(errors))
-        bad = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0 and r not in may_die}
+        bad = {r: p.exitcode for r, p in enumerate(procs)
+               if p.exitcode != 0 and r not in may_die and not (group_dies_with and may_die)}
         if bad:
             raise AssertionError(f"{body.__name__}: ranks ended with exit codes {bad} (timeout {timeout:.0f} s: "
                                  "negative = killed by the harness or a signal)")

@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError
 from ds_ext.config.base import ExtSection
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.prefix_grouper.config import PrefixGrouperConfig
+from ds_ext.recovery.config import RecoveryConfig
 from ds_ext.streambp.config import StreamBPConfig
 
 EXT_KEY = "ds_ext"
@@ -74,6 +75,9 @@ class DsExtConfig(ExtSection):
     prefix_grouper: PrefixGrouperConfig = Field(default_factory=PrefixGrouperConfig)
     """Prefix Grouper for GRPO groups (see :class:`ds_ext.prefix_grouper.config.PrefixGrouperConfig`)."""
 
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    """Journal of ZeRO partitions for bit-exact resume (see :class:`ds_ext.recovery.config.RecoveryConfig`)."""
+
     @property
     def replica_sync_enabled(self) -> bool:
         """Whether an enabled feature synchronises replicas; without one, several replicas are refused
@@ -83,7 +87,7 @@ class DsExtConfig(ExtSection):
     @property
     def any_feature_enabled(self) -> bool:
         """Whether any feature section is on; with none, the engine is stock DeepSpeed bit for bit."""
-        return self.noloco.enabled or self.streambp.enabled or self.prefix_grouper.enabled
+        return self.noloco.enabled or self.streambp.enabled or self.prefix_grouper.enabled or self.recovery.active
 
     def ranks_per_replica(self, world_size: int) -> int:
         """Ranks per replica: the topology's or NoLoCo's value; NoLoCo with neither makes every rank a replica."""
@@ -155,6 +159,23 @@ def validate_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
                          f"topology.pipeline_stages={topo.pipeline_stages}"))
     problems += _noloco_compat(ds_config, ext)
     problems += _streambp_compat(ds_config, ext)
+    problems += _recovery_compat(ds_config, ext)
+    return problems
+
+
+def _recovery_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
+    rec, problems = ext.recovery, []
+    if rec.enabled and rec.journal_dir is None:
+        problems.append((f"{EXT_KEY}.recovery.journal_dir", "got null with recovery.enabled true: give a directory "
+                                                             "on local disk for the journal"))
+    if rec.active and _zero_stage(ds_config) not in (1, 2):
+        problems.append((f"{EXT_KEY}.recovery", f"journal_dir set with zero_optimization.stage="
+                                                f"{_zero_stage(ds_config)}: the journal records ZeRO-1/2 partitions; "
+                                                "use stage 1 or 2"))
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if rec.active and offload not in ("none", None):
+        problems.append((f"{EXT_KEY}.recovery", f"journal_dir set with zero_optimization.offload_optimizer.device="
+                                                f"{offload!r}: not supported yet; use \"none\""))
     return problems
 
 

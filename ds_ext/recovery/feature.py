@@ -1,0 +1,177 @@
+"""The recovery engine feature: journal every optimizer step, snapshot a base every ``base_interval`` steps, and
+resume from the journal when the engine starts.
+
+Call order (per optimizer step, from :meth:`ds_ext.engine.DsExtEngineMixin._take_model_step`; recovery is attached
+last so it sees the step's final state): ZeRO step (the pre-hook captures each group's fp32 partition gradient) ->
+other features (NoLoCo's outer step) -> :meth:`RecoveryFeature.after_optimizer_step` hands the record (grads,
+counters, next hyperparameters, loss scale, scheduler, RNG, feature payloads) to the background writer, and every
+``base_interval`` steps a base. The next forward waits until the record is written (microseconds to milliseconds:
+a copy into the OS page cache), so a step whose forward has begun is never lost to a killed process.
+
+Resume (collective, at attach): each rank scans its journal (:func:`journal.scan`), the ranks agree on the newest
+step all can reach (``all_reduce(MIN)`` of each rank's newest reachable step), and each rank loads its newest base
+at or before that step and replays its records through ZeRO's own optimizer step. Records past the agreed step are
+cut off, so the journal goes on from exactly where training resumes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from ds_ext.recovery import journal
+from ds_ext.recovery.config import RecoveryConfig
+from ds_ext.recovery.zero_state import ZeroPartitionState
+
+log = logging.getLogger("ds_ext.recovery")
+
+
+class RecoveryError(RuntimeError):
+    """The journal cannot be used as it is; the message names the directory and what to do. Nothing is deleted."""
+
+
+def rank_dir(journal_dir: str, rank: int) -> str:
+    return os.path.join(journal_dir, f"rank{rank:05d}")
+
+
+class RecoveryFeature:
+    """Journal writer and resume logic for one rank (see the module docstring)."""
+
+    name = "recovery"
+
+    def __init__(self, cfg: RecoveryConfig, engine, rank: int):
+        self.cfg, self.engine, self.rank = cfg, engine, rank
+        self.dir = rank_dir(cfg.journal_dir, rank)
+        self.state = ZeroPartitionState(engine)
+        self.layout = self.state.layout()
+        self.writer: Optional[journal.JournalWriter] = None
+        self.resumed_step: Optional[int] = None
+        self.resume_s = 0.0
+        self._hook = engine.module.register_forward_pre_hook(self._before_forward)
+
+    # -- per step ---------------------------------------------------------------------------------------------
+    def after_optimizer_step(self, engine) -> None:
+        self._record(engine, applied=True)
+
+    def after_skipped_step(self, engine) -> None:
+        self._record(engine, applied=False)
+
+    def _record(self, engine, applied: bool) -> None:
+        step = engine.global_steps
+        payloads = {f.name: f.journal_payload() for f in self._journaled_features()}
+        self.writer.append(step, {"applied": applied, "grads": self.state.take_grads(),
+                                  "state": self.state.step_state(), "features": payloads})
+        if step % self.cfg.base_interval == 0:
+            self._submit_base(step)
+
+    def _before_forward(self, module, args) -> None:
+        self.writer.wait_written()
+
+    def _journaled_features(self):
+        return [f for f in self.engine.ds_ext_features if f is not self and hasattr(f, "journal_payload")]
+
+    def _submit_base(self, step: int) -> None:
+        base = self.state.snapshot()
+        base["features"] = {k: v for k, v in self.engine.ds_ext_state_dict().items() if k != self.name}
+        self.writer.submit_base(step, base)
+        self.writer.start_segment(step + 1)
+
+    # -- start ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume from the journal or begin a new one (collective over the world)."""
+        t = time.perf_counter()
+        scanned = journal.scan(self.dir)
+        self._check_layout(scanned)
+        for damage in scanned.damage:
+            log.warning("ds_ext::recovery rank %d: %s; that record and those after it in its segment are not used",
+                        self.rank, damage)
+        target = agree_on_step(scanned.newest_reachable())
+        self.writer = journal.JournalWriter(self.dir, self.layout, self.cfg.fsync, self.cfg.fsync_interval,
+                                            self.cfg.keep_bases)
+        if target is None:
+            self._submit_base(self.engine.global_steps)
+            return
+        self._replay_to(scanned, target)
+        self.writer.truncate_after(target, scanned)
+        self.resumed_step, self.resume_s = target, time.perf_counter() - t
+        log.warning("ds_ext::recovery rank %d resumed at step %d from %s (%.2f s)", self.rank, target, self.dir,
+                    self.resume_s)
+
+    def _check_layout(self, scanned: journal.JournalScan) -> None:
+        if scanned.layout is None:
+            return
+        if not self.cfg.resume:
+            raise RecoveryError(f"ds_ext.recovery.resume is false but {self.dir} holds a journal: move it away or "
+                                "set resume to true")
+        if scanned.layout != self.layout:
+            raise RecoveryError(f"the journal in {self.dir} was written by a different layout {scanned.layout}; "
+                                f"this run has {self.layout}. Use another ds_ext.recovery.journal_dir, or export "
+                                "it first with python -m ds_ext.recovery export")
+
+    def _replay_to(self, scanned: journal.JournalScan, target: int) -> None:
+        base_step, steps = scanned.plan(target)
+        base = scanned.load_base(base_step).state
+        self.state.restore(base)
+        self.engine.ds_ext_load_state_dict(base["features"])
+        features = {f.name: f for f in self._journaled_features()}
+        for step in steps:
+            rec = scanned.load_record(step).state
+            if rec["applied"]:
+                self.state.replay(rec["grads"])
+            for name, payload in rec["features"].items():
+                features[name].journal_replay(payload)
+            self.state.restore_step_state(rec["state"])
+        self.state.refresh_low_precision()
+        log.info("ds_ext::recovery rank %d: base %d + %d records", self.rank, base_step, len(steps))
+
+    # -- other engine events ------------------------------------------------------------------------------------
+    def after_load_checkpoint(self, engine) -> None:
+        """A DeepSpeed checkpoint replaced the state: the old journal is moved aside and a new one begins."""
+        self.writer.flush()
+        aside = f"{self.dir}.replaced.{int(time.time())}"
+        os.replace(self.dir, aside)
+        log.warning("ds_ext::recovery rank %d: load_checkpoint: journal moved to %s", self.rank, aside)
+        self.writer = journal.JournalWriter(self.dir, self.layout, self.cfg.fsync, self.cfg.fsync_interval,
+                                            self.cfg.keep_bases)
+        self._submit_base(engine.global_steps)
+
+    def metrics(self) -> Dict[str, float]:
+        s = self.writer.stats
+        steps = max(1, s.records)
+        return {"records": s.records, "bytes_per_step": s.record_bytes / steps, "record_write_s": s.record_write_s,
+                "fsync_s": s.fsync_s, "bases": s.bases, "base_bytes": s.base_bytes, "base_write_s": s.base_write_s,
+                "wait_s": s.wait_s, "resumed_step": -1 if self.resumed_step is None else self.resumed_step,
+                "resume_s": self.resume_s}
+
+    def close(self) -> None:
+        self.writer.close()
+        self._hook.remove()
+        self.state.close()
+
+
+def agree_on_step(newest: int) -> Optional[int]:
+    """The newest step every rank can reach (``None``: no rank has a journal). A rank without a journal while
+    others have one is an error: its partition cannot be rebuilt from its own disk."""
+    t = torch.tensor([newest, -newest], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    lowest, highest = int(t[0]), -int(t[1])
+    if highest < 0:
+        return None
+    if lowest < 0:
+        raise RecoveryError(f"rank {dist.get_rank()}: some ranks have no usable journal while others reach step "
+                            f"{highest}; a rank's partition cannot be rebuilt from its own disk (was a node "
+                            "replaced?). Restore those ranks' journal directories, or start from a checkpoint")
+    return lowest
+
+
+def apply_recovery(engine, cfg: RecoveryConfig) -> RecoveryFeature:
+    """Attach the journal to a ds_ext engine and resume from it if present (collective: all ranks, after every
+    other feature is attached)."""
+    feature = RecoveryFeature(cfg, engine, dist.get_rank())
+    engine.attach_feature(feature)
+    feature.start()
+    return feature

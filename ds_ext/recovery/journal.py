@@ -1,0 +1,280 @@
+"""One rank's journal directory on local disk: step records, base snapshots and an atomic manifest.
+
+Layout of ``<journal_dir>/rank<R>/``::
+
+    MANIFEST.json               committed bases and the run's layout; replaced atomically (write, fsync, rename)
+    base_<step>.bin             full partition state after ``step`` (one frame, see :mod:`records`)
+    wal_<first step>.log        append-only step records; a new segment starts after each base
+
+Writes run on two background threads (``ThreadPoolExecutor`` with one worker each): records, which are small and
+latency-sensitive, and bases, which are large; a base never delays the next record. The caller hands over tensors
+it will not touch again (clones). ``wait_written(step)`` blocks until the record of ``step`` is in the operating
+system (so a killed process loses nothing); the fsync that makes it survive a power loss follows the ``fsync``
+policy. A base becomes visible only when the manifest naming it is replaced, so a base half written when the
+process dies is never used. After each committed base the segments and bases older than the ``keep_bases`` newest
+bases are deleted.
+
+Reading (:func:`scan`) checks every frame's checksum and length: a torn or corrupt record ends its segment's usable
+part, reported in ``JournalScan.damage``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from ds_ext.recovery import records
+from ds_ext.recovery.records import KIND_BASE, KIND_STEP, Record, RecordError
+
+log = logging.getLogger("ds_ext.recovery")
+MANIFEST = "MANIFEST.json"
+SEGMENT_RE = re.compile(r"wal_(\d{12})\.log$")
+BASE_RE = re.compile(r"base_(\d{12})\.bin$")
+
+
+def segment_name(first_step: int) -> str:
+    return f"wal_{first_step:012d}.log"
+
+
+def base_name(step: int) -> str:
+    return f"base_{step:012d}.bin"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(rank_dir: str, manifest: Dict[str, Any]) -> None:
+    tmp = os.path.join(rank_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(rank_dir, MANIFEST))
+    _fsync_dir(rank_dir)
+
+
+def read_manifest(rank_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(rank_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclass
+class WriterStats:
+    """Counters of the background writers (seconds are spent on the writer threads, not in the step)."""
+
+    records: int = 0
+    record_bytes: int = 0
+    record_write_s: float = 0.0
+    fsyncs: int = 0
+    fsync_s: float = 0.0
+    bases: int = 0
+    base_bytes: int = 0
+    base_write_s: float = 0.0
+    wait_s: float = 0.0
+
+
+class JournalWriter:
+    """Appends records and commits bases for one rank (see the module docstring). Not thread-safe for callers:
+    one training thread calls it."""
+
+    def __init__(self, rank_dir: str, layout: Dict[str, Any], fsync: str = "interval", fsync_interval: int = 10,
+                 keep_bases: int = 2):
+        self.rank_dir, self.layout = rank_dir, layout
+        self.fsync, self.fsync_interval, self.keep_bases = fsync, fsync_interval, keep_bases
+        os.makedirs(rank_dir, exist_ok=True)
+        self.stats = WriterStats()
+        self._records = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-journal")
+        self._bases = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-base")
+        self._segment = None
+        self._pending: List[Tuple[int, Future]] = []
+        self._base_future: Optional[Future] = None
+        manifest = read_manifest(rank_dir)
+        self._committed: List[int] = list(manifest["bases"]) if manifest else []
+
+    # -- records ----------------------------------------------------------------------------------------------
+    def start_segment(self, first_step: int) -> None:
+        """Records from ``first_step`` on go to a new segment file (called after a base or a resume)."""
+        self._records.submit(self._open_segment, first_step)
+
+    def append(self, step: int, state: Dict[str, Any]) -> None:
+        self._pending.append((step, self._records.submit(self._write_record, step, state)))
+
+    def wait_written(self, step: Optional[int] = None) -> None:
+        """Block until every record up to ``step`` (default: all) is written; re-raise a writer error."""
+        t = time.perf_counter()
+        while self._pending and (step is None or self._pending[0][0] <= step):
+            self._pending.pop(0)[1].result()
+        self.stats.wait_s += time.perf_counter() - t
+
+    def _open_segment(self, first_step: int) -> None:
+        if self._segment is not None:
+            self._sync(self._segment)
+            self._segment.close()
+        self._segment = open(os.path.join(self.rank_dir, segment_name(first_step)), "ab")
+        _fsync_dir(self.rank_dir)
+
+    def _write_record(self, step: int, state: Dict[str, Any]) -> None:
+        t = time.perf_counter()
+        buffers = records.encode(KIND_STEP, step, state)
+        self._segment.writelines(buffers)
+        self._segment.flush()  # into the OS page cache: survives the death of this process
+        self.stats.records += 1
+        self.stats.record_bytes += sum(b.nbytes for b in buffers)
+        self.stats.record_write_s += time.perf_counter() - t
+        if self.fsync == "always" or (self.fsync == "interval" and self.stats.records % self.fsync_interval == 0):
+            self._sync(self._segment)
+
+    def _sync(self, f) -> None:
+        if self.fsync == "never":
+            return
+        t = time.perf_counter()
+        os.fsync(f.fileno())
+        self.stats.fsyncs += 1
+        self.stats.fsync_s += time.perf_counter() - t
+
+    # -- bases ------------------------------------------------------------------------------------------------
+    def submit_base(self, step: int, state: Dict[str, Any]) -> None:
+        """Write the base of ``step`` in the background; waits first if the previous base is still being written."""
+        if self._base_future is not None:
+            t = time.perf_counter()
+            self._base_future.result()
+            self.stats.wait_s += time.perf_counter() - t
+        self._base_future = self._bases.submit(self._write_base, step, state)
+
+    def _write_base(self, step: int, state: Dict[str, Any]) -> None:
+        t = time.perf_counter()
+        path = os.path.join(self.rank_dir, base_name(step))
+        buffers = records.encode(KIND_BASE, step, state)
+        with open(path + ".tmp", "wb") as f:
+            f.writelines(buffers)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        self._committed = sorted(set(self._committed) | {step})[-self.keep_bases:]
+        write_manifest(self.rank_dir, {"version": 1, "layout": self.layout, "bases": self._committed})
+        self.stats.bases += 1
+        self.stats.base_bytes += sum(b.nbytes for b in buffers)
+        self.stats.base_write_s += time.perf_counter() - t
+        self._prune()
+
+    def _prune(self) -> None:
+        """Drop bases older than the ``keep_bases`` newest and every segment holding only steps before them."""
+        oldest = self._committed[0]
+        for name in os.listdir(self.rank_dir):
+            m = BASE_RE.match(name)
+            if m and int(m.group(1)) < oldest:
+                os.remove(os.path.join(self.rank_dir, name))
+        starts = sorted(int(SEGMENT_RE.match(n).group(1)) for n in os.listdir(self.rank_dir) if SEGMENT_RE.match(n))
+        for first, nxt in zip(starts, starts[1:]):
+            if nxt - 1 <= oldest:
+                os.remove(os.path.join(self.rank_dir, segment_name(first)))
+
+    def truncate_after(self, step: int, scan_result: "JournalScan") -> None:
+        """Make ``step`` the journal's end before writing resumes: records after it (a timeline the other ranks
+        did not reach, or a damaged tail) are cut off, later bases dropped from the manifest, and new records go to
+        a segment of their own."""
+        if step in scan_result.records:
+            path, offset = scan_result.records[step]
+            with open(path, "r+b") as f:
+                f.truncate(offset + scan_result.load_record(step).nbytes)
+        for name in os.listdir(self.rank_dir):
+            m = SEGMENT_RE.match(name)
+            if m and int(m.group(1)) > step:
+                os.remove(os.path.join(self.rank_dir, name))
+        self._committed = [b for b in self._committed if b <= step]
+        write_manifest(self.rank_dir, {"version": 1, "layout": self.layout, "bases": self._committed})
+        self.start_segment(step + 1)
+
+    def flush(self) -> None:
+        """Wait for every queued record and base."""
+        self.wait_written()
+        if self._base_future is not None:
+            self._base_future.result()
+
+    def close(self) -> None:
+        self.flush()
+        self._records.submit(lambda: self._segment and (self._sync(self._segment), self._segment.close())).result()
+        self._records.shutdown()
+        self._bases.shutdown()
+
+
+@dataclass
+class JournalScan:
+    """What one rank's journal can reconstruct: committed bases, the good records, and every damage found."""
+
+    rank_dir: str
+    layout: Optional[Dict[str, Any]]
+    bases: List[int]
+    records: Dict[int, Tuple[str, int]] = field(default_factory=dict)
+    damage: List[RecordError] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.bases
+
+    def chain_end(self, base: int) -> int:
+        """The newest step reachable from ``base`` through contiguous good records."""
+        step = base
+        while step + 1 in self.records:
+            step += 1
+        return step
+
+    def newest_reachable(self) -> int:
+        """The newest step this rank can reconstruct (-1: none)."""
+        return max((self.chain_end(b) for b in self.bases), default=-1)
+
+    def plan(self, target: int) -> Tuple[int, List[int]]:
+        """``(base, steps to replay)`` reaching ``target``: the newest base at or before it with a full chain."""
+        for base in sorted(self.bases, reverse=True):
+            if base <= target <= self.chain_end(base):
+                return base, list(range(base + 1, target + 1))
+        raise ValueError(f"{self.rank_dir}: step {target} cannot be reconstructed from bases {self.bases}")
+
+    def load_base(self, step: int) -> Record:
+        path = os.path.join(self.rank_dir, base_name(step))
+        for _, rec in records.read_frames(path):
+            return rec
+        raise RecordError(path, 0, "empty base file")
+
+    def load_record(self, step: int) -> Record:
+        path, offset = self.records[step]
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(offset)
+            return records.read_frame(f, path, offset, size)
+
+
+def scan(rank_dir: str) -> JournalScan:
+    """Read a rank's journal, verifying every base and record checksum; damage is reported and skipped."""
+    manifest = read_manifest(rank_dir) if os.path.isdir(rank_dir) else None
+    result = JournalScan(rank_dir, manifest and manifest.get("layout"), [])
+    if manifest is None:
+        return result
+    for step in manifest["bases"]:
+        try:
+            result.load_base(step)
+            result.bases.append(step)
+        except (OSError, RecordError) as exc:
+            result.damage.append(exc if isinstance(exc, RecordError) else RecordError(rank_dir, 0, str(exc)))
+    for name in sorted(n for n in os.listdir(rank_dir) if SEGMENT_RE.match(n)):
+        path = os.path.join(rank_dir, name)
+        try:
+            for offset, rec in records.read_frames(path):
+                if rec.kind == KIND_STEP and rec.step not in result.records:
+                    result.records[rec.step] = (path, offset)
+        except RecordError as exc:
+            result.damage.append(exc)
+    return result
