@@ -71,6 +71,12 @@ class DsExtEngineMixin:
                 out.update({f"{feature.name}/{k}": v for k, v in feature.metrics().items()})
         return out
 
+    def ds_ext_close(self) -> None:
+        """Finish every feature's background work (the journal's pending writes) and remove its hooks."""
+        for feature in self.ds_ext_features:
+            if hasattr(feature, "close"):
+                feature.close()
+
     def _replica_dir(self, save_dir: str) -> str:
         # Replicas hold different weights, and DeepSpeed names its files by data/model-parallel rank only, so
         # each replica gets its own directory.

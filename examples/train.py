@@ -7,12 +7,16 @@
 Metrics (train loss, tokens/s, eval loss) go through the DeepSpeed monitor blocks of the config (``csv_monitor``,
 ``tensorboard``); rank 0 shows a progress bar and prints one JSON summary as its last line. ``--save_dir`` with
 ``--save_interval`` writes DeepSpeed checkpoints; ``--resume`` continues from the latest one, data position included.
+With ``ds_ext.recovery.journal_dir`` in the config the engine resumes from its journal by itself (relaunch after a
+failure: ``ds-ext --max_restarts K``); the data position follows ``engine.global_steps``. ``--fault_inject R:S``
+kills rank R with SIGKILL inside step S of the first launch round, to watch the recovery happen.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import time
 
 import deepspeed
@@ -41,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--save_interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="load the latest checkpoint in --save_dir")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--fault_inject", default=None, metavar="RANK:STEP",
+                   help="kill -9 rank RANK in the forward of step STEP, first launch round only (recovery demo/test)")
     deepspeed.add_config_arguments(p)
     return p.parse_args(argv)
 
@@ -111,7 +117,9 @@ def main(argv=None):
     engine, *_ = ds_ext.initialize(args=args, model=model, model_parameters=[p for p in model.parameters()],
                                    topology=topology)
     trainer = Trainer(args, engine, train_set, eval_set, topology)
-    start = 0
+    start = engine.global_steps  # > 0 when the recovery journal resumed the engine
+    if args.fault_inject:
+        inject_fault(engine, args.fault_inject, rank)
     if args.resume and args.save_dir:
         path, client = engine.load_checkpoint(args.save_dir)
         start = engine.global_steps if path else 0
@@ -121,8 +129,23 @@ def main(argv=None):
     summary = run(args, engine, trainer, topology, start, rank)
     if args.save_dir:
         engine.save_checkpoint(args.save_dir, client_state={"data_batches": engine.global_steps * trainer.gas})
+    engine.ds_ext_close()
     if rank == 0:
         print(json.dumps(summary))
+
+
+def inject_fault(engine, spec: str, rank: int) -> None:
+    """``RANK:STEP``: SIGKILL this process in the first forward of step STEP (after the journal's own pre-hook, so
+    the previous step is on disk), in the first launch round only."""
+    victim, step = (int(v) for v in spec.split(":"))
+    if rank != victim or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+
+    def kill(module, inputs):
+        if engine.global_steps == step - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    engine.module.register_forward_pre_hook(kill)
 
 
 def run(args, engine, trainer, topology, start, rank) -> dict:

@@ -44,16 +44,20 @@ def state_of(engine) -> dict:
             "lr": engine.get_lr(), "rng": torch.get_rng_state()}
 
 
-def kill_during_base(victim: int):
-    """Make the victim's next base write die half-way (the .tmp file partly written, the manifest not replaced)."""
+def kill_during_base(kill_step: int):
+    """Make this process die half-way through writing the base of ``kill_step`` (the .tmp file partly written, the
+    manifest not replaced)."""
     from ds_ext.recovery import journal, records
+    write_base = journal.JournalWriter._write_base
 
     def dying_write(self, step, state):
+        if step != kill_step:
+            return write_base(self, step, state)
         buffers = records.encode(records.KIND_BASE, step, state)
         with open(os.path.join(self.rank_dir, journal.base_name(step)) + ".tmp", "wb") as f:
             f.writelines(buffers[:2])
             f.flush()
-        time.sleep(0.5)  # lets the record thread write this step's record, as it would in a real run
+        time.sleep(0.5)  # the record thread writes this step's record meanwhile, and training goes on
         os.kill(os.getpid(), signal.SIGKILL)
 
     journal.JournalWriter._write_base = dying_write
@@ -68,7 +72,7 @@ def _train_body(stage, journal_dir, steps, kill=None):
     from ds_ext.models import LlamaForCausalLM, ModelConfig
     rank = int(os.environ["RANK"])
     if kill and kill[0] == rank and kill[2] == "base":
-        kill_during_base(rank)
+        kill_during_base(kill[1])
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelConfig(**TINY))
     engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(),
@@ -87,6 +91,7 @@ def _train_body(stage, journal_dir, steps, kill=None):
     if recovery is not None:
         recovery.close()
         out["metrics"] = recovery.metrics()
+        out["damage"] = recovery.damage
     return out
 
 
@@ -116,3 +121,97 @@ def test_kill_9_mid_step_resumes_bit_identical_with_no_lost_step(world, stage, t
         assert resumed[rank]["start"] == kill_step - 1, f"lost steps: resumed at {resumed[rank]['start']}"
         assert resumed[rank]["metrics"]["resumed_step"] == kill_step - 1
         assert_same_state(resumed[rank], reference[rank], f"rank {rank} (killed rank {victim} at {kill_step})")
+
+
+def test_kill_9_while_a_base_is_written_falls_back_to_the_previous_base(tmp_path):
+    world, stage, steps, victim = 2, 2, 11, 1
+    reference = run_distributed(_train_body, world, args=(stage, None, steps), timeout=400)
+    journal_dir = str(tmp_path / "journal")
+    run_distributed(_train_body, world, args=(stage, journal_dir, steps, (victim, 8, "base")), timeout=400,
+                    may_die=tuple(range(world)), group_dies_with=True)
+    victim_dir = tmp_path / "journal" / f"rank{victim:05d}"
+    assert (victim_dir / "base_000000000008.bin.tmp").exists(), "the kill must land inside the base write"
+    assert 8 not in json.loads((victim_dir / "MANIFEST.json").read_text())["bases"]
+    resumed = run_distributed(_train_body, world, args=(stage, journal_dir, steps), timeout=400)
+    for rank in range(world):
+        # The base of step 8 never committed on the victim: it resumes from base 4 and replays records 5.. on.
+        assert resumed[rank]["start"] >= 8
+        assert_same_state(resumed[rank], reference[rank], f"rank {rank}")
+
+
+def _flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_torn_or_corrupt_journal_resumes_from_the_last_good_step(tmp_path):
+    """Journal of 10 steps (bases 4 and 8 kept). Rank 1's last record torn -> all ranks resume at 9; rank 0's
+    record 10 with a flipped byte -> 9; rank 1's newest base corrupt -> base 4 + records 5..10 still reach 10."""
+    import shutil
+    from ds_ext.recovery import journal
+    world, stage = 2, 2
+    reference = run_distributed(_train_body, world, args=(stage, None, 12), timeout=400)
+    clean = str(tmp_path / "clean")
+    run_distributed(_train_body, world, args=(stage, clean, 10), timeout=400)
+    scans = [journal.scan(os.path.join(clean, f"rank{r:05d}")) for r in range(world)]
+    assert all(s.bases == [4, 8] and sorted(s.records) == [5, 6, 7, 8, 9, 10] and not s.damage for s in scans)
+
+    def damaged(name, rank, damage):
+        target = tmp_path / name
+        shutil.copytree(clean, target)
+        damage(str(target / f"rank{rank:05d}"), scans[rank])
+        return run_distributed(_train_body, world, args=(stage, str(target), 12), timeout=400)
+
+    def tear_last(rank_dir, scan):
+        path, offset = scan.records[10]
+        os.truncate(os.path.join(rank_dir, os.path.basename(path)), os.path.getsize(path) - 10)
+
+    def flip_record(rank_dir, scan):
+        path, offset = scan.records[10]
+        _flip_byte(os.path.join(rank_dir, os.path.basename(path)), offset + 200)
+
+    def flip_base(rank_dir, scan):
+        _flip_byte(os.path.join(rank_dir, journal.base_name(8)), 4000)
+
+    cases = [("torn", 1, tear_last, 9, "torn record for step 10"),
+             ("flipped", 0, flip_record, 9, "checksum mismatch in the record for step 10"),
+             ("bad_base", 1, flip_base, 10, "checksum mismatch")]
+    for name, rank, damage, expect_step, message in cases:
+        resumed = damaged(name, rank, damage)
+        assert [r["start"] for r in resumed] == [expect_step] * world, name
+        assert any(message in d for d in resumed[rank]["damage"]), (name, resumed[rank]["damage"])
+        assert not resumed[1 - rank]["damage"], name
+        for r in range(world):
+            assert_same_state(resumed[r], reference[r], f"{name}: rank {r}")
+
+
+def test_ds_ext_max_restarts_resumes_from_the_journal_by_itself(tmp_path):
+    """The user path: ``ds-ext --max_restarts 1`` relaunches after rank 1 is killed in step 7; the engine resumes
+    from the journal at step 6 and ends with exactly the losses of a run that never failed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    config = json.loads((root / "configs" / "recovery.json").read_text())
+    config["ds_ext"]["recovery"].update(journal_dir=str(tmp_path / "journal"), base_interval=4)
+    config.pop("csv_monitor")
+    (tmp_path / "recovery.json").write_text(json.dumps(config))
+    quick = ["--layers", "2", "--hidden", "64", "--seq_len", "64", "--eval_batches", "2", "--eval_interval", "100",
+             "--max_steps", "12"]
+    launch = [sys.executable, "-m", "ds_ext.launch"]
+    train = str(root / "examples" / "train.py")
+
+    def summary(cmd):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+    straight = summary(launch + ["--config", "configs/baseline.json", train] + quick)
+    failed = summary(launch + ["--config", str(tmp_path / "recovery.json"), "--max_restarts", "1", train] + quick
+                     + ["--fault_inject", "1:7"])
+    assert failed["start_step"] == 6 and failed["recovery/resumed_step"] == 6
+    assert failed["last_loss"] == straight["last_loss"]
+    assert failed["eval_loss_end"] == straight["eval_loss_end"]

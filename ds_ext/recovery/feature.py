@@ -50,6 +50,7 @@ class RecoveryFeature:
         self.layout = self.state.layout()
         self.writer: Optional[journal.JournalWriter] = None
         self.resumed_step: Optional[int] = None
+        self.damage: list = []  # what the resume scan found torn or corrupt (messages), for logs and callers
         self.resume_s = 0.0
         self._hook = engine.module.register_forward_pre_hook(self._before_forward)
 
@@ -86,6 +87,7 @@ class RecoveryFeature:
         t = time.perf_counter()
         scanned = journal.scan(self.dir)
         self._check_layout(scanned)
+        self.damage = [str(d) for d in scanned.damage]
         for damage in scanned.damage:
             log.warning("ds_ext::recovery rank %d: %s; that record and those after it in its segment are not used",
                         self.rank, damage)
