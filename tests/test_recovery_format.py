@@ -1,0 +1,143 @@
+"""The journal's record format and directory handling, without processes: round trips, damage detection,
+retention of bases and segments, and the config rules."""
+import json
+import os
+
+import pytest
+import torch
+
+from ds_ext.config import DsExtConfigError, parse_ext_config
+from ds_ext.recovery import journal, records
+
+
+def sample_state():
+    return {"grads": {"0": torch.randn(1000), "1": torch.randn(3, 5).to(torch.bfloat16)}, "applied": True,
+            "state": {"counters": {"global_steps": 7}, "hyper": [{"lr": 1e-3, "betas": [0.9, 0.95]}],
+                      "scaler": {"cur_scale": 65536.0}, "rng": {"torch": torch.get_rng_state()}, "none": None},
+            "empty": torch.empty(0), "scalar": torch.tensor(3.0)}
+
+
+def write_frames(path, states):
+    with open(path, "wb") as f:
+        for step, state in states:
+            f.writelines(records.encode(records.KIND_STEP, step, state))
+
+
+def assert_same(a, b):
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_round_trip_is_exact_for_every_dtype_and_nesting(tmp_path):
+    states = [(5, sample_state()), (6, sample_state())]
+    write_frames(tmp_path / "wal", states)
+    got = list(records.read_frames(str(tmp_path / "wal")))
+    assert [r.step for _, r in got] == [5, 6]
+    for (_, rec), (_, state) in zip(got, states):
+        assert_same(rec.state, state)
+
+
+@pytest.mark.parametrize("where", ["header", "meta", "payload", "last byte"])
+def test_a_flipped_byte_anywhere_is_caught_and_earlier_frames_stay_usable(tmp_path, where):
+    write_frames(tmp_path / "wal", [(1, sample_state()), (2, sample_state())])
+    first_len = list(records.read_frames(str(tmp_path / "wal")))[1][0]
+    size = os.path.getsize(tmp_path / "wal")
+    offset = {"header": first_len + 10, "meta": first_len + 40, "payload": first_len + 2000,
+              "last byte": size - 1}[where]
+    data = bytearray((tmp_path / "wal").read_bytes())
+    data[offset] ^= 0x01
+    (tmp_path / "wal").write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(records.RecordError) as err:
+        for _, rec in records.read_frames(str(tmp_path / "wal")):
+            seen.append(rec.step)
+    assert seen == [1] and err.value.offset == first_len
+    # a flip in a length field reads as a torn frame, anywhere else as a checksum mismatch
+    assert any(w in str(err.value) for w in ("checksum mismatch", "torn", "magic")), str(err.value)
+
+
+def test_a_torn_tail_is_reported_as_torn(tmp_path):
+    write_frames(tmp_path / "wal", [(1, sample_state()), (2, sample_state())])
+    os.truncate(tmp_path / "wal", os.path.getsize(tmp_path / "wal") - 3)
+    with pytest.raises(records.RecordError, match="torn record for step 2"):
+        list(records.read_frames(str(tmp_path / "wal")))
+
+
+def test_state_with_objects_or_non_string_keys_is_refused():
+    with pytest.raises(TypeError, match="cannot store a object"):
+        records.encode(records.KIND_STEP, 1, {"x": object()})
+    with pytest.raises(TypeError, match="keys must be strings"):
+        records.encode(records.KIND_STEP, 1, {"x": {3: 1}})
+
+
+def test_writer_keeps_the_newest_bases_and_only_the_segments_they_need(tmp_path):
+    w = journal.JournalWriter(str(tmp_path), {"world_size": 1}, fsync="always", keep_bases=2)
+    w.submit_base(0, {"w": torch.zeros(4)})
+    w.start_segment(1)
+    for step in range(1, 10):
+        w.append(step, {"g": torch.full((4,), float(step))})
+        if step % 3 == 0:
+            w.submit_base(step, {"w": torch.full((4,), float(step))})
+            w.start_segment(step + 1)
+    w.close()
+    scan = journal.scan(str(tmp_path))
+    assert scan.bases == [6, 9] and not scan.damage
+    assert sorted(scan.records) == [7, 8, 9]  # segments holding only steps <= 6 were deleted
+    assert scan.newest_reachable() == 9 and scan.plan(8) == (6, [7, 8])
+    assert torch.equal(scan.load_record(8).state["g"], torch.full((4,), 8.0))
+    assert sorted(os.listdir(tmp_path)) == ["MANIFEST.json", "base_000000000006.bin", "base_000000000009.bin",
+                                            "wal_000000000007.log", "wal_000000000010.log"]
+    assert w.stats.records == 9 and w.stats.fsyncs >= 9
+
+
+def test_truncate_after_cuts_the_timeline_the_other_ranks_did_not_reach(tmp_path):
+    w = journal.JournalWriter(str(tmp_path), {}, keep_bases=2)
+    w.submit_base(0, {"w": torch.zeros(2)})
+    w.start_segment(1)
+    for step in range(1, 6):
+        w.append(step, {"g": torch.ones(2)})
+    w.flush()
+    scan = journal.scan(str(tmp_path))
+    w.truncate_after(3, scan)
+    w.append(4, {"g": torch.zeros(2)})
+    w.close()
+    again = journal.scan(str(tmp_path))
+    assert sorted(again.records) == [1, 2, 3, 4] and not again.damage
+    assert torch.equal(again.load_record(4).state["g"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("block,path,words", [
+    ({"recovery": {"enabled": True}}, "ds_ext.recovery.journal_dir", "give a directory"),
+    ({"recovery": {"journal_dir": "/j", "fsync": "sometimes"}}, "ds_ext.recovery.fsync", "'always'"),
+    ({"recovery": {"journal_dir": "/j", "base_interval": 0}}, "ds_ext.recovery.base_interval", "greater than"),
+    ({"recovery": {"journal_dir": 5}}, "ds_ext.recovery.journal_dir", "valid string"),
+])
+def test_bad_recovery_config_names_the_path(block, path, words):
+    with pytest.raises(DsExtConfigError) as err:
+        parse_ext_config({"zero_optimization": {"stage": 1}, "ds_ext": block})
+    assert any(p == path and words in m for p, m in err.value.problems), err.value.problems
+
+
+def test_recovery_needs_zero_1_or_2_without_offload():
+    for zero in ({"stage": 0}, {"stage": 3}, {"stage": 2, "offload_optimizer": {"device": "cpu"}}):
+        with pytest.raises(DsExtConfigError, match="ds_ext.recovery"):
+            parse_ext_config({"zero_optimization": zero, "ds_ext": {"recovery": {"journal_dir": "/j"}}})
+    ext = parse_ext_config({"zero_optimization": {"stage": 2}, "ds_ext": {"recovery": {"journal_dir": "/j"}}})
+    assert ext.recovery.active and ext.any_feature_enabled
+    off = parse_ext_config({"ds_ext": {"recovery": {"journal_dir": "/j", "enabled": False}}})
+    assert not off.recovery.active
+
+
+def test_shipped_recovery_config_is_valid(repo_root):
+    from ds_ext.config import check_file
+    assert check_file(repo_root / "configs" / "recovery.json").recovery.active
