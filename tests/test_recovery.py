@@ -215,3 +215,33 @@ def test_ds_ext_max_restarts_resumes_from_the_journal_by_itself(tmp_path):
     assert failed["start_step"] == 6 and failed["recovery/resumed_step"] == 6
     assert failed["last_loss"] == straight["last_loss"]
     assert failed["eval_loss_end"] == straight["eval_loss_end"]
+
+
+def _load_exported_body(stage, ckpt_dir):
+    import deepspeed
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    torch.manual_seed(1)  # different initial weights: everything must come from the checkpoint
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(stage))
+    path, _ = engine.load_checkpoint(ckpt_dir)
+    assert path is not None
+    return state_of(engine)
+
+
+def test_export_writes_a_deepspeed_checkpoint_of_the_newest_step(tmp_path):
+    import subprocess
+    import sys
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    world, stage = 2, 2
+    journal_dir, out = str(tmp_path / "journal"), str(tmp_path / "ckpt")
+    trained = run_distributed(_train_body, world, args=(stage, journal_dir, 7), timeout=400)
+    proc = subprocess.run([sys.executable, "-m", "ds_ext.recovery", "export", journal_dir, out],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step7"
+    loaded = run_distributed(_load_exported_body, world, args=(stage, out), timeout=400)
+    for rank in range(world):
+        assert_same_state(loaded[rank], trained[rank], f"exported checkpoint, rank {rank}")
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(out)
+    for name, w in trained[0]["weights"].items():
+        assert torch.equal(fp32[name], w), name

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ds_ext.recovery import journal
 from ds_ext.recovery.config import RecoveryConfig
+from ds_ext.recovery.export import export_meta, write_export_meta
 from ds_ext.recovery.zero_state import ZeroPartitionState
 
 log = logging.getLogger("ds_ext.recovery")
@@ -94,6 +95,7 @@ class RecoveryFeature:
         target = agree_on_step(scanned.newest_reachable())
         self.writer = journal.JournalWriter(self.dir, self.layout, self.cfg.fsync, self.cfg.fsync_interval,
                                             self.cfg.keep_bases)
+        write_export_meta(self.dir, export_meta(self.engine))
         if target is None:
             self._submit_base(self.engine.global_steps)
             return
@@ -115,20 +117,9 @@ class RecoveryFeature:
                                 "it first with python -m ds_ext.recovery export")
 
     def _replay_to(self, scanned: journal.JournalScan, target: int) -> None:
-        base_step, steps = scanned.plan(target)
-        base = scanned.load_base(base_step).state
-        self.state.restore(base)
-        self.engine.ds_ext_load_state_dict(base["features"])
         features = {f.name: f for f in self._journaled_features()}
-        for step in steps:
-            rec = scanned.load_record(step).state
-            if rec["applied"]:
-                self.state.replay(rec["grads"])
-            for name, payload in rec["features"].items():
-                features[name].journal_replay(payload)
-            self.state.restore_step_state(rec["state"])
-        self.state.refresh_low_precision()
-        log.info("ds_ext::recovery rank %d: base %d + %d records", self.rank, base_step, len(steps))
+        base = replay_journal(self.state, scanned, target, features)
+        self.engine.ds_ext_load_state_dict(base["features"])
 
     # -- other engine events ------------------------------------------------------------------------------------
     def after_load_checkpoint(self, engine) -> None:
@@ -153,6 +144,29 @@ class RecoveryFeature:
         self.writer.close()
         self._hook.remove()
         self.state.close()
+
+
+def replay_journal(state: ZeroPartitionState, scanned: journal.JournalScan, target: int,
+                   features: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Load the newest base at or before ``target`` into ``state`` and replay the records up to ``target``
+    (collective inside the ZeRO group: the low-precision params are gathered at the end). Feature payloads go to
+    ``features[name].journal_replay``. Returns the base (its ``features`` entry holds the feature states)."""
+    base_step, steps = scanned.plan(target)
+    base = scanned.load_base(base_step).state
+    state.restore(base)
+    for step in steps:
+        rec = scanned.load_record(step).state
+        if rec["applied"]:
+            state.replay(rec["grads"])
+        for name, payload in rec["features"].items():
+            if features is None or name not in features:
+                raise RecoveryError(f"{scanned.rank_dir}: step {step} holds {name!r} data, which this run cannot "
+                                    "replay (is that feature on?)")
+            features[name].journal_replay(payload)
+        state.restore_step_state(rec["state"])
+    state.refresh_low_precision()
+    log.info("ds_ext::recovery %s: base %d + %d records", scanned.rank_dir, base_step, len(steps))
+    return base
 
 
 def agree_on_step(newest: int) -> Optional[int]:

@@ -1,0 +1,42 @@
+"""``python -m ds_ext.recovery export JOURNAL_DIR OUT [--tag TAG]``: a standard DeepSpeed checkpoint of the newest
+step all ranks' journals reach (see :mod:`ds_ext.recovery.export`). ``python -m ds_ext.recovery inspect
+JOURNAL_DIR``: each rank's bases, records, newest reachable step and any damage."""
+import argparse
+import os
+import sys
+
+from ds_ext.recovery import journal
+from ds_ext.recovery.export import export, journal_ranks
+
+
+def inspect(journal_dir: str) -> None:
+    for rank_dir in journal_ranks(journal_dir):
+        s = journal.scan(rank_dir)
+        steps = sorted(s.records)
+        span = f"{steps[0]}..{steps[-1]}" if steps else "none"
+        print(f"{os.path.basename(rank_dir)}: bases {s.bases}, records {span}, newest reachable {s.newest_reachable()}")
+        for damage in s.damage:
+            print(f"  damaged: {damage}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ds_ext.recovery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a DeepSpeed checkpoint of the newest reachable step")
+    e.add_argument("journal_dir")
+    e.add_argument("out")
+    e.add_argument("--tag", default=None, help="checkpoint tag (default global_step<N>)")
+    i = sub.add_parser("inspect", help="what each rank's journal can reconstruct")
+    i.add_argument("journal_dir")
+    args = p.parse_args(argv)
+    if args.command == "inspect":
+        inspect(args.journal_dir)
+        return 0
+    tag = export(args.journal_dir, args.out, args.tag)
+    print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, tag)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
