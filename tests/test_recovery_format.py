@@ -85,16 +85,18 @@ def test_writer_keeps_the_newest_bases_and_only_the_segments_they_need(tmp_path)
     w.submit_base(0, {"w": torch.zeros(4)})
     w.start_segment(1)
     for step in range(1, 10):
-        w.append(step, {"g": torch.full((4,), float(step))})
+        w.append(step, {"group": 0, "grad": torch.full((4,), float(step))}, records.KIND_GRAD)
+        w.append(step, {"groups": [0], "applied": True})
         if step % 3 == 0:
             w.submit_base(step, {"w": torch.full((4,), float(step))})
             w.start_segment(step + 1)
     w.close()
     scan = journal.scan(str(tmp_path))
-    assert scan.bases == [6, 9] and not scan.damage
-    assert sorted(scan.records) == [7, 8, 9]  # segments holding only steps <= 6 were deleted
+    assert scan.listed_bases == [6, 9] and scan.bases == [9] and not scan.damage  # older bases read when needed
+    assert sorted(scan.records) == []  # nothing after base 9; segments before it are read only when needed
     assert scan.newest_reachable() == 9 and scan.plan(8) == (6, [7, 8])
-    assert torch.equal(scan.load_record(8).state["g"], torch.full((4,), 8.0))
+    assert scan.bases == [9, 6] and sorted(scan.records) == [7, 8, 9]  # segments holding only steps <= 6 deleted
+    assert torch.equal(scan.load_record(8).state["grads"]["0"], torch.full((4,), 8.0))
     assert sorted(os.listdir(tmp_path)) == ["MANIFEST.json", "base_000000000006.bin", "base_000000000009.bin",
                                             "wal_000000000007.log", "wal_000000000010.log"]
     assert w.stats.records == 9 and w.stats.fsyncs >= 9
@@ -105,15 +107,19 @@ def test_truncate_after_cuts_the_timeline_the_other_ranks_did_not_reach(tmp_path
     w.submit_base(0, {"w": torch.zeros(2)})
     w.start_segment(1)
     for step in range(1, 6):
-        w.append(step, {"g": torch.ones(2)})
+        w.append(step, {"group": 0, "grad": torch.ones(2)}, records.KIND_GRAD)
+        w.append(step, {"groups": [0]})
+    w.append(6, {"group": 0, "grad": torch.ones(2)}, records.KIND_GRAD)  # a step whose commit never came
     w.flush()
     scan = journal.scan(str(tmp_path))
+    assert sorted(scan.records) == [1, 2, 3, 4, 5]
     w.truncate_after(3, scan)
-    w.append(4, {"g": torch.zeros(2)})
+    w.append(4, {"group": 0, "grad": torch.zeros(2)}, records.KIND_GRAD)
+    w.append(4, {"groups": [0]})
     w.close()
     again = journal.scan(str(tmp_path))
     assert sorted(again.records) == [1, 2, 3, 4] and not again.damage
-    assert torch.equal(again.load_record(4).state["g"], torch.zeros(2))
+    assert torch.equal(again.load_record(4).state["grads"]["0"], torch.zeros(2))
 
 
 @pytest.mark.parametrize("block,path,words", [

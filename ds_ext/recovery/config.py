@@ -27,8 +27,9 @@ class RecoveryConfig(ExtSection):
 
     fsync: Literal["always", "interval", "never"] = "interval"
     """When records are forced to the device. Every record reaches the OS before the next forward (a killed
-    process loses nothing); ``fsync`` decides what a power loss can take: ``always`` nothing, ``interval`` up to
-    ``fsync_interval`` steps, ``never`` whatever the OS had not flushed. Bases are always fsynced."""
+    process loses nothing); ``fsync`` decides what a power loss can take: ``always`` nothing (the next forward
+    also waits for the device), ``interval`` up to ``fsync_interval`` steps (fsync on a background thread),
+    ``never`` whatever the OS had not flushed. Bases are always fsynced."""
 
     fsync_interval: int = Field(10, ge=1)
     """Records between fsyncs with ``fsync: "interval"``."""

@@ -2,9 +2,10 @@
 resume from the journal when the engine starts.
 
 Call order (per optimizer step, from :meth:`ds_ext.engine.DsExtEngineMixin._take_model_step`; recovery is attached
-last so it sees the step's final state): ZeRO step (the pre-hook captures each group's fp32 partition gradient) ->
-other features (NoLoCo's outer step) -> :meth:`RecoveryFeature.after_optimizer_step` hands the record (grads,
-counters, next hyperparameters, loss scale, scheduler, RNG, feature payloads) to the background writer, and every
+last so it sees the step's final state): ZeRO step (the inner optimizer's pre-hook queues each group's fp32 partition gradient frame, so writing
+starts while the update runs) ->
+other features (NoLoCo's outer step) -> :meth:`RecoveryFeature.after_optimizer_step` queues the step's commit
+frame (gradient groups, counters, next hyperparameters, loss scale, scheduler, RNG, feature payloads) to the background writer, and every
 ``base_interval`` steps a base. The next forward waits until the record is written (microseconds to milliseconds:
 a copy into the OS page cache), so a step whose forward has begun is never lost to a killed process.
 
@@ -54,6 +55,11 @@ class RecoveryFeature:
         self.damage: list = []  # what the resume scan found torn or corrupt (messages), for logs and callers
         self.resume_s = 0.0
         self._hook = engine.module.register_forward_pre_hook(self._before_forward)
+        self.state.on_grad = self._write_grad
+
+    def _write_grad(self, group: int, grad: torch.Tensor) -> None:
+        # called inside ZeRO's optimizer step, before global_steps counts it: the frame belongs to the next step
+        self.writer.append(self.engine.global_steps + 1, {"group": group, "grad": grad}, journal.KIND_GRAD)
 
     # -- per step ---------------------------------------------------------------------------------------------
     def after_optimizer_step(self, engine) -> None:
@@ -65,7 +71,7 @@ class RecoveryFeature:
     def _record(self, engine, applied: bool) -> None:
         step = engine.global_steps
         payloads = {f.name: f.journal_payload() for f in self._journaled_features()}
-        self.writer.append(step, {"applied": applied, "grads": self.state.take_grads(),
+        self.writer.append(step, {"applied": applied, "groups": self.state.take_captured(),
                                   "state": self.state.step_state(), "features": payloads})
         if step % self.cfg.base_interval == 0:
             self._submit_base(step)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ds_ext.recovery import records
-from ds_ext.recovery.records import KIND_BASE, KIND_STEP, Record, RecordError
+from ds_ext.recovery.records import KIND_BASE, KIND_GRAD, KIND_STEP, Record, RecordError
 
 log = logging.getLogger("ds_ext.recovery")
 MANIFEST = "MANIFEST.json"
@@ -98,6 +98,9 @@ class JournalWriter:
         self.stats = WriterStats()
         self._records = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-journal")
         self._bases = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-base")
+        # fsync on a thread of its own: a slow device delays durability, never the next record or step
+        self._syncs = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-fsync")
+        self._sync_future: Optional[Future] = None
         self._segment = None
         self._pending: List[Tuple[int, Future]] = []
         self._base_future: Optional[Future] = None
@@ -109,8 +112,10 @@ class JournalWriter:
         """Records from ``first_step`` on go to a new segment file (called after a base or a resume)."""
         self._records.submit(self._open_segment, first_step)
 
-    def append(self, step: int, state: Dict[str, Any]) -> None:
-        self._pending.append((step, self._records.submit(self._write_record, step, state)))
+    def append(self, step: int, state: Dict[str, Any], kind: int = KIND_STEP) -> None:
+        """Queue a frame: a step's gradient frames (``KIND_GRAD``) first, then its commit frame (``KIND_STEP``,
+        whose ``groups`` lists the gradient frames it needs). Tensors must stay unmodified until written."""
+        self._pending.append((step, self._records.submit(self._write_record, step, state, kind)))
 
     def wait_written(self, step: Optional[int] = None) -> None:
         """Block until every record up to ``step`` (default: all) is written; re-raise a writer error."""
@@ -121,21 +126,26 @@ class JournalWriter:
 
     def _open_segment(self, first_step: int) -> None:
         if self._segment is not None:
+            if self._sync_future is not None:
+                self._sync_future.result()
             self._sync(self._segment)
             self._segment.close()
         self._segment = open(os.path.join(self.rank_dir, segment_name(first_step)), "ab")
         _fsync_dir(self.rank_dir)
 
-    def _write_record(self, step: int, state: Dict[str, Any]) -> None:
+    def _write_record(self, step: int, state: Dict[str, Any], kind: int) -> None:
         t = time.perf_counter()
-        buffers = records.encode(KIND_STEP, step, state)
+        buffers = records.encode(kind, step, state)
         self._segment.writelines(buffers)
         self._segment.flush()  # into the OS page cache: survives the death of this process
-        self.stats.records += 1
+        self.stats.records += kind == KIND_STEP
         self.stats.record_bytes += sum(b.nbytes for b in buffers)
         self.stats.record_write_s += time.perf_counter() - t
-        if self.fsync == "always" or (self.fsync == "interval" and self.stats.records % self.fsync_interval == 0):
+        if self.fsync == "always":  # durable before the next forward: that step waits for the device
             self._sync(self._segment)
+        elif self.fsync == "interval" and kind == KIND_STEP and self.stats.records % self.fsync_interval == 0:
+            if self._sync_future is None or self._sync_future.done():
+                self._sync_future = self._syncs.submit(self._sync, self._segment)
 
     def _sync(self, f) -> None:
         if self.fsync == "never":
@@ -187,9 +197,9 @@ class JournalWriter:
         did not reach, or a damaged tail) are cut off, later bases dropped from the manifest, and new records go to
         a segment of their own."""
         if step in scan_result.records:
-            path, offset = scan_result.records[step]
-            with open(path, "r+b") as f:
-                f.truncate(offset + scan_result.load_record(step).nbytes)
+            where = scan_result.records[step]
+            with open(where.path, "r+b") as f:
+                f.truncate(where.commit_end)
         for name in os.listdir(self.rank_dir):
             m = SEGMENT_RE.match(name)
             if m and int(m.group(1)) > step:
@@ -206,24 +216,44 @@ class JournalWriter:
 
     def close(self) -> None:
         self.flush()
-        self._records.submit(lambda: self._segment and (self._sync(self._segment), self._segment.close())).result()
-        self._records.shutdown()
-        self._bases.shutdown()
+        self._records.submit(self._close_segment).result()
+        for pool in (self._records, self._bases, self._syncs):
+            pool.shutdown()
+
+    def _close_segment(self) -> None:
+        if self._segment is not None:
+            if self._sync_future is not None:
+                self._sync_future.result()
+            self._sync(self._segment)
+            self._segment.close()
+            self._segment = None
+
+
+@dataclass
+class StepFrames:
+    """Where one step's frames are: its commit frame and one gradient frame per ZeRO parameter group."""
+
+    path: str
+    commit_offset: int
+    commit_end: int
+    grads: Dict[int, int]
 
 
 @dataclass
 class JournalScan:
-    """What one rank's journal can reconstruct: committed bases, the good records, and every damage found."""
+    """What one rank's journal can reconstruct: verified bases, the good steps, and every damage found.
+
+    Lazy: only the newest verifiable base is read at scan time, and only the segments after it; older bases and
+    segments are read when :meth:`plan` needs them (a target older than the newest base)."""
 
     rank_dir: str
     layout: Optional[Dict[str, Any]]
-    bases: List[int]
-    records: Dict[int, Tuple[str, int]] = field(default_factory=dict)
+    listed_bases: List[int]
+    bases: List[int] = field(default_factory=list)
+    records: Dict[int, StepFrames] = field(default_factory=dict)
     damage: List[RecordError] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.bases
+    _base_cache: Dict[int, Record] = field(default_factory=dict)
+    _read_segments: set = field(default_factory=set)
 
     def chain_end(self, base: int) -> int:
         """The newest step reachable from ``base`` through contiguous good records."""
@@ -238,43 +268,77 @@ class JournalScan:
 
     def plan(self, target: int) -> Tuple[int, List[int]]:
         """``(base, steps to replay)`` reaching ``target``: the newest base at or before it with a full chain."""
+        if not any(b <= target for b in self.bases):
+            self._verify_bases(below=target + 1)
+            self._read_segments_after(min(self.bases, default=target))
         for base in sorted(self.bases, reverse=True):
             if base <= target <= self.chain_end(base):
                 return base, list(range(base + 1, target + 1))
         raise ValueError(f"{self.rank_dir}: step {target} cannot be reconstructed from bases {self.bases}")
 
     def load_base(self, step: int) -> Record:
+        if step in self._base_cache:
+            return self._base_cache.pop(step)
         path = os.path.join(self.rank_dir, base_name(step))
         for _, rec in records.read_frames(path):
             return rec
         raise RecordError(path, 0, "empty base file")
 
     def load_record(self, step: int) -> Record:
-        path, offset = self.records[step]
-        with open(path, "rb") as f:
+        """The step's commit frame, with ``state["grads"]`` filled from its gradient frames."""
+        where = self.records[step]
+        with open(where.path, "rb") as f:
             size = f.seek(0, 2)
-            f.seek(offset)
-            return records.read_frame(f, path, offset, size)
+            f.seek(where.commit_offset)
+            commit = records.read_frame(f, where.path, where.commit_offset, size)
+            grads = {}
+            for group, offset in sorted(where.grads.items()):
+                f.seek(offset)
+                grads[str(group)] = records.read_frame(f, where.path, offset, size).state["grad"]
+        commit.state["grads"] = grads
+        return commit
+
+    def _verify_bases(self, below: int = None) -> None:
+        """Verify listed bases newest first (below ``below``) until one is good; damaged ones go to ``damage``."""
+        for step in sorted(self.listed_bases, reverse=True):
+            if step in self.bases or (below is not None and step >= below):
+                continue
+            try:
+                self._base_cache[step] = self.load_base(step)
+                self.bases.append(step)
+                return
+            except (OSError, RecordError) as exc:
+                self.damage.append(exc if isinstance(exc, RecordError) else RecordError(self.rank_dir, 0, str(exc)))
+                self.listed_bases.remove(step)
+
+    def _read_segments_after(self, step: int) -> None:
+        """Read every segment that can hold steps after ``step``."""
+        starts = sorted(int(m.group(1)) for m in map(SEGMENT_RE.match, os.listdir(self.rank_dir)) if m)
+        for first, nxt in zip(starts, starts[1:] + [None]):
+            if (nxt is None or nxt - 1 > step) and first not in self._read_segments:
+                self._read_segments.add(first)
+                self._read_segment(os.path.join(self.rank_dir, segment_name(first)))
+
+    def _read_segment(self, path: str) -> None:
+        grads: Dict[int, Dict[int, int]] = {}
+        try:
+            for offset, rec in records.read_frames(path):
+                if rec.kind == KIND_GRAD:
+                    grads.setdefault(rec.step, {})[int(rec.state["group"])] = offset
+                elif rec.kind == KIND_STEP and rec.step not in self.records:
+                    have = grads.pop(rec.step, {})
+                    if set(have) == set(rec.state["groups"]):
+                        self.records[rec.step] = StepFrames(path, offset, offset + rec.nbytes, have)
+        except RecordError as exc:
+            self.damage.append(exc)
 
 
 def scan(rank_dir: str) -> JournalScan:
-    """Read a rank's journal, verifying every base and record checksum; damage is reported and skipped."""
+    """Read a rank's journal, verifying the checksums of what it reads; damage is reported and skipped."""
     manifest = read_manifest(rank_dir) if os.path.isdir(rank_dir) else None
-    result = JournalScan(rank_dir, manifest and manifest.get("layout"), [])
+    result = JournalScan(rank_dir, manifest and manifest.get("layout"), list(manifest["bases"]) if manifest else [])
     if manifest is None:
         return result
-    for step in manifest["bases"]:
-        try:
-            result.load_base(step)
-            result.bases.append(step)
-        except (OSError, RecordError) as exc:
-            result.damage.append(exc if isinstance(exc, RecordError) else RecordError(rank_dir, 0, str(exc)))
-    for name in sorted(n for n in os.listdir(rank_dir) if SEGMENT_RE.match(n)):
-        path = os.path.join(rank_dir, name)
-        try:
-            for offset, rec in records.read_frames(path):
-                if rec.kind == KIND_STEP and rec.step not in result.records:
-                    result.records[rec.step] = (path, offset)
-        except RecordError as exc:
-            result.damage.append(exc)
+    result._verify_bases()
+    result._read_segments_after(max(result.bases, default=-1))
     return result

@@ -24,7 +24,7 @@ import torch
 
 MAGIC = b"DSXJ"
 VERSION = 1
-KIND_STEP, KIND_BASE = 1, 2
+KIND_STEP, KIND_BASE, KIND_GRAD = 1, 2, 3  # a step's commit frame, a base, a step's gradient frame
 HEADER = struct.Struct("<4sHHqIQ")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = HEADER.size + CRC.size

@@ -14,7 +14,7 @@ scale and the hyperparameters the *next* step will use.
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -59,7 +59,8 @@ class ZeroPartitionState:
         self._micro_steps_pending = 0 if isinstance(engine, PipelineEngine) else 1
         self.fp32: List[torch.Tensor] = list(opt.single_partition_of_fp32_groups)
         self._index = {id(t): g for g, t in enumerate(self.fp32)}
-        self.grads: Dict[int, torch.Tensor] = {}
+        self.on_grad: Optional[Callable[[int, torch.Tensor], None]] = None
+        self.captured: List[int] = []
         self.capturing = True
         self._hook = opt.optimizer.register_step_pre_hook(self._capture)
 
@@ -70,17 +71,22 @@ class ZeroPartitionState:
                 "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
 
     def _capture(self, optimizer, args, kwargs) -> None:
+        """Step pre-hook: hand each group's gradient partition to ``on_grad(group, grad)`` (no copy: ZeRO drops
+        its reference after the step and refills its buffers only in the next backward)."""
         if not self.capturing:
             return
         for group in optimizer.param_groups:
             for p in group["params"]:
                 g = self._index.get(id(p))
                 if g is not None and p.grad is not None:
-                    self.grads[g] = p.grad.detach().clone()
+                    self.captured.append(g)
+                    if self.on_grad is not None:
+                        self.on_grad(g, p.grad.detach())
 
-    def take_grads(self) -> Dict[str, torch.Tensor]:
-        grads, self.grads = self.grads, {}
-        return {str(g): t for g, t in sorted(grads.items())}
+    def take_captured(self) -> List[int]:
+        """The groups whose gradients were captured since the last call."""
+        groups, self.captured = self.captured, []
+        return groups
 
     def step_state(self) -> Dict[str, Any]:
         """Plain state after a step: counters, hyperparameters for the next step, loss scale, scheduler, RNG."""
