@@ -71,6 +71,16 @@ def read_manifest(rank_dir: str) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+def _lower_thread_priority(nice: int) -> None:
+    """Lower this writer thread's scheduling priority (Linux: per-thread nice), so on a busy CPU the training
+    threads run first and the writers fill the gaps (communication waits); elsewhere a no-op."""
+    import threading
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
+
+
 @dataclass
 class WriterStats:
     """Counters of the background writers (seconds are spent on the writer threads, not in the step)."""
@@ -91,15 +101,16 @@ class JournalWriter:
     one training thread calls it."""
 
     def __init__(self, rank_dir: str, layout: Dict[str, Any], fsync: str = "interval", fsync_interval: int = 10,
-                 keep_bases: int = 2):
+                 keep_bases: int = 2, nice: int = 10):
         self.rank_dir, self.layout = rank_dir, layout
         self.fsync, self.fsync_interval, self.keep_bases = fsync, fsync_interval, keep_bases
         os.makedirs(rank_dir, exist_ok=True)
         self.stats = WriterStats()
-        self._records = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-journal")
-        self._bases = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-base")
+        pool = dict(max_workers=1, initializer=_lower_thread_priority, initargs=(nice,))
+        self._records = ThreadPoolExecutor(thread_name_prefix="ds_ext-journal", **pool)
+        self._bases = ThreadPoolExecutor(thread_name_prefix="ds_ext-base", **pool)
         # fsync on a thread of its own: a slow device delays durability, never the next record or step
-        self._syncs = ThreadPoolExecutor(1, thread_name_prefix="ds_ext-fsync")
+        self._syncs = ThreadPoolExecutor(thread_name_prefix="ds_ext-fsync", **pool)
         self._sync_future: Optional[Future] = None
         self._segment = None
         self._pending: List[Tuple[int, Future]] = []
