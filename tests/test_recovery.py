@@ -245,3 +245,48 @@ def test_export_writes_a_deepspeed_checkpoint_of_the_newest_step(tmp_path):
     fp32 = get_fp32_state_dict_from_zero_checkpoint(out)
     for name, w in trained[0]["weights"].items():
         assert torch.equal(fp32[name], w), name
+
+
+def _noloco_body(mode, journal_dir, steps, kill=None):
+    """2 replicas x 2 ZeRO-1 shards with outer steps every 3 steps, journaled; ``kill`` as in ``_train_body``."""
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    cfg = ds_config(1, journal_dir)
+    cfg.setdefault("ds_ext", {})["noloco"] = {"enabled": True, "mode": mode, "inner_steps": 3,
+                                              "ranks_per_replica": 2}
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    start = engine.global_steps
+    for step in range(start + 1, steps + 1):
+        for micro in range(engine.gradient_accumulation_steps()):
+            if kill and kill[0] == rank and kill[1] == step and micro == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            x, y = micro_batch(rank, step, micro)
+            engine.backward(engine(x, y))
+            engine.step()
+    out = state_of(engine)
+    noloco = next(f for f in engine.ds_ext_features if f.name == "noloco")
+    out.update(start=start, outer=noloco.state_dict())
+    engine.ds_ext_close()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["noloco", "diloco"])
+def test_noloco_outer_steps_are_replayed_from_the_journal(mode, tmp_path):
+    """Kill -9 after two outer steps (H = 3): the resumed run replays the recorded partner shards (or DiLoCo's
+    reduced pseudo-gradients) and ends bit-identical, outer anchor and momentum included."""
+    world, steps, kill_step = 4, 10, 8
+    reference = run_distributed(_noloco_body, world, args=(mode, None, steps), timeout=400)
+    journal_dir = str(tmp_path / "journal")
+    run_distributed(_noloco_body, world, args=(mode, journal_dir, steps, (3, kill_step)), timeout=400,
+                    may_die=tuple(range(world)), group_dies_with=True)
+    resumed = run_distributed(_noloco_body, world, args=(mode, journal_dir, steps), timeout=400)
+    assert not torch.equal(reference[0]["fp32"][0], reference[2]["fp32"][0]), "replicas must differ, or no test"
+    for rank in range(world):
+        assert resumed[rank]["start"] == kill_step - 1
+        assert_same_state(resumed[rank], reference[rank], f"{mode} rank {rank}")
+        assert resumed[rank]["outer"]["outer_step"] == reference[rank]["outer"]["outer_step"] == 3
+        for key in ("anchor", "momentum"):
+            assert torch.equal(resumed[rank]["outer"][key], reference[rank]["outer"][key]), key

@@ -64,6 +64,7 @@ class NoLoCoFeature:
         self.state = OuterState.start(shards.read())
         self.outer_step = 0
         self.counters = {"mixed": 0, "sat_out": 0, "skipped": 0, "bytes_sent": 0}
+        self._journal = None  # what the last outer step received, for the recovery journal
 
     def after_optimizer_step(self, engine) -> None:
         if engine.global_steps % self.cfg.inner_steps:
@@ -73,26 +74,48 @@ class NoLoCoFeature:
         engine.monitor.write_events([(f"NoLoCo/{k}", float(v), engine.global_samples)
                                      for k, v in self.metrics().items()])
 
-    def run_outer_step(self) -> None:
+    def run_outer_step(self, replay: dict = None) -> None:
+        """One outer step. ``replay``: a :meth:`journal_payload` recorded earlier; the peer data comes from it
+        instead of the network (recovery replays the step bit for bit)."""
         weights = self.shards.read()
         if self.cfg.mode == "noloco":
-            noloco_update(weights, self._pair_mean(weights), self.state, self.cfg.lr, self.cfg.momentum)
+            noloco_update(weights, self._pair_mean(weights, replay), self.state, self.cfg.lr, self.cfg.momentum)
         else:
             delta = diloco_pseudo_gradient(weights, self.state)
-            dist.all_reduce(delta, group=self.peer_group)
-            self.counters["bytes_sent"] += delta.numel() * delta.element_size()
+            if replay is None:
+                dist.all_reduce(delta, group=self.peer_group)
+                self.counters["bytes_sent"] += delta.numel() * delta.element_size()
+            else:
+                delta = replay["reduced"]
+            self._journal = {"outer_step": self.outer_step, "reduced": delta}
             diloco_update(weights, delta / self.topology.num_replicas, self.state, self.cfg.lr, self.cfg.momentum)
         self.shards.write(weights)
         self.outer_step += 1
 
-    def _pair_mean(self, weights: torch.Tensor) -> torch.Tensor:
+    def journal_payload(self):
+        """What the outer step of this optimizer step received (the partner's shard, or DiLoCo's all-reduced
+        pseudo-gradient), or ``None`` when there was no outer step; read once by the recovery journal."""
+        payload, self._journal = self._journal, None
+        return payload
+
+    def journal_replay(self, payload: dict) -> None:
+        with torch.no_grad():
+            self.run_outer_step(replay=payload)
+        self._journal = None
+
+    def _pair_mean(self, weights: torch.Tensor, replay: dict = None) -> torch.Tensor:
         partner = partner_of(self.replica, self.topology.num_replicas, self.outer_step, self.cfg.seed)
         if partner is None:
             self.counters["sat_out"] += 1
+            self._journal = {"outer_step": self.outer_step, "received": None}
             return weights
         peer = self.topology.rank_of(partner, self.stage, self.data)
-        received = self.exchange.swap(weights.clone(), peer, tag=self.outer_step)
-        self.counters["bytes_sent"] += weights.numel() * weights.element_size()
+        if replay is None:
+            received = self.exchange.swap(weights.clone(), peer, tag=self.outer_step)
+            self.counters["bytes_sent"] += weights.numel() * weights.element_size()
+        else:
+            received = replay["received"]
+        self._journal = {"outer_step": self.outer_step, "received": received}
         if received is None:
             self.counters["skipped"] += 1
             log.warning("ds_ext::noloco outer step %d: rank %d skipped mixing with rank %d", self.outer_step,

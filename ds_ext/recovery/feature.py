@@ -71,6 +71,7 @@ class RecoveryFeature:
     def _record(self, engine, applied: bool) -> None:
         step = engine.global_steps
         payloads = {f.name: f.journal_payload() for f in self._journaled_features()}
+        payloads = {k: v for k, v in payloads.items() if v is not None}
         self.writer.append(step, {"applied": applied, "groups": self.state.take_captured(),
                                   "state": self.state.step_state(), "features": payloads})
         if step % self.cfg.base_interval == 0:
@@ -84,7 +85,8 @@ class RecoveryFeature:
 
     def _submit_base(self, step: int) -> None:
         base = self.state.snapshot()
-        base["features"] = {k: v for k, v in self.engine.ds_ext_state_dict().items() if k != self.name}
+        # cloned: the base is written in the background while the features keep updating their tensors
+        base["features"] = _clone_tensors({k: v for k, v in self.engine.ds_ext_state_dict().items() if k != self.name})
         self.writer.submit_base(step, base)
         self.writer.start_segment(step + 1)
 
@@ -124,8 +126,7 @@ class RecoveryFeature:
 
     def _replay_to(self, scanned: journal.JournalScan, target: int) -> None:
         features = {f.name: f for f in self._journaled_features()}
-        base = replay_journal(self.state, scanned, target, features)
-        self.engine.ds_ext_load_state_dict(base["features"])
+        replay_journal(self.state, scanned, target, features, self.engine.ds_ext_load_state_dict)
 
     # -- other engine events ------------------------------------------------------------------------------------
     def after_load_checkpoint(self, engine) -> None:
@@ -152,14 +153,26 @@ class RecoveryFeature:
         self.state.close()
 
 
+def _clone_tensors(tree):
+    if torch.is_tensor(tree):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _clone_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_clone_tensors(v) for v in tree]
+    return tree
+
+
 def replay_journal(state: ZeroPartitionState, scanned: journal.JournalScan, target: int,
-                   features: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Load the newest base at or before ``target`` into ``state`` and replay the records up to ``target``
-    (collective inside the ZeRO group: the low-precision params are gathered at the end). Feature payloads go to
-    ``features[name].journal_replay``. Returns the base (its ``features`` entry holds the feature states)."""
+                   features: Optional[Dict[str, Any]] = None, load_feature_states=None) -> None:
+    """Load the newest base at or before ``target`` into ``state`` (and the features' states of that base through
+    ``load_feature_states``), then replay the records up to ``target`` (collective inside the ZeRO group: the
+    low-precision params are gathered at the end). Feature payloads go to ``features[name].journal_replay``."""
     base_step, steps = scanned.plan(target)
     base = scanned.load_base(base_step).state
     state.restore(base)
+    if load_feature_states is not None:
+        load_feature_states(base["features"])
     for step in steps:
         rec = scanned.load_record(step).state
         if rec["applied"]:
@@ -172,7 +185,6 @@ def replay_journal(state: ZeroPartitionState, scanned: journal.JournalScan, targ
         state.restore_step_state(rec["state"])
     state.refresh_low_precision()
     log.info("ds_ext::recovery %s: base %d + %d records", scanned.rank_dir, base_step, len(steps))
-    return base
 
 
 def agree_on_step(newest: int) -> Optional[int]:
