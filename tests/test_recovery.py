@@ -290,3 +290,41 @@ def test_noloco_outer_steps_are_replayed_from_the_journal(mode, tmp_path):
         assert resumed[rank]["outer"]["outer_step"] == reference[rank]["outer"]["outer_step"] == 3
         for key in ("anchor", "momentum"):
             assert torch.equal(resumed[rank]["outer"][key], reference[rank]["outer"][key]), key
+
+
+def _pipeline_body(journal_dir, steps, kill=None):
+    """2 pipeline stages x 2 ZeRO-1 ranks (PipelineEngine, train_batch), journaled; the victim dies at the start of
+    step ``kill[1]``, once its journal holds the step before (what its next forward would wait for)."""
+    import deepspeed
+    import ds_ext
+    from ds_ext.models import ModelConfig, llama_pipeline
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = int(os.environ["RANK"])
+    cfg = ds_config(1, journal_dir)
+    cfg.setdefault("ds_ext", {})["topology"] = {"pipeline_stages": 2}
+    topo = ds_ext.build_topology(cfg)
+    torch.manual_seed(0)
+    model = llama_pipeline(ModelConfig(**TINY), topology=topo.process_topology())
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=cfg, topology=topo)
+    start, data_index = engine.global_steps, topo.coords(rank)[2]
+    for step in range(start + 1, steps + 1):
+        if kill and kill[0] == rank and kill[1] == step:
+            next(f for f in engine.ds_ext_features if f.name == "recovery").writer.wait_written()
+            os.kill(os.getpid(), signal.SIGKILL)
+        engine.train_batch(iter([micro_batch(data_index, step, m) for m in range(2)]))
+    out = state_of(engine)
+    out["start"] = start
+    engine.ds_ext_close()
+    return out
+
+
+def test_pipeline_engine_resumes_from_the_journal(tmp_path):
+    world, steps, kill_step = 4, 9, 6
+    reference = run_distributed(_pipeline_body, world, args=(None, steps), timeout=400)
+    journal_dir = str(tmp_path / "journal")
+    run_distributed(_pipeline_body, world, args=(journal_dir, steps, (1, kill_step)), timeout=400,
+                    may_die=tuple(range(world)), group_dies_with=True)
+    resumed = run_distributed(_pipeline_body, world, args=(journal_dir, steps), timeout=400)
+    for rank in range(world):
+        assert resumed[rank]["start"] == kill_step - 1
+        assert_same_state(resumed[rank], reference[rank], f"pipeline rank {rank}")
