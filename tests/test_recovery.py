@@ -328,3 +328,26 @@ def test_pipeline_engine_resumes_from_the_journal(tmp_path):
     for rank in range(world):
         assert resumed[rank]["start"] == kill_step - 1
         assert_same_state(resumed[rank], reference[rank], f"pipeline rank {rank}")
+
+
+def _start_body(stage, journal_dir, recovery_extra):
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    cfg = ds_config(stage, journal_dir)
+    cfg["ds_ext"]["recovery"].update(recovery_extra)
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine.global_steps
+
+
+def test_a_journal_of_another_layout_or_with_resume_off_is_refused_and_kept(tmp_path):
+    journal_dir = str(tmp_path / "journal")
+    run_distributed(_train_body, 2, args=(2, journal_dir, 3), timeout=400)
+    before = sorted(p.name for p in (tmp_path / "journal" / "rank00000").iterdir())
+    with pytest.raises(AssertionError, match="written by a different layout"):
+        run_distributed(_start_body, 2, args=(1, journal_dir, {}), timeout=400)
+    with pytest.raises(AssertionError, match="resume is false"):
+        run_distributed(_start_body, 2, args=(2, journal_dir, {"resume": False}), timeout=400)
+    assert sorted(p.name for p in (tmp_path / "journal" / "rank00000").iterdir()) == before  # nothing lost
+    assert run_distributed(_start_body, 2, args=(2, journal_dir, {}), timeout=400) == [3, 3]
