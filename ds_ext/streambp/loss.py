@@ -59,11 +59,14 @@ class GRPOTokenLoss:
     kl_coef: float = 0.0
     norm: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     max_len: Optional[int] = None         # dr_grpo's constant; default T
+    weights: Optional[torch.Tensor] = None  # [B, T] per-token weights given by the caller (global normalisation)
 
     def __post_init__(self):
         mask = self.mask.float()
         if self.kl_coef > 0 and self.ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
+        if self.weights is not None:
+            return
         b, t = mask.shape
         if self.norm == "grpo":
             self.weights = mask / (b * mask.sum(1, keepdim=True).clamp(min=1))

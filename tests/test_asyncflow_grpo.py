@@ -1,0 +1,119 @@
+"""GRPO loss under DeepSpeed: all three normalisations against a small independent reference, with gradient
+accumulation (2 micro-batches) on 2 data-parallel processes."""
+import pytest
+import torch
+
+from dist import run_distributed
+from ds_ext.asyncflow.grpo import group_advantages, step_token_weights
+from ds_ext.streambp.loss import GRPOTokenLoss
+
+TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
+N, T, P, L_MAX, EPS_LOW, EPS_HIGH, BETA = 8, 12, 4, 8, 0.2, 0.28, 0.1
+
+
+def batch():
+    """8 sequences: prompt of P tokens, responses of 1..L_MAX tokens; behaviour and reference log-probs near the
+    model's own, so ratios spread around 1 and both clip sides are hit."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (N, T + 1), generator=g)
+    lengths = torch.tensor([1, 8, 3, 5, 8, 2, 6, 4])
+    mask = torch.zeros(N, T)
+    for i, n in enumerate(lengths):
+        mask[i, P - 1: P - 1 + n] = 1
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    noise = torch.randn(2, N, T, generator=g) * 0.3
+    return x, mask, rewards, noise
+
+
+def model_logprobs(model, x):
+    logits = model(x[:, :-1]).float()
+    return torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+
+
+def reference_grads(norm):
+    """Plain loops over responses and tokens, whole batch on one process, no DeepSpeed."""
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    x, mask, rewards, noise = batch()
+    lp = model_logprobs(model, x)
+    old, ref = lp.detach() + noise[0], lp.detach() + noise[1]
+    adv = group_advantages(rewards, 4)
+    total_tokens = int(mask.sum())
+    loss = 0.0
+    for i in range(N):
+        terms = []
+        for t in range(T):
+            if mask[i, t]:
+                rho = torch.exp(lp[i, t] - old[i, t])
+                surrogate = torch.minimum(rho * adv[i], torch.clamp(rho, 1 - EPS_LOW, 1 + EPS_HIGH) * adv[i])
+                d = ref[i, t] - lp[i, t]
+                terms.append(-surrogate + BETA * (torch.exp(d) - d - 1))
+        s = sum(terms)
+        loss = loss + {"grpo": s / len(terms) / N, "dapo": s / total_tokens, "dr_grpo": s / (N * L_MAX)}[norm]
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _ds_body(norm):
+    import deepspeed
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    gas, dp, micro = 2, 2, 2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+              "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config)
+    rank = deepspeed.comm.get_rank()
+    x, mask, rewards, noise = batch()
+    with torch.no_grad():
+        lp0 = model_logprobs(engine.module, x)
+    old, ref = lp0 + noise[0], lp0 + noise[1]
+    adv = group_advantages(rewards, 4)
+    mine = list(range(rank * 4, rank * 4 + 4))
+    for k in range(gas):
+        idx = mine[k * micro:(k + 1) * micro]
+        weights = step_token_weights(mask[idx], norm, N, int(mask.sum()), L_MAX, gas, dp)
+        loss_fn = GRPOTokenLoss(targets=x[idx, 1:], mask=mask[idx], advantages=adv[idx], old_logprobs=old[idx],
+                                ref_logprobs=ref[idx], eps_low=EPS_LOW, eps_high=EPS_HIGH, kl_coef=BETA,
+                                weights=weights)
+        logits = engine(x[idx, :-1]).float()
+        lp = torch.log_softmax(logits, -1).gather(-1, x[idx, 1:, None]).squeeze(-1)
+        engine.backward(loss_fn.from_logprobs(lp))
+        if k < gas - 1:
+            engine.step()
+    # the gradients of the step, averaged over the data-parallel ranks, before the optimizer uses them
+    return {n: p.grad.clone() for n, p in engine.module.named_parameters()}
+
+
+@pytest.mark.parametrize("norm", ["grpo", "dapo", "dr_grpo"])
+def test_global_normalisation_under_accumulation_and_data_parallel_matches_the_reference(norm):
+    expected = reference_grads(norm)
+    for grads in run_distributed(_ds_body, world_size=2, args=(norm,), timeout=300):
+        for name, g in grads.items():
+            ref = expected[name]
+            # fp32; summation order differs (micro-batches, the data-parallel all-reduce, loop vs vector)
+            assert (g - ref).norm() <= 1e-5 * ref.norm() + 1e-12, (norm, name)
+
+
+def test_advantages_are_group_relative_with_unbiased_std_and_zero_for_constant_groups():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    a = group_advantages(r, 4)
+    assert torch.allclose(a[:4], (r[:4] - 0.5) / (r[:4].std() + 1e-6))
+    assert torch.equal(a[4:], torch.zeros(4))
+    assert torch.allclose(group_advantages(r, 4, scale="none")[:4], r[:4] - 0.5)
+
+
+def test_clipping_zeroes_the_gradient_only_on_the_clipped_side():
+    def grad_at(ratio, adv):
+        lp = torch.tensor([[0.0]], requires_grad=True)
+        old = torch.tensor([[-torch.log(torch.tensor(ratio))]])
+        GRPOTokenLoss(targets=torch.zeros(1, 1, dtype=torch.long), mask=torch.ones(1, 1),
+                      advantages=torch.tensor([adv]), old_logprobs=old, eps_high=0.28).from_logprobs(lp).backward()
+        return lp.grad.item()
+    assert grad_at(1.5, 1.0) == 0.0        # A > 0, ratio above 1 + eps_high: clipped, no gradient
+    assert grad_at(1.1, 1.0) == pytest.approx(-1.1)
+    assert grad_at(1.5, -1.0) == pytest.approx(1.5)   # A < 0: the unclipped term is the min, gradient flows
+    assert grad_at(0.5, 1.0) == pytest.approx(-0.5)   # below 1 - eps with A > 0: min picks the ratio term
