@@ -22,7 +22,7 @@ def test_missing_or_empty_block_means_every_feature_off():
 
 
 @pytest.mark.parametrize("block, path, fragment", [
-    ({"topolgy": {}}, "ds_ext.topolgy", "unknown key 'topolgy'; allowed keys: noloco, prefix_grouper, recovery, streambp, topology"),
+    ({"topolgy": {}}, "ds_ext.topolgy", "unknown key 'topolgy'; allowed keys: asyncflow, noloco, prefix_grouper, recovery, streambp, topology"),
     ({"topology": {"stages": 2}}, "ds_ext.topology.stages", "allowed keys: pipeline_stages, ranks_per_replica"),
     ({"topology": {"ranks_per_replica": "2"}}, "ds_ext.topology.ranks_per_replica", 'got "2"'),
     ({"topology": {"ranks_per_replica": 1.5}}, "ds_ext.topology.ranks_per_replica", "valid integer"),

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Union
 from pydantic import Field, ValidationError
 
 from ds_ext.config.base import ExtSection
+from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.prefix_grouper.config import PrefixGrouperConfig
 from ds_ext.recovery.config import RecoveryConfig
@@ -77,6 +78,9 @@ class DsExtConfig(ExtSection):
 
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     """Journal of ZeRO partitions for bit-exact resume (see :class:`ds_ext.recovery.config.RecoveryConfig`)."""
+
+    asyncflow: AsyncFlowConfig = Field(default_factory=AsyncFlowConfig)
+    """Async GRPO through the transfer queue (see :class:`ds_ext.asyncflow.config.AsyncFlowConfig`)."""
 
     @property
     def replica_sync_enabled(self) -> bool:

@@ -1,0 +1,51 @@
+"""``"ds_ext": {"asyncflow": {...}}``: asynchronous GRPO with a streaming transfer queue (AsyncFlow, arXiv
+2507.01663)."""
+from typing import Literal
+
+from pydantic import Field
+
+from ds_ext.config.base import ExtSection
+
+
+class AsyncFlowConfig(ExtSection):
+    """Rollout workers generate GRPO groups with the current policy while the trainer learns from complete groups;
+    ``max_staleness`` bounds the policy lag of every trained sample (0: synchronous)."""
+
+    enabled: bool = False
+    """Run GRPO through the transfer queue (used by ``examples/grpo.py``)."""
+
+    max_staleness: int = Field(1, ge=0)
+    """k: a sample trained at step V was generated with weights of step >= V - k. 0 is the synchronous baseline."""
+
+    group_size: int = Field(8, ge=2)
+    """G: responses per prompt."""
+
+    groups_per_step: int = Field(16, ge=1)
+    """Prompts (groups) per optimizer step, over all data-parallel ranks."""
+
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest response (tokens); also Dr.GRPO's normalising length."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollout (the behaviour log-probs are those of this distribution)."""
+
+    loss_norm: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """Token-loss normalisation over the whole step (see :mod:`ds_ext.asyncflow.grpo`)."""
+
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    """Divide centred rewards by the group std (GRPO), the batch std, or not at all (Dr.GRPO)."""
+
+    eps_low: float = Field(0.2, ge=0)
+    """Lower clip of the ratio (1 - eps_low)."""
+
+    eps_high: float = Field(0.28, ge=0)
+    """Upper clip of the ratio (1 + eps_high; DAPO's clip-higher)."""
+
+    kl_coef: float = Field(0.0, ge=0)
+    """beta of the k3 KL to the frozen initial policy (0: no reference model)."""
+
+    rollout_workers: int = Field(1, ge=1)
+    """Rollout processes in async mode (each with its own copy of the weights)."""
+
+    lease_s: float = Field(300.0, gt=0)
+    """A group not completed this long after its reservation is dropped and regenerated."""

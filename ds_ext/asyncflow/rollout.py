@@ -1,0 +1,98 @@
+"""Rollout worker: generates GRPO groups with its current weights and writes them into the transfer queue.
+
+Loop: adopt newer weights if the trainer sent some (:meth:`set_weights` only drops them in a mailbox; the copy into
+the model happens here, between groups, so generation stops for the copy only) -> reserve a group (admission
+control may make it wait, re-checking the mailbox) -> sample ``group_size`` responses to the prompt the
+reservation names, with a KV cache -> score -> write the columns -> mark the group complete.
+
+``queue`` is a :class:`TransferQueue` or, across processes, an ``RRef`` to one (every call is then a
+``torch.distributed.rpc`` call to the process that owns it). In async mode a worker is an RPC actor created with
+``rpc.remote(worker_name, RolloutWorker, ...)``; its ``run`` occupies one RPC thread of its process.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from ds_ext.asyncflow.config import AsyncFlowConfig
+from ds_ext.asyncflow.task import AdditionTask
+from ds_ext.models import ByteTokenizer
+from ds_ext.models.generate import generate
+
+COLUMNS = ("prompt_ids", "response_ids", "response_len", "logprobs", "reward", "prompt_index")
+
+
+class RolloutWorker:
+    def __init__(self, name: str, model_factory: Callable[[], torch.nn.Module], task: AdditionTask,
+                 cfg: AsyncFlowConfig, queue, threads: Optional[int] = None, seed: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.name, self.task, self.cfg = name, task, cfg
+        self.model = model_factory().eval()
+        self.version = 0
+        self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
+        self._mailbox = None
+        self._lock = threading.Lock()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats = {"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "weight_copies": 0}
+        self.stop = False
+
+    def set_weights(self, version: int, state: Dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            if self._mailbox is None or version > self._mailbox[0]:
+                self._mailbox = (version, state)
+
+    def _adopt_weights(self) -> None:
+        with self._lock:
+            box, self._mailbox = self._mailbox, None
+        if box is not None and box[0] > self.version:
+            self.model.load_state_dict(box[1])
+            self.version = box[0]
+            self.stats["weight_copies"] += 1
+
+    def generate_group(self, prompt_index: int) -> list:
+        """``group_size`` samples (dicts of :data:`COLUMNS` plus ``version``) for one prompt."""
+        g, cfg = self.cfg.group_size, self.cfg
+        prompt = self.task.prompt_ids(prompt_index)
+        out = generate(self.model, prompt.expand(g, -1), torch.ones(g, len(prompt), dtype=torch.bool),
+                       cfg.max_new_tokens, cfg.temperature, eos_id=ByteTokenizer.EOS, pad_id=ByteTokenizer.PAD,
+                       generator=self.generator)
+        width = cfg.max_new_tokens
+        resp = torch.full((g, width), ByteTokenizer.PAD)
+        logp = torch.zeros(g, width)
+        resp[:, :out.tokens.shape[1]], logp[:, :out.tokens.shape[1]] = out.tokens, out.logprobs
+        return [{"prompt_ids": prompt, "response_ids": resp[i], "response_len": int(out.lengths[i]),
+                 "logprobs": logp[i], "reward": self.task.reward(prompt_index, resp[i], int(out.lengths[i])),
+                 "prompt_index": prompt_index, "version": self.version} for i in range(g)]
+
+    def produce_one(self, timeout: float = 0.2) -> bool:
+        """Reserve, generate and deliver one group; ``False`` if admission said no within ``timeout``."""
+        self._adopt_weights()
+        t = time.perf_counter()
+        meta = self.queue.reserve(self.name, self.version, timeout)
+        self.stats["wait_s"] += time.perf_counter() - t
+        if meta is None:
+            return False
+        t = time.perf_counter()
+        samples = self.generate_group(meta.slot * self.cfg.groups_per_step + meta.index_in_slot)
+        self.stats["generate_s"] += time.perf_counter() - t
+        for i, sample in enumerate(samples):
+            sample["version"] = meta.version
+            self.queue.put(meta.group_id, i, sample)
+        self.queue.complete(meta.group_id, COLUMNS)
+        self.stats["groups"] += 1
+        self.stats["responses"] += len(samples)
+        return True
+
+    def run(self, max_groups: Optional[int] = None) -> Dict[str, Any]:
+        """Produce until stopped (``request_stop``), the queue closes, or ``max_groups`` groups are delivered."""
+        while not self.stop and (max_groups is None or self.stats["groups"] < max_groups):
+            if not self.produce_one() and getattr(self.queue, "closed", False) is True:
+                break
+        return dict(self.stats)
+
+    def request_stop(self) -> None:
+        self.stop = True

@@ -1,0 +1,116 @@
+"""Wiring of async GRPO runs: who generates, who trains, and how they talk.
+
+* :func:`run_sync` -- the baseline, one process: generate the whole batch of step V with weights V (every thread
+  generates), then train on it (every thread trains). ``max_staleness`` is 0 by construction.
+* :func:`run_async` -- ``1 + rollout_workers`` processes, one thread each: rank 0 owns the :class:`TransferQueue` and
+  the DeepSpeed engine; each other rank hosts a :class:`RolloutWorker` actor (``torch.distributed.rpc.remote``) that
+  reserves, generates and delivers groups through an ``RRef`` to the queue. After every step rank 0 pushes the new
+  weights to each worker (``rpc_async``, the previous push awaited first), so generation stops only for the copy.
+  The trainer's own process group (gloo, DeepSpeed) holds the trainer ranks only; RPC spans every process, so the
+  same code runs across nodes given ``MASTER_ADDR``.
+
+Both return per-step metrics (reward, lag, time), the trainer's idle time waiting on the queue, and the queue's
+counters (staleness histogram, dropped groups).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, Dict, List
+
+import torch
+
+from ds_ext.asyncflow.config import AsyncFlowConfig
+from ds_ext.asyncflow.queue import TransferQueue
+from ds_ext.asyncflow.rollout import RolloutWorker
+from ds_ext.asyncflow.task import AdditionTask
+from ds_ext.asyncflow.trainer import GRPOTrainer
+
+
+def clone_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None], progress=None) -> List[dict]:
+    history = []
+    for version in range(steps):
+        t = time.perf_counter()
+        produce(version)
+        metrics = trainer.train_step(version)
+        metrics.update(step=version, seconds=time.perf_counter() - t)
+        history.append(metrics)
+        if progress is not None:
+            progress(metrics)
+    return history
+
+
+def run_sync(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlowConfig, steps: int,
+             progress=None) -> Dict[str, Any]:
+    """The synchronous baseline in this process (all its threads in each phase)."""
+    queue = TransferQueue(cfg.group_size, cfg.groups_per_step, max_staleness=0, lease_s=cfg.lease_s)
+    worker = RolloutWorker("sync", model_factory, task, cfg, queue)
+    worker.set_weights(0, clone_state(engine.module))
+    worker.version = -1  # adopt version 0 now
+    trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(v, clone_state(m)))
+
+    def produce(version):
+        while worker.stats["groups"] < (version + 1) * cfg.groups_per_step:
+            worker.produce_one(timeout=5)
+
+    t = time.perf_counter()
+    history = _step_loop(trainer, steps, produce, progress)
+    return {"history": history, "seconds": time.perf_counter() - t, "trainer_idle_s": 0.0,
+            "rollout": [worker.stats], "queue": queue.summary()}
+
+
+def rpc_options(port_offset: int = 1):
+    import torch.distributed.rpc as rpc
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{addr}:{port + port_offset}", num_worker_threads=32,
+                                           rpc_timeout=1800)
+
+
+def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlowConfig, steps: int,
+                      worker_names: List[str], progress=None) -> Dict[str, Any]:
+    """Rank 0 of an async run (RPC already initialised): start the rollout actors, train ``steps`` steps."""
+    import torch.distributed.rpc as rpc
+    queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s)
+    qref = rpc.RRef(queue)
+    workers = [rpc.remote(name, RolloutWorker, args=(name, model_factory, task, cfg, qref, 1, i))
+               for i, name in enumerate(worker_names)]
+    initial = clone_state(engine.module)
+    for w in workers:
+        w.rpc_sync().set_weights(0, initial)
+    runs = [w.rpc_async().run() for w in workers]
+    pushes: List = []
+
+    def push(version, module):
+        for f in pushes:
+            f.wait()
+        state = clone_state(module)
+        pushes[:] = [w.rpc_async().set_weights(version, state) for w in workers]
+
+    trainer = GRPOTrainer(engine, queue, cfg, on_weights=push)
+    t = time.perf_counter()
+    history = _step_loop(trainer, steps, lambda version: None, progress)
+    seconds = time.perf_counter() - t
+    for w in workers:
+        w.rpc_sync().request_stop()
+    queue.close()
+    stats = [f.wait() for f in runs]
+    return {"history": history, "seconds": seconds, "trainer_idle_s": trainer.idle_s, "rollout": stats,
+            "queue": queue.summary()}
+
+
+def worker_names(world_size: int) -> List[str]:
+    return [f"rollout{r}" for r in range(1, world_size)]
+
+
+def rpc_name(rank: int) -> str:
+    return "trainer" if rank == 0 else f"rollout{rank}"
+
+
+def model_factory_for(build: Callable, *args) -> Callable:
+    """A picklable factory (RPC ships it to the rollout processes)."""
+    return functools.partial(build, *args)

@@ -1,0 +1,107 @@
+"""GRPO trainer on a ds_ext DeepSpeed engine, fed by the transfer queue.
+
+Step ``V`` (call order): the slot's response/token totals (DAPO waits for the whole slot's lengths; GRPO and
+Dr.GRPO need only counts known up front) -> for each of the ``gas`` micro-batches: take this rank's next complete
+groups of slot ``V`` -> advantages per group -> forward (packed with Prefix Grouper when the engine has it, else
+one row per response) -> GRPO token loss with global weights -> ``engine.backward`` / ``engine.step`` -> after the
+last micro-batch, ``finish_slot(V)`` (rank 0) and the new weights go to the rollout workers (``on_weights``).
+
+Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]``; the response token
+``j`` of row ``b`` is predicted by the logits at ``P - 1 + j``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ds_ext.asyncflow.config import AsyncFlowConfig
+from ds_ext.asyncflow.grpo import group_advantages, step_token_weights
+from ds_ext.models import ByteTokenizer
+from ds_ext.streambp.loss import GRPOTokenLoss
+
+
+def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
+    samples = [s for g in groups for s in g["samples"]]
+    p = max(len(s["prompt_ids"]) for s in samples)
+    prompt = torch.full((len(samples), p), ByteTokenizer.PAD)
+    prompt_mask = torch.zeros(len(samples), p, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s["prompt_ids"])
+        prompt[i, p - n:], prompt_mask[i, p - n:] = s["prompt_ids"], True
+    response = torch.stack([s["response_ids"] for s in samples])
+    lengths = torch.tensor([s["response_len"] for s in samples])
+    mask = torch.arange(response.shape[1])[None, :] < lengths[:, None]
+    return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "mask": mask,
+            "old_logprobs": torch.stack([s["logprobs"] for s in samples]),
+            "rewards": torch.tensor([float(s["reward"]) for s in samples]),
+            "lag_versions": torch.tensor([s["version"] for s in samples])}
+
+
+def response_logprobs(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probs ``[B, L]`` of the response tokens under ``model`` (one row per response)."""
+    ids = torch.cat([batch["prompt"], batch["response"]], 1)
+    keys = torch.cat([batch["prompt_mask"], torch.ones_like(batch["mask"])], 1)
+    positions = (keys.long().cumsum(1) - 1).clamp(min=0)
+    logits = model(ids, position_ids=positions, key_padding_mask=keys)
+    p, length = batch["prompt"].shape[1], batch["response"].shape[1]
+    picked = logits[:, p - 1: p - 1 + length].float()
+    return torch.log_softmax(picked, -1).gather(-1, batch["response"][..., None]).squeeze(-1)
+
+
+class GRPOTrainer:
+    def __init__(self, engine, queue, cfg: AsyncFlowConfig, dp_rank: int = 0, dp_size: int = 1,
+                 ref_model: Optional[torch.nn.Module] = None, on_weights: Optional[Callable] = None):
+        self.engine, self.cfg, self.dp_rank, self.dp_size = engine, cfg, dp_rank, dp_size
+        self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
+        self.ref_model, self.on_weights = ref_model, on_weights
+        self.gas = engine.gradient_accumulation_steps()
+        share = cfg.groups_per_step // dp_size
+        if share * dp_size != cfg.groups_per_step or share % self.gas:
+            raise ValueError(f"groups_per_step={cfg.groups_per_step} must split evenly over {dp_size} data-parallel "
+                             f"ranks x {self.gas} micro-batches")
+        self.groups_per_micro = share // self.gas
+        self.idle_s = 0.0
+
+    def _take(self, version: int, n: int) -> List[dict]:
+        got: List[dict] = []
+        t = time.perf_counter()
+        while len(got) < n:
+            more = self.queue.take("train", version, n - len(got), self.dp_rank, self.dp_size, timeout=600)
+            if not more:
+                raise RuntimeError(f"slot {version}: the queue ran out before this rank's share was taken")
+            got += more
+        self.idle_s += time.perf_counter() - t
+        return got
+
+    def train_step(self, version: int) -> Dict[str, float]:
+        cfg = self.cfg
+        t = time.perf_counter()
+        step_tokens = self.queue.slot_tokens(version) if cfg.loss_norm == "dapo" else 0
+        self.idle_s += time.perf_counter() - t
+        responses = cfg.groups_per_step * cfg.group_size
+        rewards, lags = [], []
+        for _ in range(self.gas):
+            batch = collate(self._take(version, self.groups_per_micro))
+            adv = group_advantages(batch["rewards"], cfg.group_size, cfg.advantage_scale)
+            weights = step_token_weights(batch["mask"], cfg.loss_norm, responses, step_tokens, cfg.max_new_tokens,
+                                         self.gas, self.dp_size)
+            ref = None
+            if cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref = response_logprobs(self.ref_model, batch)
+            loss_fn = GRPOTokenLoss(targets=batch["response"], mask=batch["mask"], advantages=adv,
+                                    old_logprobs=batch["old_logprobs"], ref_logprobs=ref, eps_low=cfg.eps_low,
+                                    eps_high=cfg.eps_high, kl_coef=cfg.kl_coef, weights=weights)
+            loss = loss_fn.from_logprobs(response_logprobs(self.engine, batch))
+            self.engine.backward(loss)
+            self.engine.step()
+            rewards.append(batch["rewards"])
+            lags.append(version - batch["lag_versions"])
+        if self.dp_rank == 0:
+            self.queue.finish_slot(version)
+        if self.on_weights is not None:
+            self.on_weights(version + 1, self.engine.module)
+        r, lag = torch.cat(rewards), torch.cat(lags)
+        return {"reward": r.mean().item(), "max_lag": int(lag.max()), "mean_lag": lag.float().mean().item()}

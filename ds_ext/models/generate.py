@@ -1,0 +1,80 @@
+"""Sampling with a KV cache for the reference model: what the rollout workers of async GRPO run.
+
+``generate(model, prompt_ids, prompt_mask, max_new_tokens, ...)``: prompts ``[B, P]`` left-padded (``prompt_mask``
+True on real tokens), positions counted from each prompt's first real token. One prefill over the prompts fills
+every layer's cache ``k, v: [B, Hkv, P, D]``; each decode step appends one position. Returns the sampled tokens
+``[B, L]``, their log-probabilities under the sampling distribution ``[B, L]`` (the behaviour log-probs GRPO's ratio
+needs) and each response's length (through its first ``eos_id``, included; later positions are ``pad_id``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from ds_ext.models.llama import LlamaForCausalLM, apply_rope, grouped_sdpa, rope_cos_sin
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor     # [B, L] int64, pad after the end
+    logprobs: torch.Tensor   # [B, L] fp32, 0 after the end
+    lengths: torch.Tensor    # [B] int64, EOS included
+
+
+def _layer_step(layer, x, positions, cache: Optional[Tuple[torch.Tensor, torch.Tensor]], key_mask):
+    """One decoder layer on new positions ``x: [B, t, C]`` given the cached keys/values; returns (out, cache)."""
+    attn, cfg = layer.attn, layer.attn.cfg
+    b, t, _ = x.shape
+    h = layer.input_norm(x)
+    d = cfg.head_dim
+    q = attn.q_proj(h).view(b, t, -1, d).transpose(1, 2)
+    k = attn.k_proj(h).view(b, t, -1, d).transpose(1, 2)
+    v = attn.v_proj(h).view(b, t, -1, d).transpose(1, 2)
+    cos, sin = rope_cos_sin(positions, d, cfg.rope_theta, x.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+    total = k.shape[2]
+    causal = torch.ones(t, total, dtype=torch.bool).tril(total - t)
+    mask = causal[None, None] & key_mask[:, None, None, :]
+    mask = mask | (torch.arange(total)[None, :] == torch.arange(total - t, total)[:, None])[None, None]
+    out = grouped_sdpa(q, k, v, attn_mask=mask)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    return x + layer.mlp(layer.post_attn_norm(x)), (k, v)
+
+
+@torch.no_grad()
+def generate(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+             temperature: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
+             generator: Optional[torch.Generator] = None) -> Generation:
+    b = prompt_ids.shape[0]
+    key_mask = prompt_mask.bool()
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    x = model.embed(prompt_ids)
+    caches: List = [None] * len(model.layers)
+    tokens, logps = [], []
+    done = torch.zeros(b, dtype=torch.bool)
+    lengths = torch.full((b,), max_new_tokens, dtype=torch.long)
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        for i, layer in enumerate(model.layers):
+            x, caches[i] = _layer_step(layer, x, positions, caches[i], key_mask)
+        logits = model.lm_head(model.norm(x[:, -1])).float()
+        logprobs = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
+        tok = (logprobs.argmax(-1) if temperature == 0 else
+               torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1))
+        lp = logprobs.gather(1, tok[:, None]).squeeze(1)
+        tokens.append(torch.where(done, torch.full_like(tok, pad_id), tok))
+        logps.append(torch.where(done, torch.zeros_like(lp), lp))
+        if eos_id is not None:
+            ended = ~done & (tok == eos_id)
+            lengths[ended] = step + 1
+            done |= ended
+        if bool(done.all()):
+            break
+        x, positions = model.embed(tok[:, None]), next_pos
+        next_pos = next_pos + 1
+        key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool)], 1)
+    return Generation(torch.stack(tokens, 1), torch.stack(logps, 1), lengths)
