@@ -56,7 +56,7 @@ def warm_start(args, task: AdditionTask) -> dict:
     if os.path.exists(key):
         return torch.load(key, weights_only=True)
     model = build_model(args.hidden, args.layers)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(args.sft_steps):
         x, y = task.sft_batch(list(range(10_000_000 + step * 64, 10_000_000 + (step + 1) * 64)))
         loss = model(x, y)
@@ -142,7 +142,10 @@ def main(argv=None):
                       "reward_last5": tail, "samples_per_s": responses / result["seconds"],
                       "trainer_idle_fraction": result["trainer_idle_s"] / result["seconds"],
                       "max_observed_staleness": result["queue"]["max_lag"],
-                      "lag_histogram": result["queue"]["lag_histogram"], "seconds": time.perf_counter() - t}))
+                      "lag_histogram": result["queue"]["lag_histogram"], "seconds": time.perf_counter() - t,
+                      "generate_s": sum(r["generate_s"] for r in result["rollout"]),
+                      "rollout_wait_s": sum(r["wait_s"] for r in result["rollout"]),
+                      "train_loop_s": result["seconds"]}))
 
 
 if __name__ == "__main__":

@@ -117,3 +117,27 @@ def test_clipping_zeroes_the_gradient_only_on_the_clipped_side():
     assert grad_at(1.1, 1.0) == pytest.approx(-1.1)
     assert grad_at(1.5, -1.0) == pytest.approx(1.5)   # A < 0: the unclipped term is the min, gradient flows
     assert grad_at(0.5, 1.0) == pytest.approx(-0.5)   # below 1 - eps with A > 0: min picks the ratio term
+
+
+def test_grouped_and_plain_response_logprobs_agree():
+    """The trainer's Prefix Grouper path gives the per-response log-probs of the plain path (fp32, 1e-5)."""
+    from ds_ext.asyncflow.task import AdditionTask
+    from ds_ext.asyncflow.trainer import collate, grouped_response_logprobs, response_logprobs
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    from ds_ext.prefix_grouper.apply import apply_prefix_grouper
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    task, g = AdditionTask(), torch.Generator().manual_seed(0)
+    groups = []
+    for idx in (3, 11):
+        lengths = torch.randint(1, 6, (4,), generator=g)
+        resp = torch.randint(0, 256, (4, 6), generator=g)
+        groups.append({"samples": [{"prompt_ids": task.prompt_ids(idx), "response_ids": resp[i],
+                                    "response_len": int(lengths[i]), "logprobs": torch.zeros(6), "reward": 0.0,
+                                    "version": 0} for i in range(4)]})
+    batch = collate(groups)
+    plain = response_logprobs(model, batch)
+    apply_prefix_grouper(model)
+    grouped = grouped_response_logprobs(model, batch)
+    m = batch["mask"]
+    assert (plain[m] - grouped[m]).abs().max() <= 1e-5 * plain[m].abs().max()

@@ -67,8 +67,10 @@ def run_sync(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlow
 def rpc_options(port_offset: int = 1):
     import torch.distributed.rpc as rpc
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
-    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{addr}:{port + port_offset}", num_worker_threads=32,
-                                           rpc_timeout=1800)
+    # TCP (libuv) transport only: TensorPipe's shared-memory transport busy-polls, which on a small CPU machine
+    # takes cores from generation and training (measured: more system time than user time)
+    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{addr}:{port + port_offset}", num_worker_threads=16,
+                                           rpc_timeout=1800, _transports=["uv"], _channels=["basic"])
 
 
 def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlowConfig, steps: int,

@@ -15,13 +15,12 @@ import torch
 
 from ds_ext.models import ByteTokenizer
 
-INSTRUCTION = ("You are a careful calculator. Read the two numbers, add them, and answer with the sum only, "
-               "then stop. ")
+INSTRUCTION = "You are a careful calculator: add the two numbers, answer with the sum only. "
 
 
 @dataclass
 class AdditionTask:
-    max_operand: int = 9
+    max_operand: int = 4
     instruction: str = INSTRUCTION
     seed: int = 0
 

@@ -33,7 +33,14 @@ def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
     response = torch.stack([s["response_ids"] for s in samples])
     lengths = torch.tensor([s["response_len"] for s in samples])
     mask = torch.arange(response.shape[1])[None, :] < lengths[:, None]
+    firsts = [g["samples"][0]["prompt_ids"] for g in groups]
+    group_prompt = torch.full((len(groups), p), ByteTokenizer.PAD)
+    group_prompt_mask = torch.zeros(len(groups), p, dtype=torch.bool)
+    for i, ids in enumerate(firsts):
+        group_prompt[i, p - len(ids):], group_prompt_mask[i, p - len(ids):] = ids, True
     return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "mask": mask,
+            "group_prompt": group_prompt, "group_prompt_mask": group_prompt_mask,
+            "group_sizes": [len(g["samples"]) for g in groups],
             "old_logprobs": torch.stack([s["logprobs"] for s in samples]),
             "rewards": torch.tensor([float(s["reward"]) for s in samples]),
             "lag_versions": torch.tensor([s["version"] for s in samples])}
@@ -50,6 +57,15 @@ def response_logprobs(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.log_softmax(picked, -1).gather(-1, batch["response"][..., None]).squeeze(-1)
 
 
+def grouped_response_logprobs(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same ``[B, L]`` log-probs with Prefix Grouper: each group's prompt is encoded once and its responses
+    attend to it (the engine takes a packed :class:`GroupedBatch`)."""
+    from ds_ext.prefix_grouper.layout import pack
+    packed = pack(batch["group_prompt"], batch["group_prompt_mask"], batch["response"], batch["mask"],
+                  batch["group_sizes"], pad_id=ByteTokenizer.PAD)
+    return packed.completion_logprobs(engine(packed), batch["response"])
+
+
 class GRPOTrainer:
     def __init__(self, engine, queue, cfg: AsyncFlowConfig, dp_rank: int = 0, dp_size: int = 1,
                  ref_model: Optional[torch.nn.Module] = None, on_weights: Optional[Callable] = None):
@@ -63,6 +79,8 @@ class GRPOTrainer:
                              f"ranks x {self.gas} micro-batches")
         self.groups_per_micro = share // self.gas
         self.idle_s = 0.0
+        # Prefix Grouper on the engine: encode each group's shared prompt once
+        self.grouped = any(f.name == "prefix_grouper" for f in getattr(engine, "ds_ext_features", []))
 
     def _take(self, version: int, n: int) -> List[dict]:
         got: List[dict] = []
@@ -94,7 +112,8 @@ class GRPOTrainer:
             loss_fn = GRPOTokenLoss(targets=batch["response"], mask=batch["mask"], advantages=adv,
                                     old_logprobs=batch["old_logprobs"], ref_logprobs=ref, eps_low=cfg.eps_low,
                                     eps_high=cfg.eps_high, kl_coef=cfg.kl_coef, weights=weights)
-            loss = loss_fn.from_logprobs(response_logprobs(self.engine, batch))
+            logprobs = (grouped_response_logprobs if self.grouped else response_logprobs)(self.engine, batch)
+            loss = loss_fn.from_logprobs(logprobs)
             self.engine.backward(loss)
             self.engine.step()
             rewards.append(batch["rewards"])
