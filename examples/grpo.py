@@ -145,7 +145,7 @@ def main(argv=None):
                       "lag_histogram": result["queue"]["lag_histogram"], "seconds": time.perf_counter() - t,
                       "generate_s": sum(r["generate_s"] for r in result["rollout"]),
                       "rollout_wait_s": sum(r["wait_s"] for r in result["rollout"]),
-                      "train_loop_s": result["seconds"]}))
+                      "train_loop_s": result["seconds"], "train_busy_s": result["train_busy_s"]}))
 
 
 if __name__ == "__main__":

@@ -144,6 +144,12 @@ class TransferQueue:
             self.stats.completed += 1
             self._cv.notify_all()
 
+    def put_group(self, group_id: int, samples: Sequence[Dict[str, Any]], required: Sequence[str]) -> None:
+        """All samples of a group at once, then :meth:`complete` (one call: one RPC from a remote producer)."""
+        for i, columns in enumerate(samples):
+            self.put(group_id, i, columns)
+        self.complete(group_id, required)
+
     def producer_died(self, producer: str) -> int:
         """Drop every incomplete group of ``producer`` (their reservations return to the pool); returns how many."""
         with self._cv:

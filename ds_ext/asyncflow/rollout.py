@@ -27,11 +27,12 @@ COLUMNS = ("prompt_ids", "response_ids", "response_len", "logprobs", "reward", "
 
 class RolloutWorker:
     def __init__(self, name: str, model_factory: Callable[[], torch.nn.Module], task: AdditionTask,
-                 cfg: AsyncFlowConfig, queue, threads: Optional[int] = None, seed: int = 0):
+                 cfg: AsyncFlowConfig, queue, threads: Optional[int] = None, seed: int = 0, shared: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.name, self.task, self.cfg = name, task, cfg
-        self.model = model_factory().eval()
+        # shared: the trainer's own module (generation between its steps); its train/eval mode is left alone
+        self.model = model_factory() if shared else model_factory().eval()
         self.version = 0
         self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
         self._mailbox = None
@@ -79,10 +80,9 @@ class RolloutWorker:
         t = time.perf_counter()
         samples = self.generate_group(meta.slot * self.cfg.groups_per_step + meta.index_in_slot)
         self.stats["generate_s"] += time.perf_counter() - t
-        for i, sample in enumerate(samples):
+        for sample in samples:
             sample["version"] = meta.version
-            self.queue.put(meta.group_id, i, sample)
-        self.queue.complete(meta.group_id, COLUMNS)
+        self.queue.put_group(meta.group_id, samples, COLUMNS)
         self.stats["groups"] += 1
         self.stats["responses"] += len(samples)
         return True

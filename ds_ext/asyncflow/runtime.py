@@ -2,8 +2,9 @@
 
 * :func:`run_sync` -- the baseline, one process: generate the whole batch of step V with weights V (every thread
   generates), then train on it (every thread trains). ``max_staleness`` is 0 by construction.
-* :func:`run_async` -- ``1 + rollout_workers`` processes, one thread each: rank 0 owns the :class:`TransferQueue` and
-  the DeepSpeed engine; each other rank hosts a :class:`RolloutWorker` actor (``torch.distributed.rpc.remote``) that
+* :func:`run_async_trainer` -- ``1 + rollout_workers`` processes, one thread each: rank 0 owns the
+  :class:`TransferQueue` and the DeepSpeed engine, and generates groups itself (with its current weights, no copy)
+  whenever the queue has nothing for it to train on; each other rank hosts a :class:`RolloutWorker` actor (``torch.distributed.rpc.remote``) that
   reserves, generates and delivers groups through an ``RRef`` to the queue. After every step rank 0 pushes the new
   weights to each worker (``rpc_async``, the previous push awaited first), so generation stops only for the copy.
   The trainer's own process group (gloo, DeepSpeed) holds the trainer ranks only; RPC spans every process, so the
@@ -60,7 +61,9 @@ def run_sync(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlow
 
     t = time.perf_counter()
     history = _step_loop(trainer, steps, produce, progress)
-    return {"history": history, "seconds": time.perf_counter() - t, "trainer_idle_s": 0.0,
+    seconds = time.perf_counter() - t
+    return {"history": history, "seconds": seconds, "trainer_idle_s": 0.0,
+            "train_busy_s": seconds - worker.stats["generate_s"] - worker.stats["wait_s"],
             "rollout": [worker.stats], "queue": queue.summary()}
 
 
@@ -93,7 +96,15 @@ def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: 
         state = clone_state(module)
         pushes[:] = [w.rpc_async().set_weights(version, state) for w in workers]
 
-    trainer = GRPOTrainer(engine, queue, cfg, on_weights=push)
+    # the trainer's process generates too while it would wait on the queue: with its own (current) weights
+    local = RolloutWorker("trainer", lambda: engine.module, task, cfg, queue, seed=len(worker_names),
+                          shared=True)
+
+    def push_all(version, module):
+        local.version = version
+        push(version, module)
+
+    trainer = GRPOTrainer(engine, queue, cfg, on_weights=push_all, idle_work=lambda: local.produce_one(timeout=0))
     t = time.perf_counter()
     history = _step_loop(trainer, steps, lambda version: None, progress)
     seconds = time.perf_counter() - t
@@ -101,8 +112,9 @@ def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: 
         w.rpc_sync().request_stop()
     queue.close()
     stats = [f.wait() for f in runs]
-    return {"history": history, "seconds": seconds, "trainer_idle_s": trainer.idle_s, "rollout": stats,
-            "queue": queue.summary()}
+    return {"history": history, "seconds": seconds, "trainer_idle_s": trainer.idle_s - trainer.idle_work_s,
+            "train_busy_s": seconds - trainer.idle_s,
+            "rollout": stats + [local.stats], "queue": queue.summary()}
 
 
 def worker_names(world_size: int) -> List[str]:

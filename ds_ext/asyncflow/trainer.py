@@ -68,17 +68,22 @@ def grouped_response_logprobs(engine, batch: Dict[str, torch.Tensor]) -> torch.T
 
 class GRPOTrainer:
     def __init__(self, engine, queue, cfg: AsyncFlowConfig, dp_rank: int = 0, dp_size: int = 1,
-                 ref_model: Optional[torch.nn.Module] = None, on_weights: Optional[Callable] = None):
+                 ref_model: Optional[torch.nn.Module] = None, on_weights: Optional[Callable] = None,
+                 idle_work: Optional[Callable[[], bool]] = None):
         self.engine, self.cfg, self.dp_rank, self.dp_size = engine, cfg, dp_rank, dp_size
         self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
         self.ref_model, self.on_weights = ref_model, on_weights
+        # called instead of blocking while the queue has nothing for this rank (generate a group here); returns
+        # False when it could not do anything useful, and the trainer then waits briefly
+        self.idle_work = idle_work
         self.gas = engine.gradient_accumulation_steps()
         share = cfg.groups_per_step // dp_size
         if share * dp_size != cfg.groups_per_step or share % self.gas:
             raise ValueError(f"groups_per_step={cfg.groups_per_step} must split evenly over {dp_size} data-parallel "
                              f"ranks x {self.gas} micro-batches")
         self.groups_per_micro = share // self.gas
-        self.idle_s = 0.0
+        self.idle_s = 0.0       # waiting on the queue (including time spent on idle_work)
+        self.idle_work_s = 0.0  # of which spent in idle_work
         # Prefix Grouper on the engine: encode each group's shared prompt once
         self.grouped = any(f.name == "prefix_grouper" for f in getattr(engine, "ds_ext_features", []))
 
@@ -86,18 +91,36 @@ class GRPOTrainer:
         got: List[dict] = []
         t = time.perf_counter()
         while len(got) < n:
-            more = self.queue.take("train", version, n - len(got), self.dp_rank, self.dp_size, timeout=600)
+            timeout = 600 if self.idle_work is None else 0.0
+            more = self.queue.take("train", version, n - len(got), self.dp_rank, self.dp_size, timeout=timeout)
+            if more is None and self.idle_work is not None:
+                self._idle(lambda: self.queue.take("train", version, 0, self.dp_rank, self.dp_size, timeout=0.05))
+                continue
             if not more:
                 raise RuntimeError(f"slot {version}: the queue ran out before this rank's share was taken")
             got += more
         self.idle_s += time.perf_counter() - t
         return got
 
+    def _idle(self, brief_wait: Callable) -> None:
+        t = time.perf_counter()
+        if not self.idle_work():
+            brief_wait()
+        self.idle_work_s += time.perf_counter() - t
+
+    def _slot_tokens(self, version: int) -> int:
+        t = time.perf_counter()
+        while True:
+            tokens = self.queue.slot_tokens(version, wait=self.idle_work is None)
+            if tokens is not None:
+                break
+            self._idle(lambda: time.sleep(0.05))
+        self.idle_s += time.perf_counter() - t
+        return tokens
+
     def train_step(self, version: int) -> Dict[str, float]:
         cfg = self.cfg
-        t = time.perf_counter()
-        step_tokens = self.queue.slot_tokens(version) if cfg.loss_norm == "dapo" else 0
-        self.idle_s += time.perf_counter() - t
+        step_tokens = self._slot_tokens(version) if cfg.loss_norm == "dapo" else 0
         responses = cfg.groups_per_step * cfg.group_size
         rewards, lags = [], []
         for _ in range(self.gas):

@@ -1,0 +1,117 @@
+"""Async GRPO (AsyncFlow) vs the synchronous baseline on the same machine and thread budget.
+
+    python benchmarks/asyncflow.py                 # CPU default: 40 GRPO steps per mode, ~3 min
+    python benchmarks/asyncflow.py --steps 80 --workers 1
+
+Both modes run ``examples/grpo.py`` through ``ds-ext`` on the addition task (reference model, Prefix Grouper on,
+G = 8, 16 prompts per step, responses of at most 8 tokens, DAPO normalisation), from the same supervised warm
+start, with the same total threads: sync = 1 process x (1 + workers) threads, generation then training, each phase
+with every thread; async = 1 trainer process + ``--workers`` rollout processes, 1 thread each, overlapping through
+the transfer queue with ``--staleness`` k. Reported: samples (responses) per second, the trainer's idle fraction,
+mean reward of the last 5 steps (after the same number of samples; +- its binomial standard error), and the
+staleness histogram. The trainer process generates too whenever the queue has nothing for it. "Ideal" = the sync
+step time over (async generation + training thread-seconds) / threads per step: what perfect packing of the
+measured one-thread work would give; it exceeds 1 because one-thread phases use a core better than two-thread ones. TRL's GRPOTrainer runs only when ``trl``
+is installed (it is not a dependency); otherwise ``throughput_ratio_vs_trl`` is absent.
+Prints a table, writes a PNG and prints one JSON object as its last line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--workers", type=int, default=1, help="rollout processes in async mode")
+    p.add_argument("--staleness", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "asyncflow.png"))
+    return p.parse_args(argv)
+
+
+def run_mode(name: str, staleness: int, procs: int, args, work: str) -> dict:
+    with open(os.path.join(ROOT, "configs", "grpo_async.json")) as f:
+        config = json.load(f)
+    config.pop("csv_monitor", None)
+    config["ds_ext"]["asyncflow"]["max_staleness"] = staleness
+    path = os.path.join(work, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--config", path,
+           os.path.join(ROOT, "examples", "grpo.py"), "--steps", str(args.steps),
+           "--sft_cache", os.path.join(ROOT, "runs", "grpo_sft.pt"), "--plot", os.path.join(work, f"{name}.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def stderr(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 1e-12) / n)
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    modes = ["sync", "async"]
+    a.bar(modes, [res[m]["samples_per_s"] for m in modes], color=["grey", "tab:green"])
+    a.set_ylabel("samples / s")
+    a.set_title(f"throughput, {res['threads_total']} threads in total")
+    hist = res["async"]["lag_histogram"]
+    b.bar([int(k) for k in hist], list(hist.values()), color="tab:green")
+    b.set_xlabel("policy lag of trained samples (steps)")
+    b.set_ylabel("groups")
+    b.set_title(f"staleness, max_staleness={res['staleness']}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    work = tempfile.mkdtemp(prefix="ds_ext_asyncflow_bench_")
+    threads = 1 + args.workers
+    sync = run_mode("sync", 0, 1, args, work)
+    asyn = run_mode("async", args.staleness, 1 + args.workers, args, work)
+    samples = args.steps * 16 * 8
+    per_step_sync = sync["train_loop_s"] / args.steps
+    # perfect packing of the async run's measured one-thread work (generation + training) on all threads
+    ideal_async_step = (asyn["generate_s"] + asyn["train_busy_s"]) / threads / args.steps
+    res = {"sync": sync, "async": asyn, "threads_total": threads, "processes_sync": 1,
+           "processes_async": 1 + args.workers, "staleness": args.staleness, "steps": args.steps,
+           "samples": samples,
+           "throughput_ratio_async_vs_sync": asyn["samples_per_s"] / sync["samples_per_s"],
+           "throughput_ratio_ideal_overlap": per_step_sync / ideal_async_step,
+           "reward_sync": sync["reward_last5"], "reward_async": asyn["reward_last5"],
+           "reward_stderr": stderr(sync["reward_last5"], 5 * 128),
+           "max_observed_staleness": asyn["max_observed_staleness"],
+           "trl": "not installed" if importlib.util.find_spec("trl") is None else "installed, not wired yet"}
+    print(f"threads in total: {threads} (sync: 1 process x {threads} threads; async: {1 + args.workers} processes "
+          f"x 1 thread)")
+    print(f"{'mode':<7}{'samples/s':>11}{'trainer idle':>14}{'generate s':>12}{'reward first5':>15}"
+          f"{'reward last5':>14}{'max lag':>9}")
+    for m, r in (("sync", sync), ("async", asyn)):
+        print(f"{m:<7}{r['samples_per_s']:>11.1f}{r['trainer_idle_fraction']:>14.2f}{r['generate_s']:>12.1f}"
+              f"{r['reward_first5']:>15.3f}{r['reward_last5']:>14.3f}{r['max_observed_staleness']:>9}")
+    print(f"async / sync throughput {res['throughput_ratio_async_vs_sync']:.2f} (ideal overlap of the measured "
+          f"phases {res['throughput_ratio_ideal_overlap']:.2f}); reward after {samples} samples: sync "
+          f"{res['reward_sync']:.3f}, async {res['reward_async']:.3f} (+-{res['reward_stderr']:.3f}); staleness "
+          f"histogram {asyn['lag_histogram']}; TRL: {res['trl']}")
+    plot(res, args.out)
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
