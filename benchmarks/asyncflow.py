@@ -70,7 +70,8 @@ def plot(res: dict, path: str) -> None:
     a.set_title(f"throughput, {res['threads_total']} threads in total")
     hist = res["async"]["lag_histogram"]
     b.bar([int(k) for k in hist], list(hist.values()), color="tab:green")
-    b.set_xlabel("policy lag of trained samples (steps)")
+    b.set_xticks(sorted(int(k) for k in hist))
+    b.set_xlabel("policy lag of trained groups (steps)")
     b.set_ylabel("groups")
     b.set_title(f"staleness, max_staleness={res['staleness']}")
     fig.tight_layout()
