@@ -39,10 +39,15 @@ def main(argv=None):
     trainer = example.Trainer(args, engine, train_set, eval_set, topology)
     trainer.start_data(0)
     losses, evals, t0 = [], [], time.perf_counter()
+    os.makedirs(own.out, exist_ok=True)
+    # the eval curve also goes out line by line: a run stopped at a time cap still has it
+    curve = open(os.path.join(own.out, f"rank{rank}.evals.jsonl"), "w")
     for step in range(1, args.max_steps + 1):
         losses.append(trainer.step())
         if step % args.eval_interval == 0 or step == args.max_steps:
             evals.append((step, time.perf_counter() - t0, trainer.eval_loss()))
+            curve.write(json.dumps(evals[-1]) + "\n")
+            curve.flush()
     seconds = time.perf_counter() - t0
     counter.uninstall()
     os.makedirs(own.out, exist_ok=True)
