@@ -1,6 +1,5 @@
 """The emulated-host benchmark cleans up after itself: no namespace, link or qdisc is left behind, after a normal
 run and after SIGTERM. Runs only as root with iproute2/tc and network namespaces (skipped otherwise, with why)."""
-import os
 import signal
 import subprocess
 import sys

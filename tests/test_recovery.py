@@ -67,7 +67,6 @@ def _train_body(stage, journal_dir, steps, kill=None):
     """Train to ``steps`` (resuming from the journal if one is there). ``kill=(victim, step, where)``: the victim
     kills itself with SIGKILL in step ``step`` (``where="forward"``: inside that step's forward; ``"base"``: while
     writing the base of that step)."""
-    import deepspeed
     import ds_ext
     from ds_ext.models import LlamaForCausalLM, ModelConfig
     rank = int(os.environ["RANK"])

@@ -1,6 +1,5 @@
 """The journal's record format and directory handling, without processes: round trips, damage detection,
 retention of bases and segments, and the config rules."""
-import json
 import os
 
 import pytest
