@@ -185,7 +185,7 @@ class JournalWriter:
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
         self._committed = sorted(set(self._committed) | {step})[-self.keep_bases:]
-        write_manifest(self.rank_dir, {"version": 1, "layout": self.layout, "bases": self._committed})
+        self._write_manifest()
         self.stats.bases += 1
         self.stats.base_bytes += sum(b.nbytes for b in buffers)
         self.stats.base_write_s += time.perf_counter() - t
@@ -216,8 +216,11 @@ class JournalWriter:
             if m and int(m.group(1)) > step:
                 os.remove(os.path.join(self.rank_dir, name))
         self._committed = [b for b in self._committed if b <= step]
-        write_manifest(self.rank_dir, {"version": 1, "layout": self.layout, "bases": self._committed})
+        self._write_manifest()
         self.start_segment(step + 1)
+
+    def _write_manifest(self) -> None:
+        write_manifest(self.rank_dir, {"version": 1, "layout": self.layout, "bases": self._committed})
 
     def flush(self) -> None:
         """Wait for every queued record and base."""

@@ -28,8 +28,9 @@ def _hyper(group: dict) -> Dict[str, Any]:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    version, internal, gauss = random.getstate()  # one copy of the 625-word state per step, not three
+    state = {"torch": torch.get_rng_state(), "python": list(internal), "python_version": version,
+             "python_gauss": gauss}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
