@@ -11,7 +11,7 @@ def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object
     """Attach every enabled feature (collective: all ranks call it right after the engine is built).
 
     Order: StreamBP (changes the model's backward), Prefix Grouper (its input hook), then NoLoCo (its outer step runs after the inner optimizer
-    step), then Recovery last (its record holds the step's final state, and it resumes every feature's state). With every feature off nothing is attached and the engine is stock DeepSpeed.
+    step), then checkpoint-free recovery (it may rebuild the step's state), then Recovery last (its record holds the step's final state, and it resumes every feature's state, asking checkpoint-free recovery for ranks whose journal is gone). With every feature off nothing is attached and the engine is stock DeepSpeed.
     """
     attached = []
     if ext.streambp.enabled:
@@ -27,6 +27,9 @@ def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object
     if ext.noloco.enabled:
         from ds_ext.noloco.feature import apply_noloco
         attached.append(apply_noloco(engine, ext.noloco, topology))
+    if ext.recovery.checkpoint_free.enabled:
+        from ds_ext.checkfree.feature import apply_checkfree
+        attached.append(apply_checkfree(engine, ext.recovery.checkpoint_free, topology))
     if ext.recovery.active:
         from ds_ext.recovery.feature import apply_recovery
         attached.append(apply_recovery(engine, ext.recovery))

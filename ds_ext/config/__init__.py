@@ -91,7 +91,8 @@ class DsExtConfig(ExtSection):
     @property
     def any_feature_enabled(self) -> bool:
         """Whether any feature section is on; with none, the engine is stock DeepSpeed bit for bit."""
-        return self.noloco.enabled or self.streambp.enabled or self.prefix_grouper.enabled or self.recovery.active
+        return (self.noloco.enabled or self.streambp.enabled or self.prefix_grouper.enabled or self.recovery.active
+                or self.recovery.checkpoint_free.enabled)
 
     def ranks_per_replica(self, world_size: int) -> int:
         """Ranks per replica: the topology's or NoLoCo's value; NoLoCo with neither makes every rank a replica."""

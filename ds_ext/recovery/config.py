@@ -3,6 +3,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
+from ds_ext.checkfree.config import CheckpointFreeConfig
 from ds_ext.config.base import ExtSection
 
 
@@ -37,6 +38,10 @@ class RecoveryConfig(ExtSection):
     resume: bool = True
     """Resume from the journal found in ``journal_dir`` at start. ``false``: refuse to start over an existing
     journal (an error naming the directory), so nothing is overwritten by accident."""
+
+    checkpoint_free: CheckpointFreeConfig = Field(default_factory=CheckpointFreeConfig)
+    """Rebuild a rank whose journal is gone too from a surviving replica or its neighbouring pipeline stages
+    (see :class:`ds_ext.checkfree.config.CheckpointFreeConfig`). Works with or without ``journal_dir``."""
 
     @property
     def active(self) -> bool:

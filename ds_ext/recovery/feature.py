@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,7 @@ class RecoveryFeature:
         self.resumed_step: Optional[int] = None
         self.damage: list = []  # what the resume scan found torn or corrupt (messages), for logs and callers
         self.resume_s = 0.0
+        self._base_due = False  # after a rebuild: the next commit is a base of the rebuilt state
         self._hook = engine.module.register_forward_pre_hook(self._before_forward)
         self.state.on_grad = self._write_grad
 
@@ -70,12 +71,21 @@ class RecoveryFeature:
 
     def _record(self, engine, applied: bool) -> None:
         step = engine.global_steps
-        payloads = {f.name: f.journal_payload() for f in self._journaled_features()}
-        payloads = {k: v for k, v in payloads.items() if v is not None}
+        if self._base_due:
+            self.state.take_captured()
+            self._journaled_payloads()
+            self._base_due = False
+            self._submit_base(step)
+            return
+        payloads = self._journaled_payloads()
         self.writer.append(step, {"applied": applied, "groups": self.state.take_captured(),
                                   "state": self.state.step_state(), "features": payloads})
         if step % self.cfg.base_interval == 0:
             self._submit_base(step)
+
+    def _journaled_payloads(self) -> Dict[str, Any]:
+        payloads = {f.name: f.journal_payload() for f in self._journaled_features()}
+        return {k: v for k, v in payloads.items() if v is not None}
 
     def _before_forward(self, module, args) -> None:
         self.writer.wait_written()
@@ -100,18 +110,29 @@ class RecoveryFeature:
         for damage in scanned.damage:
             log.warning("ds_ext::recovery rank %d: %s; that record and those after it in its segment are not used",
                         self.rank, damage)
-        target = agree_on_step(scanned.newest_reachable())
+        rebuilder = self._rebuilder()
+        target, lost = agree_on_step(scanned.newest_reachable(), allow_lost=rebuilder is not None)
         self.writer = journal.JournalWriter(self.dir, self.layout, self.cfg.fsync, self.cfg.fsync_interval,
                                             self.cfg.keep_bases)
         write_export_meta(self.dir, export_meta(self.engine))
         if target is None:
             self._submit_base(self.engine.global_steps)
             return
-        self._replay_to(scanned, target)
-        self.writer.truncate_after(target, scanned)
+        if self.rank not in lost:
+            self._replay_to(scanned, target, refresh=not lost)
+            self.writer.truncate_after(target, scanned)
+        if lost:
+            log.warning("ds_ext::recovery rank %d: ranks %s have no journal; survivors resume at step %d and "
+                        "rebuild them without a checkpoint", self.rank, sorted(lost), target)
+            rebuilder.rebuild(lost)
+            if self.rank in lost:
+                self._submit_base(self.engine.global_steps)
         self.resumed_step, self.resume_s = target, time.perf_counter() - t
-        log.warning("ds_ext::recovery rank %d resumed at step %d from %s (%.2f s)", self.rank, target, self.dir,
-                    self.resume_s)
+        log.warning("ds_ext::recovery rank %d resumed at step %d from %s (%.2f s)", self.rank, target,
+                    "a live rank" if self.rank in lost else self.dir, self.resume_s)
+
+    def _rebuilder(self):
+        return next((f for f in self.engine.ds_ext_features if f.name == "checkpoint_free"), None)
 
     def _check_layout(self, scanned: journal.JournalScan) -> None:
         if scanned.layout is None:
@@ -124,20 +145,29 @@ class RecoveryFeature:
                                 f"this run has {self.layout}. Use another ds_ext.recovery.journal_dir, or export "
                                 "it first with python -m ds_ext.recovery export")
 
-    def _replay_to(self, scanned: journal.JournalScan, target: int) -> None:
+    def _replay_to(self, scanned: journal.JournalScan, target: int, refresh: bool = True) -> None:
         features = {f.name: f for f in self._journaled_features()}
-        replay_journal(self.state, scanned, target, features, self.engine.ds_ext_load_state_dict)
+        replay_journal(self.state, scanned, target, features, self.engine.ds_ext_load_state_dict, refresh)
 
     # -- other engine events ------------------------------------------------------------------------------------
     def after_load_checkpoint(self, engine) -> None:
         """A DeepSpeed checkpoint replaced the state: the old journal is moved aside and a new one begins."""
-        self.writer.flush()
-        aside = f"{self.dir}.replaced.{int(time.time())}"
+        self._set_journal_aside("replaced", "load_checkpoint")
+        self._submit_base(engine.global_steps)
+
+    def after_state_lost(self, engine) -> None:
+        """An injected failure took this rank's state and disk (checkpoint-free recovery): the journal is moved
+        aside as if gone, and the commit of this step is a base of the rebuilt state."""
+        self._set_journal_aside("lost", "injected failure")
+        self._base_due = True
+
+    def _set_journal_aside(self, suffix: str, why: str) -> None:
+        self.writer.close()
+        aside = f"{self.dir}.{suffix}.{time.time_ns()}"
         os.replace(self.dir, aside)
-        log.warning("ds_ext::recovery rank %d: load_checkpoint: journal moved to %s", self.rank, aside)
+        log.warning("ds_ext::recovery rank %d: %s: journal moved to %s", self.rank, why, aside)
         self.writer = journal.JournalWriter(self.dir, self.layout, self.cfg.fsync, self.cfg.fsync_interval,
                                             self.cfg.keep_bases)
-        self._submit_base(engine.global_steps)
 
     def metrics(self) -> Dict[str, float]:
         s = self.writer.stats
@@ -164,7 +194,7 @@ def _clone_tensors(tree):
 
 
 def replay_journal(state: ZeroPartitionState, scanned: journal.JournalScan, target: int,
-                   features: Optional[Dict[str, Any]] = None, load_feature_states=None) -> None:
+                   features: Optional[Dict[str, Any]] = None, load_feature_states=None, refresh: bool = True) -> None:
     """Load the newest base at or before ``target`` into ``state`` (and the features' states of that base through
     ``load_feature_states``), then replay the records up to ``target`` (collective inside the ZeRO group: the
     low-precision params are gathered at the end). Feature payloads go to ``features[name].journal_replay``."""
@@ -183,23 +213,27 @@ def replay_journal(state: ZeroPartitionState, scanned: journal.JournalScan, targ
                                     "replay (is that feature on?)")
             features[name].journal_replay(payload)
         state.restore_step_state(rec["state"])
-    state.refresh_low_precision()
+    if refresh:  # else the caller refreshes later, together with ranks that are rebuilt
+        state.refresh_low_precision()
     log.info("ds_ext::recovery %s: base %d + %d records", scanned.rank_dir, base_step, len(steps))
 
 
-def agree_on_step(newest: int) -> Optional[int]:
-    """The newest step every rank can reach (``None``: no rank has a journal). A rank without a journal while
-    others have one is an error: its partition cannot be rebuilt from its own disk."""
-    t = torch.tensor([newest, -newest], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    lowest, highest = int(t[0]), -int(t[1])
-    if highest < 0:
-        return None
-    if lowest < 0:
-        raise RecoveryError(f"rank {dist.get_rank()}: some ranks have no usable journal while others reach step "
-                            f"{highest}; a rank's partition cannot be rebuilt from its own disk (was a node "
-                            "replaced?). Restore those ranks' journal directories, or start from a checkpoint")
-    return lowest
+def agree_on_step(newest: int, allow_lost: bool = False) -> Tuple[Optional[int], Set[int]]:
+    """The newest step every rank with a journal can reach (``None``: no rank has one) and the ranks without a
+    journal. Those are an error unless ``allow_lost`` (checkpoint-free recovery rebuilds them from live ranks)."""
+    steps = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(steps, torch.tensor([newest], dtype=torch.int64))
+    steps = [int(s) for s in steps]
+    reached = [s for s in steps if s >= 0]
+    if not reached:
+        return None, set()
+    lost = {r for r, s in enumerate(steps) if s < 0}
+    if lost and not allow_lost:
+        raise RecoveryError(f"rank {dist.get_rank()}: ranks {sorted(lost)} have no usable journal while others "
+                            f"reach step {max(reached)}; a rank's partition cannot be rebuilt from its own disk "
+                            "(was a node replaced?). Restore those ranks' journal directories, start from a "
+                            "checkpoint, or turn on ds_ext.recovery.checkpoint_free")
+    return min(reached), lost
 
 
 def apply_recovery(engine, cfg: RecoveryConfig) -> RecoveryFeature:

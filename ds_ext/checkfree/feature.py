@@ -1,0 +1,203 @@
+"""The checkpoint-free recovery engine feature: per-stage gradient norms, (de)embedding replicas, failure injection,
+and the collective rebuild of lost ranks.
+
+Call order per optimizer step (attached before the journal, after NoLoCo): the inner optimizer's step pre-hook adds
+this rank's squared gradient partition to the stage's norm and, on a rebuilt stage, scales the learning rate by
+``lr_scale`` for that step (post-hook restores it) -> :meth:`CheckFreeFeature.after_optimizer_step`: the stage norm
+is reduced over the stage's data-parallel group, every ``replicate_ends_interval`` steps the end stages send their
+non-layer parameters to their neighbour, then injected failures happen and are rebuilt -> the journal records the
+step (a rebuilt rank's journal starts over from a base of its new state).
+
+:meth:`rebuild` is collective over the world: every rank computes the same plan
+(:func:`ds_ext.checkfree.rules.plan_rebuilds`), sources send point to point, lost ranks apply, then every ZeRO
+group refreshes its low-precision params. It also serves the journal's resume when some ranks' journals are gone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional, Set
+
+import torch
+import torch.distributed as dist
+
+from ds_ext.checkfree.config import CheckpointFreeConfig
+from ds_ext.checkfree.rank_state import RankState, recv_obj, send_obj, wait_all
+from ds_ext.checkfree.rules import NEIGHBOURS, PARTNER, PEER, Rebuild, failures_at, neighbour_average, plan_rebuilds
+
+log = logging.getLogger("ds_ext.checkfree")
+
+
+class CheckFreeFeature:
+    """One rank's part of checkpoint-free recovery (see the module docstring)."""
+
+    name = "checkpoint_free"
+
+    def __init__(self, cfg: CheckpointFreeConfig, engine, topology, rank: int):
+        self.cfg, self.engine, self.topology, self.rank = cfg, engine, topology, rank
+        self.replica, self.stage, self.data = topology.coords(rank)
+        self.pipelined = topology.pipeline_stages > 1
+        self.state = RankState(engine, cfg.layer_class if self.pipelined else None)
+        self.grad_norm, self._sq = 0.0, 0.0
+        self.lr_scaled = False
+        self.end_replicas: Dict[str, torch.Tensor] = {}  # neighbouring end stages' non-layer params (CheckFree+)
+        self.counters = {"failures": 0, PEER: 0, NEIGHBOURS: 0, PARTNER: 0, "rebuild_s": 0.0}
+        self._journal: Optional[dict] = None
+        self._saved_lr: list = []
+        self._hooks = [self.state.inner.register_step_pre_hook(self._pre_step),
+                       self.state.inner.register_step_post_hook(self._post_step)]
+
+    # -- optimizer hooks ---------------------------------------------------------------------------------------
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            self._sq += float(sum(g.double().pow(2).sum() for g in grads))
+        self._saved_lr = [g["lr"] for g in optimizer.param_groups]
+        if self.lr_scaled:
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.cfg.lr_scale
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        for g, lr in zip(optimizer.param_groups, self._saved_lr):
+            g["lr"] = lr
+
+    # -- per step ----------------------------------------------------------------------------------------------
+    def after_optimizer_step(self, engine) -> None:
+        step = engine.global_steps
+        replicated = None
+        if self.pipelined:
+            self._reduce_grad_norm(engine)
+            if step % self.cfg.replicate_ends_interval == 0:
+                replicated = self.replicate_ends()
+        self._journal = {"grad_norm": self.grad_norm, "lr_scaled": self.lr_scaled, "end_replicas": replicated}
+        inject = self.cfg.inject
+        victims = failures_at(step, inject.at, inject.stage_failure_rate_per_hour, inject.nominal_step_time_s,
+                              inject.seed, self.topology)
+        if victims:
+            self.fail_and_rebuild(victims)
+
+    def after_skipped_step(self, engine) -> None:
+        self._sq = 0.0
+
+    def _reduce_grad_norm(self, engine) -> None:
+        sq = torch.tensor([self._sq], dtype=torch.float64)
+        group = getattr(engine, "data_parallel_group", None)
+        if self.topology.data_parallel_size > 1:
+            dist.all_reduce(sq, group=group)
+        self.grad_norm, self._sq = float(sq.sqrt()), 0.0
+
+    def replicate_ends(self) -> Dict[str, torch.Tensor]:
+        """CheckFree+: the first and last stage send their non-layer params to their one neighbour (p2p inside
+        the replica). Returns what this rank received (empty if nothing)."""
+        last = self.topology.pipeline_stages - 1
+        targets = {0: 1, last: last - 1}
+        handles = []
+        if self.stage in targets:
+            handles += send_obj(self.state.end_state(), self._rank_at(targets[self.stage]))
+        received = {}
+        for src_stage, dst_stage in targets.items():
+            if dst_stage == self.stage:
+                received.update(recv_obj(self._rank_at(src_stage)))
+        wait_all(handles)
+        self.end_replicas.update(received)
+        return received
+
+    def _rank_at(self, stage: int) -> int:
+        return self.topology.rank_of(self.replica, stage, self.data)
+
+    # -- failures and rebuilds ---------------------------------------------------------------------------------
+    def fail_and_rebuild(self, victims: Set[int]) -> None:
+        """Injected failure (collective): the victims lose their memory and disk, then everyone rebuilds them."""
+        self.counters["failures"] += 1
+        log.warning("ds_ext::checkpoint_free step %d: ranks %s fail (state and local disk lost)",
+                    self.engine.global_steps, sorted(victims))
+        if self.rank in victims:
+            self.state.wipe()
+            self.grad_norm, self.lr_scaled, self.end_replicas = 0.0, False, {}
+            self.engine._call_features("after_state_lost")
+        self.rebuild(victims)
+
+    def rebuild(self, lost: Set[int]) -> Rebuild:
+        """Rebuild the ``lost`` ranks from live ones (collective over the world; see the module docstring)."""
+        t = time.perf_counter()
+        plans = plan_rebuilds(self.topology, set(lost), shards_identical_in_replica=self.state.zero is None)
+        handles = []
+        for plan in plans:
+            if self.rank in plan.sources:
+                handles += send_obj(self._payload(plan), plan.rank)
+        mine = next((p for p in plans if p.rank == self.rank), None)
+        if mine is not None:
+            self._apply(mine, [recv_obj(src) for src in mine.sources])
+        wait_all(handles)
+        self.state.refresh()
+        elapsed = time.perf_counter() - t
+        self.counters["rebuild_s"] += elapsed
+        for plan in plans:
+            log.warning("ds_ext::checkpoint_free rank %d rebuilt by %s from rank(s) %s in %.2f s", plan.rank,
+                        plan.kind, list(plan.sources), elapsed)
+        return mine
+
+    def _payload(self, plan: Rebuild) -> dict:
+        if plan.kind == PEER:
+            return {**self.state.snapshot(), "checkpoint_free": self.state_dict()}
+        payload = {"body": self.state.body_state(), "grad_norm": self.grad_norm, "step": self.state.step_state()}
+        if plan.kind == PARTNER:
+            payload["ends"] = self.end_replicas
+        return payload
+
+    def _apply(self, plan: Rebuild, payloads: list) -> None:
+        self.counters[plan.kind] += 1
+        if plan.kind == PEER:
+            counters = dict(self.counters)
+            self.state.restore(payloads[0])
+            self.load_state_dict(payloads[0]["checkpoint_free"])
+            self.counters = counters
+            return
+        if plan.kind == NEIGHBOURS:
+            prev, nxt = payloads
+            body = neighbour_average(prev["body"], nxt["body"], prev["grad_norm"], nxt["grad_norm"],
+                                     self.cfg.norm_eps)
+            self.state.load_stage(body, {})
+            self.grad_norm = 0.5 * (prev["grad_norm"] + nxt["grad_norm"])
+        else:
+            self.state.load_stage(payloads[0]["body"], payloads[0]["ends"])
+            self.grad_norm = payloads[0]["grad_norm"]
+        self.state.restore_step_state(payloads[0]["step"])
+        self.lr_scaled = True
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def journal_payload(self) -> Optional[dict]:
+        payload, self._journal = self._journal, None
+        return payload
+
+    def journal_replay(self, payload: dict) -> None:
+        self._sq = 0.0  # the replayed optimizer steps passed through the pre-hook
+        self.grad_norm, self.lr_scaled = float(payload["grad_norm"]), bool(payload["lr_scaled"])
+        self.end_replicas.update(payload.get("end_replicas") or {})
+
+    def state_dict(self) -> dict:
+        return {"grad_norm": self.grad_norm, "lr_scaled": self.lr_scaled,
+                "end_replicas": {k: v.clone() for k, v in self.end_replicas.items()},
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._sq = 0.0
+        self.grad_norm, self.lr_scaled = float(sd["grad_norm"]), bool(sd["lr_scaled"])
+        self.end_replicas = dict(sd["end_replicas"])
+        self.counters.update(sd.get("counters", {}))
+
+    def metrics(self) -> Dict[str, float]:
+        return {**{k: float(v) for k, v in self.counters.items()}, "grad_norm": self.grad_norm,
+                "lr_scaled": float(self.lr_scaled)}
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.state.close()
+
+
+def apply_checkfree(engine, cfg: CheckpointFreeConfig, topology) -> CheckFreeFeature:
+    """Attach checkpoint-free recovery to a ds_ext engine (all ranks; before the journal)."""
+    feature = CheckFreeFeature(cfg, engine, topology, dist.get_rank())
+    engine.attach_feature(feature)
+    return feature
