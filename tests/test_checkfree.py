@@ -247,3 +247,69 @@ def test_end_stages_are_rebuilt_from_their_partner_and_its_replica_of_the_embedd
         assert torch.equal(w, third["before"]["replicas"][name]), name
     assert res[0]["metrics"]["partner"] == 1 and res[3]["metrics"]["partner"] == 1
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in res)
+
+
+# -- kill -9 with the disk gone: relaunch rebuilds from live ranks -----------------------------------------------------
+def _journaled_body(layout, journal_dir, steps, kill=None):
+    """``layout="noloco"``: 2 NoLoCo replicas x 1 rank (plain model); ``"pipeline"``: 4 stages (PipelineEngine).
+    Both ZeRO-1, journaled, checkpoint-free on. The victim dies with SIGKILL at the start of step ``kill[1]``."""
+    import deepspeed
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig, llama_pipeline
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = int(os.environ["RANK"])
+    ext = {"recovery": {"journal_dir": journal_dir, "base_interval": 3,
+                        "checkpoint_free": {"enabled": True, "replicate_ends_interval": 1}}}
+    ext.update({"noloco": {"enabled": True, "inner_steps": 4, "ranks_per_replica": 1}} if layout == "noloco"
+               else {"topology": {"pipeline_stages": 4}})
+    cfg = ds_config(1, ext, gas=2)
+    topo = ds_ext.build_topology(cfg)
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(ModelConfig(**TINY)) if layout == "noloco"
+             else llama_pipeline(ModelConfig(**TINY), topology=topo.process_topology()))
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=cfg, topology=topo)
+    start = engine.global_steps
+    at_start = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    features = {f.name: f for f in engine.ds_ext_features}
+    for step in range(start + 1, steps + 1):
+        if kill and kill[0] == rank and kill[1] == step:
+            features["recovery"].writer.wait_written()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if layout == "noloco":
+            for micro in range(2):
+                engine.backward(engine(*text_batch(rank, step, micro)))
+                engine.step()
+        else:
+            engine.train_batch(iter([text_batch(0, step, m) for m in range(2)]))
+    out = {"start": start, "at_start": at_start, "metrics": engine.ds_ext_metrics(),
+           "weights": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+    engine.ds_ext_close()
+    return out
+
+
+@pytest.mark.parametrize("layout,victim,kind", [("noloco", 1, "peer"), ("pipeline", 2, "neighbours")])
+def test_kill_9_with_its_journal_deleted_is_rebuilt_from_live_ranks_at_relaunch(layout, victim, kind, tmp_path):
+    """The victim is killed at step 6 and its journal directory deleted (the node's disk is gone). The relaunch
+    resumes every other rank from its journal at step 5 (no lost step) and rebuilds the victim without any
+    checkpoint: a copy of the other NoLoCo replica, or the CheckFree average of pipeline stages 1 and 3."""
+    import shutil
+    from ds_ext.recovery.feature import rank_dir
+    world, steps, kill_step = (2, 8, 6) if layout == "noloco" else (4, 8, 6)
+    journal_dir = str(tmp_path / "journal")
+    run_distributed(_journaled_body, world, args=(layout, journal_dir, steps, (victim, kill_step)), timeout=400,
+                    may_die=tuple(range(world)), group_dies_with=True)
+    shutil.rmtree(rank_dir(journal_dir, victim))
+    resumed = run_distributed(_journaled_body, world, args=(layout, journal_dir, steps + 3), timeout=400)
+    # A pipeline runs in lockstep: everyone stopped at step 5. A NoLoCo replica does not wait for a dead partner
+    # (its exchange times out), so the survivor may have gone further; the rebuilt replica joins it there.
+    survivor_step = resumed[0]["start"]
+    assert survivor_step == kill_step - 1 if layout == "pipeline" else survivor_step >= kill_step - 1
+    for rank in range(world):
+        assert resumed[rank]["start"] == survivor_step, f"rank {rank} resumed at {resumed[rank]['start']}"
+        assert resumed[rank]["metrics"]["recovery/resumed_step"] == survivor_step
+        assert all(torch.isfinite(w).all() for w in resumed[rank]["weights"].values())
+    assert resumed[victim]["metrics"][f"checkpoint_free/{kind}"] == 1
+    if layout == "noloco":  # the copy is bit-exact: both replicas start the resumed run from rank 0's state
+        for name, w in resumed[0]["at_start"].items():
+            assert torch.equal(w, resumed[victim]["at_start"][name]), name
+    assert os.path.isdir(rank_dir(journal_dir, victim)), "the rebuilt rank must journal again"
