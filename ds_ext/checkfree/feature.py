@@ -140,10 +140,14 @@ class CheckFreeFeature:
     def _payload(self, plan: Rebuild) -> dict:
         if plan.kind == PEER:
             return {**self.state.snapshot(), "checkpoint_free": self.state_dict()}
-        payload = {"body": self.state.body_state(), "grad_norm": self.grad_norm, "step": self.state.step_state()}
+        payload = {"body": self.state.body_state(), "grad_norm": self.grad_norm, "step": self.state.step_state(),
+                   "own_ends": self.state.end_state() if self._is_end_stage() else {}}
         if plan.kind == PARTNER:
             payload["ends"] = self.end_replicas
         return payload
+
+    def _is_end_stage(self) -> bool:
+        return self.pipelined and self.stage in (0, self.topology.pipeline_stages - 1)
 
     def _apply(self, plan: Rebuild, payloads: list) -> None:
         self.counters[plan.kind] += 1
@@ -164,6 +168,8 @@ class CheckFreeFeature:
             self.grad_norm = payloads[0]["grad_norm"]
         self.state.restore_step_state(payloads[0]["step"])
         self.lr_scaled = True
+        for p in payloads:  # a rebuilt neighbour of an end stage holds that stage's replica again at once
+            self.end_replicas.update(p["own_ends"])
 
     # -- state -------------------------------------------------------------------------------------------------
     def journal_payload(self) -> Optional[dict]:
@@ -200,4 +206,6 @@ def apply_checkfree(engine, cfg: CheckpointFreeConfig, topology) -> CheckFreeFea
     """Attach checkpoint-free recovery to a ds_ext engine (all ranks; before the journal)."""
     feature = CheckFreeFeature(cfg, engine, topology, dist.get_rank())
     engine.attach_feature(feature)
+    if feature.pipelined:
+        feature.replicate_ends()  # an end stage can be rebuilt from the first step on
     return feature
