@@ -25,6 +25,7 @@ setup(
         "hf": ["transformers"],
         "megatron": ["megatron-core==0.16.1", "einops"],
         "mpi": ["mpi4py"],
+        "trl": ["trl"],
     },
     entry_points={"console_scripts": ["ds-ext = ds_ext.launch:cli"]},
 )

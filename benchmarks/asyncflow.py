@@ -9,10 +9,14 @@ start, with the same total threads: sync = 1 process x (1 + workers) threads, ge
 with every thread; async = 1 trainer process + ``--workers`` rollout processes, 1 thread each, overlapping through
 the transfer queue with ``--staleness`` k. Reported: samples (responses) per second, the trainer's idle fraction,
 mean reward of the last 5 steps (after the same number of samples; +- its binomial standard error), and the
-staleness histogram. The trainer process generates too whenever the queue has nothing for it. "Ideal" = the sync
+staleness histogram. Then the peer-comparable setting (``--peer_steps``): examples/grpo.py ``--peer`` (a
+transformers LlamaForCausalLM of the same size, prompts "a+b=" with 2-digit numbers, no instruction, Prefix Grouper
+off) sync and async, and TRL's GRPOTrainer (benchmarks/asyncflow_trl.py: same model, warm start, ids, prompts, G,
+batch, lengths, loss) in one process with all the threads. The trainer process generates too whenever the queue has nothing for it. "Ideal" = the sync
 step time over (async generation + training thread-seconds) / threads per step: what perfect packing of the
-measured one-thread work would give; it exceeds 1 because one-thread phases use a core better than two-thread ones. TRL's GRPOTrainer runs only when ``trl``
-is installed (it is not a dependency); otherwise ``throughput_ratio_vs_trl`` is absent.
+measured one-thread work would give; it exceeds 1 because one-thread phases use a core better than two-thread ones.
+TRL runs only when ``trl`` is installed (``pip install -e .[trl]``; not a dependency); otherwise
+``throughput_ratio_vs_trl`` is absent.
 Prints a table, writes a PNG and prints one JSON object as its last line.
 """
 from __future__ import annotations
@@ -34,25 +38,56 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=1, help="rollout processes in async mode")
     p.add_argument("--staleness", type=int, default=1)
+    p.add_argument("--peer_steps", type=int, default=10, help="GRPO steps of the peer-comparable setting (0: skip)")
+    p.add_argument("--peer_sft_steps", type=int, default=400, help="warm-start steps of the peer setting's model")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "asyncflow.png"))
     return p.parse_args(argv)
 
 
-def run_mode(name: str, staleness: int, procs: int, args, work: str) -> dict:
+def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int = None, extra=()) -> dict:
+    steps = steps or args.steps
     with open(os.path.join(ROOT, "configs", "grpo_async.json")) as f:
         config = json.load(f)
     config.pop("csv_monitor", None)
     config["ds_ext"]["asyncflow"]["max_staleness"] = staleness
+    if "--peer" in extra:  # TRL's trainer has no prefix grouping: the peer setting compares plain attention
+        config["ds_ext"]["prefix_grouper"]["enabled"] = False
     path = os.path.join(work, f"{name}.json")
     with open(path, "w") as f:
         json.dump(config, f)
     cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--config", path,
-           os.path.join(ROOT, "examples", "grpo.py"), "--steps", str(args.steps),
-           "--sft_cache", os.path.join(ROOT, "runs", "grpo_sft.pt"), "--plot", os.path.join(work, f"{name}.png")]
+           os.path.join(ROOT, "examples", "grpo.py"), "--steps", str(steps),
+           "--sft_cache", os.path.join(ROOT, "runs", "grpo_sft.pt"), "--plot", os.path.join(work, f"{name}.png"),
+           *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def run_trl(args, threads: int) -> dict:
+    """TRL's GRPOTrainer on the peer setting, from the warm start examples/grpo.py --peer cached."""
+    state = os.path.join(ROOT, "runs", f"grpo_sft.pt.hf.10-99.0.128x4.{args.peer_sft_steps}.0")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "asyncflow_trl.py"), "--steps", str(args.peer_steps),
+           "--threads", str(threads), "--sft_state", state]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def run_peer(args, work: str, threads: int) -> dict:
+    """The peer-comparable setting: HF Llama, 'a+b=' with 2-digit numbers, G=8, 16 prompts, <= 8 new tokens;
+    ours sync and async, and TRL's GRPOTrainer when trl is installed, on the same cores."""
+    extra = ("--peer", "--sft_steps", str(args.peer_sft_steps))
+    out = {"sync": run_mode("peer_sync", 0, 1, args, work, args.peer_steps, extra),
+           "async": run_mode("peer_async", args.staleness, 1 + args.workers, args, work, args.peer_steps, extra)}
+    out["throughput_ratio_async_vs_sync"] = out["async"]["samples_per_s"] / out["sync"]["samples_per_s"]
+    if importlib.util.find_spec("trl") is not None:
+        out["trl"] = run_trl(args, threads)
+        out["throughput_ratio_vs_trl"] = out["async"]["samples_per_s"] / out["trl"]["samples_per_s"]
+        out["throughput_ratio_sync_vs_trl"] = out["sync"]["samples_per_s"] / out["trl"]["samples_per_s"]
+    return out
 
 
 def stderr(p: float, n: int) -> float:
@@ -79,6 +114,22 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_peer(peer: dict, args) -> None:
+    print(f"\npeer-comparable setting (HF LlamaForCausalLM 128x4, 'a+b=' 2-digit, G=8, 16 prompts/step, <= 8 "
+          f"tokens, {args.peer_steps} steps, warm start {args.peer_sft_steps} SFT steps, no prefix grouping):")
+    print(f"{'run':<12}{'samples/s':>11}{'reward first5':>15}{'reward last5':>14}")
+    for name in ("sync", "async", "trl"):
+        if name in peer:
+            r = peer[name]
+            print(f"{name:<12}{r['samples_per_s']:>11.1f}{r['reward_first5']:>15.3f}{r['reward_last5']:>14.3f}")
+    line = f"async / sync {peer['throughput_ratio_async_vs_sync']:.2f}"
+    if "trl" in peer:
+        line += (f"; ours async / TRL {peer['throughput_ratio_vs_trl']:.2f}, ours sync / TRL "
+                 f"{peer['throughput_ratio_sync_vs_trl']:.2f} (TRL {peer['trl']['trl_version']}, 1 process x "
+                 f"{peer['trl']['threads']} threads)")
+    print(line)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     work = tempfile.mkdtemp(prefix="ds_ext_asyncflow_bench_")
@@ -97,7 +148,11 @@ def main(argv=None) -> dict:
            "reward_sync": sync["reward_last5"], "reward_async": asyn["reward_last5"],
            "reward_stderr": stderr(sync["reward_last5"], 5 * 128),
            "max_observed_staleness": asyn["max_observed_staleness"],
-           "trl": "not installed" if importlib.util.find_spec("trl") is None else "installed, not wired yet"}
+           "trl": "installed" if importlib.util.find_spec("trl") is not None else "not installed"}
+    if args.peer_steps > 0:
+        res["peer"] = peer = run_peer(args, work, threads)
+        if "throughput_ratio_vs_trl" in peer:
+            res["throughput_ratio_vs_trl"] = peer["throughput_ratio_vs_trl"]
     print(f"threads in total: {threads} (sync: 1 process x {threads} threads; async: {1 + args.workers} processes "
           f"x 1 thread)")
     print(f"{'mode':<7}{'samples/s':>11}{'trainer idle':>14}{'generate s':>12}{'reward first5':>15}"
@@ -109,6 +164,8 @@ def main(argv=None) -> dict:
           f"phases {res['throughput_ratio_ideal_overlap']:.2f}); reward after {samples} samples: sync "
           f"{res['reward_sync']:.3f}, async {res['reward_async']:.3f} (+-{res['reward_stderr']:.3f}); staleness "
           f"histogram {asyn['lag_histogram']}; TRL: {res['trl']}")
+    if args.peer_steps > 0:
+        print_peer(res["peer"], args)
     plot(res, args.out)
     print(json.dumps(res))
     return res

@@ -42,8 +42,11 @@ def gossip_seconds(n: int, size: float = MODEL_BYTES) -> float:
     return LATENCY_S + size / BANDWIDTH_BPS
 
 
-def run_config(base: dict, mode: str, rpr: int, inner_steps: int) -> dict:
+def run_config(base: dict, mode: str, rpr: int, inner_steps: int, schedule: str = "cosine", steps: int = 0) -> dict:
     cfg = json.loads(json.dumps(base))
+    if schedule == "cosine":  # the NoLoCo reference's inner schedule: warm-up, cosine to lr/10 over the run
+        cfg["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": steps, "warmup_num_steps": 30, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
     cfg.pop("csv_monitor", None)
     cfg.pop("tensorboard", None)
     cfg["zero_optimization"] = {"stage": 1}
@@ -141,26 +144,30 @@ def main(argv=None) -> dict:
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--layouts", default="2x2,4x1", help="replicas x ranks-per-replica, comma separated")
     p.add_argument("--port", type=int, default=29533)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                   help="inner LR schedule for every run: cosine to lr/10 over --steps (the NoLoCo reference's), "
+                        "or the baseline config's warm-up then constant")
     p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "results", "noloco.png"))
     args = p.parse_args(argv)
     base = json.load(open(os.path.join(ROOT, "configs", "baseline.json")))
     layouts = [tuple(int(v) for v in s.split("x")) for s in args.layouts.split(",")]
     with tempfile.TemporaryDirectory() as workdir:
-        ddp = summarise("ddp", launch("ddp", run_config(base, "ddp", WORLD, 0), layouts[0][1], args, workdir),
-                        args.steps)
+        ddp_cfg = run_config(base, "ddp", WORLD, 0, args.schedule, args.steps)
+        ddp = summarise("ddp", launch("ddp", ddp_cfg, layouts[0][1], args, workdir), args.steps)
         rows = [ddp]
         for replicas, rpr in layouts:
             for mode in ("diloco", "noloco"):
                 name = f"{mode}-{replicas}x{rpr}"
-                rows.append(summarise(name, launch(name, run_config(base, mode, rpr, args.inner_steps), rpr, args,
-                                                   workdir), args.steps))
+                cfg = run_config(base, mode, rpr, args.inner_steps, args.schedule, args.steps)
+                rows.append(summarise(name, launch(name, cfg, rpr, args, workdir), args.steps))
     print_tables(rows, ddp, args)
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     plot(rows, args.plot)
     noloco = [r for r in rows if r["run"].startswith("noloco")]
     diloco = [r for r in rows if r["run"].startswith("diloco")]
     result = {
-        "benchmark": "noloco", "steps": args.steps, "inner_steps": args.inner_steps, "world": WORLD,
+        "benchmark": "noloco", "steps": args.steps, "schedule": args.schedule, "inner_steps": args.inner_steps,
+        "world": WORLD,
         "loss_ratio_vs_ddp": max(r["eval_loss"] / ddp["eval_loss"] for r in noloco),
         "loss_ratio_diloco_vs_ddp": max(r["eval_loss"] / ddp["eval_loss"] for r in diloco),
         "bytes_ratio_vs_ddp": min(ddp["cross_bytes_per_step"] / r["cross_bytes_per_step"] for r in noloco),

@@ -37,14 +37,22 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="reference", choices=("reference", "hf"),
+                   help="the reference model, or a transformers LlamaForCausalLM of the same size (random init)")
+    p.add_argument("--peer", action="store_true",
+                   help="the peer-comparable setting: HF Llama, prompts 'a+b=' with 2-digit a, b, no instruction")
     p.add_argument("--plot", default="runs/grpo_reward.png")
     return p.parse_args(argv)
 
 
-def build_model(hidden: int, layers: int, state=None) -> LlamaForCausalLM:
+def build_model(hidden: int, layers: int, state=None, kind: str = "reference") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(ModelConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 8 * 8,
-                                         num_layers=layers, num_heads=4, num_kv_heads=2, max_seq_len=256))
+    if kind == "hf":
+        from ds_ext.asyncflow.hf_policy import HFPolicy, tiny_llama
+        model = HFPolicy(tiny_llama(hidden, layers))
+    else:
+        model = LlamaForCausalLM(ModelConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 8 * 8,
+                                             num_layers=layers, num_heads=4, num_kv_heads=2, max_seq_len=256))
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -52,10 +60,11 @@ def build_model(hidden: int, layers: int, state=None) -> LlamaForCausalLM:
 
 def warm_start(args, task: AdditionTask) -> dict:
     """A short supervised run on the task (plain torch), cached: every mode starts from the same weights."""
-    key = f"{args.sft_cache}.{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}"
+    key = f"{args.sft_cache}.{args.model}.{task.min_operand}-{task.max_operand}.{len(task.instruction)}." \
+          f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}"
     if os.path.exists(key):
         return torch.load(key, weights_only=True)
-    model = build_model(args.hidden, args.layers)
+    model = build_model(args.hidden, args.layers, kind=args.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(args.sft_steps):
         x, y = task.sft_batch(list(range(10_000_000 + step * 64, 10_000_000 + (step + 1) * 64)))
@@ -77,7 +86,7 @@ def trainer_engine(args, ds_config: dict, state: dict):
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(port)})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    model = build_model(args.hidden, args.layers, state)
+    model = build_model(args.hidden, args.layers, state, args.model)
     engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine
 
@@ -98,6 +107,8 @@ def plot(history: list, path: str, title: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.peer:
+        args.model = "hf"
     ds_config = load_config_file(args.deepspeed_config)
     cfg = parse_ext_config(ds_config, args.deepspeed_config).asyncflow
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,10 +124,11 @@ def main(argv=None):
         return
     else:
         torch.set_num_threads(os.cpu_count() or 1)
-    task = AdditionTask(seed=args.seed)
+    task = (AdditionTask(min_operand=10, max_operand=99, instruction="", seed=args.seed) if args.peer
+            else AdditionTask(seed=args.seed))
     state = warm_start(args, task)
     engine = trainer_engine(args, ds_config, state)
-    factory = runtime.model_factory_for(build_model, args.hidden, args.layers)
+    factory = runtime.model_factory_for(build_model, args.hidden, args.layers, None, args.model)
     bar = tqdm(total=args.steps, desc="grpo", dynamic_ncols=True)
 
     def progress(m):

@@ -25,6 +25,11 @@ from ds_ext.models.generate import generate
 COLUMNS = ("prompt_ids", "response_ids", "response_len", "logprobs", "reward", "prompt_index")
 
 
+def _hf_sampler():
+    from ds_ext.asyncflow.hf_policy import generate_hf  # transformers only when an HF policy is used
+    return generate_hf
+
+
 class RolloutWorker:
     def __init__(self, name: str, model_factory: Callable[[], torch.nn.Module], task: AdditionTask,
                  cfg: AsyncFlowConfig, queue, threads: Optional[int] = None, seed: int = 0, shared: bool = False):
@@ -58,7 +63,8 @@ class RolloutWorker:
         """``group_size`` samples (dicts of :data:`COLUMNS` plus ``version``) for one prompt."""
         g, cfg = self.cfg.group_size, self.cfg
         prompt = self.task.prompt_ids(prompt_index)
-        out = generate(self.model, prompt.expand(g, -1), torch.ones(g, len(prompt), dtype=torch.bool),
+        sampler = generate if not hasattr(self.model, "hf") else _hf_sampler()
+        out = sampler(self.model, prompt.expand(g, -1), torch.ones(g, len(prompt), dtype=torch.bool),
                        cfg.max_new_tokens, cfg.temperature, eos_id=ByteTokenizer.EOS, pad_id=ByteTokenizer.PAD,
                        generator=self.generator)
         width = cfg.max_new_tokens

@@ -2,7 +2,7 @@
 encodes once per group).
 
 Prompt ``i`` (deterministic from its index, so a regenerated group gets the same prompt): the instruction, then
-``"a+b="`` with ``a, b`` drawn from ``0..max_operand`` by a generator seeded with ``i``. Reward 1 when the response,
+``"a+b="`` with ``a, b`` drawn from ``min_operand..max_operand`` by a generator seeded with ``i``. Reward 1 when the response,
 up to its EOS, is exactly the decimal sum; else 0. ``sft_batch`` gives supervised pairs for the short warm start.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ INSTRUCTION = "You are a careful calculator: add the two numbers, answer with th
 @dataclass
 class AdditionTask:
     max_operand: int = 4
+    min_operand: int = 0
     instruction: str = INSTRUCTION
     seed: int = 0
 
@@ -29,7 +30,7 @@ class AdditionTask:
 
     def operands(self, index: int) -> Tuple[int, int]:
         rng = random.Random(self.seed * 1_000_003 + index)
-        return rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+        return rng.randint(self.min_operand, self.max_operand), rng.randint(self.min_operand, self.max_operand)
 
     def prompt_text(self, index: int) -> str:
         a, b = self.operands(index)
