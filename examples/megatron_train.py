@@ -8,7 +8,7 @@ The file holds a "megatron" section (model size, batch, optimizer; keys below in
 block DeepSpeed users write. The model is megatron-core's GPTModel with megatron's DistributedDataParallel and
 distributed optimizer (Adam); ds_ext attaches through ds_ext.megatron: the layer spec's core attention (Prefix
 Grouper), streamed TransformerLayers (StreamBP), replica-sized groups + finalize_model_grads_func + after_step
-(NoLoCo), the step journal (recovery). On a CPU-only machine everything runs inside ds_ext.megatron.cpu_shims().
+(NoLoCo), the step journal (recovery; a relaunch resumes from it). On a CPU-only machine everything runs inside ds_ext.megatron.cpu_shims().
 The training loop is a plain forward/backward/step loop: megatron's pipeline schedules need CUDA.
 
 Data: byte-level windows of the Python standard library's source (no download). With Prefix Grouper on, each window
@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides megatron.steps)")
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--journal_dir", default=None, help="overrides ds_ext.recovery.journal_dir")
+    p.add_argument("--kill_at", default=None, metavar="RANK:STEP",
+                   help="SIGKILL that rank before that step, in the first launch round only (watch the journal "
+                        "resume under torch.distributed.run --max_restarts 1)")
     return p.parse_args(argv)
 
 
@@ -62,16 +65,20 @@ def init_distributed():
         os.environ.setdefault(key, value)
     from ds_ext.models.data import threads_per_process
     torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))))
-    dist.init_process_group("gloo")
+    # ds_ext's start-up: restart-safe under torch elastic (each restart round meets under its own store prefix)
+    from ds_ext.distributed import init_distributed as ds_ext_init
+    ds_ext_init()
     from megatron.core import parallel_state
     parallel_state.initialize_model_parallel(1, 1)
 
 
-def batches(settings, rank: int, world: int):
-    """Endless ``(input_ids, labels)`` micro-batches ``[mbs, seq]`` of this rank's data shard."""
+def batches(settings, rank: int, world: int, start_batch: int = 0):
+    """Endless ``(input_ids, labels)`` micro-batches ``[mbs, seq]`` of this rank's data shard, from ``start_batch``
+    on (a resumed run continues the same sequence)."""
     from ds_ext.models.data import TokenWindows, load_corpus, sharded_batches
     windows = TokenWindows(load_corpus(max_bytes=1 << 20), settings["seq_length"])
-    return sharded_batches(windows, settings["micro_batch_size"], (rank, world), seed=settings["seed"])
+    return sharded_batches(windows, settings["micro_batch_size"], (rank, world), seed=settings["seed"],
+                           start_batch=start_batch)
 
 
 def grouped_batch(input_ids: torch.Tensor, group_size: int):
@@ -105,7 +112,8 @@ def build(settings, ext, rank: int):
                                                  clip_grad=settings["clip_grad"], adam_beta2=0.95), [ddp],
                                  **(dict(pgc, use_gloo_process_groups=False) if groups else {}))
     streambp_layers(ddp, ext.streambp)
-    noloco = noloco_setup([ddp], opt, ext.noloco, groups) if groups else None
+    # collectives are counted from after the journal's resume (an all-gather over every rank, once, at start)
+    noloco = noloco_setup([ddp], opt, ext.noloco, groups, count_collectives=False) if groups else None
     return model, ddp, opt, noloco
 
 
@@ -119,9 +127,14 @@ def loss_of(ddp, ext, settings, input_ids, labels):
 
 
 def train(args) -> dict:
-    from ds_ext.megatron import cpu_shims
+    from ds_ext.megatron import cpu_shims, journal_for
     from megatron.core.distributed import finalize_model_grads
     settings, ext = load_settings(args.config)
+    if args.journal_dir:
+        ext.recovery.journal_dir = args.journal_dir
+    kill = tuple(int(x) for x in args.kill_at.split(":")) if args.kill_at else None
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        kill = None
     steps = args.steps if args.steps is not None else settings["steps"]
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -129,8 +142,18 @@ def train(args) -> dict:
     with cpu_shims():
         model, ddp, opt, noloco = build(settings, ext, rank)
         finalize = noloco.finalize_model_grads_func if noloco else finalize_model_grads
-        data = batches(settings, rank, world)
-        for step in range(1, steps + 1):
+        journal = journal_for(opt, [ddp], ext.recovery, noloco=noloco)  # resumes here if a journal exists
+        if noloco is not None:
+            noloco.count_collectives()
+        done = journal.step if journal else 0
+        if rank == 0 and done:
+            print(f"resumed from the journal after step {done}", flush=True)
+        data = batches(settings, rank, world, start_batch=done)
+        for step in range(done + 1, steps + 1):
+            if journal:
+                journal.before_forward()
+            if kill == (rank, step):
+                os.kill(os.getpid(), 9)
             input_ids, labels = next(data)
             ddp.zero_grad_buffer()
             opt.zero_grad()
@@ -140,11 +163,15 @@ def train(args) -> dict:
             opt.step()
             if noloco is not None:
                 noloco.after_step()
+            if journal:
+                journal.commit(step)
             losses.append(loss.item())
             if rank == 0 and (step % args.log_every == 0 or step == 1):
                 print(f"step {step:4d}  loss {loss.item():.4f}  ({time.time() - start:.1f} s)", flush=True)
+    if journal:
+        journal.close()
     summary = {"first_loss": sum(losses[:5]) / len(losses[:5]), "last_loss": sum(losses[-5:]) / len(losses[-5:]),
-               "steps": steps, "world": world, "seconds": round(time.time() - start, 2),
+               "steps": steps, "resumed_after": done, "world": world, "seconds": round(time.time() - start, 2),
                "features": {k: getattr(ext, k).enabled for k in ("noloco", "streambp", "prefix_grouper")}}
     if noloco is not None:
         summary["cross_replica_collectives"] = noloco.metrics()["cross_replica_collectives"]

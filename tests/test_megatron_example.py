@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ from dist import free_port
 
 pytest.importorskip("megatron.core")
 
-CONFIGS = ["configs/megatron_noloco.json", "configs/megatron_grouped.json"]
+CONFIGS = ["configs/megatron_noloco.json", "configs/megatron_grouped.json", "configs/megatron_recovery.json"]
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -29,10 +30,19 @@ def _run(repo_root, args, timeout=150):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_example_two_processes_noloco_streambp_loss_falls(repo_root):
-    summary = _run(repo_root, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                               str(free_port()), "examples/megatron_train.py",
-                               "--config", "configs/megatron_noloco.json", "--steps", "40"])
+def _torchrun(repo_root, *args):
+    return _run(repo_root, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                            *args])
+
+
+@pytest.fixture(scope="module")
+def noloco_run():
+    return _torchrun(Path(__file__).resolve().parents[1], "examples/megatron_train.py", "--config", "configs/megatron_noloco.json",
+                     "--steps", "40")
+
+
+def test_example_two_processes_noloco_streambp_loss_falls(noloco_run):
+    summary = noloco_run
     assert summary["world"] == 2 and summary["features"]["noloco"] and summary["features"]["streambp"]
     assert summary["cross_replica_collectives"] == 0
     # 40 Adam steps at lr 3e-3 on byte-level text take the loss from ~5.5 (uniform over 259 tokens) to ~3
@@ -44,3 +54,14 @@ def test_example_one_process_prefix_grouped_loss_falls(repo_root):
                                "--steps", "30"])
     assert summary["world"] == 1 and summary["features"]["prefix_grouper"]
     assert summary["last_loss"] < 0.8 * summary["first_loss"], summary
+
+
+def test_example_killed_rank_resumes_from_the_journal(repo_root, tmp_path, noloco_run):
+    """Rank 1 is killed (SIGKILL) before step 25; torch elastic relaunches both ranks, which resume from the
+    journal and finish: the last 5 losses equal the uninterrupted run's exactly (same model, data and features)."""
+    summary = _torchrun(repo_root, "--max_restarts", "1", "examples/megatron_train.py", "--config",
+                        "configs/megatron_recovery.json", "--steps", "40", "--journal_dir", str(tmp_path / "j"),
+                        "--kill_at", "1:25")
+    assert 20 <= summary["resumed_after"] <= 24  # the newest step both ranks had journaled when rank 1 died
+    assert summary["last_loss"] == noloco_run["last_loss"]  # bit-identical resume, not merely close
+    assert summary["cross_replica_collectives"] == 0

@@ -15,11 +15,12 @@ No fork of megatron-core and no patch at import time; each feature attaches thro
 Import the submodules directly if you need only one; this file imports megatron-core.
 """
 from ds_ext.megatron.attention import GroupedMask, PrefixGroupedCoreAttention, grouped_forward
+from ds_ext.megatron.journal import MegatronJournal, journal_for
 from ds_ext.megatron.model import layer_spec, parse_ds_ext, tiny_gpt, tiny_transformer_config
 from ds_ext.megatron.noloco import MegatronNoLoCo, noloco_setup, replica_groups
 from ds_ext.megatron.shims import cpu_shims
 from ds_ext.megatron.streambp import streambp_layers
 
 __all__ = ["GroupedMask", "PrefixGroupedCoreAttention", "grouped_forward", "layer_spec", "parse_ds_ext", "tiny_gpt",
-           "tiny_transformer_config", "MegatronNoLoCo", "noloco_setup", "replica_groups", "cpu_shims",
+           "tiny_transformer_config", "MegatronJournal", "journal_for", "MegatronNoLoCo", "noloco_setup", "replica_groups", "cpu_shims",
            "streambp_layers"]

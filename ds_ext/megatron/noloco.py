@@ -138,6 +138,14 @@ class MegatronNoLoCo:
         self.feature, self.groups, self.accounting = feature, groups, accounting
         self.steps = 0
 
+    def count_collectives(self) -> CommAccounting:
+        """Start counting collectives now (for a ``noloco_setup(..., count_collectives=False)`` whose caller had
+        start-up collectives to make first, e.g. the journal's resume)."""
+        if self.accounting is None:
+            self.accounting = install_megatron_accounting(CommAccounting(self.groups.rank, self.groups.replica_of))
+            self.feature.accounting = self.accounting
+        return self.accounting
+
     def finalize_model_grads_func(self, model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
         """megatron's ``finalize_model_grads`` with this replica's groups: the DDP buckets reduce(-scatter)
         inside the replica only (``pg_collection`` from the caller is ignored on purpose)."""
