@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything ds_ext needs on a fresh Debian machine with Python 3.11, idempotently:
 # Debian's Open MPI (for mpi4py and mpirun), a venv in .venv with the CPU build of torch installed *before*
-# deepspeed (otherwise pip pulls a multi-GB CUDA build), the package with its test/mpi/monitor extras, and
+# deepspeed (otherwise pip pulls a multi-GB CUDA build), the package with its test/mpi/monitor/hf/megatron extras
+# (megatron-core 0.16.1 from PyPI; never PyPI's unrelated `apex`), and
 # DeepSpeed's CPU comm op compiled once into the torch extensions cache (~55 s the first time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,9 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q --upgrade pip
   pip install -q torch==2.13.0
 fi
-if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard, transformers" 2>/dev/null; then
-  pip install -q -e ".[test,mpi,monitor,hf]"
+if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard, transformers, megatron.core, einops" \
+    2>/dev/null; then
+  pip install -q -e ".[test,mpi,monitor,hf,megatron]"
 fi
 DS_ACCELERATOR=cpu python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
   >/dev/null 2>&1 || echo "bootstrap: warning: DeepSpeed's CPU comm op did not build; runs will try again" >&2
