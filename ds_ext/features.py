@@ -27,6 +27,11 @@ def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object
     if ext.noloco.enabled:
         from ds_ext.noloco.feature import apply_noloco
         attached.append(apply_noloco(engine, ext.noloco, topology))
+    if ext.asyncflow.enabled:
+        from ds_ext.asyncflow.ledger import SampleLedger
+        feature = SampleLedger()
+        engine.attach_feature(feature)
+        attached.append(feature)
     if ext.recovery.checkpoint_free.enabled:
         from ds_ext.checkfree.feature import apply_checkfree
         attached.append(apply_checkfree(engine, ext.recovery.checkpoint_free, topology))

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--peer", action="store_true",
                    help="the peer-comparable setting: HF Llama, prompts 'a+b=' with 2-digit a, b, no instruction")
     p.add_argument("--plot", default="runs/grpo_reward.png")
+    p.add_argument("--ledger_out", default=None,
+                   help="directory: each trainer rank writes ledger_rank<R>.json (step -> [prompt, version] trained)")
     return p.parse_args(argv)
 
 
@@ -74,16 +76,33 @@ def warm_start(args, task: AdditionTask) -> dict:
         opt.step()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(key) or ".", exist_ok=True)
-    torch.save(state, key)
+    torch.save(state, key + ".tmp")
+    os.replace(key + ".tmp", key)  # other trainer ranks wait for this file
     return state
 
 
-def trainer_engine(args, ds_config: dict, state: dict):
-    """The trainer's DeepSpeed engine on its own process group (the trainer ranks only)."""
+def wait_for_warm_start(args, task: AdditionTask, rank: int, timeout_s: float = 1800.0) -> dict:
+    """Trainer rank 0 computes the warm start; the other trainer ranks load it once it is on disk."""
+    if rank == 0:
+        return warm_start(args, task)
+    key = f"{args.sft_cache}.{args.model}.{task.min_operand}-{task.max_operand}.{len(task.instruction)}." \
+          f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}"
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(key):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"trainer rank 0 did not write the warm start {key} within {timeout_s} s")
+        time.sleep(0.5)
+    return torch.load(key, weights_only=True)
+
+
+def trainer_engine(args, ds_config: dict, state: dict, rank: int = 0, trainers: int = 1):
+    """The trainer's DeepSpeed engine on its own process group (the ``trainers`` trainer ranks only; NoLoCo
+    replicas and ZeRO inside them as the config's ``ds_ext`` block lays them out)."""
     import deepspeed
     import ds_ext
     port = int(os.environ.get("MASTER_PORT", "29500")) + 2
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(port)})
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(trainers),
+                       "MASTER_PORT": str(port)})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     model = build_model(args.hidden, args.layers, state, args.model)
@@ -112,24 +131,37 @@ def main(argv=None):
     ds_config = load_config_file(args.deepspeed_config)
     cfg = parse_ext_config(ds_config, args.deepspeed_config).asyncflow
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sync = cfg.max_staleness == 0 or world == 1
-    if not sync:
-        import torch.distributed.rpc as rpc
-        torch.set_num_threads(1)
-        rpc.init_rpc(runtime.rpc_name(rank), rank=rank, world_size=world, rpc_backend_options=runtime.rpc_options())
-        if rank > 0:  # a rollout worker: its actor runs inside RPC threads until rank 0 is done
-            rpc.shutdown()
-            return
-    elif rank > 0:
-        return
-    else:
-        torch.set_num_threads(os.cpu_count() or 1)
+    trainers = cfg.trainer_ranks
+    if world < trainers or (trainers > 1 and world == trainers):
+        raise SystemExit(f"ds_ext.asyncflow.trainer_ranks={trainers} needs at least {trainers + 1} processes "
+                         f"(trainers + rollout workers); got {world}: pass --num_procs {trainers + 1}")
+    sync = trainers == 1 and (cfg.max_staleness == 0 or world == 1)
     task = (AdditionTask(min_operand=10, max_operand=99, instruction="", seed=args.seed) if args.peer
             else AdditionTask(seed=args.seed))
-    state = warm_start(args, task)
-    engine = trainer_engine(args, ds_config, state)
+    if sync:
+        if rank > 0:
+            return
+        torch.set_num_threads(os.cpu_count() or 1)
+        return run_trainer(args, ds_config, cfg, task, True, rank, world)
+    import torch.distributed.rpc as rpc
+    torch.set_num_threads(1)
+    state = wait_for_warm_start(args, task, rank) if rank < trainers else None
+    rpc.init_rpc(runtime.rpc_name(rank, trainers), rank=rank, world_size=world,
+                 rpc_backend_options=runtime.rpc_options())
+    if rank >= trainers:  # a rollout worker: its actor runs inside RPC threads until trainer rank 0 is done
+        rpc.shutdown()
+        return
+    run_trainer(args, ds_config, cfg, task, False, rank, world, state)
+    rpc.shutdown()
+
+
+def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, state=None) -> None:
+    trainers = cfg.trainer_ranks
+    state = state if state is not None else warm_start(args, task)
+    engine = trainer_engine(args, ds_config, state, rank, trainers)
+    start = engine.global_steps  # > 0 when the journal resumed the engine
     factory = runtime.model_factory_for(build_model, args.hidden, args.layers, None, args.model)
-    bar = tqdm(total=args.steps, desc="grpo", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=rank > 0)
 
     def progress(m):
         engine.monitor.write_events([("GRPO/reward", m["reward"], m["step"]), ("GRPO/max_lag", m["max_lag"], m["step"])])
@@ -140,24 +172,38 @@ def main(argv=None):
     if sync:
         result = runtime.run_sync(engine, factory, task, cfg, args.steps, progress)
     else:
-        result = runtime.run_async_trainer(engine, factory, task, cfg, args.steps, runtime.worker_names(world),
-                                           progress)
-        import torch.distributed.rpc as rpc
-        rpc.shutdown()
+        topo = engine.topology
+        result = runtime.run_async_trainer(engine, factory, task, cfg, args.steps,
+                                           runtime.worker_names(world, trainers), progress, start, rank, trainers,
+                                           lambda r: topo.coords(r)[0], topo.num_replicas)
     bar.close()
+    ledger = next((f for f in engine.ds_ext_features if f.name == "asyncflow"), None)
+    trained = ledger.trained_prompts() if ledger is not None else []
+    if args.ledger_out and ledger is not None:
+        os.makedirs(args.ledger_out, exist_ok=True)
+        with open(os.path.join(args.ledger_out, f"ledger_rank{rank}.json"), "w") as f:
+            json.dump({str(k): v for k, v in sorted(ledger.steps.items())}, f)
+    engine.ds_ext_close()
+    if rank == 0:
+        report(args, cfg, sync, result, time.perf_counter() - t, start, trained)
+
+
+def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trained: list) -> None:
     hist = result["history"]
     plot(hist, args.plot, f"GRPO, max_staleness={cfg.max_staleness if not sync else 0}")
-    head = sum(h["reward"] for h in hist[:5]) / min(5, len(hist))
-    tail = sum(h["reward"] for h in hist[-5:]) / min(5, len(hist))
-    responses = args.steps * cfg.groups_per_step * cfg.group_size
-    print(json.dumps({"mode": "sync" if sync else "async", "steps": args.steps, "reward_first5": head,
-                      "reward_last5": tail, "samples_per_s": responses / result["seconds"],
-                      "trainer_idle_fraction": result["trainer_idle_s"] / result["seconds"],
+    head = sum(h["reward"] for h in hist[:5]) / max(1, min(5, len(hist)))
+    tail = sum(h["reward"] for h in hist[-5:]) / max(1, min(5, len(hist)))
+    responses = (args.steps - start) * cfg.groups_per_step * cfg.group_size
+    print(json.dumps({"mode": "sync" if sync else "async", "steps": args.steps, "start_step": start,
+                      "reward_first5": head, "reward_last5": tail,
+                      "samples_per_s": responses / max(result["seconds"], 1e-9),
+                      "trainer_idle_fraction": result["trainer_idle_s"] / max(result["seconds"], 1e-9),
                       "max_observed_staleness": result["queue"]["max_lag"],
-                      "lag_histogram": result["queue"]["lag_histogram"], "seconds": time.perf_counter() - t,
+                      "lag_histogram": result["queue"]["lag_histogram"], "seconds": seconds,
                       "generate_s": sum(r["generate_s"] for r in result["rollout"]),
                       "rollout_wait_s": sum(r["wait_s"] for r in result["rollout"]),
-                      "train_loop_s": result["seconds"], "train_busy_s": result["train_busy_s"]}))
+                      "train_loop_s": result["seconds"], "train_busy_s": result["train_busy_s"],
+                      "rank0_trained_groups": len(trained)}))
 
 
 if __name__ == "__main__":

@@ -47,5 +47,10 @@ class AsyncFlowConfig(ExtSection):
     rollout_workers: int = Field(1, ge=1)
     """Rollout processes in async mode (each with its own copy of the weights)."""
 
+    trainer_ranks: int = Field(1, ge=1)
+    """Processes that train (the first ``trainer_ranks`` ranks; one DeepSpeed engine over them, laid out by
+    ``ds_ext.topology`` / NoLoCo replicas); the other ranks are rollout workers. Rank 0 owns the queue and hands
+    every trainer rank its token-balanced share of each step."""
+
     lease_s: float = Field(300.0, gt=0)
     """A group not completed this long after its reservation is dropped and regenerated."""

@@ -58,7 +58,7 @@ class TransferQueue:
     """Thread-safe controller + column store for one RL task (see the module docstring)."""
 
     def __init__(self, group_size: int, groups_per_step: int, max_staleness: int = 1, capacity_slots: int = None,
-                 lease_s: float = 600.0, token_column: str = "response_len"):
+                 lease_s: float = 600.0, token_column: str = "response_len", start_slot: int = 0):
         if group_size < 1 or groups_per_step < 1 or max_staleness < 0:
             raise ValueError("group_size and groups_per_step must be >= 1, max_staleness >= 0")
         self.group_size, self.groups_per_step, self.max_staleness = group_size, groups_per_step, max_staleness
@@ -68,9 +68,10 @@ class TransferQueue:
         self._columns: Dict[int, Dict[str, Any]] = {}
         self._groups: Dict[int, GroupMeta] = {}
         self._free: List[Tuple[int, int]] = []          # (slot, index) reservations given back by dropped groups
-        self._next_reservation = 0                      # slot * groups_per_step + index of the next fresh one
+        # slot * groups_per_step + index of the next fresh one; a resumed run starts at the slot after its last step
+        self._next_reservation = start_slot * groups_per_step
         self._consumed: Dict[str, set] = {}
-        self._train_slot = 0                            # the slot the trainer consumes now (= trainer version)
+        self._train_slot = start_slot                   # the slot the trainer consumes now (= trainer version)
         self._next_row = 0
         self._next_group = 0
         self.stats = QueueStats()

@@ -25,6 +25,7 @@ import torch
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
 from ds_ext.asyncflow.rollout import RolloutWorker
+from ds_ext.asyncflow.scatter import ScatteredQueue
 from ds_ext.asyncflow.task import AdditionTask
 from ds_ext.asyncflow.trainer import GRPOTrainer
 
@@ -33,9 +34,10 @@ def clone_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None], progress=None) -> List[dict]:
+def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None], progress=None,
+               start: int = 0) -> List[dict]:
     history = []
-    for version in range(steps):
+    for version in range(start, steps):
         t = time.perf_counter()
         produce(version)
         metrics = trainer.train_step(version)
@@ -77,16 +79,34 @@ def rpc_options(port_offset: int = 1):
 
 
 def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlowConfig, steps: int,
-                      worker_names: List[str], progress=None) -> Dict[str, Any]:
-    """Rank 0 of an async run (RPC already initialised): start the rollout actors, train ``steps`` steps."""
+                      worker_names: List[str], progress=None, start: int = 0, trainer_rank: int = 0,
+                      trainer_world: int = 1, replica_of: Callable[[int], int] = lambda r: 0,
+                      replicas: int = 1) -> Dict[str, Any]:
+    """A trainer rank of an async run (RPC already initialised): train steps ``start..steps-1``. Trainer rank 0
+    owns the queue (starting at slot ``start``), starts the rollout actors and pushes weights; with several trainer
+    ranks it hands each its share through :class:`~ds_ext.asyncflow.scatter.ScatteredQueue`."""
+    if trainer_rank > 0:
+        feed = ScatteredQueue(None, trainer_rank, trainer_world, replica_of)
+        trainer = GRPOTrainer(engine, feed, cfg, trainer_rank, trainer_world, replicas=replicas)
+        t = time.perf_counter()
+        history = _step_loop(trainer, steps, lambda version: None, progress, start)
+        return {"history": history, "seconds": time.perf_counter() - t, "trainer_idle_s": trainer.idle_s,
+                "train_busy_s": time.perf_counter() - t - trainer.idle_s, "rollout": [], "queue": {}}
+    return _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
+                            replica_of, replicas)
+
+
+def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
+                     replica_of, replicas) -> Dict[str, Any]:
     import torch.distributed.rpc as rpc
-    queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s)
+    queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s,
+                          start_slot=start)
     qref = rpc.RRef(queue)
     workers = [rpc.remote(name, RolloutWorker, args=(name, model_factory, task, cfg, qref, 1, i))
                for i, name in enumerate(worker_names)]
     initial = clone_state(engine.module)
     for w in workers:
-        w.rpc_sync().set_weights(0, initial)
+        w.rpc_sync().set_weights(start, initial)
     runs = [w.rpc_async().run() for w in workers]
     pushes: List = []
 
@@ -97,32 +117,41 @@ def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: 
         pushes[:] = [w.rpc_async().set_weights(version, state) for w in workers]
 
     # the trainer's process generates too while it would wait on the queue: with its own (current) weights
-    local = RolloutWorker("trainer", lambda: engine.module, task, cfg, queue, seed=len(worker_names),
+    local = RolloutWorker("trainer", lambda: engine.module, task, cfg, queue, seed=len(worker_names) + 1000 * start,
                           shared=True)
+    local.version = start
 
     def push_all(version, module):
         local.version = version
         push(version, module)
 
-    trainer = GRPOTrainer(engine, queue, cfg, on_weights=push_all, idle_work=lambda: local.produce_one(timeout=0))
+    idle = lambda: local.produce_one(timeout=0)  # noqa: E731
+    if trainer_world > 1:
+        feed = ScatteredQueue(queue, 0, trainer_world, replica_of, idle_work=idle)
+        trainer = GRPOTrainer(engine, feed, cfg, 0, trainer_world, on_weights=push_all, replicas=replicas)
+    else:
+        trainer = GRPOTrainer(engine, queue, cfg, on_weights=push_all, idle_work=idle)
     t = time.perf_counter()
-    history = _step_loop(trainer, steps, lambda version: None, progress)
+    history = _step_loop(trainer, steps, lambda version: None, progress, start)
     seconds = time.perf_counter() - t
     for w in workers:
         w.rpc_sync().request_stop()
     queue.close()
     stats = [f.wait() for f in runs]
-    return {"history": history, "seconds": seconds, "trainer_idle_s": trainer.idle_s - trainer.idle_work_s,
+    idle_work_s = trainer.idle_work_s if trainer_world == 1 else 0.0
+    return {"history": history, "seconds": seconds, "trainer_idle_s": trainer.idle_s - idle_work_s,
             "train_busy_s": seconds - trainer.idle_s,
             "rollout": stats + [local.stats], "queue": queue.summary()}
 
 
-def worker_names(world_size: int) -> List[str]:
-    return [f"rollout{r}" for r in range(1, world_size)]
+def worker_names(world_size: int, trainer_ranks: int = 1) -> List[str]:
+    return [f"rollout{r}" for r in range(trainer_ranks, world_size)]
 
 
-def rpc_name(rank: int) -> str:
-    return "trainer" if rank == 0 else f"rollout{rank}"
+def rpc_name(rank: int, trainer_ranks: int = 1) -> str:
+    if rank < trainer_ranks:
+        return "trainer" if rank == 0 else f"trainer{rank}"
+    return f"rollout{rank}"
 
 
 def model_factory_for(build: Callable, *args) -> Callable:

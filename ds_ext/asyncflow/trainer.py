@@ -69,8 +69,11 @@ def grouped_response_logprobs(engine, batch: Dict[str, torch.Tensor]) -> torch.T
 class GRPOTrainer:
     def __init__(self, engine, queue, cfg: AsyncFlowConfig, dp_rank: int = 0, dp_size: int = 1,
                  ref_model: Optional[torch.nn.Module] = None, on_weights: Optional[Callable] = None,
-                 idle_work: Optional[Callable[[], bool]] = None):
+                 idle_work: Optional[Callable[[], bool]] = None, replicas: int = 1):
         self.engine, self.cfg, self.dp_rank, self.dp_size = engine, cfg, dp_rank, dp_size
+        # NoLoCo replicas each learn from their own share of the step: the loss is normalised per replica, over
+        # the ranks that average gradients (the replica's ZeRO group)
+        self.replicas = replicas
         self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
         self.ref_model, self.on_weights = ref_model, on_weights
         # called instead of blocking while the queue has nothing for this rank (generate a group here); returns
@@ -85,7 +88,9 @@ class GRPOTrainer:
         self.idle_s = 0.0       # waiting on the queue (including time spent on idle_work)
         self.idle_work_s = 0.0  # of which spent in idle_work
         # Prefix Grouper on the engine: encode each group's shared prompt once
-        self.grouped = any(f.name == "prefix_grouper" for f in getattr(engine, "ds_ext_features", []))
+        features = {f.name: f for f in getattr(engine, "ds_ext_features", [])}
+        self.grouped = "prefix_grouper" in features
+        self.ledger = features.get("asyncflow")  # journals which prompts each step trained
 
     def _take(self, version: int, n: int) -> List[dict]:
         got: List[dict] = []
@@ -121,13 +126,15 @@ class GRPOTrainer:
     def train_step(self, version: int) -> Dict[str, float]:
         cfg = self.cfg
         step_tokens = self._slot_tokens(version) if cfg.loss_norm == "dapo" else 0
-        responses = cfg.groups_per_step * cfg.group_size
-        rewards, lags = [], []
-        for _ in range(self.gas):
-            batch = collate(self._take(version, self.groups_per_micro))
+        responses = cfg.groups_per_step * cfg.group_size // self.replicas
+        rewards, lags, trained = [], [], []
+        for micro in range(self.gas):
+            groups = self._take(version, self.groups_per_micro)
+            trained += [[g["samples"][0]["prompt_index"], g["meta"].version] for g in groups]
+            batch = collate(groups)
             adv = group_advantages(batch["rewards"], cfg.group_size, cfg.advantage_scale)
             weights = step_token_weights(batch["mask"], cfg.loss_norm, responses, step_tokens, cfg.max_new_tokens,
-                                         self.gas, self.dp_size)
+                                         self.gas, self.dp_size // self.replicas)
             ref = None
             if cfg.kl_coef > 0:
                 with torch.no_grad():
@@ -138,6 +145,8 @@ class GRPOTrainer:
             logprobs = (grouped_response_logprobs if self.grouped else response_logprobs)(self.engine, batch)
             loss = loss_fn.from_logprobs(logprobs)
             self.engine.backward(loss)
+            if micro == self.gas - 1 and self.ledger is not None:
+                self.ledger.set_step(self.engine.global_steps + 1, trained)
             self.engine.step()
             rewards.append(batch["rewards"])
             lags.append(version - batch["lag_versions"])

@@ -18,7 +18,7 @@ from torch import nn
 
 from ds_ext.recovery.zero_state import ENGINE_COUNTERS, ZeroPartitionState, _hyper, rng_state, set_rng_state
 
-SKIPPED_FEATURES = ("recovery", "checkpoint_free")  # their state belongs to the rank, not to the shard
+SKIPPED_FEATURES = ("recovery", "checkpoint_free", "asyncflow")  # the rank's own, not the shard's
 
 
 class RankState:
