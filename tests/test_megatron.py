@@ -329,3 +329,48 @@ def test_noloco_two_replicas_megatron_ddp_no_cross_replica_collective():
         assert x["control"]["cross_replica_collectives"] > 0
         assert x["losses"][-1] < 0.8 * x["losses"][0], x["losses"]
     assert torch.equal(r[0]["after_outer"], r[1]["after_outer"])
+
+
+# ------------------------------------------------------------------------------------------------------------- GPU only
+
+
+def _gpu_reference_body():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ds_ext.megatron.attention import grouped_forward
+    from ds_ext.megatron.model import parse_ds_ext, tiny_gpt
+    from ds_ext.prefix_grouper.layout import pack
+    _init_megatron()
+    model_parallel_cuda_manual_seed(0)
+    ext = parse_ds_ext({"ds_ext": {"prefix_grouper": {"enabled": True}}})
+    ours = tiny_gpt(ext).cuda()
+    torch.manual_seed(0)
+    stock = GPTModel(ours.config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=64,
+                     max_sequence_length=256, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False).cuda()
+    stock.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(0)).cuda()
+    causal = torch.ones(19, 19, dtype=torch.bool, device="cuda").triu(1)[None, None]  # megatron: True = masked
+    out = {"stock_vs_ours": rel_err(ours(ids, None, causal), stock(ids, None, causal))}
+    prompt, pmask, comp, cmask, sizes, weights = _groups(64)
+    batch = pack(prompt, pmask, comp, cmask, sizes)
+    batch.input_ids, batch.position_ids, batch.segment_ids = (t.cuda() for t in (batch.input_ids, batch.position_ids,
+                                                                                 batch.segment_ids))
+    logits = grouped_forward(ours, batch)
+    ref_logits, _ = _ungrouped(stock, prompt.cuda(), pmask.cuda(), comp.cuda(), cmask.cuda(), sizes, weights.cuda())
+    per_response = _grouped_logits_per_response(logits.detach(), batch, comp, cmask)
+    out["grouped_vs_stock"] = max(rel_err(a, b.detach()) for a, b in zip(per_response, ref_logits))
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="megatron's DotProductAttention needs CUDA (its memory "
+                                                          "buffer and CUDA RNG tracker)")
+def test_gpu_core_attention_matches_megatron_dot_product_attention():
+    """On a GPU: the model with PrefixGroupedCoreAttention equals the one with megatron's own DotProductAttention
+    (same weights), causally and, for a grouped batch, against the stock model run per response."""
+    r = run_distributed(_gpu_reference_body, world_size=1, timeout=200)[0]
+    # fp32 on CUDA: SDPA vs megatron's baddbmm + softmax (TF32 off by default for matmuls in torch >= 1.12)
+    assert r["stock_vs_ours"] <= REL, r
+    assert r["grouped_vs_stock"] <= REL, r
