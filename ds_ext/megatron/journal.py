@@ -28,7 +28,6 @@ Call order per step (the example does this)::
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -214,5 +213,4 @@ def journal_for(optimizer, model_chunks: List[torch.nn.Module], cfg: RecoveryCon
         return None
     j = MegatronJournal(optimizer, model_chunks, cfg, rank, scheduler, noloco)
     j.resume()
-    os.makedirs(cfg.journal_dir, exist_ok=True)
     return j
