@@ -42,6 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--peer", action="store_true",
                    help="the peer-comparable setting: HF Llama, prompts 'a+b=' with 2-digit a, b, no instruction")
     p.add_argument("--plot", default="runs/grpo_reward.png")
+    p.add_argument("--kill", action="append", default=[], metavar="RANK:SECONDS[:ROUND]",
+                   help="SIGKILL this rank SECONDS after all processes met (RPC up), in launch round ROUND "
+                        "(default 0) of ds-ext --max_restarts (to watch recovery); may be repeated")
+    p.add_argument("--kill_step", action="append", default=[], metavar="RANK:STEP[:ROUND]",
+                   help="SIGKILL trainer rank RANK in the middle of GRPO step STEP or the first after it (after a forward), in "
+                        "launch round ROUND (default 0)")
     p.add_argument("--ledger_out", default=None,
                    help="directory: each trainer rank writes ledger_rank<R>.json (step -> [prompt, version] trained)")
     return p.parse_args(argv)
@@ -97,14 +103,14 @@ def wait_for_warm_start(args, task: AdditionTask, rank: int, timeout_s: float = 
 
 def trainer_engine(args, ds_config: dict, state: dict, rank: int = 0, trainers: int = 1):
     """The trainer's DeepSpeed engine on its own process group (the ``trainers`` trainer ranks only; NoLoCo
-    replicas and ZeRO inside them as the config's ``ds_ext`` block lays them out)."""
-    import deepspeed
+    replicas and ZeRO inside them as the config's ``ds_ext`` block lays them out). Under torch elastic the group
+    meets in the agent's store (``ds_ext.initialize`` keys it by restart round); otherwise on ``MASTER_PORT + 2``."""
     import ds_ext
-    port = int(os.environ.get("MASTER_PORT", "29500")) + 2
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(trainers),
-                       "MASTER_PORT": str(port)})
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(trainers)}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        env["MASTER_PORT"] = str(int(os.environ.get("MASTER_PORT", "29500")) + 2)
+    os.environ.update(env)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     model = build_model(args.hidden, args.layers, state, args.model)
     engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine
@@ -122,6 +128,31 @@ def plot(history: list, path: str, title: str) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def arm_kills(specs, rank: int) -> None:
+    """Fault injection: a daemon timer that SIGKILLs this process (see ``--kill``)."""
+    import signal
+    import threading
+    launch_round = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    for spec in specs:
+        parts = spec.split(":")
+        if int(parts[0]) == rank and int(parts[2] if len(parts) > 2 else 0) == launch_round:
+            timer = threading.Timer(float(parts[1]), os.kill, args=(os.getpid(), signal.SIGKILL))
+            timer.daemon = True
+            timer.start()
+
+
+def arm_step_kills(specs, rank: int, engine) -> None:
+    """Fault injection for trainer ranks (see ``--kill_step``): a forward hook that SIGKILLs mid-step."""
+    import signal
+    launch_round = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    for spec in specs:
+        parts = [int(p) for p in spec.split(":")]
+        if parts[0] == rank and (parts[2] if len(parts) > 2 else 0) == launch_round:
+            step = parts[1]
+            engine.module.register_forward_hook(
+                lambda *_: os.kill(os.getpid(), signal.SIGKILL) if engine.global_steps >= step else None)
 
 
 def main(argv=None):
@@ -146,8 +177,8 @@ def main(argv=None):
     import torch.distributed.rpc as rpc
     torch.set_num_threads(1)
     state = wait_for_warm_start(args, task, rank) if rank < trainers else None
-    rpc.init_rpc(runtime.rpc_name(rank, trainers), rank=rank, world_size=world,
-                 rpc_backend_options=runtime.rpc_options())
+    runtime.init_rpc(runtime.rpc_name(rank, trainers), rank, world)
+    arm_kills(args.kill, rank)  # every process is up: the trainers build their engines, then train
     if rank >= trainers:  # a rollout worker: its actor runs inside RPC threads until trainer rank 0 is done
         rpc.shutdown()
         return
@@ -160,6 +191,7 @@ def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, s
     state = state if state is not None else warm_start(args, task)
     engine = trainer_engine(args, ds_config, state, rank, trainers)
     start = engine.global_steps  # > 0 when the journal resumed the engine
+    arm_step_kills(args.kill_step, rank, engine)
     factory = runtime.model_factory_for(build_model, args.hidden, args.layers, None, args.model)
     bar = tqdm(total=args.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=rank > 0)
 
@@ -182,7 +214,8 @@ def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, s
     if args.ledger_out and ledger is not None:
         os.makedirs(args.ledger_out, exist_ok=True)
         with open(os.path.join(args.ledger_out, f"ledger_rank{rank}.json"), "w") as f:
-            json.dump({str(k): v for k, v in sorted(ledger.steps.items())}, f)
+            json.dump({"steps": {str(k): v for k, v in sorted(ledger.steps.items())},
+                       "rewards": {str(k): v for k, v in sorted(ledger.rewards.items())}}, f)
     engine.ds_ext_close()
     if rank == 0:
         report(args, cfg, sync, result, time.perf_counter() - t, start, trained)

@@ -70,12 +70,28 @@ def run_sync(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlow
 
 
 def rpc_options(port_offset: int = 1):
+    """RPC over TCP, meeting in a store rank 0 hosts at ``MASTER_PORT + port_offset + restart round``: a fresh one
+    per torch elastic round (``ds-ext --max_restarts``), because the agent's store outlives rounds and RPC's gloo
+    group would read the dead round's addresses from it."""
     import torch.distributed.rpc as rpc
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    port += port_offset + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     # TCP (libuv) transport only: TensorPipe's shared-memory transport busy-polls, which on a small CPU machine
     # takes cores from generation and training (measured: more system time than user time)
-    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{addr}:{port + port_offset}", num_worker_threads=16,
+    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{addr}:{port}", num_worker_threads=16,
                                            rpc_timeout=1800, _transports=["uv"], _channels=["basic"])
+
+
+def init_rpc(name: str, rank: int, world_size: int) -> None:
+    """``torch.distributed.rpc.init_rpc`` on :func:`rpc_options`' store (rank 0 hosts it even under torch
+    elastic, whose rendezvous would otherwise make every rank a client of the agent's store)."""
+    import torch.distributed.rpc as rpc
+    saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    try:
+        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=rpc_options())
+    finally:
+        if saved is not None:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
 
 
 def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlowConfig, steps: int,

@@ -145,10 +145,10 @@ class GRPOTrainer:
             logprobs = (grouped_response_logprobs if self.grouped else response_logprobs)(self.engine, batch)
             loss = loss_fn.from_logprobs(logprobs)
             self.engine.backward(loss)
-            if micro == self.gas - 1 and self.ledger is not None:
-                self.ledger.set_step(self.engine.global_steps + 1, trained)
-            self.engine.step()
             rewards.append(batch["rewards"])
+            if micro == self.gas - 1 and self.ledger is not None:
+                self.ledger.set_step(self.engine.global_steps + 1, trained, torch.cat(rewards).mean().item())
+            self.engine.step()
             lags.append(version - batch["lag_versions"])
         if self.dp_rank == 0:
             self.queue.finish_slot(version)
