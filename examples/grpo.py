@@ -191,6 +191,9 @@ def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, s
     state = state if state is not None else warm_start(args, task)
     engine = trainer_engine(args, ds_config, state, rank, trainers)
     start = engine.global_steps  # > 0 when the journal resumed the engine
+    if start >= args.steps and rank == 0:
+        print(f"grpo: the journal already reached step {start} >= --steps {args.steps}: nothing to train (remove "
+              "ds_ext.recovery.journal_dir to start over, or raise --steps)", flush=True)
     arm_step_kills(args.kill_step, rank, engine)
     factory = runtime.model_factory_for(build_model, args.hidden, args.layers, None, args.model)
     bar = tqdm(total=args.steps, initial=start, desc="grpo", dynamic_ncols=True, disable=rank > 0)
