@@ -121,7 +121,7 @@ def worker(rank: int, args, method: str, rate: float, work: str, port: int, resu
                 engine.save_checkpoint(ckpt_dir)
             io_s += time.perf_counter() - t
     eval_loss = sum(float(engine.eval_batch(iter([data.get(-1 - k, m) for m in range(args.gas)])))
-                    for k in range(4)) / 4
+                    for k in range(16)) / 16
     metrics = engine.ds_ext_metrics()
     if method == "checkfree":
         failures = [int(m) for m in [metrics.get("checkpoint_free/failures", 0)]]
