@@ -36,3 +36,22 @@ def test_byte_tokenizer_for_trl_gives_the_same_ids():
     assert hf("<bos>12+34=", add_special_tokens=False)["input_ids"] == ByteTokenizer().encode("12+34=", bos=True)
     assert hf.decode([ord("4"), ord("6"), ByteTokenizer.EOS], skip_special_tokens=True) == "46"
     assert (hf.eos_token_id, hf.pad_token_id) == (ByteTokenizer.EOS, ByteTokenizer.PAD)
+
+
+def test_a_new_rollout_worker_adopts_the_first_weights_it_is_sent():
+    """Regression: a worker built with fresh (random) weights must generate version 0 with the trainer's version-0
+    weights, not its own initialisation (it used to keep them until the first push, version 1)."""
+    from ds_ext.asyncflow.config import AsyncFlowConfig
+    from ds_ext.asyncflow.queue import TransferQueue
+    from ds_ext.asyncflow.rollout import RolloutWorker
+    from ds_ext.asyncflow.task import AdditionTask
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    cfg = AsyncFlowConfig(enabled=True, group_size=2, groups_per_step=1, max_new_tokens=2)
+    tiny = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
+    torch.manual_seed(1)
+    trainer_weights = {k: v.clone() for k, v in LlamaForCausalLM(tiny).state_dict().items()}
+    worker = RolloutWorker("w", lambda: LlamaForCausalLM(tiny), AdditionTask(), cfg, TransferQueue(2, 1, 0))
+    worker.set_weights(0, trainer_weights)
+    assert worker.produce_one(timeout=1.0)
+    assert worker.version == 0
+    assert all(torch.equal(v, trainer_weights[k]) for k, v in worker.model.state_dict().items())

@@ -38,7 +38,7 @@ class RolloutWorker:
         self.name, self.task, self.cfg = name, task, cfg
         # shared: the trainer's own module (generation between its steps); its train/eval mode is left alone
         self.model = model_factory() if shared else model_factory().eval()
-        self.version = 0
+        self.version = -1  # nothing adopted yet: the first weights set (version 0 or a resumed step) are taken
         self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
         self._mailbox = None
         self._lock = threading.Lock()

@@ -54,7 +54,6 @@ def run_sync(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlow
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, max_staleness=0, lease_s=cfg.lease_s)
     worker = RolloutWorker("sync", model_factory, task, cfg, queue)
     worker.set_weights(0, clone_state(engine.module))
-    worker.version = -1  # adopt version 0 now
     trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(v, clone_state(m)))
 
     def produce(version):
