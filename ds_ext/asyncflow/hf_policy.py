@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ds_ext.models.generate import Generation
+from ds_ext.models.generate import Generation, TokenSampler
 from ds_ext.models.llama import causal_lm_loss
 
 
@@ -60,28 +60,16 @@ def generate_hf(policy: HFPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     mask = prompt_mask.long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     ids = prompt_ids
-    tokens, logps = [], []
-    done = torch.zeros(b, dtype=torch.bool)
-    lengths = torch.full((b,), max_new_tokens, dtype=torch.long)
-    for step in range(max_new_tokens):
+    sampler = TokenSampler(b, max_new_tokens, temperature, eos_id, pad_id, generator)
+    for _ in range(max_new_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True)
-        logits = out.logits[:, -1].float()
-        logprobs = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
-        tok = (logprobs.argmax(-1) if temperature == 0 else
-               torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1))
-        lp = logprobs.gather(1, tok[:, None]).squeeze(1)
-        tokens.append(torch.where(done, torch.full_like(tok, pad_id), tok))
-        logps.append(torch.where(done, torch.zeros_like(lp), lp))
-        if eos_id is not None:
-            ended = ~done & (tok == eos_id)
-            lengths[ended] = step + 1
-            done |= ended
-        if bool(done.all()):
+        tok, finished = sampler.step(out.logits[:, -1])
+        if finished:
             break
         ids, positions = tok[:, None], positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
-    return Generation(torch.stack(tokens, 1), torch.stack(logps, 1), lengths)
+    return sampler.result()
 
 
 def byte_tokenizer_hf():

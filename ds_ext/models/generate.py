@@ -23,6 +23,37 @@ class Generation:
     lengths: torch.Tensor    # [B] int64, EOS included
 
 
+class TokenSampler:
+    """The sampling half of a KV-cache loop, shared by the reference model's and transformers' samplers: draw each
+    next token from ``softmax(logits / temperature)`` (argmax at 0), record it and its log-prob, pad after EOS."""
+
+    def __init__(self, batch: int, max_new_tokens: int, temperature: float, eos_id: Optional[int], pad_id: int,
+                 generator: Optional[torch.Generator]):
+        self.temperature, self.eos_id, self.pad_id, self.generator = temperature, eos_id, pad_id, generator
+        self.tokens: List[torch.Tensor] = []
+        self.logps: List[torch.Tensor] = []
+        self.done = torch.zeros(batch, dtype=torch.bool)
+        self.lengths = torch.full((batch,), max_new_tokens, dtype=torch.long)
+
+    def step(self, logits: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """``logits: [B, V]`` of the next position -> (tokens ``[B]``, whether every sequence has ended)."""
+        t = self.temperature
+        logprobs = torch.log_softmax(logits.float() / t if t > 0 else logits.float(), -1)
+        tok = (logprobs.argmax(-1) if t == 0 else
+               torch.multinomial(logprobs.exp(), 1, generator=self.generator).squeeze(1))
+        lp = logprobs.gather(1, tok[:, None]).squeeze(1)
+        self.tokens.append(torch.where(self.done, torch.full_like(tok, self.pad_id), tok))
+        self.logps.append(torch.where(self.done, torch.zeros_like(lp), lp))
+        if self.eos_id is not None:
+            ended = ~self.done & (tok == self.eos_id)
+            self.lengths[ended] = len(self.tokens)
+            self.done |= ended
+        return tok, bool(self.done.all())
+
+    def result(self) -> Generation:
+        return Generation(torch.stack(self.tokens, 1), torch.stack(self.logps, 1), self.lengths)
+
+
 def _layer_step(layer, x, positions, cache: Optional[Tuple[torch.Tensor, torch.Tensor]], key_mask):
     """One decoder layer on new positions ``x: [B, t, C]`` given the cached keys/values; returns (out, cache)."""
     attn, cfg = layer.attn, layer.attn.cfg
@@ -54,27 +85,15 @@ def generate(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: tor
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
     x = model.embed(prompt_ids)
     caches: List = [None] * len(model.layers)
-    tokens, logps = [], []
-    done = torch.zeros(b, dtype=torch.bool)
-    lengths = torch.full((b,), max_new_tokens, dtype=torch.long)
+    sampler = TokenSampler(b, max_new_tokens, temperature, eos_id, pad_id, generator)
     next_pos = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         for i, layer in enumerate(model.layers):
             x, caches[i] = _layer_step(layer, x, positions, caches[i], key_mask)
-        logits = model.lm_head(model.norm(x[:, -1])).float()
-        logprobs = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
-        tok = (logprobs.argmax(-1) if temperature == 0 else
-               torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1))
-        lp = logprobs.gather(1, tok[:, None]).squeeze(1)
-        tokens.append(torch.where(done, torch.full_like(tok, pad_id), tok))
-        logps.append(torch.where(done, torch.zeros_like(lp), lp))
-        if eos_id is not None:
-            ended = ~done & (tok == eos_id)
-            lengths[ended] = step + 1
-            done |= ended
-        if bool(done.all()):
+        tok, finished = sampler.step(model.lm_head(model.norm(x[:, -1])))
+        if finished:
             break
         x, positions = model.embed(tok[:, None]), next_pos
         next_pos = next_pos + 1
         key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool)], 1)
-    return Generation(torch.stack(tokens, 1), torch.stack(logps, 1), lengths)
+    return sampler.result()
