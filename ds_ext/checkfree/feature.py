@@ -49,9 +49,9 @@ class CheckFreeFeature:
 
     # -- optimizer hooks ---------------------------------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            self._sq += float(sum(g.double().pow(2).sum() for g in grads))
+        if self.pipelined:  # only a neighbour rebuild reads the stage norm
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self._sq += float(sum(g.double().pow(2).sum() for g in grads)) if grads else 0.0
         self._saved_lr = [g["lr"] for g in optimizer.param_groups]
         if self.lr_scaled:
             for g in optimizer.param_groups:
