@@ -46,8 +46,9 @@ def parse_args(argv=None):
                    help="SIGKILL this rank SECONDS after all processes met (RPC up), in launch round ROUND "
                         "(default 0) of ds-ext --max_restarts (to watch recovery); may be repeated")
     p.add_argument("--kill_step", action="append", default=[], metavar="RANK:STEP[:ROUND]",
-                   help="SIGKILL trainer rank RANK in the middle of GRPO step STEP or the first after it (after a forward), in "
-                        "launch round ROUND (default 0)")
+                   help="SIGKILL trainer rank RANK in the middle of GRPO step STEP or the first after it (after a "
+                        "forward); a rollout rank once trainer rank 0's journal holds step STEP; in launch round "
+                        "ROUND (default 0)")
     p.add_argument("--ledger_out", default=None,
                    help="directory: each trainer rank writes ledger_rank<R>.json (step -> [prompt, version] trained)")
     return p.parse_args(argv)
@@ -155,12 +156,37 @@ def arm_step_kills(specs, rank: int, engine) -> None:
                 lambda *_: os.kill(os.getpid(), signal.SIGKILL) if engine.global_steps >= step else None)
 
 
+def arm_rollout_step_kills(specs, rank: int, ext) -> None:
+    """``--kill_step`` for a rollout rank: a daemon thread that SIGKILLs this process once trainer rank 0's journal
+    holds step STEP (the run is then really training; needs ``ds_ext.recovery.journal_dir``)."""
+    import signal
+    import threading
+    from ds_ext.recovery import journal
+    from ds_ext.recovery.feature import rank_dir
+    launch_round = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    for spec in specs:
+        parts = [int(p) for p in spec.split(":")]
+        if parts[0] != rank or (parts[2] if len(parts) > 2 else 0) != launch_round:
+            continue
+        if ext.recovery.journal_dir is None:
+            raise SystemExit("--kill_step for a rollout rank watches the trainers' journal: set "
+                             "ds_ext.recovery.journal_dir")
+        watched = rank_dir(ext.recovery.journal_dir, 0)
+
+        def watch(step=parts[1]):
+            while not os.path.isdir(watched) or journal.scan(watched).newest_reachable() < step:
+                time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.peer:
         args.model = "hf"
     ds_config = load_config_file(args.deepspeed_config)
-    cfg = parse_ext_config(ds_config, args.deepspeed_config).asyncflow
+    ext = parse_ext_config(ds_config, args.deepspeed_config)
+    cfg = ext.asyncflow
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     trainers = cfg.trainer_ranks
     if world < trainers or (trainers > 1 and world == trainers):
@@ -179,6 +205,8 @@ def main(argv=None):
     state = wait_for_warm_start(args, task, rank) if rank < trainers else None
     runtime.init_rpc(runtime.rpc_name(rank, trainers), rank, world)
     arm_kills(args.kill, rank)  # every process is up: the trainers build their engines, then train
+    if rank >= trainers:
+        arm_rollout_step_kills(args.kill_step, rank, ext)
     if rank >= trainers:  # a rollout worker: its actor runs inside RPC threads until trainer rank 0 is done
         rpc.shutdown()
         return

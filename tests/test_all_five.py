@@ -19,20 +19,20 @@ def test_all_five_survive_a_rollout_kill_and_a_trainer_kill(tmp_path):
     config.pop("csv_monitor")
     config["ds_ext"]["recovery"]["journal_dir"] = str(tmp_path / "journal")
     (tmp_path / "all.json").write_text(json.dumps(config))
-    rollout_kill_s = rng.uniform(4.0, 8.0)         # round 0: after all processes met
-    trainer, trainer_step = rng.randrange(4), rng.randrange(STEPS // 2, STEPS - 2)  # round 1: mid-step
+    rollout_step = rng.randrange(3, 9)  # round 0: once trainer rank 0 has journaled this step
+    trainer, trainer_step = rng.randrange(4), rng.randrange(rollout_step + 2, STEPS - 2)  # round 1: mid-step
     ledgers = tmp_path / "ledger"
     cmd = [sys.executable, "-m", "ds_ext.launch", "--max_restarts", "2", "--num_procs", "5",
            "--config", str(tmp_path / "all.json"), str(ROOT / "examples" / "grpo.py"), "--steps", str(STEPS),
            "--sft_cache", str(tmp_path / "sft.pt"), "--plot", str(tmp_path / "reward.png"),
-           "--ledger_out", str(ledgers), "--kill", f"4:{rollout_kill_s:.1f}:0",
+           "--ledger_out", str(ledgers), "--kill_step", f"4:{rollout_step}:0",
            "--kill_step", f"{trainer}:{trainer_step}:1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert log.count("exitcode: -9") == 2, "both kills must have happened (one per launch round)"
     summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert summary["start_step"] > 0 and summary["steps"] == STEPS  # the last round resumed from the journal
+    assert summary["start_step"] >= trainer_step and summary["steps"] == STEPS  # resumed from the journal
     resumed = [int(line.split("resumed at step ")[1].split()[0]) for line in log.splitlines()
                if "ds_ext::recovery rank" in line and "resumed at step" in line]
     assert len(resumed) == 2 * 4, "each relaunch resumes all 4 trainer ranks from their journals"
