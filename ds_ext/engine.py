@@ -46,8 +46,13 @@ class DsExtEngineMixin:
 
     def _take_model_step(self, lr_kwargs, *args, **kwargs):
         super()._take_model_step(lr_kwargs, *args, **kwargs)
-        # ds_ext addition: the one per-optimizer-step seam, shared by DeepSpeedEngine and PipelineEngine.
-        self._call_features("after_optimizer_step" if self._step_applied else "after_skipped_step")
+        # ds_ext addition: the one per-optimizer-step seam, shared by DeepSpeedEngine and PipelineEngine. While it
+        # runs, DeepSpeedEngine.step() has not yet counted this micro-step (features that save counters read this).
+        self.ds_ext_in_step = True
+        try:
+            self._call_features("after_optimizer_step" if self._step_applied else "after_skipped_step")
+        finally:
+            self.ds_ext_in_step = False
 
     def _call_features(self, hook_name: str) -> None:
         for feature in self.ds_ext_features:

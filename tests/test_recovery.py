@@ -350,3 +350,34 @@ def test_a_journal_of_another_layout_or_with_resume_off_is_refused_and_kept(tmp_
         run_distributed(_start_body, 2, args=(2, journal_dir, {"resume": False}), timeout=400)
     assert sorted(p.name for p in (tmp_path / "journal" / "rank00000").iterdir()) == before  # nothing lost
     assert run_distributed(_start_body, 2, args=(2, journal_dir, {}), timeout=400) == [3, 3]
+
+
+def _resume_at_start_body(journal_dir):
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(),
+                                   config=ds_config(1, journal_dir, gas=2))
+    micro_at_start = engine.micro_steps
+    for micro in range(2):
+        engine.backward(engine(*micro_batch(int(os.environ["RANK"]), 1, micro)))
+        engine.step()
+    out = (micro_at_start, engine.global_steps)
+    engine.ds_ext_close()
+    return out
+
+
+def test_resume_at_a_base_taken_between_steps_keeps_the_accumulation_boundary(tmp_path):
+    """Regression: a base written outside a step (at start) stored micro_steps + 1, so a run resumed exactly there
+    stepped the optimizer after the first of 2 micro-batches (found by the all-five test's ledger)."""
+    journal_dir = str(tmp_path / "journal")
+    first = run_distributed(_resume_at_start_body, 2, args=(journal_dir,), timeout=300)
+    for rank in range(2):  # keep only the start-time base: the resume lands exactly on it
+        d = os.path.join(journal_dir, f"rank{rank:05d}")
+        for name in os.listdir(d):
+            if name.startswith("wal_"):
+                os.remove(os.path.join(d, name))
+    resumed = run_distributed(_resume_at_start_body, 2, args=(journal_dir,), timeout=300)
+    assert first == [(0, 1), (0, 1)]
+    assert resumed == [(0, 1), (0, 1)], "the resumed engine must count its 2 micro-batches as one step"

@@ -59,7 +59,10 @@ class RankState:
         if self.zero is not None:
             return self.zero.step_state()
         e = self.engine
-        return {"counters": {k: int(getattr(e, k)) for k in ENGINE_COUNTERS},
+        counters = {k: int(getattr(e, k)) for k in ENGINE_COUNTERS}
+        if getattr(e, "ds_ext_in_step", False) and not hasattr(e, "pipe_buffers"):
+            counters["micro_steps"] += 1  # DeepSpeedEngine.step() counts it after the features ran
+        return {"counters": counters,
                 "hyper": [_hyper(g) for g in self.inner.param_groups], "scaler": {},
                 "lr_scheduler": e.lr_scheduler.state_dict() if e.lr_scheduler is not None else None,
                 "rng": rng_state()}

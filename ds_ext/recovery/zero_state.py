@@ -9,7 +9,9 @@ optimizer with the same hyperparameters reproduces the update bit for bit.
 
 Call order per optimizer step: ZeRO step -> ``_optimizer_step(g)`` for each group (pre-hook captures grads) ->
 lp params gathered -> LR scheduler step -> :meth:`ZeroPartitionState.step_state` reads counters, scheduler, loss
-scale and the hyperparameters the *next* step will use.
+scale and the hyperparameters the *next* step will use. Read there (``engine.ds_ext_in_step``) the micro-step
+counter still lacks the micro-step ``DeepSpeedEngine.step()`` counts on return; read between steps (a base at start
+or after a rebuild) it does not.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ class ZeroPartitionState:
         sched = e.lr_scheduler.state_dict() if e.lr_scheduler is not None else None
         scaler = getattr(self.opt, "loss_scaler", None)
         counters = {k: int(getattr(e, k)) for k in ENGINE_COUNTERS}
-        counters["micro_steps"] += self._micro_steps_pending
+        if getattr(e, "ds_ext_in_step", False):  # read inside the step: count the micro-step step() will count
+            counters["micro_steps"] += self._micro_steps_pending
         return {"counters": counters,
                 "hyper": [_hyper(g) for g in self.opt.optimizer.param_groups],
                 "scaler": {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)},
