@@ -247,9 +247,20 @@ def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, s
         with open(os.path.join(args.ledger_out, f"ledger_rank{rank}.json"), "w") as f:
             json.dump({"steps": {str(k): v for k, v in sorted(ledger.steps.items())},
                        "rewards": {str(k): v for k, v in sorted(ledger.rewards.items())}}, f)
+    if trainers > 1:  # report the reward of every trainer rank's samples, not only rank 0's share
+        average_rewards_over_trainers(result["history"], trainers)
     engine.ds_ext_close()
     if rank == 0:
         report(args, cfg, sync, result, time.perf_counter() - t, start, trained)
+
+
+def average_rewards_over_trainers(history: list, trainers: int) -> None:
+    """Replace each step's reward (this rank's samples) by the mean over all trainer ranks (collective)."""
+    import torch.distributed as dist
+    gathered = [None] * trainers
+    dist.all_gather_object(gathered, {h["step"]: h["reward"] for h in history})
+    for h in history:
+        h["reward"] = sum(g[h["step"]] for g in gathered) / trainers
 
 
 def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trained: list) -> None:
