@@ -6,7 +6,8 @@ The engines add exactly three things, each marked ``# ds_ext addition:``:
   ``mpu``;
 * after every applied optimizer step (both engines reach it through ``_take_model_step``) they call
   ``after_optimizer_step(engine)`` on each attached feature, in attach order (``after_skipped_step(engine)`` for a
-  step skipped on fp16 overflow, ``after_load_checkpoint(engine)`` after a checkpoint was loaded);
+  step skipped on fp16 overflow, ``after_load_checkpoint(engine)`` after a checkpoint was loaded); while those
+  step hooks run, ``engine.ds_ext_in_step`` is True (DeepSpeedEngine.step() has not yet counted the micro-step);
 * ``save_checkpoint`` / ``load_checkpoint`` write each rank's feature ``state_dict()`` (NoLoCo outer weights, ...)
   beside DeepSpeed's files, ``<dir>/<tag>/ds_ext_state_rank<R>.pt``, and give each replica its own directory
   ``<dir>/replica_<r>`` when there are several (their weights differ; DeepSpeed's file names do not say replica).
