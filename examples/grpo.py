@@ -67,10 +67,15 @@ def build_model(hidden: int, layers: int, state=None, kind: str = "reference") -
     return model
 
 
+def warm_start_path(args, task: AdditionTask) -> str:
+    """Where the warm start of this model and task is cached (benchmarks/asyncflow.py reads the --peer one)."""
+    return (f"{args.sft_cache}.{args.model}.{task.min_operand}-{task.max_operand}.{len(task.instruction)}."
+            f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}")
+
+
 def warm_start(args, task: AdditionTask) -> dict:
     """A short supervised run on the task (plain torch), cached: every mode starts from the same weights."""
-    key = f"{args.sft_cache}.{args.model}.{task.min_operand}-{task.max_operand}.{len(task.instruction)}." \
-          f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}"
+    key = warm_start_path(args, task)
     if os.path.exists(key):
         return torch.load(key, weights_only=True)
     model = build_model(args.hidden, args.layers, kind=args.model)
@@ -92,8 +97,7 @@ def wait_for_warm_start(args, task: AdditionTask, rank: int, timeout_s: float = 
     """Trainer rank 0 computes the warm start; the other trainer ranks load it once it is on disk."""
     if rank == 0:
         return warm_start(args, task)
-    key = f"{args.sft_cache}.{args.model}.{task.min_operand}-{task.max_operand}.{len(task.instruction)}." \
-          f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}"
+    key = warm_start_path(args, task)
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(key):
         if time.monotonic() > deadline:

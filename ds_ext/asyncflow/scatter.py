@@ -1,7 +1,7 @@
 """Several trainer ranks fed from one transfer queue: rank 0 of the trainers' process group owns the queue and, at
 the start of each step, takes the whole slot for every rank (the queue's token-balanced split) and scatters each
 rank its groups (``torch.distributed.scatter_object_list`` over the trainers' group); the other ranks never talk to
-the queue. Every rank also gets its replica's response-token total (DAPO's denominator) and response count.
+the queue. Every rank also gets its replica's response-token total (DAPO's denominator).
 
 :class:`ScatteredQueue` has the queue's consumer interface (``take``, ``slot_tokens``, ``finish_slot``), so
 :class:`~ds_ext.asyncflow.trainer.GRPOTrainer` runs unchanged on top of it. Call order per step ``V``: the first
@@ -24,7 +24,6 @@ class ScatteredQueue:
         self.slot: Optional[int] = None
         self.mine: List[dict] = []
         self.replica_tokens = 0
-        self.idle_s = 0.0
 
     def _begin(self, slot: int) -> None:
         if self.slot == slot:
@@ -37,14 +36,12 @@ class ScatteredQueue:
     def _gather_slot(self, slot: int) -> list:
         share = self.queue.groups_per_step // self.world
         per_rank = [[] for _ in range(self.world)]
-        t = time.perf_counter()
         while any(len(g) < share for g in per_rank):
             for r in range(self.world):
                 more = self.queue.take("train", slot, share - len(per_rank[r]), r, self.world, timeout=0.0)
                 per_rank[r] += more or []
             if any(len(g) < share for g in per_rank) and (self.idle_work is None or not self.idle_work()):
                 time.sleep(0.02)
-        self.idle_s += time.perf_counter() - t
         tokens = [sum(int(s["response_len"]) for g in groups for s in g["samples"]) for groups in per_rank]
         replica_tokens = [sum(tokens[r] for r in range(self.world) if self.replica_of(r) == self.replica_of(k))
                           for k in range(self.world)]
