@@ -152,6 +152,9 @@ def main(argv=None) -> dict:
                         "lr/10 over --steps (the NoLoCo reference's; at 1000 steps it widened the gap to DDP)")
     p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "results", "noloco.png"))
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if "noloco" not in modes or not set(modes) <= {"diloco", "noloco"}:
+        p.error(f"--modes {args.modes!r}: give noloco, optionally with diloco (comma separated)")
     base = json.load(open(os.path.join(ROOT, "configs", "baseline.json")))
     layouts = [tuple(int(v) for v in s.split("x")) for s in args.layouts.split(",")]
     with tempfile.TemporaryDirectory() as workdir:
@@ -159,7 +162,7 @@ def main(argv=None) -> dict:
         ddp = summarise("ddp", launch("ddp", ddp_cfg, layouts[0][1], args, workdir), args.steps)
         rows = [ddp]
         for replicas, rpr in layouts:
-            for mode in args.modes.split(","):
+            for mode in modes:
                 name = f"{mode}-{replicas}x{rpr}"
                 cfg = run_config(base, mode, rpr, args.inner_steps, args.schedule, args.steps)
                 rows.append(summarise(name, launch(name, cfg, rpr, args, workdir), args.steps))
