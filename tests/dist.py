@@ -43,7 +43,11 @@ def _worker(rank: int, body, args, world_size: int, port: int, out_dir: str, env
         if closing_barrier and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Written under a temporary name and renamed: with group_dies_with the harness may kill this rank while it
+        # is writing, and a half-written rank file must not look like a result.
+        partial = os.path.join(out_dir, f"rank{rank}.pt.partial")
+        torch.save(result, partial)
+        os.replace(partial, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
