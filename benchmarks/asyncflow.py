@@ -31,6 +31,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_CACHE = os.path.join(ROOT, "runs", "grpo_sft.pt")  # examples/grpo.py --sft_cache: warm starts shared by all modes
 
 
 def parse_args(argv=None):
@@ -57,7 +58,7 @@ def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int 
         json.dump(config, f)
     cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--config", path,
            os.path.join(ROOT, "examples", "grpo.py"), "--steps", str(steps),
-           "--sft_cache", os.path.join(ROOT, "runs", "grpo_sft.pt"), "--plot", os.path.join(work, f"{name}.png"),
+           "--sft_cache", SFT_CACHE, "--plot", os.path.join(work, f"{name}.png"),
            *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -65,9 +66,19 @@ def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int 
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
+def peer_warm_start_path(args) -> str:
+    """The file examples/grpo.py caches the peer setting's warm start in (named by that script, not here)."""
+    spec = importlib.util.spec_from_file_location("grpo_example", os.path.join(ROOT, "examples", "grpo.py"))
+    grpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grpo)
+    peer = grpo.parse_args(["--deepspeed_config", "unused", "--peer", "--sft_steps", str(args.peer_sft_steps),
+                            "--sft_cache", SFT_CACHE])
+    return grpo.warm_start_path(peer, grpo.task_for(peer))
+
+
 def run_trl(args, threads: int) -> dict:
     """TRL's GRPOTrainer on the peer setting, from the warm start examples/grpo.py --peer cached."""
-    state = os.path.join(ROOT, "runs", f"grpo_sft.pt.hf.10-99.0.128x4.{args.peer_sft_steps}.0")
+    state = peer_warm_start_path(args)
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "asyncflow_trl.py"), "--steps", str(args.peer_steps),
            "--threads", str(threads), "--sft_state", state]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

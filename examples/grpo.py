@@ -51,7 +51,17 @@ def parse_args(argv=None):
                         "ROUND (default 0)")
     p.add_argument("--ledger_out", default=None,
                    help="directory: each trainer rank writes ledger_rank<R>.json (step -> [prompt, version] trained)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.peer:
+        args.model = "hf"
+    return args
+
+
+def task_for(args) -> AdditionTask:
+    """The addition task of this run: the peer setting's 2-digit 'a+b=' prompts, or the default one."""
+    if args.peer:
+        return AdditionTask(min_operand=10, max_operand=99, instruction="", seed=args.seed)
+    return AdditionTask(seed=args.seed)
 
 
 def build_model(hidden: int, layers: int, state=None, kind: str = "reference") -> torch.nn.Module:
@@ -186,8 +196,6 @@ def arm_rollout_step_kills(specs, rank: int, ext) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.peer:
-        args.model = "hf"
     ds_config = load_config_file(args.deepspeed_config)
     ext = parse_ext_config(ds_config, args.deepspeed_config)
     cfg = ext.asyncflow
@@ -197,8 +205,7 @@ def main(argv=None):
         raise SystemExit(f"ds_ext.asyncflow.trainer_ranks={trainers} needs at least {trainers + 1} processes "
                          f"(trainers + rollout workers); got {world}: pass --num_procs {trainers + 1}")
     sync = trainers == 1 and (cfg.max_staleness == 0 or world == 1)
-    task = (AdditionTask(min_operand=10, max_operand=99, instruction="", seed=args.seed) if args.peer
-            else AdditionTask(seed=args.seed))
+    task = task_for(args)
     if sync:
         if rank > 0:
             return
