@@ -4,6 +4,7 @@ and a latency-bandwidth model of one synchronisation for 8..1024 workers.
     python benchmarks/noloco.py                 # CPU default: 300 steps, H=50, layouts 2x2 and 4x1 (~8 min)
     python benchmarks/noloco.py --steps 100 --inner_steps 25 --layouts 2x2
     python benchmarks/noloco.py --steps 3000 --eval_interval 250 --layouts 2x2 --modes noloco   # ~26 min
+    python benchmarks/noloco.py --steps 8000 --eval_interval 500 --layouts 4x1 --modes noloco   # ~67 min
 
 Runs (each through the real ``ds-ext`` launcher, 4 gloo processes, ZeRO-1, the reference model on the default
 corpus, the same seed, micro-batch and steps, so equal tokens):
