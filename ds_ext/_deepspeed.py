@@ -31,3 +31,17 @@ INSTANCE_INTERNALS: List[Tuple[str, str]] = []
 # ---------------------------------------------------------------------------------------------------------------
 # Section C: ZeRO's per-parameter gradient-ready flag (StreamBP)
 # ---------------------------------------------------------------------------------------------------------------
+
+INSTANCE_INTERNALS += [("zero_param", "ds_grad_is_ready")]
+
+
+def set_grad_ready(params, ready: bool) -> None:
+    """Mark parameters' gradients ready (or not) for ZeRO-1/2's reduction.
+
+    ZeRO-1/2's per-parameter gradient hook reduces a gradient only when ``param.ds_grad_is_ready`` is true (read
+    with ``getattr(param, "ds_grad_is_ready", True)``, ``deepspeed/runtime/zero/stage_1_and_2.py``). StreamBP runs
+    one inner backward per sequence chunk: it marks its layer's parameters not ready for every chunk but the last,
+    so each gradient is reduced once per backward, as without StreamBP. Outside ZeRO the attribute is inert.
+    """
+    for p in params:
+        p.ds_grad_is_ready = ready

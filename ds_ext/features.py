@@ -16,12 +16,12 @@ def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object
     attached = []
     if ext.streambp.enabled:
         from ds_ext.streambp.apply import apply_streambp
-        feature = apply_streambp(engine.module, ext.streambp)
+        feature = apply_streambp(engine, ext.streambp, topology)
         engine.attach_feature(feature)
         attached.append(feature)
     if ext.prefix_grouper.enabled:
         from ds_ext.prefix_grouper.apply import apply_prefix_grouper
-        feature = apply_prefix_grouper(engine.module)
+        feature = apply_prefix_grouper(engine, ext.prefix_grouper, topology)
         engine.attach_feature(feature)
         attached.append(feature)
     if ext.noloco.enabled:

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from dist import run_distributed
-from ds_ext.asyncflow.grpo import group_advantages, step_token_weights
-from ds_ext.streambp.loss import GRPOTokenLoss
+from ds_ext.asyncflow.grpo import GRPOTokenLoss, group_advantages, step_token_weights
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
 N, T, P, L_MAX, EPS_LOW, EPS_HIGH, BETA = 8, 12, 4, 8, 0.2, 0.28, 0.1
@@ -124,7 +123,7 @@ def test_grouped_and_plain_response_logprobs_agree():
     from ds_ext.asyncflow.task import AdditionTask
     from ds_ext.asyncflow.trainer import collate, grouped_response_logprobs, response_logprobs
     from ds_ext.models import LlamaForCausalLM, ModelConfig
-    from ds_ext.prefix_grouper.apply import apply_prefix_grouper
+    from ds_ext.prefix_grouper.apply import prefix_group_model
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelConfig(**TINY))
     task, g = AdditionTask(), torch.Generator().manual_seed(0)
@@ -137,7 +136,21 @@ def test_grouped_and_plain_response_logprobs_agree():
                                     "version": 0} for i in range(4)]})
     batch = collate(groups)
     plain = response_logprobs(model, batch)
-    apply_prefix_grouper(model)
+    prefix_group_model(model)
     grouped = grouped_response_logprobs(model, batch)
     m = batch["mask"]
     assert (plain[m] - grouped[m]).abs().max() <= 1e-5 * plain[m].abs().max()
+
+
+@pytest.mark.parametrize("norm", ["grpo", "dapo", "dr_grpo"])
+def test_local_and_step_weights_are_one_function_with_the_config_defaults(norm):
+    """The loss's own batch normalisation is the step normalisation with the batch as the step (gas = dp = 1), and
+    the clip defaults are the async config's (eps_high 0.28, DAPO's clip-higher)."""
+    from ds_ext.asyncflow.config import AsyncFlowConfig
+    _, mask, _, _ = batch()
+    z = torch.zeros(N, T)
+    loss = GRPOTokenLoss(targets=z.long(), mask=mask, advantages=torch.zeros(N), old_logprobs=z, norm=norm,
+                         max_len=L_MAX)
+    step = step_token_weights(mask, norm, N, int(mask.sum()), L_MAX, gas=1, dp=1)
+    assert torch.allclose(loss.weights, step, rtol=1e-6, atol=0)  # fp32: one division order vs another
+    assert (loss.eps_low, loss.eps_high) == (AsyncFlowConfig().eps_low, AsyncFlowConfig().eps_high) == (0.2, 0.28)

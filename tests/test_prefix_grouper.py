@@ -2,10 +2,12 @@
 import pytest
 import torch
 
+import ds_ext.ops.attention as attention_op
+from ds_ext.asyncflow.grpo import GRPOTokenLoss
 from ds_ext.models import LlamaForCausalLM, ModelConfig
+from ds_ext.prefix_grouper.apply import prefix_group_model
 from ds_ext.prefix_grouper.attention import GroupedAttention, prefix_grouped_attention
 from ds_ext.prefix_grouper.layout import grouped_attention_mask, pack
-from ds_ext.streambp.loss import GRPOTokenLoss
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128)
 # fp32: the grouped path sums attention over two key parts and reorders reductions; 1e-5 relative is the bar.
@@ -156,9 +158,87 @@ def test_grouped_engine_under_zero2_matches_repeated_baseline():
 
 
 def test_prefix_grouper_needs_a_model_that_takes_attention_fn():
-    from ds_ext.prefix_grouper.apply import apply_prefix_grouper
     with pytest.raises(ValueError, match="position_ids and attention_fn"):
-        apply_prefix_grouper(torch.nn.Linear(2, 2))
+        prefix_group_model(torch.nn.Linear(2, 2))
+
+
+def test_prefix_grouper_refuses_a_pipeline_module_naming_the_setting():
+    import deepspeed.pipe
+    from ds_ext.config import DsExtConfigError
+    stage = torch.nn.Module()
+    stage.__class__ = type("P", (deepspeed.pipe.PipelineModule,), {})
+    with pytest.raises(DsExtConfigError, match="PipelineModule") as info:
+        prefix_group_model(stage)
+    assert info.value.problems[0][0] == "ds_ext.prefix_grouper.enabled"
+
+
+def test_close_removes_the_input_hook():
+    """close() removes the pre-hook (idempotent): a grouped batch is no longer translated, plain inputs unchanged."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    feature = prefix_group_model(model)
+    prompts, pmask, comps, cmask, sizes = grpo_batch()
+    batch = pack(prompts, pmask, comps, cmask, sizes)
+    assert model(batch).shape[:2] == batch.input_ids.shape
+    feature.close()
+    feature.close()
+    assert not model._forward_pre_hooks and feature.metrics() == {"enabled": 0}
+    with pytest.raises(Exception):
+        model(batch)  # the model's own forward does not take a GroupedBatch
+
+
+def test_masked_fallback_matches_the_repeated_prefix_baseline(monkeypatch, caplog):
+    """The SDPA fallback (the path on CUDA and for non-fp32 inputs), forced on CPU by removing the flash kernel
+    handle: log-probs and every parameter gradient equal the ungrouped model's; the fallback says why, once."""
+    import logging
+    monkeypatch.setattr(attention_op, "FLASH_FORWARD", None)
+    monkeypatch.setattr(attention_op, "_logged_reasons", set())
+    prompts, pmask, comps, cmask, sizes = grpo_batch(5)
+    torch.manual_seed(0)
+    grouped_model, base_model = LlamaForCausalLM(ModelConfig(**TINY)), LlamaForCausalLM(ModelConfig(**TINY))
+    base_model.load_state_dict(grouped_model.state_dict())
+    b = pack(prompts, pmask, comps, cmask, sizes)
+    with caplog.at_level(logging.INFO, logger="ds_ext.ops.attention"):
+        logits = grouped_model(b.input_ids, position_ids=b.position_ids, attention_fn=GroupedAttention(b))
+    fallbacks = [r.getMessage() for r in caplog.records if "prefix-grouped attention" in r.getMessage()]
+    assert len(fallbacks) == 1 and "no CPU flash attention kernels" in fallbacks[0]  # 2 layers, logged once
+    grouped = b.completion_logprobs(logits, comps)
+    base = baseline_logprobs(base_model, prompts, pmask, comps, cmask, sizes)
+    assert_same_logprobs_and_grads(grouped, base, cmask, grouped_model, base_model)
+
+
+def bf16_error(model_logp, ref, cmask, model, ref_grads) -> tuple:
+    """(log-prob, gradient) relative errors of a bf16 model's GRPO-style loss against the fp32 reference."""
+    adv = torch.randn(cmask.shape[0], 1, generator=torch.Generator().manual_seed(9))
+    (model_logp * adv * cmask).sum().backward()
+    grads = torch.cat([p.grad.float().reshape(-1) for p in model.parameters()])
+    return rel_err(model_logp[cmask], ref[cmask]), rel_err(grads, ref_grads)
+
+
+def test_bf16_grouped_is_as_close_to_fp32_as_the_bf16_baseline():
+    """bf16 (masked SDPA path: the merged flash path is fp32 only): the grouped model's log-probs and gradients are
+    as close to the fp32 model's as the repeated-prompt bf16 baseline's are, within 1.5x (the grouped row computes
+    the same terms in another order; a wrong mask or position gives errors of order 1)."""
+    prompts, pmask, comps, cmask, sizes = grpo_batch(6)
+    torch.manual_seed(0)
+    ref_model = LlamaForCausalLM(ModelConfig(**TINY))
+    ref = baseline_logprobs(ref_model, prompts, pmask, comps, cmask, sizes)
+    adv = torch.randn(cmask.shape[0], 1, generator=torch.Generator().manual_seed(9))
+    (ref * adv * cmask).sum().backward()
+    ref_grads = torch.cat([p.grad.reshape(-1) for p in ref_model.parameters()])
+    grouped_model, base_model = (LlamaForCausalLM(ModelConfig(**TINY)).to(torch.bfloat16) for _ in range(2))
+    for m in (grouped_model, base_model):
+        m.load_state_dict(ref_model.state_dict())
+    b = pack(prompts, pmask, comps, cmask, sizes)
+    grouped = b.completion_logprobs(grouped_model(b.input_ids, position_ids=b.position_ids,
+                                                  attention_fn=GroupedAttention(b)), comps)
+    base = baseline_logprobs(base_model, prompts, pmask, comps, cmask, sizes)
+    (err_g_logp, err_g_grad), (err_b_logp, err_b_grad) = (
+        bf16_error(grouped, ref.detach(), cmask, grouped_model, ref_grads),
+        bf16_error(base, ref.detach(), cmask, base_model, ref_grads))
+    assert err_b_grad < 0.05  # bf16: 8 mantissa bits
+    assert err_g_logp <= 1.5 * err_b_logp, (err_g_logp, err_b_logp)
+    assert err_g_grad <= 1.5 * err_b_grad, (err_g_grad, err_b_grad)
 
 
 def test_hf_llama_grouped_matches_repeated_baseline():
@@ -191,13 +271,13 @@ def test_grouped_and_streamed_matches_repeated_baseline(chunk):
     """Prefix Grouper with StreamBP on the same layers: packed rows streamed in chunks that cut across prefix and
     suffixes (chunk 3, 10) or cover the row (64); prefix gradients gather over every suffix and chunk before they
     flow into the prefix. Log-probs and all parameter gradients equal the repeated-prompt baseline."""
-    from ds_ext.streambp.apply import apply_streambp
+    from ds_ext.streambp.apply import stream_model
     from ds_ext.streambp.config import StreamBPConfig
     prompts, pmask, comps, cmask, sizes = grpo_batch(4)
     torch.manual_seed(0)
     model, base_model = LlamaForCausalLM(ModelConfig(**TINY)), LlamaForCausalLM(ModelConfig(**TINY))
     base_model.load_state_dict(model.state_dict())
-    apply_streambp(model, StreamBPConfig(enabled=True, chunk_size=chunk))
+    stream_model(model, StreamBPConfig(enabled=True, chunk_size=chunk))
     b = pack(prompts, pmask, comps, cmask, sizes)
     kinds = []
     model.layers[0].register_forward_hook(lambda mod, args, out: kinds.append(type(out.grad_fn).__name__))

@@ -1,11 +1,16 @@
-"""GRPO pieces for the async trainer: group-relative advantages and exact *global* loss normalisation.
+"""GRPO pieces for the async trainer: group-relative advantages, the GRPO token loss and exact *global* normalisation.
 
 Advantages (GRPO, arXiv 2402.03300): ``A_i = (r_i - mean_g r) / (std_g r + eps)`` over the G responses of a prompt
 (unbiased std, eps 1e-6 as in verl); ``scale="none"`` drops the division (Dr.GRPO), ``"batch"`` divides by the batch
 std (LitePPO). A zero-variance group gets advantage 0.
 
-Normalisation of the token loss ``l_{i,t}`` (:class:`ds_ext.streambp.loss.GRPOTokenLoss` computes it: clipped ratio
-with clip-higher, k3 KL to a reference) over the whole optimizer step, all micro-batches of all data-parallel ranks:
+The token loss ``l_{i,t}`` (:class:`GRPOTokenLoss`): the clipped ratio with clip-higher (``eps_low``, ``eps_high``;
+defaults those of :class:`ds_ext.asyncflow.config.AsyncFlowConfig`) and the k3 KL to a reference policy. It is an
+objective of StreamBP's chunked head (``loss(logits, s, e)``) or takes per-token log-probs already computed
+(:meth:`GRPOTokenLoss.from_logprobs`, e.g. Prefix Grouper's).
+
+Normalisation (:func:`ds_ext.ops.losses.token_weights`, one function for both scopes): over the loss's own batch by
+default, or over the whole optimizer step, all micro-batches of all data-parallel ranks (:func:`step_token_weights`):
 
 * ``grpo``:    (1/N) sum_i (1/|o_i|) sum_t l_{i,t}       N = responses in the step
 * ``dapo``:    sum_{i,t} l_{i,t} / sum_i |o_i|           token mean over the step
@@ -17,11 +22,13 @@ the global formula (verl's ``agg_loss(dp_size, batch_num_tokens)`` does the same
 """
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 
-Norm = Literal["grpo", "dapo", "dr_grpo"]
+from ds_ext.asyncflow.config import AsyncFlowConfig
+from ds_ext.ops.losses import Norm, token_logprobs, token_weights
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group",
@@ -44,13 +51,54 @@ def step_token_weights(mask: torch.Tensor, norm: Norm, step_responses: int, step
     """Per-token weights ``[B, T]`` of one micro-batch so that ``sum(weights * l)`` backpropagated through a
     DeepSpeed engine (``gas`` micro-batches per step, ``dp`` data-parallel ranks) gives the gradient of the global
     normalised loss. ``step_responses``/``step_tokens``: responses / response tokens in the whole step."""
-    m = mask.float()
-    if norm == "grpo":
-        w = m / (m.sum(1, keepdim=True).clamp(min=1) * step_responses)
-    elif norm == "dapo":
-        w = m / max(1, step_tokens)
-    elif norm == "dr_grpo":
-        w = m / (step_responses * max_len)
-    else:
-        raise ValueError(f"norm={norm!r}: allowed grpo, dapo, dr_grpo")
-    return w * (gas * dp)
+    return token_weights(mask, norm, step_responses, step_tokens, max_len) * (gas * dp)
+
+
+def _default(field: str) -> float:
+    return AsyncFlowConfig.model_fields[field].default
+
+
+@dataclass
+class GRPOTokenLoss:
+    """GRPO / PPO token loss. ``old_logprobs`` are the behaviour policy's, ``ref_logprobs`` the frozen reference's
+    (needed when ``kl_coef > 0``); ``mask`` marks response tokens. Without ``weights`` the tokens are weighted by
+    ``norm`` over this batch (``max_len`` = dr_grpo's constant, default ``T``)."""
+
+    targets: torch.Tensor                 # [B, T] int64
+    mask: torch.Tensor                    # [B, T] bool / 0-1
+    advantages: torch.Tensor              # [B]
+    old_logprobs: torch.Tensor            # [B, T]
+    ref_logprobs: Optional[torch.Tensor] = None
+    eps_low: float = _default("eps_low")
+    eps_high: float = _default("eps_high")
+    kl_coef: float = 0.0
+    norm: Norm = "grpo"
+    max_len: Optional[int] = None
+    weights: Optional[torch.Tensor] = None  # [B, T] per-token weights given by the caller (global normalisation)
+
+    def __post_init__(self):
+        if self.kl_coef > 0 and self.ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs ref_logprobs")
+        if self.weights is None:
+            b, t = self.mask.shape
+            self.weights = token_weights(self.mask, self.norm, b, self.mask.float().sum(), self.max_len or t)
+
+    def per_token(self, logprobs: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Per-token loss ``[B, c]`` of positions ``[s, e)`` before weighting."""
+        ratio = torch.exp(logprobs - self.old_logprobs[:, s:e])
+        adv = self.advantages[:, None].float()
+        surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * adv)
+        loss = -surrogate
+        if self.kl_coef > 0:
+            delta = self.ref_logprobs[:, s:e] - logprobs
+            loss = loss + self.kl_coef * (torch.exp(delta) - delta - 1)
+        return loss
+
+    def __call__(self, logits: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        logprobs = token_logprobs(logits, self.targets[:, s:e])
+        return (self.per_token(logprobs, s, e) * self.weights[:, s:e]).sum()
+
+    def from_logprobs(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The loss from per-token log-probs ``[B, T]`` already computed (e.g. Prefix Grouper's
+        ``GroupedBatch.completion_logprobs``); ``targets`` is then not read."""
+        return (self.per_token(logprobs, 0, logprobs.shape[1]) * self.weights).sum()

@@ -17,9 +17,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
-from ds_ext.asyncflow.grpo import group_advantages, step_token_weights
+from ds_ext.asyncflow.grpo import GRPOTokenLoss, group_advantages, step_token_weights
 from ds_ext.models import ByteTokenizer
-from ds_ext.streambp.loss import GRPOTokenLoss
 
 
 def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:

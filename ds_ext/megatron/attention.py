@@ -6,7 +6,7 @@ it computes depends on the ``attention_mask`` that megatron hands down unchanged
 
 * a :class:`GroupedMask` (one GRPO group per row, see :mod:`ds_ext.prefix_grouper.layout`): prefix-grouped
   attention (:func:`ds_ext.prefix_grouper.attention.prefix_grouped_attention`, exact forward and backward);
-* ``None``: causal attention (SDPA), so the same spec also trains on ordinary batches and runs on CPU, where
+* ``None``: causal attention (:func:`ds_ext.ops.attention.grouped_sdpa`), so the same spec also trains on ordinary batches and runs on CPU, where
   megatron's ``DotProductAttention`` needs CUDA (its memory buffer and CUDA RNG tracker);
 * a boolean tensor broadcastable to ``[b, 1, s, s]`` in megatron's convention (True = masked out): SDPA with it.
 
@@ -29,20 +29,25 @@ from torch import Tensor
 
 from megatron.core.transformer.module import MegatronModule
 
-from ds_ext.models.llama import grouped_sdpa
+from ds_ext.ops.attention import grouped_chunk_mask, grouped_sdpa
 from ds_ext.prefix_grouper.attention import prefix_grouped_attention
 from ds_ext.prefix_grouper.layout import GroupedBatch
 
 
 @dataclass
 class GroupedMask:
-    """The ``attention_mask`` of a grouped batch: tells the core attention (and StreamBP) the row layout."""
+    """The ``attention_mask`` of a grouped batch: tells the core attention the row layout and gives StreamBP its
+    chunk masks (the :class:`ds_ext.streambp.layer.ChunkMasked` protocol)."""
 
     batch: GroupedBatch
 
     @property
     def segment_ids(self) -> Tensor:
         return self.batch.segment_ids
+
+    def chunk_mask(self, start: int, end: int) -> Tensor:
+        """Rows ``[start, end)`` of the grouped mask over keys ``[0, end)``: ``[N, 1, end - start, end]``."""
+        return grouped_chunk_mask(self.batch.segment_ids, start, end)
 
 
 class PrefixGroupedCoreAttention(MegatronModule):

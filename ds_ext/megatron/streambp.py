@@ -1,6 +1,7 @@
 """StreamBP (arXiv 2506.03077) for megatron-core ``TransformerLayer``s, in place of megatron's recompute.
 
-The mechanism is :mod:`ds_ext.streambp.layer` unchanged: forward keeps only the layer's input; backward recomputes
+The mechanism is :mod:`ds_ext.streambp.layer` unchanged (:func:`ds_ext.streambp.layer.stream_layer` with
+:class:`MegatronLayerAdapter`): forward keeps only the layer's input; backward recomputes
 ``h = input_layernorm(x)`` and the roped keys/values of all positions once, then walks the sequence in chunks of
 ``chunk_size`` tokens (queries, attention over keys ``< e``, ``linear_proj``, bias-add + residual, pre-MLP norm, MLP
 and its residual on the chunk only) and backpropagates each chunk's output gradient. Parameter and input gradients
@@ -24,7 +25,6 @@ sequence), cross attention.
 """
 from __future__ import annotations
 
-import types
 from typing import List, Optional
 
 import torch
@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ds_ext.megatron.attention import GroupedMask, unwrap_gpt
 from ds_ext.streambp.config import StreamBPConfig
-from ds_ext.streambp.layer import LayerAdapter, StreamedLayerFunction
+from ds_ext.streambp.layer import LayerAdapter, StreamCall, stream_layer
 
 
 def _sb(x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +46,10 @@ def _sb(x: torch.Tensor) -> torch.Tensor:
 
 class MegatronLayerAdapter(LayerAdapter):
     """StreamBP's view of one megatron ``TransformerLayer``. ``positions`` is ``None`` (no RoPE) or the pair
-    ``(q_freqs, k_freqs)``, each ``[T, 1 or B, 1, d]``."""
+    ``(q_freqs, k_freqs)``, each ``[T, 1 or B, 1, d]``. Refuses a layer StreamBP cannot stream exactly."""
 
     def __init__(self, layer: TransformerLayer):
+        _check_layer(layer)
         super().__init__(layer)
         self.attn = layer.self_attention
         self.scale = getattr(self.attn.core_attention, "softmax_scale", None)
@@ -56,8 +57,23 @@ class MegatronLayerAdapter(LayerAdapter):
             _yarn_get_concentration_factor_from_config)
         self.mscale = _yarn_get_concentration_factor_from_config(self.attn.config)
 
-    def full_forward(self, x, positions, key_padding_mask):
-        raise RuntimeError("megatron layers run their own forward (see stream_megatron_layer)")
+    def streamed_call(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                      rotary_pos_emb=None, **kwargs) -> Optional[StreamCall]:
+        """Streamed without an inference context or ``packed_seq_params``; masks: None (causal) or a
+        :class:`GroupedMask` (a tensor mask is refused: StreamBP's chunk mask is causal or grouped)."""
+        if kwargs.get("inference_context") is not None or kwargs.get("packed_seq_params") is not None:
+            return None
+        if attention_mask is not None and not isinstance(attention_mask, GroupedMask):
+            raise ValueError("StreamBP streams causal attention (attention_mask=None) or Prefix Grouper's "
+                             "GroupedMask; got a tensor mask")
+
+        def full(x, _positions, _padding):
+            out, _ = self.own_forward(_sb(x), attention_mask=attention_mask, context=context,
+                                      context_mask=context_mask, rotary_pos_emb=rotary_pos_emb, **kwargs)
+            return _sb(out)
+        return StreamCall(_sb(hidden_states), _rotary_pair(rotary_pos_emb), None, full,
+                          attention_mask.chunk_mask if attention_mask is not None else None,
+                          output=lambda y: (_sb(y), context))
 
     def slice_positions(self, positions, s: int, e: int):
         return None if positions is None else tuple(f[s:e] for f in positions)
@@ -112,44 +128,6 @@ def _rotary_pair(rotary_pos_emb):
     return rotary_pos_emb, rotary_pos_emb
 
 
-def stream_megatron_layer(layer: TransformerLayer, chunk_size: int) -> None:
-    """Give one megatron ``TransformerLayer`` StreamBP's backward (the instance's ``forward`` is replaced; names,
-    state dicts and hooks are unchanged; :func:`ds_ext.streambp.layer.unstream_layer` undoes it).
-
-    Without gradients, with an inference context or ``packed_seq_params``, the layer's own forward runs. Masks: no
-    mask (causal) or a :class:`GroupedMask`; a tensor mask is refused (StreamBP's chunk mask is causal or grouped).
-    """
-    if getattr(layer, "_ds_ext_streamed", False):
-        raise ValueError(f"{type(layer).__name__} is already streamed")
-    _check_layer(layer)
-    adapter = MegatronLayerAdapter(layer)
-    own_forward = type(layer).forward.__get__(layer)
-
-    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
-                **kwargs):
-        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad
-                                                  or any(p.requires_grad for p in self.parameters()))
-        special = kwargs.get("inference_context") is not None or kwargs.get("packed_seq_params") is not None
-        if not needs_grad or special:
-            return own_forward(hidden_states, attention_mask=attention_mask, context=context,
-                               context_mask=context_mask, rotary_pos_emb=rotary_pos_emb, **kwargs)
-        if attention_mask is not None and not isinstance(attention_mask, GroupedMask):
-            raise ValueError("StreamBP streams causal attention (attention_mask=None) or Prefix Grouper's "
-                             "GroupedMask; got a tensor mask")
-        segment_ids = attention_mask.segment_ids if attention_mask is not None else None
-
-        def full(x, _positions, _padding):
-            out, _ = own_forward(_sb(x), attention_mask=attention_mask, context=context, context_mask=context_mask,
-                                 rotary_pos_emb=rotary_pos_emb, **kwargs)
-            return _sb(out)
-        y = StreamedLayerFunction.apply(_sb(hidden_states), _rotary_pair(rotary_pos_emb), None, adapter, full,
-                                        chunk_size, segment_ids)
-        return _sb(y), context
-
-    layer.forward = types.MethodType(forward, layer)
-    layer._ds_ext_streamed = True
-
-
 def streambp_layers(model, cfg: StreamBPConfig) -> List[TransformerLayer]:
     """Stream every ``TransformerLayer`` of a ``GPTModel`` (bare, or inside megatron's DDP) with
     ``cfg.chunk_size``; returns the streamed layers (none when ``cfg.enabled`` is false).
@@ -165,5 +143,5 @@ def streambp_layers(model, cfg: StreamBPConfig) -> List[TransformerLayer]:
                          "mark the parameters ready again")
     layers = [m for m in unwrap_gpt(model).modules() if isinstance(m, TransformerLayer)]
     for layer in layers:
-        stream_megatron_layer(layer, cfg.chunk_size)
+        stream_layer(layer, MegatronLayerAdapter(layer), cfg.chunk_size)
     return layers

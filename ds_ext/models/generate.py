@@ -13,7 +13,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ds_ext.models.llama import LlamaForCausalLM, apply_rope, grouped_sdpa, rope_cos_sin
+from ds_ext.models.llama import LlamaForCausalLM, rope_cos_sin
+from ds_ext.ops.attention import grouped_sdpa
+from ds_ext.ops.rope import apply_rope
 
 
 @dataclass

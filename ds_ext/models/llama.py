@@ -4,18 +4,23 @@ Shapes: ``B`` batch, ``T`` sequence, ``H`` query heads, ``Hkv`` key/value heads,
 
 Attention goes through one swappable function, ``attention_fn(q, k, v, key_padding_mask) -> out`` with
 ``q: [B, H, T, D]``, ``k, v: [B, Hkv, T, D]`` and ``out: [B, H, T, D]``; the default is causal PyTorch SDPA.
-Features that change attention (Prefix Grouper) replace it through :meth:`LlamaForCausalLM.set_attention_fn`.
+Features that change attention (Prefix Grouper) replace it through :meth:`LlamaForCausalLM.set_attention_fn`
+or per call (``attention_fn=``). StreamBP streams a layer through :class:`ReferenceLayerAdapter`
+(:meth:`DecoderLayer.stream_adapter`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from ds_ext.ops.attention import grouped_sdpa
+from ds_ext.ops.losses import IGNORE_INDEX
+from ds_ext.ops.rope import apply_rope
+from ds_ext.streambp.layer import LayerAdapter, StreamCall, chunk_mask_of
 
 
 @dataclass
@@ -65,25 +70,6 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def grouped_sdpa(q, k, v, **kwargs) -> torch.Tensor:
-    """SDPA with grouped key/value heads (``k, v: [B, Hkv, T, D]``, ``Hkv`` dividing ``H``).
-
-    On CPU the flash kernel takes grouped heads directly (``enable_gqa``). On CUDA, ``enable_gqa`` rules out the
-    memory-efficient kernel, the only fused one for fp32, so SDPA would fall back to the math path and materialise
-    ``T x T`` scores; there K/V are repeated to ``H`` heads instead (``O(T)`` extra memory)."""
-    if q.device.type == "cpu" or k.shape[1] == q.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-    repeat = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
-                                          **kwargs)
 
 
 def sdpa_attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -150,6 +136,53 @@ class DecoderLayer(nn.Module):
     def forward(self, x, position_ids, key_padding_mask=None, attention_fn=None):
         h = x + self.attn(self.input_norm(x), position_ids, key_padding_mask, attention_fn)
         return h + self.mlp(self.post_attn_norm(h))
+
+    def stream_adapter(self) -> "ReferenceLayerAdapter":
+        """StreamBP's view of this layer (see :mod:`ds_ext.streambp.layer`)."""
+        return ReferenceLayerAdapter(self)
+
+
+class ReferenceLayerAdapter(LayerAdapter):
+    """StreamBP's adapter for :class:`DecoderLayer` (and its pipeline form): calls
+    ``layer(x, position_ids=None, key_padding_mask=None, attention_fn=None)``, positions default to ``0..T-1``; a
+    per-call ``attention_fn`` must give chunk masks (:class:`ds_ext.streambp.layer.ChunkMasked`)."""
+
+    def own_forward(self, x, position_ids=None, key_padding_mask=None, attention_fn=None):
+        position_ids = self.default_positions(x) if position_ids is None else position_ids
+        return DecoderLayer.forward(self.layer, x, position_ids, key_padding_mask, attention_fn)
+
+    def streamed_call(self, x, position_ids=None, key_padding_mask=None, attention_fn=None) -> StreamCall:
+        position_ids = self.default_positions(x) if position_ids is None else position_ids
+
+        def full(x_, positions, padding):
+            return DecoderLayer.forward(self.layer, x_, positions, padding, attention_fn)
+        return StreamCall(x, position_ids, key_padding_mask, full, chunk_mask_of(attention_fn))
+
+    def norm1(self, x):
+        return self.layer.input_norm(x)
+
+    def _heads(self, proj, h):
+        b, t, _ = h.shape
+        return proj(h).view(b, t, -1, self.layer.attn.cfg.head_dim).transpose(1, 2)
+
+    def _rope(self, z, positions):
+        cfg = self.layer.attn.cfg
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, z.dtype)
+        return apply_rope(z, cos, sin)
+
+    def queries(self, h, positions):
+        return self._rope(self._heads(self.layer.attn.q_proj, h), positions)
+
+    def keys_values(self, h, positions) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn = self.layer.attn
+        return self._rope(self._heads(attn.k_proj, h), positions), self._heads(attn.v_proj, h)
+
+    def attention_out(self, attn):
+        b, _, c, _ = attn.shape
+        return self.layer.attn.o_proj(attn.transpose(1, 2).reshape(b, c, -1))
+
+    def mlp_block(self, y):
+        return y + self.layer.mlp(self.layer.post_attn_norm(y))
 
 
 def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ response followed the prompt alone. ``segment_ids: [N, L]`` says which part a to
 :func:`pack` builds it from the usual GRPO tensors (prompts ``[N, Pmax]`` left or right padded with a mask;
 completions ``[R, Smax]`` with a mask, ``R = sum G_n``, in group order); :meth:`GroupedBatch.completion_logprobs`
 maps packed logits back to per-response token log-probs ``[R, Smax]``: response token ``k`` is predicted at the
-prefix's last position for ``k = 0`` and at its own position ``k - 1`` otherwise.
+prefix's last position for ``k = 0`` and at its own position ``k - 1`` otherwise. The block mask of this layout is
+:func:`ds_ext.ops.attention.grouped_attention_mask` (re-exported here).
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+
+# The grouped masks are shared operators (StreamBP's chunks, the masked fallback); re-exported for the layout's users.
+from ds_ext.ops.attention import grouped_attention_mask, grouped_chunk_mask  # noqa: F401
 
 
 @dataclass
@@ -82,19 +86,3 @@ def pack(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: to
     pad = lambda xs, value: torch.stack([F.pad(x, (0, length - len(x)), value=value) for x in xs])
     return GroupedBatch(pad(rows, pad_id), pad(positions, 0), pad(segments, -1), prefix_lens, suffix_lens,
                         predictor, row_of)
-
-
-def grouped_chunk_mask(segment_ids: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """Boolean ``[N, 1, e - s, e]``: rows ``[s, e)`` of the grouped mask over keys ``[0, e)``. Prefix tokens attend
-    causally to the prefix; a suffix token attends to the whole prefix and causally to its own suffix; every token
-    sees itself (padding rows never become all-masked)."""
-    q_seg, k_seg = segment_ids[:, s:e, None], segment_ids[:, None, :e]
-    q_idx = torch.arange(s, e, device=segment_ids.device)[:, None]
-    k_idx = torch.arange(e, device=segment_ids.device)[None, :]
-    allowed = (k_idx <= q_idx) & ((k_seg == 0) & (q_seg >= 0) | (k_seg == q_seg) & (q_seg > 0))
-    return (allowed | (k_idx == q_idx))[:, None]
-
-
-def grouped_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """The whole grouped mask ``[N, 1, L, L]`` (see :func:`grouped_chunk_mask`)."""
-    return grouped_chunk_mask(segment_ids, 0, segment_ids.shape[1])

@@ -1,37 +1,35 @@
 """Attach StreamBP to a model (plain or ``PipelineModule``) or a ds_ext engine.
 
-Decoder layers are found by structure (:func:`layer_kind`: the reference model's, or HF Llama/Qwen2-family) and
-given the streamed backward in place; the LM head and loss go through :func:`ds_ext.streambp.loss.chunked_lm_loss`
-via the model's own seam (the reference model's ``set_lm_loss``; for its pipeline form the last stage emits hidden
-states and the module's ``loss_fn`` applies the head in chunks; for HF models :func:`ds_ext.streambp.hf.causal_lm_loss`). A ``PipelineModule`` that also checkpoints activations is refused: StreamBP replaces it.
+Decoder layers are found by :func:`layer_adapter`: a module with a ``stream_adapter()`` method (the reference
+model's layers, :class:`ds_ext.models.llama.DecoderLayer`) or an HF Llama/Qwen2-family layer recognised by its
+structure; each is given the streamed backward in place (:func:`ds_ext.streambp.layer.stream_layer`). The LM head
+and loss go through :func:`ds_ext.streambp.loss.chunked_lm_loss` via the model's own seam: ``set_lm_loss(fn)`` (the
+reference model); for a ``PipelineModule`` whose last stage has a head with an ``emit_hidden`` flag (the reference
+pipeline's ``HeadPipe``), the head emits hidden states and the module's ``loss_fn`` applies the head in chunks; HF
+models call :func:`ds_ext.streambp.hf.causal_lm_loss`. A ``PipelineModule`` that also checkpoints activations is
+refused: StreamBP replaces it. :meth:`StreamBPFeature.close` undoes every change.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+from deepspeed.pipe import PipelineModule
 from torch import nn
 
 from ds_ext.config import DsExtConfigError
+from ds_ext.contract import FeatureBase, Phase
 from ds_ext.streambp.config import StreamBPConfig
-from ds_ext.streambp.layer import ReferenceLayerAdapter, stream_layer, unstream_layer
+from ds_ext.streambp.hf import HFLayerAdapter, is_hf_decoder_layer
+from ds_ext.streambp.layer import LayerAdapter, stream_layer, unstream_layer
 from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
 
 
-def layer_kind(module: nn.Module) -> Optional[str]:
-    """``"reference"`` (ds_ext's decoder layer), ``"hf"`` (HF Llama/Qwen2-family structure) or None."""
-    from ds_ext.models.llama import DecoderLayer
-    from ds_ext.streambp.hf import is_hf_decoder_layer
-    if isinstance(module, DecoderLayer):
-        return "reference"
-    return "hf" if is_hf_decoder_layer(module) else None
-
-
-def _stream(layer: nn.Module, kind: str, chunk_size: int) -> None:
-    if kind == "reference":
-        stream_layer(layer, ReferenceLayerAdapter(layer), chunk_size)
-    else:
-        from ds_ext.streambp.hf import stream_hf_layer
-        stream_hf_layer(layer, chunk_size)
+def layer_adapter(module: nn.Module) -> Optional[LayerAdapter]:
+    """StreamBP's adapter for a decoder layer it knows (see the module docstring), else None."""
+    make = getattr(module, "stream_adapter", None)
+    if make is not None:
+        return make()
+    return HFLayerAdapter(module) if is_hf_decoder_layer(module) else None
 
 
 def chunked_cross_entropy(logits_chunk_size: int):
@@ -41,49 +39,62 @@ def chunked_cross_entropy(logits_chunk_size: int):
     return loss
 
 
-class StreamBPFeature:
-    """What :func:`apply_streambp` changed, so it can be reported and undone."""
+class StreamBPFeature(FeatureBase):
+    """What StreamBP changed in a model: the streamed layers and the head seam, reported and undone by
+    :meth:`close` (then the model computes as without StreamBP). No step hooks, no state."""
 
     name = "streambp"
+    phase = Phase.MODEL
 
-    def __init__(self, cfg: StreamBPConfig, layers: List[nn.Module], model: nn.Module):
-        self.cfg, self.layers, self.model = cfg, layers, model
+    def __init__(self, cfg: StreamBPConfig, layers: List[nn.Module], undo: List[Callable[[], None]]):
+        self.cfg, self.layers, self._undo = cfg, layers, undo
 
     def metrics(self) -> dict:
         return {"streamed_layers": len(self.layers), "chunk_size": self.cfg.chunk_size,
                 "logits_chunk_size": self.cfg.logits_chunk_size}
 
-    def remove(self) -> None:
+    def close(self) -> None:
         for layer in self.layers:
             unstream_layer(layer)
-        if hasattr(self.model, "set_lm_loss"):
-            self.model.set_lm_loss(None)
+        while self._undo:
+            self._undo.pop()()
 
 
-def _chunk_pipeline_head(model, loss) -> None:
-    from ds_ext.models.pipeline import HeadPipe
-    heads = [m for m in model.modules() if isinstance(m, HeadPipe)]
-    if heads:  # only the last stage builds the head
-        head = heads[0]
-        head.emit_hidden = True
-        model.loss_fn = lambda hidden, labels: loss(hidden, head.lm_head.weight, labels)
+def _chunk_head(model: nn.Module, loss) -> List[Callable[[], None]]:
+    """Route the head + loss through ``loss`` by the model's seam; returns what undoes it."""
+    if hasattr(model, "set_lm_loss"):
+        model.set_lm_loss(loss)
+        return [lambda: model.set_lm_loss(None)]
+    heads = [m for m in model.modules() if hasattr(m, "emit_hidden")] if isinstance(model, PipelineModule) else []
+    if not heads:  # HF models (ds_ext.streambp.hf.causal_lm_loss), or a pipeline stage without the head
+        return []
+    head, own_loss_fn = heads[0], model.loss_fn
+    head.emit_hidden = True
+    model.loss_fn = lambda hidden, labels: loss(hidden, head.lm_head.weight, labels)
+
+    def undo():
+        head.emit_hidden, model.loss_fn = False, own_loss_fn
+    return [undo]
 
 
-def apply_streambp(model: nn.Module, cfg: StreamBPConfig) -> StreamBPFeature:
-    """Stream every known decoder layer of ``model`` and chunk its LM head + loss."""
-    from deepspeed.pipe import PipelineModule
+def stream_model(model: nn.Module, cfg: StreamBPConfig) -> StreamBPFeature:
+    """Stream every known decoder layer of ``model`` and chunk its LM head + loss (plain models, HF models and
+    ``PipelineModule`` stages alike); returns the feature whose ``close()`` undoes it."""
     if isinstance(model, PipelineModule) and model.activation_checkpoint_interval > 0:
         raise DsExtConfigError([("ds_ext.streambp.enabled", "got true for a PipelineModule built with "
                                  f"activation_checkpoint_interval={model.activation_checkpoint_interval}: StreamBP "
                                  "replaces activation checkpointing; build it with activation_checkpoint_interval=0")])
-    layers = [m for m in model.modules() if layer_kind(m) is not None]
-    if not layers and not isinstance(model, PipelineModule):
+    found = [(m, layer_adapter(m)) for m in model.modules()]
+    found = [(m, a) for m, a in found if a is not None]
+    if not found and not isinstance(model, PipelineModule):  # a pipeline stage may hold no decoder layer
         raise ValueError(f"StreamBP found no decoder layer it knows in {type(model).__name__}")
-    for layer in layers:
-        _stream(layer, layer_kind(layer), cfg.chunk_size)
-    loss = chunked_cross_entropy(cfg.logits_chunk_size)
-    if hasattr(model, "set_lm_loss"):
-        model.set_lm_loss(loss)
-    elif isinstance(model, PipelineModule):
-        _chunk_pipeline_head(model, loss)
-    return StreamBPFeature(cfg, layers, model)
+    for layer, adapter in found:
+        stream_layer(layer, adapter, cfg.chunk_size)
+    undo = _chunk_head(model, chunked_cross_entropy(cfg.logits_chunk_size))
+    return StreamBPFeature(cfg, [m for m, _ in found], undo)
+
+
+def apply_streambp(engine, cfg: StreamBPConfig, topology=None) -> StreamBPFeature:
+    """The feature for a ds_ext engine (``engine.module`` streamed; not attached: ``ds_ext.features`` attaches it).
+    ``topology`` is unused: every stage streams its own layers."""
+    return stream_model(engine.module, cfg)

@@ -2,35 +2,32 @@
 
 A layer is recognised by its structure: ``input_layernorm``, ``post_attention_layernorm``, ``mlp`` and a
 ``self_attn`` with ``q_proj/k_proj/v_proj/o_proj`` and ``head_dim`` (Llama, Qwen2, Mistral without sliding window;
-an optional per-head ``q_norm``/``k_norm`` as in Qwen3). Its forward is replaced on the instance only: with
-gradients, no KV cache and a causal (+ key padding) mask, it runs through StreamBP; otherwise the layer's own
-forward runs (call the model with ``use_cache=False`` when training, as :func:`causal_lm_loss` does). RoPE comes
-from the model's ``position_embeddings`` (``cos, sin: [B, T, D]``), sliced per chunk.
+an optional per-head ``q_norm``/``k_norm`` as in Qwen3). :class:`HFLayerAdapter` is its adapter for
+:func:`ds_ext.streambp.layer.stream_layer` (the forward is replaced on the instance only): with gradients, no KV
+cache and a causal (+ key padding) mask, it runs through StreamBP; otherwise the layer's own forward runs (call
+the model with ``use_cache=False`` when training, as :func:`causal_lm_loss` does). RoPE comes from the model's
+``position_embeddings`` (``cos, sin: [B, T, D]``), sliced per chunk.
 
 The LM head: :func:`causal_lm_loss` runs ``model.model`` for hidden states and the head + token cross-entropy in
 chunks, shifted as HF's ``ForCausalLMLoss`` does (position t predicts token t + 1, mean over labels != -100).
 """
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ds_ext.streambp.layer import LayerAdapter, StreamedLayerFunction
-from ds_ext.streambp.loss import IGNORE_INDEX, TokenCrossEntropy, chunked_lm_loss
+from ds_ext.ops.losses import IGNORE_INDEX
+from ds_ext.ops.rope import apply_rope
+from ds_ext.streambp.layer import LayerAdapter, StreamCall
+from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
 
 
 def is_hf_decoder_layer(module: nn.Module) -> bool:
     attn = getattr(module, "self_attn", None)
     return (all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp"))
             and attn is not None and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")))
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class HFLayerAdapter(LayerAdapter):
@@ -44,8 +41,18 @@ class HFLayerAdapter(LayerAdapter):
         self.attn, self.head_dim = attn, attn.head_dim
         self.scale = getattr(attn, "scaling", self.head_dim ** -0.5)
 
-    def full_forward(self, x, positions, key_padding_mask):
-        raise RuntimeError("HF layers run their own forward (see stream_hf_layer)")
+    def streamed_call(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                      use_cache=False, position_embeddings=None, **kwargs) -> Optional[StreamCall]:
+        """Streamed without a KV cache and with the model's ``position_embeddings``; the mask must be causal +
+        key padding (:func:`key_padding_from_mask`)."""
+        if use_cache or past_key_values is not None or position_embeddings is None:
+            return None
+        padding = key_padding_from_mask(attention_mask, hidden_states.shape[1])
+
+        def full(x, positions, _padding):
+            return self.own_forward(x, attention_mask=attention_mask, position_ids=position_ids,
+                                    position_embeddings=positions, **kwargs)
+        return StreamCall(hidden_states, position_embeddings, padding, full)
 
     def slice_positions(self, positions, s: int, e: int):
         cos, sin = positions
@@ -59,7 +66,7 @@ class HFLayerAdapter(LayerAdapter):
     @staticmethod
     def _rope(z, positions):
         cos, sin = (p[:, None] for p in positions)
-        return z * cos + _rotate_half(z) * sin
+        return apply_rope(z, cos, sin)
 
     def norm1(self, x):
         return self.layer.input_layernorm(x)
@@ -94,32 +101,6 @@ def key_padding_from_mask(mask: Optional[torch.Tensor], t: int) -> Optional[torc
     if not torch.equal(allowed[rows], expected[rows]):
         raise ValueError("StreamBP streams causal attention with key padding only; this attention mask is another")
     return padding
-
-
-def stream_hf_layer(layer: nn.Module, chunk_size: int) -> None:
-    """Give an HF decoder layer StreamBP's backward (instance forward replaced; undo with ``unstream_layer``)."""
-    if getattr(layer, "_ds_ext_streamed", False):
-        raise ValueError(f"{type(layer).__name__} is already streamed")
-    adapter = HFLayerAdapter(layer)
-    own_forward = type(layer).forward.__get__(layer)
-
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
-        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad
-                                                  or any(p.requires_grad for p in self.parameters()))
-        if not needs_grad or use_cache or past_key_values is not None or position_embeddings is None:
-            return own_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache,
-                               position_embeddings=position_embeddings, **kwargs)
-        padding = key_padding_from_mask(attention_mask, hidden_states.shape[1])
-
-        def full(x, positions, _padding):
-            return own_forward(x, attention_mask=attention_mask, position_ids=position_ids,
-                               position_embeddings=positions, **kwargs)
-        return StreamedLayerFunction.apply(hidden_states, position_embeddings, padding, adapter, full, chunk_size)
-
-    layer.forward = types.MethodType(forward, layer)
-    layer._ds_ext_streamed = True
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -7,33 +7,69 @@ may be shorter); for each chunk, with gradients on:
 
 * queries from ``h[:, s:e]`` only;
 * attention of the ``c = e - s`` queries over the ``e`` keys ``< e``, causal aligned bottom-right (query ``s + i``
-  sees keys ``<= s + i``; never a ``T x T`` mask): the unmasked prefix part and the causal diagonal block merged
-  by log-sum-exp, or a ``[c, e]`` mask with key padding (:mod:`ds_ext.streambp.attention`);
+  sees keys ``<= s + i``; never a ``T x T`` mask): :func:`ds_ext.ops.attention.chunk_attention` (the unmasked
+  prefix and the causal diagonal block merged by log-sum-exp, or a ``[c, e]`` mask with key padding or the
+  per-call attention's :meth:`ChunkMasked.chunk_mask`);
 * ``y = x[:, s:e] + o_proj(attn)``, ``y = y + mlp(norm2(y))`` on the chunk only;
 
 then backpropagates ``G[:, s:e]``. Input, key/value and parameter gradients accumulate over chunks, so the
-result is the full-sequence gradient (a sum of the same terms). The layer's structure is reached through a
-:class:`LayerAdapter` (one per layer family; the reference model's is here).
+result is the full-sequence gradient (a sum of the same terms).
 
-Gradient reduction: until the final backward call the layer's parameters carry ``ds_grad_is_ready = False``, which
-DeepSpeed ZeRO-1/2 honour: each parameter's gradient is reduced once per backward, not once per chunk.
+**One streaming mechanism** for every layer family: :func:`stream_layer` replaces the instance's ``forward`` with
+one that, when gradients are wanted, asks the family's :class:`LayerAdapter` to map the call's arguments to a
+:class:`StreamCall` and runs :class:`StreamedLayerFunction`; otherwise (no gradients, or the adapter declines: KV
+cache, packed sequences) the layer's own forward runs. :func:`unstream_layer` undoes it. Adapters: the reference
+model's (:class:`ds_ext.models.llama.ReferenceLayerAdapter`), HF Llama/Qwen2 (:mod:`ds_ext.streambp.hf`), megatron
+(:mod:`ds_ext.megatron.streambp`).
+
+Gradient reduction: until the final backward call the layer's parameters are marked not ready for ZeRO-1/2
+(:func:`ds_ext._deepspeed.set_grad_ready`): each parameter's gradient is reduced once per backward, not once per
+chunk.
 """
 from __future__ import annotations
 
 import types
 from abc import ABC, abstractmethod
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ds_ext.streambp.attention import chunk_attention
+from ds_ext._deepspeed import set_grad_ready
+from ds_ext.ops.attention import chunk_attention
+
+_STREAMED = "_ds_ext_streamed"
+
+
+@runtime_checkable
+class ChunkMasked(Protocol):
+    """A per-call attention function StreamBP can stream: it gives the boolean mask of query rows ``[start, end)``
+    over keys ``[0, end)``, ``[B or 1, 1, end - start, end]`` (Prefix Grouper's grouped attention does)."""
+
+    def chunk_mask(self, start: int, end: int) -> torch.Tensor: ...
+
+
+@dataclass
+class StreamCall:
+    """One streamed call of a layer, in StreamBP's terms: ``x: [B, T, C]`` (a view of the layer's input), the
+    position information, the key padding ``[B, T]`` (True = real) or None, ``full(x, positions, padding) -> y``
+    (the layer's own forward on the whole sequence, run once under no_grad), the chunk mask of a per-call attention
+    (None: causal) and ``output(y)``, the layer's return value built from ``y: [B, T, C]``."""
+
+    x: torch.Tensor
+    positions: object
+    key_padding_mask: Optional[torch.Tensor]
+    full: Callable
+    chunk_mask: Optional[Callable[[int, int], torch.Tensor]] = None
+    output: Callable = lambda y: y
 
 
 class LayerAdapter(ABC):
-    """How StreamBP reaches a decoder layer's parts. Subclasses bind one layer family.
+    """How StreamBP reaches a decoder layer's parts and reads its call. Subclasses bind one layer family.
 
-    Shapes: ``x: [B, t, C]``, ``positions: [B, t]``, ``q: [B, H, t, D]``, ``k, v: [B, Hkv, t, D]``.
+    Shapes: ``x: [B, t, C]``, ``positions: [B, t]`` (or what the family carries), ``q: [B, H, t, D]``,
+    ``k, v: [B, Hkv, t, D]``.
     """
 
     scale: Optional[float] = None  # softmax scale; None = 1/sqrt(D)
@@ -41,9 +77,14 @@ class LayerAdapter(ABC):
     def __init__(self, layer: nn.Module):
         self.layer = layer
 
+    def own_forward(self, *args, **kwargs):
+        """The layer's unstreamed forward (the class's; the streamed one lives on the instance)."""
+        return type(self.layer).forward(self.layer, *args, **kwargs)
+
     @abstractmethod
-    def full_forward(self, x, positions, key_padding_mask):
-        """The layer's own forward on the whole sequence ``[B, T, C] -> [B, T, C]``."""
+    def streamed_call(self, *args, **kwargs) -> Optional[StreamCall]:
+        """Map the layer's forward arguments to a :class:`StreamCall`, or None to run the layer's own forward.
+        Raise on a call StreamBP cannot reproduce exactly (say which argument)."""
 
     def default_positions(self, x):
         return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
@@ -73,42 +114,51 @@ class LayerAdapter(ABC):
         """``y + mlp(norm2(y))``."""
 
 
+def chunk_mask_of(attention_fn) -> Optional[Callable[[int, int], torch.Tensor]]:
+    """The chunk-mask method of a per-call attention function (None for None); refuses one without it."""
+    if attention_fn is None:
+        return None
+    if not isinstance(attention_fn, ChunkMasked):
+        raise ValueError(f"StreamBP streams the default causal attention or a per-call attention that gives chunk "
+                         f"masks (chunk_mask(start, end), e.g. Prefix Grouper's), not {attention_fn!r}")
+    return attention_fn.chunk_mask
+
+
 def chunk_output(adapter: LayerAdapter, xc, hc, ke, ve, positions, s: int, e: int,
-                 key_padding_mask: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 key_padding_mask: Optional[torch.Tensor], chunk_mask=None) -> torch.Tensor:
     """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, the normed
     rows ``hc = h[:, s:e]`` and the keys/values of positions ``< e``, ``ke, ve: [B, Hkv, e, D]``."""
     q = adapter.queries(hc, adapter.slice_positions(positions, s, e))
-    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale, segment_ids)
+    mask = chunk_mask(s, e) if chunk_mask is not None else None
+    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale, mask)
     return adapter.mlp_block(xc + adapter.attention_out(attn))
-
-
-def _set_grad_ready(params, ready: bool) -> None:
-    for p in params:
-        p.ds_grad_is_ready = ready
 
 
 class StreamedLayerFunction(torch.autograd.Function):
     """``y = layer(x)`` with StreamBP's backward. Parameters are reached through the adapter (like reentrant
     checkpointing), so their gradients are accumulated in ``param.grad`` by the inner ``autograd.backward``.
 
+    Saved for backward: ``x`` (and the key padding mask when given); positions, the adapter and the chunk-mask
+    function ride on ``ctx`` (shared by every layer of the call, not per layer).
+
     Backward order: ``h = norm1(x)`` and the keys/values of all ``T`` positions are recomputed once (``O(T)``
     memory for one layer at a time, instead of recomputing the prefix's keys/values for every chunk); chunks
     ``0 .. D-2`` backpropagate into detached slices of ``x, h, k, v`` whose gradients are summed into buffers
     ``dx, dh, dk, dv``; the last chunk backpropagates together with ``dh, dk, dv`` through the real graph, so every
-    parameter receives its gradient in that one final call (the only one with ``ds_grad_is_ready = True``).
+    parameter receives its gradient in that one final call (the only one with the parameters marked ready).
     """
 
     @staticmethod
-    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, segment_ids=None):
-        ctx.save_for_backward(x, key_padding_mask, segment_ids)
-        ctx.positions, ctx.adapter, ctx.chunk_size = positions, adapter, chunk_size
+    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, chunk_mask=None):
+        ctx.save_for_backward(x, key_padding_mask)
+        ctx.positions, ctx.adapter, ctx.chunk_size, ctx.chunk_mask = positions, adapter, chunk_size, chunk_mask
         with torch.no_grad():
             return full_forward(x, positions, key_padding_mask)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, key_padding_mask, segment_ids = ctx.saved_tensors
-        adapter, positions, chunk = ctx.adapter, ctx.positions, ctx.chunk_size
+        x, key_padding_mask = ctx.saved_tensors
+        adapter, positions, chunk, mask = ctx.adapter, ctx.positions, ctx.chunk_size, ctx.chunk_mask
         x = x.detach().requires_grad_(True)
         params = [p for p in adapter.layer.parameters() if p.requires_grad]
         t = x.shape[1]
@@ -117,26 +167,26 @@ class StreamedLayerFunction(torch.autograd.Function):
             h = adapter.norm1(x)
             k, v = adapter.keys_values(h, positions)
             dx, dh, dk, dv = (torch.zeros_like(z) for z in (x, h, k, v))
-            _set_grad_ready(params, False)
+            set_grad_ready(params, False)
             for s, e in bounds[:-1]:
                 _chunk_backward(adapter, x, h, k, v, (dx, dh, dk, dv), positions, s, e, key_padding_mask,
-                                grad_out[:, s:e], segment_ids)
-            _set_grad_ready(params, True)
+                                grad_out[:, s:e], mask)
+            set_grad_ready(params, True)
             s, e = bounds[-1]
             y = chunk_output(adapter, x[:, s:e], h[:, s:e], k[:, :, :e], v[:, :, :e], positions, s, e,
-                             key_padding_mask, segment_ids)
+                             key_padding_mask, mask)
             torch.autograd.backward([y, h, k, v], [grad_out[:, s:e], dh, dk, dv])
         return x.grad + dx, None, None, None, None, None, None
 
 
 def _chunk_backward(adapter, x, h, k, v, buffers, positions, s, e, key_padding_mask, grad_chunk,
-                    segment_ids=None) -> None:
+                    chunk_mask=None) -> None:
     """Backpropagate rows ``[s, e)`` into per-chunk leaves (only the slices the chunk reads) and add their
     gradients into the full-size buffers; parameter gradients accumulate in ``param.grad``."""
     dx, dh, dk, dv = buffers
     xc, hc = x[:, s:e].detach().requires_grad_(True), h[:, s:e].detach().requires_grad_(True)
     ke, ve = k[:, :, :e].detach().requires_grad_(True), v[:, :, :e].detach().requires_grad_(True)
-    y = chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask, segment_ids)
+    y = chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask, chunk_mask)
     torch.autograd.backward(y, grad_chunk)
     dx[:, s:e] += xc.grad
     dh[:, s:e] += hc.grad
@@ -144,76 +194,44 @@ def _chunk_backward(adapter, x, h, k, v, buffers, positions, s, e, key_padding_m
     dv[:, :, :e] += ve.grad
 
 
+def _needs_grad(layer: nn.Module, args, kwargs) -> bool:
+    """Whether this call builds a graph: gradients on, and a tensor input or a parameter that wants one."""
+    if not torch.is_grad_enabled():
+        return False
+    inputs = [*args, *kwargs.values()]
+    return (any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
+            or any(p.requires_grad for p in layer.parameters()))
+
+
 def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> None:
-    """Give ``layer`` StreamBP's backward; it is then called as ``layer(x, position_ids=None,
-    key_padding_mask=None)`` (positions default to ``0..T-1``).
+    """Give ``layer`` StreamBP's backward; it keeps its own call signature (the adapter reads it).
 
     The instance's ``forward`` is replaced, the module stays where it is, so parameter names, state dicts and
-    hooks are unchanged; :func:`unstream_layer` undoes it. Without gradients the layer's own forward runs.
+    hooks are unchanged; :func:`unstream_layer` undoes it. Without gradients, or when the adapter declines the call
+    (:meth:`LayerAdapter.streamed_call` returns None), the layer's own forward runs.
     """
-    if getattr(layer, "_ds_ext_streamed", False):
+    if is_streamed(layer):
         raise ValueError(f"{type(layer).__name__} is already streamed")
 
-    def forward(self, x, position_ids=None, key_padding_mask=None, attention_fn=None):
-        segment_ids = _segments_of(attention_fn)
-        position_ids = adapter.default_positions(x) if position_ids is None else position_ids
-        full = adapter.full_forward if attention_fn is None else (
-            lambda x_, pos, kpm: adapter.full_forward(x_, pos, kpm, attention_fn=attention_fn))
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not needs_grad:
-            return full(x, position_ids, key_padding_mask)
-        return StreamedLayerFunction.apply(x, position_ids, key_padding_mask, adapter, full, chunk_size, segment_ids)
+    def forward(self, *args, **kwargs):
+        call = adapter.streamed_call(*args, **kwargs) if _needs_grad(self, args, kwargs) else None
+        if call is None:
+            return adapter.own_forward(*args, **kwargs)
+        y = StreamedLayerFunction.apply(call.x, call.positions, call.key_padding_mask, adapter, call.full,
+                                        chunk_size, call.chunk_mask)
+        return call.output(y)
 
     layer.forward = types.MethodType(forward, layer)
-    layer._ds_ext_streamed = True
+    setattr(layer, _STREAMED, True)
 
 
-def _segments_of(attention_fn) -> Optional[torch.Tensor]:
-    """The packed-row segment ids of Prefix Grouper's per-call attention (the only per-call attention StreamBP
-    streams: its chunk attention then uses the grouped mask's rows)."""
-    if attention_fn is None:
-        return None
-    batch = getattr(attention_fn, "batch", None)
-    if batch is None or not hasattr(batch, "segment_ids"):
-        raise ValueError(f"StreamBP streams the default causal attention or Prefix Grouper's, not {attention_fn!r}")
-    return batch.segment_ids
+def is_streamed(layer: nn.Module) -> bool:
+    return layer.__dict__.get(_STREAMED, False)
 
 
 def unstream_layer(layer: nn.Module) -> None:
+    """Restore the layer's own forward (a no-op on a layer that is not streamed)."""
+    if not is_streamed(layer):
+        return
     layer.__dict__.pop("forward", None)
-    layer.__dict__.pop("_ds_ext_streamed", None)
-
-
-class ReferenceLayerAdapter(LayerAdapter):
-    """:class:`ds_ext.models.llama.DecoderLayer` (and its pipeline form)."""
-
-    def full_forward(self, x, positions, key_padding_mask, attention_fn=None):
-        from ds_ext.models.llama import DecoderLayer
-        return DecoderLayer.forward(self.layer, x, positions, key_padding_mask, attention_fn)
-
-    def norm1(self, x):
-        return self.layer.input_norm(x)
-
-    def _heads(self, proj, h):
-        b, t, _ = h.shape
-        return proj(h).view(b, t, -1, self.layer.attn.cfg.head_dim).transpose(1, 2)
-
-    def _rope(self, z, positions):
-        from ds_ext.models.llama import apply_rope, rope_cos_sin
-        cfg = self.layer.attn.cfg
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, z.dtype)
-        return apply_rope(z, cos, sin)
-
-    def queries(self, h, positions):
-        return self._rope(self._heads(self.layer.attn.q_proj, h), positions)
-
-    def keys_values(self, h, positions) -> Tuple[torch.Tensor, torch.Tensor]:
-        attn = self.layer.attn
-        return self._rope(self._heads(attn.k_proj, h), positions), self._heads(attn.v_proj, h)
-
-    def attention_out(self, attn):
-        b, _, c, _ = attn.shape
-        return self.layer.attn.o_proj(attn.transpose(1, 2).reshape(b, c, -1))
-
-    def mlp_block(self, y):
-        return y + self.layer.mlp(self.layer.post_attn_norm(y))
+    layer.__dict__.pop(_STREAMED, None)

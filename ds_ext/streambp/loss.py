@@ -2,26 +2,24 @@
 
 :class:`ChunkedLMHeadLoss` computes ``sum_chunks objective(hidden[:, s:e] @ W^T, s, e)`` one chunk of logits at a
 time and, when gradients are wanted, backpropagates each chunk's loss into ``dhidden[:, s:e]`` and ``dW`` at once
-(the logits are made once and freed). Objectives weight every token with a denominator taken over the *whole* batch, so the
-chunk losses sum exactly to the unchunked loss:
+(the logits are made once and freed). An objective is ``objective(logits [B, c, V], s, e) -> scalar`` for the
+positions ``[s, e)``; it weights every token with a denominator taken over the *whole* batch, so the chunk losses
+sum exactly to the unchunked loss:
 
 * :class:`TokenCrossEntropy`: mean token cross-entropy over labels != ignore_index (SFT, pretraining);
-* :class:`GRPOTokenLoss`: the clipped-ratio policy loss with clip-higher (``eps_low``, ``eps_high``) and the k3 KL
-  to a reference policy, normalised as ``grpo`` (mean over each sequence's tokens, then over sequences), ``dapo``
-  (over all tokens of the batch) or ``dr_grpo`` (by ``B * max_len``, a constant).
+* :class:`ds_ext.asyncflow.grpo.GRPOTokenLoss`: the GRPO / PPO clipped-ratio loss (it lives with the GRPO trainer).
 
 Shapes: ``hidden: [B, T, C]``, ``weight: [V, C]``, per-token tensors ``[B, T]`` aligned with ``hidden`` (position t
-scores the token at t + 1, i.e. labels/targets already shifted), ``advantages: [B]``.
+scores the token at t + 1, i.e. labels/targets already shifted).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ds_ext.ops.losses import IGNORE_INDEX
 
 
 @dataclass
@@ -37,65 +35,6 @@ class TokenCrossEntropy:
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                              ignore_index=self.ignore_index, reduction="sum")
         return ce / self.denominator
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[target]``: ``[B, c, V], [B, c] -> [B, c]`` (fp32)."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.clamp(min=0)[..., None])[..., 0]
-
-
-@dataclass
-class GRPOTokenLoss:
-    """GRPO / PPO token loss. ``old_logprobs`` are the behaviour policy's, ``ref_logprobs`` the frozen reference's
-    (needed when ``kl_coef > 0``); ``mask`` marks response tokens."""
-
-    targets: torch.Tensor                 # [B, T] int64
-    mask: torch.Tensor                    # [B, T] bool / 0-1
-    advantages: torch.Tensor              # [B]
-    old_logprobs: torch.Tensor            # [B, T]
-    ref_logprobs: Optional[torch.Tensor] = None
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    kl_coef: float = 0.0
-    norm: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
-    max_len: Optional[int] = None         # dr_grpo's constant; default T
-    weights: Optional[torch.Tensor] = None  # [B, T] per-token weights given by the caller (global normalisation)
-
-    def __post_init__(self):
-        mask = self.mask.float()
-        if self.kl_coef > 0 and self.ref_logprobs is None:
-            raise ValueError("kl_coef > 0 needs ref_logprobs")
-        if self.weights is not None:
-            return
-        b, t = mask.shape
-        if self.norm == "grpo":
-            self.weights = mask / (b * mask.sum(1, keepdim=True).clamp(min=1))
-        elif self.norm == "dapo":
-            self.weights = mask / mask.sum().clamp(min=1)
-        elif self.norm == "dr_grpo":
-            self.weights = mask / (b * (self.max_len or t))
-        else:
-            raise ValueError(f"norm={self.norm!r}: allowed grpo, dapo, dr_grpo")
-
-    def per_token(self, logprobs: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        """Per-token loss ``[B, c]`` before weighting."""
-        ratio = torch.exp(logprobs - self.old_logprobs[:, s:e])
-        adv = self.advantages[:, None].float()
-        surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * adv)
-        loss = -surrogate
-        if self.kl_coef > 0:
-            delta = self.ref_logprobs[:, s:e] - logprobs
-            loss = loss + self.kl_coef * (torch.exp(delta) - delta - 1)
-        return loss
-
-    def __call__(self, logits: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        logprobs = token_logprobs(logits, self.targets[:, s:e])
-        return (self.per_token(logprobs, s, e) * self.weights[:, s:e]).sum()
-
-    def from_logprobs(self, logprobs: torch.Tensor) -> torch.Tensor:
-        """The loss from per-token log-probs ``[B, T]`` already computed (e.g. Prefix Grouper's
-        ``GroupedBatch.completion_logprobs``); ``targets`` is then not read."""
-        return (self.per_token(logprobs, 0, logprobs.shape[1]) * self.weights).sum()
 
 
 class ChunkedLMHeadLoss(torch.autograd.Function):

@@ -1,0 +1,214 @@
+"""The attention op every ds_ext path runs: flash kernel calls over key parts, merged by log-sum-exp.
+
+**Merged attention.** Queries ``q: [B, H, Lq, D]`` attend over several key *parts*; part ``i`` is
+:class:`Part` ``(k, v, causal, q_rows, kv_rows)``: keys/values ``k[:, :, kv_rows], v[:, :, kv_rows]`` (``[B, Hkv, n,
+D]``, grouped-query heads are handled by the kernel, K/V are never repeated), seen by the queries ``q_rows`` only,
+fully or causally (square, upper-left aligned). Each part is one flash call giving ``out_i`` and the row
+log-sum-exp ``lse_i`` of its scores; parts are merged as flash-decoding does::
+
+    lse = logaddexp(lse_a, lse_b);   out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+which equals one softmax over the concatenated keys with the parts' masks. Backward calls the flash backward kernel
+once per part with the *merged* ``out`` and ``lse``: the kernel forms ``P = exp(S - lse)`` and ``rowsum(dO * O)``
+from them, which are the true full-softmax quantities, so the parts' ``dQ`` add up and their ``dK, dV`` are the
+parts' exact gradients (written into one buffer per distinct K/V tensor, so slices of one tensor cost no copies).
+Query rows no part covers get output 0 (padding rows of a packed batch).
+
+Users: StreamBP's chunk attention (:func:`chunk_attention`: the unmasked prefix plus the causal diagonal block),
+Prefix Grouper's grouped rows (prefix causal; suffixes over the prefix and causally over themselves) and, through
+Prefix Grouper, the megatron core attention.
+
+**Masked fallback.** The kernels are PyTorch's CPU flash kernels (``aten::_scaled_dot_product_flash_attention_for_cpu``
+and its backward, :data:`FLASH_FORWARD` / :data:`FLASH_BACKWARD`). Where they cannot run (not in this build, CUDA,
+non-fp32 inputs) or a mask the parts cannot express is needed (key padding, a grouped chunk), callers run
+:func:`grouped_sdpa` with a boolean mask (:func:`chunk_mask`, :func:`grouped_chunk_mask`): exact too, only slower.
+Each reason is logged once (logger ``ds_ext.ops.attention``, INFO).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# The kernel handles (None where this PyTorch build lacks them). Tests set them to None to force the fallback.
+FLASH_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+Rows = Optional[Tuple[int, int]]
+_logged_reasons = set()
+
+
+class Part(NamedTuple):
+    """One key part of :func:`merged_attention`: ``k, v: [B, Hkv, n, D]``, read at rows ``kv_rows`` (``(a, b)``,
+    None = all), attended by the query rows ``q_rows`` (None = all), causally (square, upper-left) or fully."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    q_rows: Rows = None
+    kv_rows: Rows = None
+
+
+def _rows(rows: Rows) -> slice:
+    return slice(None) if rows is None else slice(*rows)
+
+
+def lse_merge(out, lse, out_i, lse_i):
+    """Merge a part's ``(out_i [.., L, D], lse_i [.., L])`` into the running ``(out, lse)`` (None: nothing yet)."""
+    if out is None:
+        return out_i, lse_i
+    merged = torch.logaddexp(lse, lse_i)
+    return torch.exp(lse - merged)[..., None] * out + torch.exp(lse_i - merged)[..., None] * out_i, merged
+
+
+class MergedAttention(torch.autograd.Function):
+    """``apply(q, scale, spec, *tensors)``: ``spec`` holds per part ``(k_index, v_index, causal, q_rows, kv_rows)``
+    into the distinct K/V ``tensors``; see the module docstring for the algorithm and why backward is exact."""
+
+    @staticmethod
+    def forward(ctx, q, scale, spec, *tensors):
+        out = lse = None
+        for ki, vi, causal, q_rows, kv_rows in spec:
+            rq, rk = _rows(q_rows), _rows(kv_rows)
+            out_i, lse_i = FLASH_FORWARD(q[:, :, rq], tensors[ki][:, :, rk], tensors[vi][:, :, rk], 0.0, causal,
+                                         scale=scale)
+            if q_rows is None:
+                out, lse = lse_merge(out, lse, out_i, lse_i)
+                continue
+            if out is None:  # rows no part covers stay 0 (lse -inf: a later merge takes the part's values exactly)
+                out = out_i.new_zeros(q.shape[:3] + out_i.shape[3:])
+                lse = lse_i.new_full(q.shape[:3], float("-inf"))
+            out[:, :, rq], lse[:, :, rq] = lse_merge(out[:, :, rq], lse[:, :, rq], out_i, lse_i)
+        ctx.save_for_backward(q, out, lse, *tensors)
+        ctx.scale, ctx.spec = scale, spec
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, out, lse, *tensors = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq = torch.zeros_like(q)
+        grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
+        for ki, vi, causal, q_rows, kv_rows in ctx.spec:
+            rq, rk = _rows(q_rows), _rows(kv_rows)
+            dq_i, dk_i, dv_i = FLASH_BACKWARD(grad_out[:, :, rq], q[:, :, rq], tensors[ki][:, :, rk],
+                                              tensors[vi][:, :, rk], out[:, :, rq], lse[:, :, rq], 0.0, causal,
+                                              scale=ctx.scale)
+            dq[:, :, rq] += dq_i
+            for index, d in ((ki, dk_i), (vi, dv_i)):
+                if grads[index] is None and kv_rows is None:
+                    grads[index] = d  # a fresh tensor: later parts may add into it
+                    continue
+                if grads[index] is None:
+                    grads[index] = torch.zeros_like(tensors[index])
+                grads[index][:, :, rk] += d
+        return (dq, None, None, *grads)
+
+
+def merged_attention(q: torch.Tensor, parts: Sequence[Part], scale: Optional[float] = None) -> torch.Tensor:
+    """Attention of ``q`` over ``parts`` (see :class:`Part`), ``[B, H, Lq, D]``; needs :func:`flash_available`.
+    The same tensor may appear in several parts (e.g. row slices of one K): its gradient is one tensor."""
+    tensors: List[torch.Tensor] = []
+    index = {}
+
+    def slot(t):
+        if id(t) not in index:
+            index[id(t)] = len(tensors)
+            tensors.append(t)
+        return index[id(t)]
+    spec = tuple((slot(p.k), slot(p.v), p.causal, p.q_rows, p.kv_rows) for p in parts)
+    return MergedAttention.apply(q, _scale(q, scale), spec, *tensors)
+
+
+def _scale(q, scale: Optional[float]) -> float:
+    return scale if scale is not None else q.shape[-1] ** -0.5
+
+
+def flash_unavailable(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """Why :func:`merged_attention` cannot run on these inputs, or None when it can."""
+    if FLASH_FORWARD is None or FLASH_BACKWARD is None:
+        return "this PyTorch build has no CPU flash attention kernels"
+    if q.device.type != "cpu":
+        return f"inputs on {q.device.type} (the merged path uses PyTorch's CPU flash kernels)"
+    if q.dtype != torch.float32:
+        return f"dtype {q.dtype} (the merged path is fp32: the log-sum-exp merge must not round to low precision)"
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads"
+    return None
+
+
+def flash_available(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return flash_unavailable(q, k) is None
+
+
+def log_fallback(what: str, reason: str) -> None:
+    """Log once per (what, reason) that ``what`` runs masked SDPA instead of the merged flash path."""
+    if (what, reason) not in _logged_reasons:
+        _logged_reasons.add((what, reason))
+        logger.info("%s: masked SDPA instead of the flash + log-sum-exp path: %s", what, reason)
+
+
+def grouped_sdpa(q, k, v, **kwargs) -> torch.Tensor:
+    """SDPA with grouped key/value heads (``k, v: [B, Hkv, T, D]``, ``Hkv`` dividing ``H``).
+
+    On CPU the flash kernel takes grouped heads directly (``enable_gqa``). On CUDA, ``enable_gqa`` rules out the
+    memory-efficient kernel, the only fused one for fp32, so SDPA would fall back to the math path and materialise
+    ``T x T`` scores; there K/V are repeated to ``H`` heads instead (``O(T)`` extra memory)."""
+    if q.device.type == "cpu" or k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    repeat = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                          **kwargs)
+
+
+def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Boolean ``[B or 1, 1, e - s, e]``: query rows ``[s, e)`` over keys ``[0, e)``, causal aligned bottom-right,
+    key padding (``[B, >= e]``, True = real), and each query sees itself (a padded row never becomes all-masked;
+    its output is unused)."""
+    q_pos = torch.arange(s, e, device=device)[:, None]
+    k_pos = torch.arange(e, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if key_padding_mask is not None:
+        mask = (mask & key_padding_mask[:, None, None, :e]) | (k_pos == q_pos)
+    return mask if mask.dim() == 4 else mask[None, None]
+
+
+def grouped_chunk_mask(segment_ids: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Boolean ``[N, 1, e - s, e]``: rows ``[s, e)`` of the grouped mask over keys ``[0, e)`` (``segment_ids: [N, L]``,
+    0 prefix, ``j >= 1`` suffix j, -1 padding). Prefix tokens attend causally to the prefix; a suffix token attends
+    to the whole prefix and causally to its own suffix; every token sees itself (padding rows never become
+    all-masked)."""
+    q_seg, k_seg = segment_ids[:, s:e, None], segment_ids[:, None, :e]
+    q_idx = torch.arange(s, e, device=segment_ids.device)[:, None]
+    k_idx = torch.arange(e, device=segment_ids.device)[None, :]
+    allowed = (k_idx <= q_idx) & ((k_seg == 0) & (q_seg >= 0) | (k_seg == q_seg) & (q_seg > 0))
+    return (allowed | (k_idx == q_idx))[:, None]
+
+
+def grouped_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """The whole grouped mask ``[N, 1, L, L]`` (see :func:`grouped_chunk_mask`)."""
+    return grouped_chunk_mask(segment_ids, 0, segment_ids.shape[1])
+
+
+def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of the queries at positions ``[s, s + c)`` (``q: [B, H, c, D]``) over the keys
+    ``[0, s + c)`` (``k, v: [B, Hkv, s + c, D]``), never with an ``[s + c, s + c]`` mask.
+
+    Merged path: the unmasked part ``[0, s)`` and the causal diagonal block ``[s, s + c)``. ``mask`` (a boolean
+    ``[B or 1, 1, c, s + c]`` from the caller's attention, e.g. a grouped chunk) or ``key_padding_mask`` select
+    masked SDPA instead."""
+    reason = ("the caller's attention gives a chunk mask" if mask is not None else
+              "a key padding mask is given" if key_padding_mask is not None else flash_unavailable(q, k))
+    if reason is None:
+        parts = [Part(k, v, False, kv_rows=(0, s))] if s > 0 else []
+        parts.append(Part(k, v, True, kv_rows=(s, k.shape[2])))
+        return merged_attention(q, parts, scale)
+    log_fallback("chunk attention", reason)
+    if mask is None:
+        mask = chunk_mask(s, k.shape[2], key_padding_mask, q.device)
+    return grouped_sdpa(q, k, v, attn_mask=mask, scale=scale)
