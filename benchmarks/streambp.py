@@ -42,9 +42,9 @@ def build(mode: str, chunk: int, logits_chunk: int):
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelConfig(**MODEL))
     if mode == "streambp":
-        from ds_ext.streambp.apply import apply_streambp
+        from ds_ext.streambp.apply import stream_model
         from ds_ext.streambp.config import StreamBPConfig
-        apply_streambp(model, StreamBPConfig(enabled=True, chunk_size=chunk, logits_chunk_size=logits_chunk))
+        stream_model(model, StreamBPConfig(enabled=True, chunk_size=chunk, logits_chunk_size=logits_chunk))
     elif mode == "checkpointing":
         import deepspeed
         if not deepspeed.comm.is_initialized():  # DeepSpeed's checkpointing asks for its comm backend

@@ -183,8 +183,8 @@ def test_close_removes_the_input_hook():
     feature.close()
     feature.close()
     assert not model._forward_pre_hooks and feature.metrics() == {"enabled": 0}
-    with pytest.raises(TypeError):
-        model(batch)  # the model's own forward: the embedding does not take a GroupedBatch
+    with pytest.raises(AttributeError, match="'GroupedBatch' object has no attribute 'shape'"):
+        model(batch)  # the model's own forward reads input_ids.shape: no hook translated the batch
 
 
 def test_masked_fallback_matches_the_repeated_prefix_baseline(monkeypatch, caplog):

@@ -6,8 +6,9 @@ it computes depends on the ``attention_mask`` that megatron hands down unchanged
 
 * a :class:`GroupedMask` (one GRPO group per row, see :mod:`ds_ext.prefix_grouper.layout`): prefix-grouped
   attention (:func:`ds_ext.prefix_grouper.attention.prefix_grouped_attention`, exact forward and backward);
-* ``None``: causal attention (:func:`ds_ext.ops.attention.grouped_sdpa`), so the same spec also trains on ordinary batches and runs on CPU, where
-  megatron's ``DotProductAttention`` needs CUDA (its memory buffer and CUDA RNG tracker);
+* ``None``: causal attention (:func:`ds_ext.ops.attention.grouped_sdpa`), so the same spec also trains on ordinary
+  batches and runs on CPU, where megatron's ``DotProductAttention`` needs CUDA (its memory buffer and CUDA RNG
+  tracker);
 * a boolean tensor broadcastable to ``[b, 1, s, s]`` in megatron's convention (True = masked out): SDPA with it.
 
 RoPE: ``GPTModel`` builds its rotary table for positions ``0..s-1`` of every row and ignores ``position_ids``
