@@ -146,3 +146,34 @@ def test_recovery_needs_zero_1_or_2_without_offload():
 def test_shipped_recovery_config_is_valid(repo_root):
     from ds_ext.config import check_file
     assert check_file(repo_root / "configs" / "recovery.json").recovery.active
+
+
+def test_a_journal_of_an_older_format_version_is_refused_with_what_to_do(tmp_path):
+    """Format version 2 changed the commit frame (one layout for DeepSpeed and megatron): a version-1 journal is
+    refused as a whole, naming the directory, both versions and the two ways out, and nothing in it is touched."""
+    import json
+    w = journal.JournalWriter(str(tmp_path / "rank00000"), {"world_size": 1}, keep_bases=2)
+    w.submit_base(0, {"w": torch.zeros(2)})
+    w.close()
+    manifest = tmp_path / "rank00000" / "MANIFEST.json"
+    assert json.loads(manifest.read_text())["version"] == records.VERSION == 2
+    old = json.loads(manifest.read_text())
+    old["version"] = 1
+    manifest.write_text(json.dumps(old))
+    before = sorted(os.listdir(tmp_path / "rank00000"))
+    with pytest.raises(journal.RecoveryError) as err:
+        journal.scan(str(tmp_path / "rank00000"))
+    message = str(err.value)
+    for words in (str(tmp_path / "rank00000"), "format version 1", "reads version 2", "Remove the journal directory",
+                  "the ds_ext version that wrote it"):
+        assert words in message, (words, message)
+    assert sorted(os.listdir(tmp_path / "rank00000")) == before
+
+
+def test_a_frame_of_another_format_version_names_both_versions(tmp_path):
+    buffers = records.encode(records.KIND_STEP, 3, {"x": torch.ones(2)})
+    head = bytearray(bytes(buffers[0]))
+    head[4:6] = (1).to_bytes(2, "little")  # the version field, as version 1 wrote it
+    (tmp_path / "wal").write_bytes(bytes(head) + b"".join(bytes(b) for b in buffers[1:]))
+    with pytest.raises(records.RecordError, match="format version 1; this ds_ext reads version 2"):
+        list(records.read_frames(str(tmp_path / "wal")))
