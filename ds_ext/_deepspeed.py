@@ -29,15 +29,20 @@ INSTANCE_INTERNALS: List[Tuple[str, str]] = []
 
 # ZeRO-1/2 (``deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer``): this rank's flat fp32 partitions, the
 # inner torch optimizer that steps them one parameter group at a time, and the low-precision params they refresh.
+# (ZeRO's ``optimizer.optimizer``, the inner torch optimizer, is reached only through zero_inner_optimizer(); the
+# name is not registered because ``engine.optimizer``, DeepSpeed's public attribute, shares it.)
 INSTANCE_INTERNALS += [("zero_optimizer", name) for name in (
-    "single_partition_of_fp32_groups", "update_lp_params", "_optimizer_step", "optimizer", "loss_scaler",
-    "cpu_offload", "refresh_fp32_params", "bit16_groups", "partition_count")]
-# The loss scaler's fields a step changes (a static scaler has only ``cur_scale``; the others are read if present).
-INSTANCE_INTERNALS += [("loss_scaler", "cur_scale")]
+    "single_partition_of_fp32_groups", "update_lp_params", "_optimizer_step", "loss_scaler", "cpu_offload",
+    "refresh_fp32_params", "bit16_groups", "partition_count")]
+# The loss scaler's fields a step changes (read and written where present: a static scaler has only cur_scale).
 SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-# The engine's step counters (read and written back on resume/rebuild), its data-parallel group and its config dict.
+INSTANCE_INTERNALS += [("loss_scaler", name) for name in SCALER_FIELDS]
+# The engine's step counters, read and written back on resume and rebuild (global_steps and global_samples are
+# also read by features as public DeepSpeed attributes, so only the two counters ds_ext never reads elsewhere are
+# registered), its data-parallel group and its config.
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-INSTANCE_INTERNALS += [("engine", name) for name in ENGINE_COUNTERS + ("data_parallel_group", "_config")]
+INSTANCE_INTERNALS += [("engine", name) for name in ("micro_steps", "skipped_steps", "data_parallel_group",
+                                                      "_config")]
 # A PipelineModule's built layers (this stage's) and its layer specs (all stages).
 INSTANCE_INTERNALS += [("pipeline_module", "forward_funcs"), ("pipeline_module", "_layer_specs")]
 
@@ -95,8 +100,12 @@ def set_scaler_state(optimizer, state: Dict[str, Any]) -> None:
         setattr(scaler, k, v)
 
 
-def engine_counters(engine) -> Dict[str, int]:
-    return {k: int(getattr(engine, k)) for k in ENGINE_COUNTERS}
+def engine_counters(engine, micro_step_pending: bool = False) -> Dict[str, int]:
+    """The engine's step counters; ``micro_step_pending``: count the micro-step ``DeepSpeedEngine.step()`` counts
+    only after ``_take_model_step`` returns (read from inside that step)."""
+    counters = {k: int(getattr(engine, k)) for k in ENGINE_COUNTERS}
+    counters["micro_steps"] += int(micro_step_pending)
+    return counters
 
 
 def set_engine_counters(engine, counters: Dict[str, int]) -> None:

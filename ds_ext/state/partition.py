@@ -170,9 +170,9 @@ class InnerOptimizerState:
 
 def engine_step_state(engine, param_groups: list, scaler: Dict[str, Any]) -> Dict[str, Any]:
     """The step state of a DeepSpeed engine (see the module docstring for the micro-step rule)."""
-    counters = ds.engine_counters(engine)
-    if getattr(engine, "ds_ext_in_step", False) and not ds.is_pipeline(engine):
-        counters["micro_steps"] += 1  # DeepSpeedEngine.step() counts it after the features ran
+    # inside a DeepSpeedEngine step, step() counts the micro-step after the features ran (PipelineEngine: none)
+    pending = getattr(engine, "ds_ext_in_step", False) and not ds.is_pipeline(engine)
+    counters = ds.engine_counters(engine, micro_step_pending=pending)
     sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
     return {"counters": counters, "hyper": [hyperparameters(g) for g in param_groups], "scaler": scaler,
             "lr_scheduler": sched, "rng": rng_state()}
