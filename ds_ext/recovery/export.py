@@ -6,7 +6,8 @@ parameter names/shapes/dtypes in ZeRO's group order, group hyperparameters, modu
 one local process per journal rank (gloo, CPU), builds a parameters-only module with those names and shapes, a
 stock DeepSpeed engine with the same config (so ZeRO partitions identically), loads base + records exactly as a
 resume does (:func:`ds_ext.recovery.resume.replay_journal`), and calls ``save_checkpoint(OUT, tag)``. The result
-loads with ``engine.load_checkpoint`` and DeepSpeed's ``zero_to_fp32``. No model code is needed. Not covered: pipeline-engine journals and journals of several NoLoCo replicas.
+loads with ``engine.load_checkpoint`` and DeepSpeed's ``zero_to_fp32``. No model code is needed. Not covered:
+pipeline-engine journals and journals of several NoLoCo replicas.
 """
 from __future__ import annotations
 
