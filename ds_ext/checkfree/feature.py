@@ -3,10 +3,10 @@ and the collective rebuild of lost ranks.
 
 Call order per optimizer step (phase ``REBUILD``: after NoLoCo, before the journal): the inner optimizer's step
 pre-hook adds this rank's squared gradient partition to the stage's norm and, on a rebuilt stage, scales the
-learning rate by ``lr_scale`` for that step (post-hook restores it) -> :meth:`CheckFreeFeature.after_optimizer_step`: the stage norm
-is reduced over the stage's data-parallel group, every ``replicate_ends_interval`` steps the end stages send their
-non-layer parameters to their neighbour, then injected failures happen and are rebuilt -> the journal records the
-step (a rebuilt rank's journal starts over from a base of its new state).
+learning rate by ``lr_scale`` for that step (post-hook restores it) -> :meth:`CheckFreeFeature.after_optimizer_step`:
+the stage norm is reduced over the stage's data-parallel group, every ``replicate_ends_interval`` steps the end
+stages send their non-layer parameters to their neighbour, then injected failures happen and are rebuilt -> the
+journal records the step (a rebuilt rank's journal starts over from a base of its new state).
 
 :meth:`rebuild` is collective over ``group`` (every rank: a lost rank may be anywhere): every rank computes the
 same plan (:func:`ds_ext.checkfree.rules.plan_rebuilds`), sources send point to point on ``group``, lost ranks
