@@ -87,5 +87,6 @@ def test_checkpoint_free_recovery_is_refused_on_megatron_with_what_to_do(tmp_pat
     for recovery in ({"journal_dir": str(tmp_path), "checkpoint_free": {"enabled": True}},
                      {"checkpoint_free": {"enabled": True}}):
         ext = parse_ds_ext({"ds_ext": {"recovery": recovery}})
-        with pytest.raises(ValueError, match=r"checkpoint_free.enabled is true, .* Set ds_ext.recovery.checkpoint_free.enabled to false"):
+        with pytest.raises(ValueError, match=r"checkpoint_free.enabled is true, .* Set ds_ext.recovery."
+                                             r"checkpoint_free.enabled to false"):
             journal_for(None, [], ext.recovery)
