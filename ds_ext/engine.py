@@ -55,6 +55,10 @@ class DsExtEngineMixin:
         finally:
             self.ds_ext_in_step = False
 
+    def ds_ext_notify(self, hook_name: str) -> None:
+        """Run hook ``hook_name`` (e.g. ``"after_state_lost"``) on every attached feature, in attach order."""
+        self._call_features(hook_name)
+
     def _call_features(self, hook_name: str) -> None:
         for feature in self.ds_ext_features:
             hook = getattr(feature, hook_name, None)

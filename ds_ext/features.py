@@ -32,10 +32,18 @@ def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object
         feature = SampleLedger()
         engine.attach_feature(feature)
         attached.append(feature)
+    rebuilder = None
     if ext.recovery.checkpoint_free.enabled:
         from ds_ext.checkfree.feature import apply_checkfree
-        attached.append(apply_checkfree(engine, ext.recovery.checkpoint_free, topology))
+        rebuilder = apply_checkfree(engine, ext.recovery.checkpoint_free, topology)
+        engine.attach_feature(rebuilder)
+        attached.append(rebuilder)
     if ext.recovery.active:
         from ds_ext.recovery.feature import apply_recovery
-        attached.append(apply_recovery(engine, ext.recovery))
+        feature = apply_recovery(engine, ext.recovery, topology, rebuilder=rebuilder)
+        engine.attach_feature(feature)
+        attached.append(feature)
+    for feature in attached:  # collective, in attach order: checkpoint-free's first replicas, then the resume
+        if feature.name in ("checkpoint_free", "recovery"):
+            feature.start(engine)
     return attached

@@ -176,7 +176,7 @@ def arm_rollout_step_kills(specs, rank: int, ext) -> None:
     import signal
     import threading
     from ds_ext.recovery import journal
-    from ds_ext.recovery.feature import rank_dir
+    from ds_ext.recovery.journal import rank_dir
     launch_round = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     for spec in specs:
         parts = [int(p) for p in spec.split(":")]

@@ -293,7 +293,7 @@ def test_kill_9_with_its_journal_deleted_is_rebuilt_from_live_ranks_at_relaunch(
     resumes every other rank from its journal at step 5 (no lost step) and rebuilds the victim without any
     checkpoint: a copy of the other NoLoCo replica, or the CheckFree average of pipeline stages 1 and 3."""
     import shutil
-    from ds_ext.recovery.feature import rank_dir
+    from ds_ext.recovery.journal import rank_dir
     world, steps, kill_step = (2, 8, 6) if layout == "noloco" else (4, 8, 6)
     journal_dir = str(tmp_path / "journal")
     run_distributed(_journaled_body, world, args=(layout, journal_dir, steps, (victim, kill_step)), timeout=400,

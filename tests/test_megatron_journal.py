@@ -77,3 +77,16 @@ def test_megatron_journal_kill_and_resume_is_bit_identical(tmp_path):
         assert torch.equal(res["shard"], ref["shard"])
         assert torch.equal(res["adam"], ref["adam"])
     assert not torch.equal(reference[0]["shard"], reference[1]["shard"][:reference[0]["shard"].numel()])
+
+
+def test_checkpoint_free_recovery_is_refused_on_megatron_with_what_to_do(tmp_path):
+    """megatron-core runs resume from the journal alone: asking for checkpoint-free recovery there is an error that
+    names the setting, not a silently ignored flag."""
+    from ds_ext.megatron.journal import journal_for
+    from ds_ext.megatron.model import parse_ds_ext
+    for recovery in ({"journal_dir": str(tmp_path), "checkpoint_free": {"enabled": True}},
+                     {"checkpoint_free": {"enabled": True}}):
+        ext = parse_ds_ext({"ds_ext": {"recovery": recovery}})
+        with pytest.raises(ValueError, match=r"checkpoint_free.enabled is true, .* Set ds_ext.recovery."
+                                             r"checkpoint_free.enabled to false"):
+            journal_for(None, [], ext.recovery)

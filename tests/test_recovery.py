@@ -89,6 +89,7 @@ def _train_body(stage, journal_dir, steps, kill=None):
     out["start"] = start
     if recovery is not None:
         recovery.close()
+        recovery.close()  # idempotent (the contract's close)
         out["metrics"] = recovery.metrics()
         out["damage"] = recovery.damage
     return out

@@ -146,3 +146,141 @@ def test_recovery_needs_zero_1_or_2_without_offload():
 def test_shipped_recovery_config_is_valid(repo_root):
     from ds_ext.config import check_file
     assert check_file(repo_root / "configs" / "recovery.json").recovery.active
+
+
+def test_a_journal_of_an_older_format_version_is_refused_with_what_to_do(tmp_path):
+    """Format version 2 changed the commit frame (one layout for DeepSpeed and megatron): a version-1 journal is
+    refused as a whole, naming the directory, both versions and the two ways out, and nothing in it is touched."""
+    import json
+    w = journal.JournalWriter(str(tmp_path / "rank00000"), {"world_size": 1}, keep_bases=2)
+    w.submit_base(0, {"w": torch.zeros(2)})
+    w.close()
+    manifest = tmp_path / "rank00000" / "MANIFEST.json"
+    assert json.loads(manifest.read_text())["version"] == records.VERSION == 2
+    old = json.loads(manifest.read_text())
+    old["version"] = 1
+    manifest.write_text(json.dumps(old))
+    before = sorted(os.listdir(tmp_path / "rank00000"))
+    with pytest.raises(journal.RecoveryError) as err:
+        journal.scan(str(tmp_path / "rank00000"))
+    message = str(err.value)
+    for words in (str(tmp_path / "rank00000"), "format version 1", "reads version 2", "Remove the journal directory",
+                  "the ds_ext version that wrote it"):
+        assert words in message, (words, message)
+    assert sorted(os.listdir(tmp_path / "rank00000")) == before
+
+
+def test_a_frame_of_another_format_version_names_both_versions(tmp_path):
+    buffers = records.encode(records.KIND_STEP, 3, {"x": torch.ones(2)})
+    head = bytearray(bytes(buffers[0]))
+    head[4:6] = (1).to_bytes(2, "little")  # the version field, as version 1 wrote it
+    (tmp_path / "wal").write_bytes(bytes(head) + b"".join(bytes(b) for b in buffers[1:]))
+    with pytest.raises(records.RecordError, match="format version 1; this ds_ext reads version 2"):
+        list(records.read_frames(str(tmp_path / "wal")))
+
+
+# -- golden journal: the on-disk format of version 2, checked in ---------------------------------------------------
+GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "journal_v2", "rank00000")
+
+
+def _golden_steps():
+    """Three steps of a 2-tensor state in the commit-frame layout of format version 2 (what JournalLifecycle.record
+    writes): gradient frames, then {applied, groups, state, features}; bases at 0 and 2 (base_interval 2)."""
+    def step_state(step):
+        return {"counters": {"global_steps": step, "global_samples": 4 * step, "micro_steps": 2 * step,
+                             "skipped_steps": 0}, "hyper": [{"lr": 0.5, "betas": [0.9, 0.99], "foreach": None}],
+                "scaler": {}, "lr_scheduler": None, "rng": {"torch": torch.arange(4, dtype=torch.uint8) + step}}
+    grads = {step: [torch.full((3,), float(step)), torch.tensor([[step, -step]], dtype=torch.float32)]
+             for step in (1, 2, 3)}
+    payloads = {1: {}, 2: {}, 3: {"noloco": {"outer_step": 1, "received": torch.ones(2, dtype=torch.bfloat16)}}}
+    return step_state, grads, payloads
+
+
+def _golden_base(step, fp32, step_state):
+    return {"fp32": [t.clone() for t in fp32], "optim": [{"step": torch.tensor(float(step))}, {}], **step_state(step),
+            "features": {"noloco": {"outer_step": int(step >= 2)}}}
+
+
+def write_golden(rank_dir):
+    """The fixture, written by this ds_ext's writer (deterministic bytes: fixed tensors, no time or randomness)."""
+    step_state, grads, payloads = _golden_steps()
+    fp32 = [torch.zeros(3), torch.zeros(1, 2)]
+    w = journal.JournalWriter(rank_dir, {"zero_stage": 1, "partition_numel": [3, 2], "world_size": 1},
+                              fsync="never", keep_bases=2)
+    w.submit_base(0, _golden_base(0, fp32, step_state))
+    w.start_segment(1)
+    for step in (1, 2, 3):
+        for g, grad in enumerate(grads[step]):
+            w.append(step, {"group": g, "grad": grad}, records.KIND_GRAD)
+            fp32[g] = fp32[g] - 0.5 * grad
+        w.append(step, {"applied": True, "groups": [0, 1], "state": step_state(step), "features": payloads[step]})
+        if step % 2 == 0:
+            w.flush()
+            w.submit_base(step, _golden_base(step, fp32, step_state))
+            w.start_segment(step + 1)
+    w.close()
+    return fp32
+
+
+class _SgdState:
+    """A JournaledState on two plain tensors whose update is ``t -= lr * grad`` (enough to replay the fixture)."""
+
+    def __init__(self):
+        self.tensors = [torch.full((3,), float("nan")), torch.full((1, 2), float("nan"))]
+        self.lr, self.steps, self.refreshed = None, None, False
+
+    def restore(self, base):
+        for t, saved in zip(self.tensors, base["fp32"]):
+            t.copy_(saved)
+        self.restore_step_state(base)
+
+    def restore_step_state(self, state):
+        self.lr, self.steps = state["hyper"][0]["lr"], state["counters"]["global_steps"]
+
+    def replay(self, grads):
+        for key, grad in grads.items():
+            self.tensors[int(key)].sub_(self.lr * grad)
+
+    def refresh(self):
+        self.refreshed = True
+
+
+class _Feature:
+    def __init__(self):
+        self.state, self.replayed = None, []
+
+    def load_state_dict(self, sd):
+        self.state = sd
+
+    def journal_replay(self, payload):
+        self.replayed.append(payload)
+
+
+def test_the_golden_journal_is_read_and_replayed_and_written_byte_for_byte(tmp_path):
+    """A checked-in version-2 journal (``tests/fixtures/journal_v2``; regenerate with ``WRITE_FIXTURE=1`` only when
+    VERSION is bumped): this ds_ext reads it, replays it to the same tensors, and writes the same bytes for it, so a
+    change of the on-disk format without a new VERSION fails here."""
+    from ds_ext.recovery.resume import replay_journal
+    if os.environ.get("WRITE_FIXTURE"):
+        import shutil
+        shutil.rmtree(GOLDEN, ignore_errors=True)
+        write_golden(GOLDEN)
+    expected = write_golden(str(tmp_path / "rank00000"))
+    assert sorted(os.listdir(GOLDEN)) == sorted(os.listdir(tmp_path / "rank00000")) == [
+        "MANIFEST.json", "base_000000000000.bin", "base_000000000002.bin", "wal_000000000001.log",
+        "wal_000000000003.log"]
+    for name in os.listdir(GOLDEN):
+        with open(os.path.join(GOLDEN, name), "rb") as a, open(tmp_path / "rank00000" / name, "rb") as b:
+            assert a.read() == b.read(), f"{name}: this ds_ext writes other bytes than format version 2 did"
+    scan = journal.scan(GOLDEN)
+    assert scan.newest_reachable() == 3 and not scan.damage and scan.plan(3) == (2, [3])
+    state, feature = _SgdState(), _Feature()
+    replay_journal(state, scan, 3, {"noloco": feature})
+    assert state.steps == 3 and state.refreshed and feature.state == {"outer_step": 1}
+    assert len(feature.replayed) == 1 and torch.equal(feature.replayed[0]["received"], torch.ones(2).bfloat16())
+    for t, e in zip(state.tensors, expected):
+        assert torch.equal(t, e)
+    state, feature = _SgdState(), _Feature()
+    replay_journal(state, journal.scan(GOLDEN), 1, {"noloco": feature}, refresh=False)  # base 0 + record 1
+    assert state.steps == 1 and not state.refreshed and feature.state == {"outer_step": 0} and not feature.replayed
+    assert torch.equal(state.tensors[0], torch.full((3,), -0.5))  # 0 - 0.5 * 1

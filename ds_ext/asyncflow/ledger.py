@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 class SampleLedger:
     name = "asyncflow"
+    state_from_peer = False  # which samples this rank trained is its own, not its shard's
 
     def __init__(self):
         self.steps: Dict[int, List[List[int]]] = {}

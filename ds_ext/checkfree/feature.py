@@ -1,16 +1,22 @@
 """The checkpoint-free recovery engine feature: per-stage gradient norms, (de)embedding replicas, failure injection,
 and the collective rebuild of lost ranks.
 
-Call order per optimizer step (attached before the journal, after NoLoCo): the inner optimizer's step pre-hook adds
-this rank's squared gradient partition to the stage's norm and, on a rebuilt stage, scales the learning rate by
-``lr_scale`` for that step (post-hook restores it) -> :meth:`CheckFreeFeature.after_optimizer_step`: the stage norm
-is reduced over the stage's data-parallel group, every ``replicate_ends_interval`` steps the end stages send their
-non-layer parameters to their neighbour, then injected failures happen and are rebuilt -> the journal records the
-step (a rebuilt rank's journal starts over from a base of its new state).
+Call order per optimizer step (phase ``REBUILD``: after NoLoCo, before the journal): the inner optimizer's step
+pre-hook adds this rank's squared gradient partition to the stage's norm and, on a rebuilt stage, scales the
+learning rate by ``lr_scale`` for that step (post-hook restores it) -> :meth:`CheckFreeFeature.after_optimizer_step`:
+the stage norm is reduced over the stage's data-parallel group, every ``replicate_ends_interval`` steps the end
+stages send their non-layer parameters to their neighbour, then injected failures happen and are rebuilt -> the
+journal records the step (a rebuilt rank's journal starts over from a base of its new state).
 
-:meth:`rebuild` is collective over the world: every rank computes the same plan
-(:func:`ds_ext.checkfree.rules.plan_rebuilds`), sources send point to point, lost ranks apply, then every ZeRO
-group refreshes its low-precision params. It also serves the journal's resume when some ranks' journals are gone.
+:meth:`rebuild` is collective over ``group`` (every rank: a lost rank may be anywhere): every rank computes the
+same plan (:func:`ds_ext.checkfree.rules.plan_rebuilds`), sources send point to point on ``group``, lost ranks
+apply, then every ZeRO group refreshes its low-precision params. It is also the journal's ``rebuilder`` when some
+ranks' journals are gone at resume (:func:`ds_ext.recovery.feature.apply_recovery` gets it injected). A rank that
+lost its state tells the other features through ``engine.ds_ext_notify("after_state_lost")`` (the journal then
+starts over from a base of the rebuilt state).
+
+Contract: :func:`apply_checkfree` prepares the feature (optimizer hooks) without attaching it; :meth:`start`
+(collective, after all features are attached) sends the first end-stage replicas; :meth:`close` removes the hooks.
 """
 from __future__ import annotations
 
@@ -21,20 +27,25 @@ from typing import Dict, Optional, Set
 import torch
 import torch.distributed as dist
 
+from ds_ext import _deepspeed as ds
 from ds_ext.checkfree.config import CheckpointFreeConfig
 from ds_ext.checkfree.rank_state import RankState, recv_obj, send_obj, wait_all
 from ds_ext.checkfree.rules import NEIGHBOURS, PARTNER, PEER, Rebuild, failures_at, neighbour_average, plan_rebuilds
+from ds_ext.contract import FeatureBase, Phase
 
 log = logging.getLogger("ds_ext.checkfree")
 
 
-class CheckFreeFeature:
-    """One rank's part of checkpoint-free recovery (see the module docstring)."""
+class CheckFreeFeature(FeatureBase):
+    """One rank's part of checkpoint-free recovery (see the module docstring). ``group``: the process group the
+    rebuilds and replicas travel on (every rank)."""
 
     name = "checkpoint_free"
+    phase = Phase.REBUILD
+    state_from_peer = False  # a peer copy carries this feature's state in its own payload ("checkpoint_free")
 
-    def __init__(self, cfg: CheckpointFreeConfig, engine, topology, rank: int):
-        self.cfg, self.engine, self.topology, self.rank = cfg, engine, topology, rank
+    def __init__(self, cfg: CheckpointFreeConfig, engine, topology, rank: int, group):
+        self.cfg, self.engine, self.topology, self.rank, self.group = cfg, engine, topology, rank, group
         self.replica, self.stage, self.data = topology.coords(rank)
         self.pipelined = topology.pipeline_stages > 1
         self.state = RankState(engine, cfg.layer_class if self.pipelined else None)
@@ -81,7 +92,7 @@ class CheckFreeFeature:
 
     def _reduce_grad_norm(self, engine) -> None:
         sq = torch.tensor([self._sq], dtype=torch.float64)
-        group = getattr(engine, "data_parallel_group", None)
+        group = ds.data_parallel_group(engine)
         if self.topology.data_parallel_size > 1:
             dist.all_reduce(sq, group=group)
         self.grad_norm, self._sq = float(sq.sqrt()), 0.0
@@ -93,11 +104,11 @@ class CheckFreeFeature:
         targets = {0: 1, last: last - 1}
         handles = []
         if self.stage in targets:
-            handles += send_obj(self.state.end_state(), self._rank_at(targets[self.stage]))
+            handles += send_obj(self.state.end_state(), self._rank_at(targets[self.stage]), self.group)
         received = {}
         for src_stage, dst_stage in targets.items():
             if dst_stage == self.stage:
-                received.update(recv_obj(self._rank_at(src_stage)))
+                received.update(recv_obj(self._rank_at(src_stage), self.group))
         wait_all(handles)
         self.end_replicas.update(received)
         return received
@@ -114,20 +125,20 @@ class CheckFreeFeature:
         if self.rank in victims:
             self.state.wipe()
             self.grad_norm, self.lr_scaled, self.end_replicas = 0.0, False, {}
-            self.engine._call_features("after_state_lost")
+            self.engine.ds_ext_notify("after_state_lost")
         self.rebuild(victims)
 
     def rebuild(self, lost: Set[int]) -> Rebuild:
-        """Rebuild the ``lost`` ranks from live ones (collective over the world; see the module docstring)."""
+        """Rebuild the ``lost`` ranks from live ones (collective over ``group``; see the module docstring)."""
         t = time.perf_counter()
         plans = plan_rebuilds(self.topology, set(lost), shards_identical_in_replica=self.state.zero is None)
         handles = []
         for plan in plans:
             if self.rank in plan.sources:
-                handles += send_obj(self._payload(plan), plan.rank)
+                handles += send_obj(self._payload(plan), plan.rank, self.group)
         mine = next((p for p in plans if p.rank == self.rank), None)
         if mine is not None:
-            self._apply(mine, [recv_obj(src) for src in mine.sources])
+            self._apply(mine, [recv_obj(src, self.group) for src in mine.sources])
         wait_all(handles)
         self.state.refresh()
         elapsed = time.perf_counter() - t
@@ -196,16 +207,21 @@ class CheckFreeFeature:
         return {**{k: float(v) for k, v in self.counters.items()}, "grad_norm": self.grad_norm,
                 "lr_scaled": float(self.lr_scaled)}
 
+    def start(self, engine=None) -> None:
+        """Collective, before the journal's resume: the end stages send their first replicas, so an end stage
+        can be rebuilt from the first step on."""
+        if self.pipelined:
+            self.replicate_ends()
+
     def close(self) -> None:
+        """Remove the optimizer hooks. Idempotent."""
         for h in self._hooks:
             h.remove()
+        self._hooks = []
         self.state.close()
 
 
 def apply_checkfree(engine, cfg: CheckpointFreeConfig, topology) -> CheckFreeFeature:
-    """Attach checkpoint-free recovery to a ds_ext engine (all ranks; before the journal)."""
-    feature = CheckFreeFeature(cfg, engine, topology, dist.get_rank())
-    engine.attach_feature(feature)
-    if feature.pipelined:
-        feature.replicate_ends()  # an end stage can be rebuilt from the first step on
-    return feature
+    """Checkpoint-free recovery for a ds_ext engine, prepared but not attached (all ranks). Its rebuilds and
+    replicas travel on the world group: a lost rank may be any rank."""
+    return CheckFreeFeature(cfg, engine, topology, dist.get_rank(), dist.group.WORLD)

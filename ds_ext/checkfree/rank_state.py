@@ -1,14 +1,14 @@
 """One rank's trainable state as checkpoint-free recovery moves it: whole (a peer copy) or by pipeline layer (a
 neighbour rebuild), plus the point-to-point transfer of such states between ranks.
 
-Two engine kinds: ZeRO-1/2 (the fp32 partition and its optimizer state, through
-:class:`ds_ext.recovery.zero_state.ZeroPartitionState`; the model's low-precision params are refreshed from the
-partitions afterwards, a collective inside the ZeRO group) and ZeRO-0 (the module's parameters and the torch
-optimizer's state, identical on every data-parallel rank).
+The whole state is the engine's :class:`~ds_ext.state.partition.PartitionState` (ZeRO-1/2: the fp32 partition and
+its optimizer state, the model's low-precision params refreshed from the partitions afterwards, a collective inside
+the ZeRO group; ZeRO-0: the module's parameters and the torch optimizer's state, identical on every data-parallel
+rank) plus the ``state_dict()`` of every attached feature whose ``state_from_peer`` is true (state of the shard, not
+of the rank: the journal's and the sample ledger's are the rank's own).
 """
 from __future__ import annotations
 
-import copy
 import io
 from typing import Any, Dict, List, Optional
 
@@ -16,9 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_ext.recovery.zero_state import ENGINE_COUNTERS, ZeroPartitionState, _hyper, rng_state, set_rng_state
+from ds_ext import _deepspeed as ds
+from ds_ext.state.partition import ZeroPartitionState, partition_state
 
-SKIPPED_FEATURES = ("recovery", "checkpoint_free", "asyncflow")  # the rank's own, not the shard's
+
+def peer_copyable(features) -> List[str]:
+    """Names of the features whose state a rebuilt rank may take from a live peer holding the same shard."""
+    return [f.name for f in features if getattr(f, "state_from_peer", True)]
 
 
 class RankState:
@@ -27,63 +31,34 @@ class RankState:
 
     def __init__(self, engine, layer_class: Optional[str]):
         self.engine = engine
-        self.zero = ZeroPartitionState(engine) if hasattr(engine.optimizer, "single_partition_of_fp32_groups") \
-            else None
-        if self.zero is not None:
-            self.zero.capturing = False  # the journal has its own instance; this one only reads and writes state
-        self.inner = engine.optimizer.optimizer if self.zero is not None else engine.optimizer
+        self.partition = partition_state(engine)  # reads and writes state only: no gradient capture
+        self.zero = self.partition if isinstance(self.partition, ZeroPartitionState) else None
+        self.inner = self.partition.inner
         self.body = _body_layers(engine.module, layer_class)
         body_ids = {id(p) for layer in self.body for p in layer.parameters()}
         self.ends = {n: p for n, p in engine.module.named_parameters() if id(p) not in body_ids}
 
     # -- whole state (peer copy) -----------------------------------------------------------------------------
     def snapshot(self) -> Dict[str, Any]:
-        if self.zero is not None:
-            state = self.zero.snapshot()
-        else:
-            state = {"module": {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()},
-                     "optimizer": copy.deepcopy(self.inner.state_dict()), **self.step_state()}
-        state["features"] = {k: v for k, v in self.engine.ds_ext_state_dict().items() if k not in SKIPPED_FEATURES}
+        state = self.partition.snapshot()
+        copyable = set(peer_copyable(self.engine.ds_ext_features))
+        state["features"] = {k: v for k, v in self.engine.ds_ext_state_dict().items() if k in copyable}
         return state
 
     def restore(self, state: Dict[str, Any]) -> None:
-        if self.zero is not None:
-            self.zero.restore(state)
-        else:
-            self.engine.module.load_state_dict(state["module"])
-            self.inner.load_state_dict(state["optimizer"])
-            self.restore_step_state(state)
+        self.partition.restore(state)
         self.engine.ds_ext_load_state_dict(state["features"])
 
     def step_state(self) -> Dict[str, Any]:
-        if self.zero is not None:
-            return self.zero.step_state()
-        e = self.engine
-        counters = {k: int(getattr(e, k)) for k in ENGINE_COUNTERS}
-        if getattr(e, "ds_ext_in_step", False) and not hasattr(e, "pipe_buffers"):
-            counters["micro_steps"] += 1  # DeepSpeedEngine.step() counts it after the features ran
-        return {"counters": counters,
-                "hyper": [_hyper(g) for g in self.inner.param_groups], "scaler": {},
-                "lr_scheduler": e.lr_scheduler.state_dict() if e.lr_scheduler is not None else None,
-                "rng": rng_state()}
+        return self.partition.step_state()
 
     def restore_step_state(self, state: Dict[str, Any]) -> None:
-        if self.zero is not None:
-            return self.zero.restore_step_state(state)
-        e = self.engine
-        for k, v in state["counters"].items():
-            setattr(e, k, v)
-        for group, hyper in zip(self.inner.param_groups, state["hyper"]):
-            group.update({k: (tuple(v) if isinstance(group.get(k), tuple) else v) for k, v in hyper.items()})
-        if state["lr_scheduler"] is not None and e.lr_scheduler is not None:
-            e.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        set_rng_state(state["rng"])
+        self.partition.restore_step_state(state)
 
     def refresh(self) -> None:
         """Make the model's params agree with the fp32 partitions (ZeRO: all-gather inside the ZeRO group; every
         rank of the group must call it)."""
-        if self.zero is not None:
-            self.zero.refresh_low_precision()
+        self.partition.refresh()
 
     def wipe(self) -> None:
         """Lose everything, as a replaced node would: params and partitions NaN, optimizer state and counters gone."""
@@ -91,11 +66,10 @@ class RankState:
             for p in self.engine.module.parameters():
                 p.fill_(float("nan"))
             if self.zero is not None:
-                for t in self.zero.fp32:
+                for t in self.zero.tensors:
                     t.fill_(float("nan"))
         self.inner.state.clear()
-        for k in ENGINE_COUNTERS:
-            setattr(self.engine, k, 0)
+        ds.set_engine_counters(self.engine, {k: 0 for k in ds.ENGINE_COUNTERS})
 
     # -- by layer (neighbour rebuild) ------------------------------------------------------------------------
     def body_state(self) -> Dict[str, torch.Tensor]:
@@ -123,17 +97,15 @@ class RankState:
                     p.copy_(body[f"{j}.{k}"])
             for n, p in self.ends.items():
                 p.copy_(ends[n])
-        if self.zero is not None:
-            self.zero.opt.refresh_fp32_params()
+        self.partition.refresh_from_params()
         self.inner.state.clear()
 
     def close(self) -> None:
-        if self.zero is not None:
-            self.zero.close()
+        self.partition.close()
 
 
 def _body_layers(module: nn.Module, layer_class: Optional[str]) -> List[nn.Module]:
-    funcs = getattr(module, "forward_funcs", None)
+    funcs = ds.pipeline_layers(module)
     if funcs is None:
         return []
     if layer_class is None:
@@ -143,7 +115,8 @@ def _body_layers(module: nn.Module, layer_class: Optional[str]) -> List[nn.Modul
 
 def repeated_layer_class(module: nn.Module) -> str:
     """The class name that occurs most often in a PipelineModule's layer specs (its transformer layer)."""
-    names = [getattr(getattr(spec, "typename", None), "__name__", None) for spec in module._layer_specs]
+    specs = ds.pipeline_layer_specs(module)
+    names = [getattr(getattr(spec, "typename", None), "__name__", None) for spec in specs]
     names = [n for n in names if n is not None]
     if not names:
         raise ValueError("cannot tell the repeated layer class of this PipelineModule: set "
@@ -152,20 +125,22 @@ def repeated_layer_class(module: nn.Module) -> str:
 
 
 # -- transfer -------------------------------------------------------------------------------------------------
-def send_obj(obj: Any, dst: int) -> list:
-    """Start sending ``obj`` (anything ``torch.save`` writes) to global rank ``dst``; returns the work handles."""
+def send_obj(obj: Any, dst: int, group) -> list:
+    """Start sending ``obj`` (tensors and plain values, as ``torch.save`` writes them) to global rank ``dst`` of
+    ``group``; returns the work handles (and the buffers they read, kept alive until waited)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
-    return [dist.isend(size, dst), dist.isend(payload, dst), payload, size]  # tensors kept alive until waited
+    return [dist.isend(size, dst, group=group), dist.isend(payload, dst, group=group), payload, size]
 
 
-def recv_obj(src: int) -> Any:
+def recv_obj(src: int, group) -> Any:
+    """Receive what :func:`send_obj` sent from global rank ``src`` of ``group`` (``weights_only``: no code runs)."""
     size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src)
+    dist.recv(size, src, group=group)
     payload = torch.empty(int(size), dtype=torch.uint8)
-    dist.recv(payload, src)
+    dist.recv(payload, src, group=group)
     return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=True)
 
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from ds_ext.noloco.accounting import CommAccounting
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.noloco.feature import NoLoCoFeature, sync_replicas
+from ds_ext.state.megatron import MegatronPartitionState
 from ds_ext.topology import Topology
 
 log = logging.getLogger("ds_ext.megatron")
@@ -82,36 +83,16 @@ def replica_groups(ranks_per_replica: Optional[int]) -> ReplicaGroups:
     return ReplicaGroups(topo, rank, replica, peers, pgc)
 
 
-class MegatronShards:
-    """This rank's fp32 master weights: the main-param shards of megatron's ``DistributedOptimizer`` (the params
-    its inner torch optimizer steps), for every optimizer of a ``ChainedOptimizer``."""
+class MegatronShards(MegatronPartitionState):
+    """This rank's fp32 master weights as NoLoCo reads and writes them (:class:`ds_ext.state.partition.FlatShards`):
+    the main-param shards of megatron's ``DistributedOptimizer`` (the params its inner torch optimizer steps), for
+    every optimizer of a ``ChainedOptimizer``. ``write`` copies main params into the model params and all-gathers
+    them inside the replica (as megatron's ``step_with_ready_grads`` does after the inner update)."""
 
     def __init__(self, optimizer, model_chunks: List[torch.nn.Module]):
-        self.optimizers = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-        self.model_chunks = model_chunks
-        self.tensors: List[torch.Tensor] = [p for o in self.optimizers for g in o.optimizer.param_groups
-                                            for p in g["params"]]
+        super().__init__(optimizer, model_chunks)
         if any(t.dtype != torch.float32 for t in self.tensors):
             raise ValueError("NoLoCo needs fp32 main params: use megatron's distributed optimizer (or fp32 params)")
-
-    def read(self) -> torch.Tensor:
-        """A flat fp32 copy ``[n]`` of the shard."""
-        return torch.cat([t.detach().reshape(-1) for t in self.tensors])
-
-    def write(self, flat: torch.Tensor) -> None:
-        """Write the shard back, copy main params into the model params and all-gather them inside the replica
-        (as megatron's ``step_with_ready_grads`` does after the inner update)."""
-        offset = 0
-        for t in self.tensors:
-            t.data.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
-        for opt in self.optimizers:
-            copy = getattr(opt, "_copy_main_params_to_model_params", None)
-            if copy is not None:
-                copy()
-        for chunk in self.model_chunks:
-            if hasattr(chunk, "start_param_sync"):
-                chunk.start_param_sync(force_sync=True)
 
 
 def install_megatron_accounting(accounting: CommAccounting) -> CommAccounting:
@@ -161,6 +142,16 @@ class MegatronNoLoCo:
         with torch.no_grad():
             self.feature.run_outer_step()
         return True
+
+    def journal_payload(self) -> dict:
+        """For the journal's commit frame of this step: the step count and what an outer step received."""
+        return {"steps": self.steps, "outer": self.feature.journal_payload()}
+
+    def journal_replay(self, payload: dict) -> None:
+        """Re-apply one :meth:`journal_payload` on resume (the outer step from the recorded data)."""
+        self.steps = int(payload["steps"])
+        if payload["outer"] is not None:
+            self.feature.journal_replay(payload["outer"])
 
     def metrics(self) -> Dict[str, float]:
         return {"inner_steps_done": self.steps, **self.feature.metrics()}

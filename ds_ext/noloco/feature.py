@@ -9,7 +9,7 @@ writes the shard back and refreshes the low-precision params (an all-gather insi
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.distributed as dist
@@ -18,36 +18,15 @@ from ds_ext.noloco.accounting import CommAccounting
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.noloco.gossip import ShardExchange, partner_of
 from ds_ext.noloco.outer import OuterState, diloco_pseudo_gradient, diloco_update, noloco_update
+from ds_ext.state.partition import EngineShards
 from ds_ext.topology import Topology
 
 log = logging.getLogger("ds_ext.noloco")
 
 
-class FP32Shards:
-    """This rank's fp32 master weights: ZeRO-1/2's flat partitions, or the parameters themselves without ZeRO."""
-
-    def __init__(self, engine):
-        opt = engine.optimizer
-        if hasattr(opt, "single_partition_of_fp32_groups"):
-            self.tensors: List[torch.Tensor] = list(opt.single_partition_of_fp32_groups)
-            self._refresh = opt.update_lp_params
-        elif engine.zero_optimization_stage() == 0 and all(
-                p.dtype == torch.float32 for p in engine.module.parameters()):
-            self.tensors = [p.data for p in engine.module.parameters() if p.requires_grad]
-            self._refresh = lambda: None
-        else:
-            raise ValueError("NoLoCo needs fp32 master weights: ZeRO stage 1/2, or stage 0 in fp32")
-
-    def read(self) -> torch.Tensor:
-        """A flat fp32 copy ``[n]`` of the shard."""
-        return torch.cat([t.detach().reshape(-1).float() for t in self.tensors])
-
-    def write(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for t in self.tensors:
-            t.data.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
-        self._refresh()
+class FP32Shards(EngineShards):
+    """This rank's fp32 master weights: ZeRO-1/2's flat partitions, or the parameters themselves without ZeRO
+    (:class:`ds_ext.state.partition.EngineShards`; ``read()`` a flat copy, ``write(flat)`` back + refresh)."""
 
 
 class NoLoCoFeature:

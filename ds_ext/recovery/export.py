@@ -1,54 +1,26 @@
 """``python -m ds_ext.recovery export JOURNAL_DIR OUT``: a standard DeepSpeed checkpoint of the newest step every
 rank's journal reaches, written by DeepSpeed's own ``save_checkpoint``.
 
-Each rank's journal holds ``EXPORT.bin`` (one frame: the DeepSpeed config, parameter names/shapes/dtypes in ZeRO's
-group order, group hyperparameters, module buffers). The exporter starts one local process per journal rank
-(gloo, CPU), builds a parameters-only module with those names and shapes, a stock DeepSpeed engine with the same
-config (so ZeRO partitions identically), loads base + records exactly as a resume does, and calls
-``save_checkpoint(OUT, tag)``. The result loads with ``engine.load_checkpoint`` and DeepSpeed's ``zero_to_fp32``.
-No model code is needed. Not covered: pipeline-engine journals and journals of several NoLoCo replicas.
+Each rank's journal holds ``EXPORT.bin`` (:mod:`ds_ext.recovery.meta`; one frame: the DeepSpeed config,
+parameter names/shapes/dtypes in ZeRO's group order, group hyperparameters, module buffers). The exporter starts
+one local process per journal rank (gloo, CPU), builds a parameters-only module with those names and shapes, a
+stock DeepSpeed engine with the same config (so ZeRO partitions identically), loads base + records exactly as a
+resume does (:func:`ds_ext.recovery.resume.replay_journal`), and calls ``save_checkpoint(OUT, tag)``. The result
+loads with ``engine.load_checkpoint`` and DeepSpeed's ``zero_to_fp32``. No model code is needed. Not covered:
+pipeline-engine journals and journals of several NoLoCo replicas.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import torch
 from torch import nn
 
 from ds_ext.recovery import journal, records
-
-EXPORT_FILE = "EXPORT.bin"
-
-
-def export_meta(engine) -> Dict[str, Any]:
-    """What the exporter needs besides the journal (read once when the journal starts)."""
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    params = {n: p for n, p in engine.module.named_parameters()}
-    groups = [[names[id(p)] for p in group] for group in engine.optimizer.bit16_groups]
-    hyper = [{k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple))}
-             for g in engine.optimizer.optimizer.param_groups]
-    param_names = set(params)
-    config = {k: v for k, v in engine._config._param_dict.items() if k != "ds_ext"}
-    return {"ds_config": config, "groups": groups, "hyper": hyper,
-            "shapes": {n: [list(params[n].shape), str(params[n].dtype).split(".")[-1]] for g in groups for n in g},
-            "buffers": {k: v.detach().clone() for k, v in engine.module.state_dict().items() if k not in param_names},
-            "pipeline": isinstance(engine, PipelineEngine),
-            "dp_world_size": engine.optimizer.partition_count[0] if engine.optimizer.partition_count else 1}
-
-
-def write_export_meta(rank_dir: str, meta: Dict[str, Any]) -> None:
-    path = os.path.join(rank_dir, EXPORT_FILE)
-    with open(path + ".tmp", "wb") as f:
-        f.writelines(records.encode(records.KIND_BASE, 0, meta))
-    os.replace(path + ".tmp", path)
-
-
-def read_export_meta(rank_dir: str) -> Dict[str, Any]:
-    for _, rec in records.read_frames(os.path.join(rank_dir, EXPORT_FILE)):
-        return rec.state
-    raise ValueError(f"{rank_dir}: empty {EXPORT_FILE}")
+from ds_ext.recovery.meta import read_export_meta
+from ds_ext.recovery.resume import replay_journal
+from ds_ext.state.partition import ZeroPartitionState
 
 
 class ShapeOnlyModule(nn.Module):
@@ -95,8 +67,6 @@ def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: st
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
     import deepspeed
-    from ds_ext.recovery.feature import replay_journal
-    from ds_ext.recovery.zero_state import ZeroPartitionState
     meta = read_export_meta(rank_dirs[rank])
     module = ShapeOnlyModule(meta["shapes"], meta["buffers"])
     params = dict(module.named_parameters())

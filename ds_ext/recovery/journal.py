@@ -15,7 +15,8 @@ process dies is never used. After each committed base the segments and bases old
 bases are deleted.
 
 Reading (:func:`scan`) checks every frame's checksum and length: a torn or corrupt record ends its segment's usable
-part, reported in ``JournalScan.damage``.
+part, reported in ``JournalScan.damage``. A journal of another format version (``MANIFEST.json``'s ``version``,
+:data:`records.VERSION`) is refused as a whole with :class:`RecoveryError`, never read as damage.
 """
 from __future__ import annotations
 
@@ -35,6 +36,26 @@ log = logging.getLogger("ds_ext.recovery")
 MANIFEST = "MANIFEST.json"
 SEGMENT_RE = re.compile(r"wal_(\d{12})\.log$")
 BASE_RE = re.compile(r"base_(\d{12})\.bin$")
+
+
+class RecoveryError(RuntimeError):
+    """The journal cannot be used as it is; the message names the directory and what to do. Nothing is deleted."""
+
+
+def rank_dir(journal_dir: str, rank: int) -> str:
+    """Rank ``rank``'s journal directory inside ``journal_dir``."""
+    return os.path.join(journal_dir, f"rank{rank:05d}")
+
+
+def check_version(rank_dir: str, manifest: Dict[str, Any]) -> None:
+    """Refuse a journal written in another format version (its frames would not be read as this version's)."""
+    found = manifest.get("version")
+    if found != records.VERSION:
+        raise RecoveryError(
+            f"the journal in {rank_dir} has format version {found}; this ds_ext reads version {records.VERSION} "
+            f"only. Remove the journal directory {os.path.dirname(rank_dir) or rank_dir} (training then starts "
+            "over, or from a DeepSpeed checkpoint), or resume it with the ds_ext version that wrote it (and "
+            "export it there with python -m ds_ext.recovery export)")
 
 
 def segment_name(first_step: int) -> str:
@@ -220,7 +241,7 @@ class JournalWriter:
         self.start_segment(step + 1)
 
     def _write_manifest(self) -> None:
-        write_manifest(self.rank_dir, {"version": 1, "layout": self.layout, "bases": self._committed})
+        write_manifest(self.rank_dir, {"version": records.VERSION, "layout": self.layout, "bases": self._committed})
 
     def flush(self) -> None:
         """Wait for every queued record and base."""
@@ -348,8 +369,11 @@ class JournalScan:
 
 
 def scan(rank_dir: str) -> JournalScan:
-    """Read a rank's journal, verifying the checksums of what it reads; damage is reported and skipped."""
+    """Read a rank's journal, verifying the checksums of what it reads; damage is reported and skipped. Raises
+    :class:`RecoveryError` for a journal of another format version."""
     manifest = read_manifest(rank_dir) if os.path.isdir(rank_dir) else None
+    if manifest is not None:
+        check_version(rank_dir, manifest)
     result = JournalScan(rank_dir, manifest and manifest.get("layout"), list(manifest["bases"]) if manifest else [])
     if manifest is None:
         return result

@@ -23,7 +23,10 @@ from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 import torch
 
 MAGIC = b"DSXJ"
-VERSION = 1
+# 2: one commit-frame layout for the DeepSpeed and megatron journals ({applied, groups, state: {counters, hyper,
+#    scaler, lr_scheduler, rng}, features}) and one gradient frame per master tensor; version 1 journals had two
+#    layouts and are refused (see journal.check_version).
+VERSION = 2
 KIND_STEP, KIND_BASE, KIND_GRAD = 1, 2, 3  # a step's commit frame, a base, a step's gradient frame
 HEADER = struct.Struct("<4sHHqIQ")
 CRC = struct.Struct("<I")
@@ -121,8 +124,10 @@ def read_frame(f: BinaryIO, path: str, offset: int, file_size: int) -> Optional[
     if len(head) < FRAME_OVERHEAD:
         raise RecordError(path, offset, f"torn header ({len(head)} of {FRAME_OVERHEAD} bytes)")
     magic, version, kind, step, meta_len, payload_len = HEADER.unpack_from(head)
-    if magic != MAGIC or version != VERSION:
-        raise RecordError(path, offset, f"bad magic/version {magic!r}/{version}")
+    if magic != MAGIC:
+        raise RecordError(path, offset, f"bad magic {magic!r}")
+    if version != VERSION:
+        raise RecordError(path, offset, f"frame of format version {version}; this ds_ext reads version {VERSION}")
     need = meta_len + payload_len
     if offset + FRAME_OVERHEAD + need > file_size:
         raise RecordError(path, offset, f"torn record for step {step} (needs {need} bytes, "

@@ -1,0 +1,47 @@
+"""``EXPORT.bin``: what the exporter (:mod:`ds_ext.recovery.export`) needs besides a DeepSpeed journal, written once
+into each rank's journal directory when the journal starts (one frame, :mod:`ds_ext.recovery.records`).
+
+Contents: the DeepSpeed config (without the ``ds_ext`` block), parameter names in ZeRO's group order, their shapes
+and dtypes, the groups' hyperparameters, the module's buffers, whether it is a pipeline engine and the ZeRO group
+size.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+from ds_ext import _deepspeed as ds
+from ds_ext.recovery import records
+from ds_ext.state.tree import hyperparameters
+
+EXPORT_FILE = "EXPORT.bin"
+
+
+def export_meta(engine) -> Dict[str, Any]:
+    """What the exporter needs besides the journal (read once when the journal starts)."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    params = {n: p for n, p in engine.module.named_parameters()}
+    groups = [[names[id(p)] for p in group] for group in ds.zero_param_groups(engine.optimizer)]
+    # None settings are left out: they are the optimizer's defaults when the exporter rebuilds the param groups
+    hyper = [{k: v for k, v in hyperparameters(g).items() if v is not None}
+             for g in ds.zero_inner_optimizer(engine.optimizer).param_groups]
+    param_names = set(params)
+    config = {k: v for k, v in ds.engine_config_dict(engine).items() if k != "ds_ext"}
+    return {"ds_config": config, "groups": groups, "hyper": hyper,
+            "shapes": {n: [list(params[n].shape), str(params[n].dtype).split(".")[-1]] for g in groups for n in g},
+            "buffers": {k: v.detach().clone() for k, v in engine.module.state_dict().items() if k not in param_names},
+            "pipeline": ds.is_pipeline(engine),
+            "dp_world_size": ds.zero_partition_count(engine.optimizer)}
+
+
+def write_export_meta(rank_dir: str, meta: Dict[str, Any]) -> None:
+    path = os.path.join(rank_dir, EXPORT_FILE)
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(records.encode(records.KIND_BASE, 0, meta))
+    os.replace(path + ".tmp", path)
+
+
+def read_export_meta(rank_dir: str) -> Dict[str, Any]:
+    for _, rec in records.read_frames(os.path.join(rank_dir, EXPORT_FILE)):
+        return rec.state
+    raise ValueError(f"{rank_dir}: empty {EXPORT_FILE}")
