@@ -1,6 +1,7 @@
 """One rank of a ``benchmarks/noloco.py`` run: examples/train.py's model, data and loop, plus a communication
 counter (installed here, not by the feature) that classifies every call by the benchmark's replica layout (also for
-the DDP baseline, whose groups span that layout). Writes ``<out>/rank<R>.json``: train losses, eval curve, seconds, counters."""
+the DDP baseline, whose groups span that layout). Writes ``<out>/rank<R>.json``: train losses, eval curve, seconds,
+counters."""
 import argparse
 import json
 import os
