@@ -84,7 +84,11 @@ class DsExtEngineMixin:
         at = sum(1 for f in self.ds_ext_features if Phase(f.phase) <= phase)
         self.ds_ext_features.insert(at, feature)
         if self._ds_ext_started:
-            feature.start(self)
+            try:
+                feature.start(self)
+            except BaseException:
+                self.ds_ext_features.remove(feature)  # a feature that failed to start is not attached
+                raise
 
     def ds_ext_start(self) -> None:
         """Start every attached feature once, in phase order (collective: ``ds_ext.features`` calls it on every rank

@@ -214,6 +214,7 @@ def _contract_body():
     del log[:]
     engine.ds_ext_close()
     close_log, attached_after_close = list(log), list(engine.ds_ext_features)
+    del log[:]
     engine.ds_ext_close()  # idempotent: nothing left to close
     _optimizer_steps(engine, 1, seed=2)  # detached: no hook runs any more
     return {"order": order, "starts": starts, "steps_log": steps_log, "records": journal.records,
