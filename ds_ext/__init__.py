@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional
 
 import deepspeed
 
-from ds_ext import _deepspeed
+from ds_ext._deepspeed import (STOCK_INITIALIZE, initialize_with_engines, replace_initialize, restore_initialize,
+                               set_pipeline_model_group)
 from ds_ext.config import EXT_KEY, DsExtConfig, DsExtConfigError, load_config_file, parse_ext_config
 from ds_ext.distributed import init_distributed
 from ds_ext.features import attach_features
@@ -61,7 +62,7 @@ def _narrow_pipeline_grid(model, topology: Topology) -> None:
     :meth:`Topology.build_pipeline_model_group` for why)."""
     rank = deepspeed.comm.get_rank()
     group = topology.build_pipeline_model_group(rank)
-    _deepspeed.set_pipeline_model_group(model.mpu(), group, topology.pipeline_model_ranks(rank), rank)
+    set_pipeline_model_group(model.mpu(), group, topology.pipeline_model_ranks(rank), rank)
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -92,7 +93,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                   mesh_param=mesh_param, config_params=config_params)
     if distributed_port is not None:
         kwargs["distributed_port"] = distributed_port
-    result = _deepspeed.initialize_with_engines(DsExtEngine, DsExtPipelineEngine, bound, **kwargs)
+    result = initialize_with_engines(DsExtEngine, DsExtPipelineEngine, bound, **kwargs)
     attach_features(result[0], ext, topology)
     return result
 
@@ -105,15 +106,15 @@ def _routing_initialize(*args, **kwargs):
     ds_config = _resolve_config(kwargs.get("args"), kwargs.get("config"), kwargs.get("config_params"))
     if EXT_KEY in ds_config:
         return initialize(**kwargs)
-    return _deepspeed.STOCK_INITIALIZE(**kwargs)
+    return STOCK_INITIALIZE(**kwargs)
 
 
 def register() -> None:
     """Make ``deepspeed.initialize`` build ds_ext engines for configs that have a ``"ds_ext"`` block. Code that
     imported the function itself (``from deepspeed import initialize``) before this call keeps the stock one."""
-    _deepspeed.replace_initialize(_routing_initialize)
+    replace_initialize(_routing_initialize)
 
 
 def unregister() -> None:
     """Undo :func:`register`."""
-    _deepspeed.restore_initialize()
+    restore_initialize()

@@ -171,6 +171,11 @@ class JournalRecorder(Recorder):
                                              if f is not self}
 
 
+class FailingStart(Recorder):
+    def start(self, engine):
+        raise ValueError("no start today")
+
+
 def _optimizer_steps(engine, n: int, seed: int, scale: float = 1.0):
     for x, y in batches(n * engine.gradient_accumulation_steps(), seed=seed):
         engine.backward(engine(x, y) * scale)
@@ -210,7 +215,9 @@ def _contract_body():
                "bad_phase": _refusal(lambda: engine.attach_feature(Recorder("odd", 7, log))),
                "duplicate": _refusal(lambda: engine.attach_feature(Recorder("user", Phase.STEP, log))),
                "unknown_hook": _refusal(lambda: engine.ds_ext_notify("after_lunch")),
-               "start_via_notify": _refusal(lambda: engine.ds_ext_notify("start"))}
+               "start_via_notify": _refusal(lambda: engine.ds_ext_notify("start")),
+               "start_fails": _refusal(lambda: engine.attach_feature(FailingStart("late", Phase.STEP, log)))}
+    refused["late_attached"] = any(f.name == "late" for f in engine.ds_ext_features)
     del log[:]
     engine.ds_ext_close()
     close_log, attached_after_close = list(log), list(engine.ds_ext_features)
@@ -245,6 +252,7 @@ def test_feature_contract_phases_start_notify_skip_and_close():
     assert refused["bad_phase"].startswith("ValueError") and "7" in refused["bad_phase"]
     assert refused["duplicate"] == "ValueError: feature 'user' is already attached"
     assert "after_lunch" in refused["unknown_hook"] and refused["start_via_notify"].startswith("ValueError")
+    assert refused["start_fails"] == "ValueError: no start today" and not refused["late_attached"]
     assert r["close_log"] == [("journal", "close", None), ("user", "close", None), ("model", "close", None)]
     assert r["attached_after_close"] == [] and r["log_after_close"] == []
 

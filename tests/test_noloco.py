@@ -315,7 +315,9 @@ def _momentum_body():
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
     originals = comm_functions()
-    engine = build(noloco_config(1, inner_steps=2, outer_lr=0.7, outer_momentum=0.5))  # count_collectives: default
+    config = noloco_config(1, inner_steps=2, outer_lr=0.7, outer_momentum=0.5)  # count_collectives: the default
+    config["ds_ext"]["asyncflow"] = {"enabled": True}  # the sample ledger: a second STEP feature, built by features.py
+    engine = build(config)
     before, after = WeightProbe(2), WeightProbe(2, Phase.JOURNAL)  # around NoLoCo's outer step
     engine.attach_feature(after)
     engine.attach_feature(before)
@@ -324,6 +326,7 @@ def _momentum_body():
            "metrics": feature(engine, "noloco").metrics(), "patched": patched(originals),
            "order": [f.name for f in engine.ds_ext_features]}
     engine.ds_ext_close()
+    out["after_close"] = (list(engine.ds_ext_features), patched(originals))
     return out
 
 
@@ -335,7 +338,7 @@ def test_outer_momentum_end_to_end_and_accounting_off_by_default():
     metric is reported."""
     r = run_distributed(_momentum_body, world_size=2)
     lr, beta = 0.7, 0.5
-    assert r[0]["order"] == ["probe_model", "noloco", "probe_journal"]
+    assert r[0]["order"] == ["probe_model", "noloco", "asyncflow", "probe_journal"]
     assert torch.equal(r[0]["start"], r[1]["start"])  # replicas start from replica 0's weights
     anchor = [x["start"].double() for x in r]
     momentum = [torch.zeros_like(a) for a in anchor]
@@ -351,6 +354,7 @@ def test_outer_momentum_end_to_end_and_accounting_off_by_default():
     for x in r:
         assert x["metrics"]["outer_step"] == 2 and x["metrics"]["mixed"] == 2
         assert not any(x["patched"].values()) and "backend.all_gather_into_tensor" in x["patched"]
+        assert x["after_close"][0] == [] and not any(x["after_close"][1].values())
         assert not [k for k in x["metrics"] if k.startswith(("calls/", "bytes/", "sent_bytes", "cross_replica"))]
 
 
