@@ -11,8 +11,10 @@ corpus, the same seed, micro-batch and steps, so equal tokens):
 * ``ddp``: one replica of 4 ranks (stock ZeRO all-reduce over all ranks);
 * ``diloco-RxK`` / ``noloco-RxK``: R replicas of K ZeRO ranks, outer step every H steps.
 
-Every rank counts its communication by the replica layout (benchmarks/noloco_worker.py), DDP included, so "cross
-replica" means what would cross between hosts if each replica were a host. Wire bytes use the ring model
+Every rank counts its communication by the replica layout (benchmarks/noloco_worker.py installs the counter, DDP
+included), so "cross replica" means what would cross between hosts if each replica were a host. The configs leave
+``ds_ext.noloco.count_collectives`` off: the worker's counter already sees every call, and a second one would wrap
+each call twice in the NoLoCo runs only. Wire bytes use the ring model
 (all-reduce 2(n-1)/n of the payload). Prints a table, writes a PNG, and prints one JSON object as its last line.
 """
 from __future__ import annotations

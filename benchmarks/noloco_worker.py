@@ -1,6 +1,7 @@
 """One rank of a ``benchmarks/noloco.py`` run: examples/train.py's model, data and loop, plus a communication
-counter that classifies every call by the benchmark's replica layout (also for the DDP baseline, whose groups
-span that layout). Writes ``<out>/rank<R>.json``: train losses, eval curve, seconds, counters."""
+counter (installed here, not by the feature) that classifies every call by the benchmark's replica layout (also for
+the DDP baseline, whose groups span that layout). Writes ``<out>/rank<R>.json``: train losses, eval curve, seconds,
+counters."""
 import argparse
 import json
 import os
@@ -17,7 +18,7 @@ import train as example  # noqa: E402  (examples/train.py: the same model, data 
 import ds_ext  # noqa: E402
 from ds_ext.config import load_config_file  # noqa: E402
 from ds_ext.models import load_corpus, threads_per_process, train_eval_split  # noqa: E402
-from ds_ext.noloco.accounting import CommAccounting  # noqa: E402
+from ds_ext.noloco.accounting import deepspeed_accounting  # noqa: E402
 
 
 def main(argv=None):
@@ -34,8 +35,9 @@ def main(argv=None):
     train_set, eval_set = train_eval_split(load_corpus(args.data), args.seq_len)
     engine, *_ = ds_ext.initialize(args=args, model=model, model_parameters=list(model.parameters()),
                                    topology=topology)
-    import deepspeed.comm.comm as ds_comm
-    counter = CommAccounting(rank, lambda r: r // own.layout_ranks_per_replica).install(ds_comm.cdb)
+    # The benchmark's own counter, by the benchmark's replica layout (so the DDP baseline, which has no NoLoCo feature,
+    # is counted the same way); the runs leave ds_ext.noloco.count_collectives off, so calls are not wrapped twice.
+    counter = deepspeed_accounting(rank, lambda r: r // own.layout_ranks_per_replica)
     trainer = example.Trainer(args, engine, train_set, eval_set, topology)
     trainer.start_data(0)
     losses, evals, t0 = [], [], time.perf_counter()

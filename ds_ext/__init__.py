@@ -8,24 +8,22 @@ Three ways in, all returning what ``deepspeed.initialize`` returns (``engine, op
 """
 from __future__ import annotations
 
-import functools
-import threading
 from typing import Any, Dict, Optional
 
 import deepspeed
 
+from ds_ext._deepspeed import (STOCK_INITIALIZE, initialize_with_engines, replace_initialize, restore_initialize,
+                               set_pipeline_model_group)
 from ds_ext.config import EXT_KEY, DsExtConfig, DsExtConfigError, load_config_file, parse_ext_config
 from ds_ext.distributed import init_distributed
 from ds_ext.features import attach_features
 from ds_ext.engine import DsExtEngine, DsExtPipelineEngine
-from ds_ext.topology import Topology, narrow_pipeline_grid
+from ds_ext.topology import Topology
 
 __version__ = "0.1.0"
 __all__ = ["initialize", "register", "unregister", "build_topology", "DsExtConfig", "DsExtConfigError",
            "DsExtEngine", "DsExtPipelineEngine", "Topology", "__version__"]
 
-_STOCK_INITIALIZE = deepspeed.initialize  # captured before register() can replace it
-_ENGINE_SWAP_LOCK = threading.Lock()
 
 
 def _resolve_config(args, config, config_params) -> Dict[str, Any]:
@@ -51,12 +49,20 @@ def build_topology(config, ext: Optional[DsExtConfig] = None) -> Topology:
 def _check_pipeline_layout(model, topology: Topology) -> None:
     if topology.pipeline_stages == 1 and topology.num_replicas == 1:
         return  # no ds_ext layout asked for: the module's own topology stands, as with stock DeepSpeed
-    dims = {axis: model._topo.get_dim(axis) for axis in model._topo.get_axis_names()}
+    dims = {axis: model.topology().get_dim(axis) for axis in model.topology().get_axis_names()}
     want = dict(zip(topology.process_topology().get_axis_names(), topology.process_topology().dims))
     if dims != want:
         raise DsExtConfigError([("ds_ext.topology", f"the PipelineModule was built with topology {dims}, the config "
                                  f"asks for {want}: build it with PipelineModule(..., "
                                  "topology=ds_ext.build_topology(config).process_topology())")])
+
+
+def _narrow_pipeline_grid(model, topology: Topology) -> None:
+    """Make the pipeline grid's model-parallel group one replica's stages (collective; see
+    :meth:`Topology.build_pipeline_model_group` for why)."""
+    rank = deepspeed.comm.get_rank()
+    group = topology.build_pipeline_model_group(rank)
+    set_pipeline_model_group(model.mpu(), group, topology.pipeline_model_ranks(rank), rank)
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -75,7 +81,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if isinstance(model, deepspeed.PipelineModule):
         _check_pipeline_layout(model, topology)
         if topology.num_replicas > 1:
-            narrow_pipeline_grid(model.mpu(), topology)
+            _narrow_pipeline_grid(model, topology)
     elif not topology.is_trivial:
         if mpu is not None:
             raise ValueError("pass either mpu= or a ds_ext topology with several replicas, not both")
@@ -87,15 +93,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                   mesh_param=mesh_param, config_params=config_params)
     if distributed_port is not None:
         kwargs["distributed_port"] = distributed_port
-    # deepspeed.initialize looks its engine classes up in the deepspeed module; swap them for this call only.
-    with _ENGINE_SWAP_LOCK:
-        saved = deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine
-        deepspeed.DeepSpeedEngine = functools.partial(DsExtEngine, **bound)
-        deepspeed.PipelineEngine = functools.partial(DsExtPipelineEngine, **bound)
-        try:
-            result = _STOCK_INITIALIZE(**kwargs)
-        finally:
-            deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine = saved
+    result = initialize_with_engines(DsExtEngine, DsExtPipelineEngine, bound, **kwargs)
     attach_features(result[0], ext, topology)
     return result
 
@@ -108,15 +106,15 @@ def _routing_initialize(*args, **kwargs):
     ds_config = _resolve_config(kwargs.get("args"), kwargs.get("config"), kwargs.get("config_params"))
     if EXT_KEY in ds_config:
         return initialize(**kwargs)
-    return _STOCK_INITIALIZE(**kwargs)
+    return STOCK_INITIALIZE(**kwargs)
 
 
 def register() -> None:
     """Make ``deepspeed.initialize`` build ds_ext engines for configs that have a ``"ds_ext"`` block. Code that
     imported the function itself (``from deepspeed import initialize``) before this call keeps the stock one."""
-    deepspeed.initialize = functools.wraps(_STOCK_INITIALIZE)(_routing_initialize)
+    replace_initialize(_routing_initialize)
 
 
 def unregister() -> None:
     """Undo :func:`register`."""
-    deepspeed.initialize = _STOCK_INITIALIZE
+    restore_initialize()

@@ -20,6 +20,109 @@ INSTANCE_INTERNALS: List[Tuple[str, str]] = []
 # Section A: engine classes, initialize, pipeline grid and topology, ZeRO gradient flags, comm backend
 # (the feature contract / engine work adds its functions here)
 # ---------------------------------------------------------------------------------------------------------------
+# What ds_ext patches in DeepSpeed, all of it here: (1) the engine classes ``deepspeed.initialize`` builds, swapped
+# for one call (:func:`initialize_with_engines`); (2) ``deepspeed.initialize`` itself after ``ds_ext.register()``
+# (:func:`replace_initialize`); (3) the per-optimizer-step method of the engine, overridden on the ds_ext engine
+# mixin (:func:`install_step_seam`); (4) a pipeline grid's model-parallel group, narrowed to one replica
+# (:func:`set_pipeline_model_group`); (5) with ``ds_ext.noloco.count_collectives`` only, the two collectives DeepSpeed's
+# comm backend binds at start-up, wrapped by the counter (:func:`comm_backend_collectives`).
+#
+# ``deepspeed.initialize``, ``deepspeed.DeepSpeedEngine`` and ``deepspeed.PipelineEngine`` are public names, so they
+# are not in INTERNALS; what (1) relies on (``initialize`` reading the engine classes as module globals at call
+# time) is checked on every call instead: :func:`initialize_with_engines` raises if DeepSpeed built another class.
+
+import functools  # noqa: E402  (Section A's imports stay in Section A)
+import threading  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
+
+import deepspeed  # noqa: E402
+import deepspeed.comm.comm as _ds_comm  # noqa: E402
+
+_STEP_METHOD = "_take_model_step"
+INTERNALS += [("deepspeed.runtime.engine.DeepSpeedEngine", _STEP_METHOD),
+              ("deepspeed.runtime.pipe.engine.PipelineEngine", _STEP_METHOD),
+              ("deepspeed.comm.comm", "cdb")]
+# "pipeline_grid": the PipelineParallelGrid of a built PipelineModule (``module.mpu()``); "comm_backend": the object
+# :func:`comm_backend` returns after ``deepspeed.init_distributed``.
+INSTANCE_INTERNALS += [("pipeline_grid", "ds_model_proc_group"), ("pipeline_grid", "ds_model_world_size"),
+                       ("pipeline_grid", "ds_model_rank"), ("comm_backend", "all_gather_function"),
+                       ("comm_backend", "reduce_scatter_function")]
+
+STOCK_INITIALIZE = deepspeed.initialize  # captured at import, before replace_initialize can swap it
+_ENGINE_SWAP_LOCK = threading.Lock()
+
+
+def install_step_seam(mixin: type) -> type:
+    """Class decorator: give ``mixin`` an override of DeepSpeed's per-optimizer-step method (private, called by
+    ``DeepSpeedEngine.step()`` and by the pipeline engine's ``OptimizerStep`` instruction alike). The override runs
+    the stock method, then ``self.ds_ext_after_model_step()``. ``mixin`` must come before DeepSpeed's engine in the
+    MRO of the classes built from it. The override must be a method of the class (DeepSpeed calls it on ``self``);
+    installing it here keeps the private name in this module."""
+
+    def seam(self, lr_kwargs, *args, **kwargs):
+        getattr(super(mixin, self), _STEP_METHOD)(lr_kwargs, *args, **kwargs)
+        self.ds_ext_after_model_step()
+
+    seam.__name__, seam.__qualname__ = _STEP_METHOD, f"{mixin.__qualname__}.{_STEP_METHOD}"
+    seam.__doc__ = "DeepSpeed's optimizer step, then the ds_ext step hooks (installed by ds_ext._deepspeed)."
+    setattr(mixin, _STEP_METHOD, seam)
+    return mixin
+
+
+def initialize_with_engines(engine_cls: type, pipeline_engine_cls: type, engine_kwargs: dict, **initialize_kwargs):
+    """Stock ``deepspeed.initialize(**initialize_kwargs)`` building ``engine_cls(..., **engine_kwargs)`` (or
+    ``pipeline_engine_cls`` for a ``PipelineModule``) in place of DeepSpeed's engine classes.
+
+    ``deepspeed.initialize`` looks its engine classes up as globals of the ``deepspeed`` module when it runs, so they
+    are swapped for this call only, under a lock (another thread's initialize waits), and restored after.
+    """
+    with _ENGINE_SWAP_LOCK:
+        saved = deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine
+        deepspeed.DeepSpeedEngine = functools.partial(engine_cls, **engine_kwargs)
+        deepspeed.PipelineEngine = functools.partial(pipeline_engine_cls, **engine_kwargs)
+        try:
+            result = STOCK_INITIALIZE(**initialize_kwargs)
+        finally:
+            deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine = saved
+    if not isinstance(result[0], (engine_cls, pipeline_engine_cls)):
+        raise RuntimeError(f"deepspeed {deepspeed.__version__} built a {type(result[0]).__name__}, not a ds_ext "
+                           "engine: its initialize no longer reads the engine classes from the deepspeed module; "
+                           "update ds_ext/_deepspeed.py:initialize_with_engines for this DeepSpeed version")
+    return result
+
+
+def replace_initialize(fn: Callable) -> None:
+    """Make ``deepspeed.initialize`` call ``fn`` (``ds_ext.register``); code that imported the function itself
+    earlier keeps the stock one."""
+    deepspeed.initialize = functools.wraps(STOCK_INITIALIZE)(fn)
+
+
+def restore_initialize() -> None:
+    deepspeed.initialize = STOCK_INITIALIZE
+
+
+def set_pipeline_model_group(grid, group, ranks: Sequence[int], rank: int) -> None:
+    """Make ``group`` (global ``ranks``, ``rank`` among them) the model-parallel group of a ``PipelineParallelGrid``:
+    DeepSpeed's grid keeps it in internal attributes that its ``get_model_parallel_*`` methods read."""
+    grid.ds_model_proc_group = group
+    grid.ds_model_world_size = len(ranks)
+    grid.ds_model_rank = list(ranks).index(rank)
+
+
+def comm_backend():
+    """DeepSpeed's communication backend object (``deepspeed.comm.comm.cdb``), or None before
+    ``deepspeed.init_distributed``."""
+    return getattr(_ds_comm, "cdb", None)
+
+
+def comm_backend_collectives() -> List[Tuple[object, str, str]]:
+    """``(object, attribute, torch.distributed name)`` of the collectives DeepSpeed's backend bound at start-up
+    (``all_gather_into_tensor`` and ``reduce_scatter_tensor``, held as attributes, so wrapping ``torch.distributed``
+    alone misses them); empty before ``deepspeed.init_distributed``."""
+    backend = comm_backend()
+    pairs = (("all_gather_function", "all_gather_into_tensor"), ("reduce_scatter_function", "reduce_scatter_tensor"))
+    return [(backend, attr, name) for attr, name in pairs if getattr(backend, attr, None) is not None]
+
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 A feature is the object an ``apply_<feature>(engine, cfg, topology, ...)`` function returns. The apply function
 prepares the feature (patches layers, registers optimizer hooks) but never attaches it: :mod:`ds_ext.features`
 attaches every enabled feature with :meth:`DsExtEngineMixin.attach_feature`, which orders them by
-:class:`Phase` (attach order inside a phase), and then calls each one's :meth:`Feature.start` once, in that order.
+:class:`Phase` (attach order inside a phase), and then calls each one's :meth:`Feature.start` once, in that order
+(:meth:`DsExtEngineMixin.ds_ext_start`). ``attach_feature`` accepts only objects that satisfy the whole
+:class:`Feature` Protocol (the engine calls every hook directly): subclass :class:`FeatureBase`.
 
 Call order of the hooks (the engine runs them, in phase order, for every attached feature):
 
@@ -22,7 +24,8 @@ Call order of the hooks (the engine runs them, in phase order, for every attache
 * ``state_dict()`` / ``load_state_dict(sd)``: per-rank state saved beside DeepSpeed's checkpoint.
 * ``metrics() -> dict[str, float]``: reported as ``<name>/<key>``.
 * ``close()``: finish background work and remove **every** hook and patch the feature installed; the model then
-  behaves as without the feature. Idempotent.
+  behaves as without the feature. Idempotent. ``engine.ds_ext_close()`` closes every feature in reverse phase order
+  and detaches it.
 
 :class:`FeatureBase` gives every hook a no-op default, so a feature overrides only what it uses.
 """

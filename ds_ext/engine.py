@@ -4,16 +4,26 @@ The engines add exactly three things, each marked ``# ds_ext addition:``:
 
 * they carry the parsed ``"ds_ext"`` block (:class:`ds_ext.config.DsExtConfig`), the :class:`Topology` and its
   ``mpu``;
-* after every applied optimizer step (both engines reach it through ``_take_model_step``) they call
-  ``after_optimizer_step(engine)`` on each attached feature, in attach order (``after_skipped_step(engine)`` for a
-  step skipped on fp16 overflow, ``after_load_checkpoint(engine)`` after a checkpoint was loaded); while those
-  step hooks run, ``engine.ds_ext_in_step`` is True (DeepSpeedEngine.step() has not yet counted the micro-step);
+* they hold the attached features (:mod:`ds_ext.contract`) in phase order and run their hooks:
+  :meth:`DsExtEngineMixin.attach_feature` inserts a feature by its ``phase`` (attach order inside a phase), so a
+  feature a user attaches after ``ds_ext.initialize`` still runs before the journal, which therefore records every
+  step's final state; :meth:`~DsExtEngineMixin.ds_ext_start` starts them once; after every applied optimizer step
+  (both engines reach it through DeepSpeed's per-step method, overridden by ``_deepspeed.install_step_seam``) each
+  feature's ``after_optimizer_step(engine)`` runs, ``after_skipped_step(engine)`` for a step skipped on overflow;
+  while those run ``engine.ds_ext_in_step`` is True (DeepSpeedEngine.step() has not yet counted the micro-step);
+  any other hook is sent with the public event bus :meth:`~DsExtEngineMixin.ds_ext_notify`;
+  :meth:`~DsExtEngineMixin.ds_ext_close` closes and detaches every feature;
 * ``save_checkpoint`` / ``load_checkpoint`` write each rank's feature ``state_dict()`` (NoLoCo outer weights, ...)
   beside DeepSpeed's files, ``<dir>/<tag>/ds_ext_state_rank<R>.pt``, and give each replica its own directory
-  ``<dir>/replica_<r>`` when there are several (their weights differ; DeepSpeed's file names do not say replica).
+  ``<dir>/replica_<r>`` when there are several (their weights differ; DeepSpeed's file names do not say replica),
+  then send ``after_load_checkpoint``.
 
-A feature is any object with a ``name`` and any of those hooks, ``state_dict()`` and ``load_state_dict(sd)``. With no feature attached nothing else changes: training is bit-identical to stock
-DeepSpeed (tested for ZeRO-1 and ZeRO-2).
+With no feature attached nothing else changes: training is bit-identical to stock DeepSpeed (tested for ZeRO-1 and 2).
+
+A feature must satisfy the whole :class:`ds_ext.contract.Feature` Protocol (every hook, ``name``, ``phase``,
+``state_from_peer``): hooks are called directly, never looked up with ``getattr``. Subclass
+:class:`ds_ext.contract.FeatureBase` and override what you use; ``attach_feature`` refuses anything else with a
+message that names the missing members.
 """
 from __future__ import annotations
 
@@ -25,10 +35,21 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from ds_ext._deepspeed import install_step_seam
 from ds_ext.config import DsExtConfig
+from ds_ext.contract import HOOKS, Feature, FeatureBase, Phase
 from ds_ext.topology import Topology
 
+# Hooks ds_ext_notify may send (start runs once, through ds_ext_start / attach_feature).
+EVENTS = tuple(h for h in HOOKS if h != "start")
 
+
+def _missing_members(feature) -> List[str]:
+    members = [m for m in dir(FeatureBase) if not m.startswith("_")] + list(Feature.__annotations__)
+    return sorted({m for m in members if not hasattr(feature, m)})
+
+
+@install_step_seam
 class DsExtEngineMixin:
     """What both ds_ext engines add on top of DeepSpeed. Constructed by :func:`ds_ext.initialize` only."""
 
@@ -36,56 +57,92 @@ class DsExtEngineMixin:
         # ds_ext addition: state the features read, set before DeepSpeed's __init__ so its hooks can see it.
         self.ds_ext_config = ds_ext_config
         self.topology = topology
-        self.ds_ext_features: List[Any] = []
+        self.ds_ext_features: List[Feature] = []  # phase order; read it, change it only through attach/close
+        self.ds_ext_in_step = False
+        self._ds_ext_started = False
         super().__init__(*args, **kwargs)
 
-    def attach_feature(self, feature) -> None:
-        """Attach a feature object; its hooks run after the ones attached before it."""
+    def attach_feature(self, feature: Feature) -> None:
+        """Attach ``feature``: its hooks run after those of every attached feature of a lower or equal ``phase``,
+        before those of a higher one. If the engine's features were already started (any feature attached after
+        ``ds_ext.initialize``), ``feature.start(engine)`` runs at once; attach on every rank, in the same order,
+        when that start is collective.
+
+        Raises TypeError for an object that does not satisfy :class:`ds_ext.contract.Feature` and ValueError for a
+        second feature of the same name.
+        """
+        if not isinstance(feature, Feature):
+            raise TypeError(f"{type(feature).__name__} is not a ds_ext feature: it lacks {_missing_members(feature)} "
+                            "of ds_ext.contract.Feature (subclass ds_ext.contract.FeatureBase for no-op defaults)")
+        try:
+            phase = Phase(feature.phase)
+        except ValueError:
+            raise ValueError(f"feature {feature.name!r}: phase {feature.phase!r} is not one of "
+                             f"{[p.name for p in Phase]}") from None
         if any(f.name == feature.name for f in self.ds_ext_features):
             raise ValueError(f"feature {feature.name!r} is already attached")
-        self.ds_ext_features.append(feature)
+        at = sum(1 for f in self.ds_ext_features if Phase(f.phase) <= phase)
+        self.ds_ext_features.insert(at, feature)
+        if self._ds_ext_started:
+            try:
+                feature.start(self)
+            except BaseException:
+                self.ds_ext_features.remove(feature)  # a feature that failed to start is not attached
+                raise
 
-    def _take_model_step(self, lr_kwargs, *args, **kwargs):
-        super()._take_model_step(lr_kwargs, *args, **kwargs)
-        # ds_ext addition: the one per-optimizer-step seam, shared by DeepSpeedEngine and PipelineEngine. While it
-        # runs, DeepSpeedEngine.step() has not yet counted this micro-step (features that save counters read this).
+    def ds_ext_start(self) -> None:
+        """Start every attached feature once, in phase order (collective: ``ds_ext.features`` calls it on every rank
+        after attaching the built-in features). Features attached later start in :meth:`attach_feature`."""
+        if self._ds_ext_started:
+            raise RuntimeError("ds_ext_start: the features were already started")
+        self._ds_ext_started = True
+        for feature in tuple(self.ds_ext_features):
+            feature.start(self)
+
+    def ds_ext_after_model_step(self) -> None:
+        # ds_ext addition: the one per-optimizer-step seam (installed by install_step_seam), shared by DeepSpeedEngine
+        # and PipelineEngine. While it runs, DeepSpeedEngine.step() has not yet counted this micro-step (features
+        # that save counters read this).
         self.ds_ext_in_step = True
         try:
-            self._call_features("after_optimizer_step" if self._step_applied else "after_skipped_step")
+            self.ds_ext_notify("after_optimizer_step" if self.was_step_applied() else "after_skipped_step")
         finally:
             self.ds_ext_in_step = False
 
     def ds_ext_notify(self, hook_name: str) -> None:
-        """Run hook ``hook_name`` (e.g. ``"after_state_lost"``) on every attached feature, in attach order."""
-        self._call_features(hook_name)
-
-    def _call_features(self, hook_name: str) -> None:
-        for feature in self.ds_ext_features:
-            hook = getattr(feature, hook_name, None)
-            if hook is not None:
-                hook(self)
+        """Call ``hook_name(engine)`` on every attached feature, in phase order: the engine's event bus (e.g. the
+        checkpoint-free rebuilder sends ``"after_state_lost"``). ``hook_name`` is one of :data:`EVENTS`."""
+        if hook_name not in EVENTS:
+            raise ValueError(f"ds_ext_notify: unknown hook {hook_name!r}; the hooks are {list(EVENTS)}")
+        for feature in tuple(self.ds_ext_features):  # a hook may attach a feature; it runs from the next event on
+            getattr(feature, hook_name)(self)
 
     def ds_ext_state_dict(self) -> Dict[str, Any]:
-        return {f.name: f.state_dict() for f in self.ds_ext_features if hasattr(f, "state_dict")}
+        return {f.name: f.state_dict() for f in self.ds_ext_features}
 
     def ds_ext_load_state_dict(self, state: Dict[str, Any]) -> None:
         for feature in self.ds_ext_features:
-            if feature.name in state and hasattr(feature, "load_state_dict"):
+            if feature.name in state:
                 feature.load_state_dict(state[feature.name])
 
     def ds_ext_metrics(self) -> Dict[str, float]:
         """Every attached feature's ``metrics()``, keys prefixed by the feature name."""
-        out = {}
-        for feature in self.ds_ext_features:
-            if hasattr(feature, "metrics"):
-                out.update({f"{feature.name}/{k}": v for k, v in feature.metrics().items()})
-        return out
+        return {f"{f.name}/{k}": v for f in self.ds_ext_features for k, v in f.metrics().items()}
 
     def ds_ext_close(self) -> None:
-        """Finish every feature's background work (the journal's pending writes) and remove its hooks."""
-        for feature in self.ds_ext_features:
-            if hasattr(feature, "close"):
+        """Close every feature, in reverse phase order (the journal first finishes its pending writes; patches come
+        off in the reverse order they went on), and detach it: each removes every hook and patch it installed, and
+        the engine then trains as stock DeepSpeed. Idempotent. If a close raises, the others still run and the
+        first error is raised at the end."""
+        features, self.ds_ext_features = self.ds_ext_features, []
+        errors = []
+        for feature in reversed(features):
+            try:
                 feature.close()
+            except Exception as exc:  # noqa: BLE001  (re-raised below, after every feature had its close)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def _replica_dir(self, save_dir: str) -> str:
         # Replicas hold different weights, and DeepSpeed names its files by data/model-parallel rank only, so
@@ -122,7 +179,7 @@ class DsExtEngineMixin:
         if state_path and self.ds_ext_features and os.path.exists(state_path):
             self.ds_ext_load_state_dict(torch.load(state_path, weights_only=True))
         if load_path is not None:
-            self._call_features("after_load_checkpoint")
+            self.ds_ext_notify("after_load_checkpoint")
         return load_path, client_state
 
 
@@ -132,4 +189,4 @@ class DsExtEngine(DsExtEngineMixin, DeepSpeedEngine):
 
 class DsExtPipelineEngine(DsExtEngineMixin, PipelineEngine):
     """``PipelineEngine`` with the ds_ext seams. Its instruction map stays the stock one: the ``OptimizerStep``
-    instruction calls ``self._take_model_step``, which resolves to :meth:`DsExtEngineMixin._take_model_step`."""
+    instruction calls DeepSpeed's per-step method on ``self``, which resolves to the mixin's override."""

@@ -1,49 +1,56 @@
-"""Which feature attaches to a freshly built ds_ext engine, in which order. One place, so the engine stays thin."""
+"""Which feature attaches to a freshly built ds_ext engine. One place, so the engine stays thin.
+
+Every feature is built by its ``apply_<feature>(engine, cfg, topology, ...)`` (which prepares it and never attaches
+it), attached with :meth:`DsExtEngineMixin.attach_feature` (which orders features by :class:`ds_ext.contract.Phase`),
+and, once all are attached, started in phase order by :meth:`DsExtEngineMixin.ds_ext_start` (see
+:mod:`ds_ext.contract` for the hooks and their call order). Recovery gets the checkpoint-free rebuilder injected.
+"""
 from __future__ import annotations
 
 from typing import List
 
+from ds_ext.asyncflow.ledger import apply_asyncflow
+from ds_ext.checkfree.feature import apply_checkfree
 from ds_ext.config import DsExtConfig
+from ds_ext.contract import Feature
+from ds_ext.noloco.feature import apply_noloco
+from ds_ext.prefix_grouper.apply import apply_prefix_grouper
+from ds_ext.recovery.feature import apply_recovery
+from ds_ext.streambp.apply import apply_streambp
 from ds_ext.topology import Topology
 
 
-def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[object]:
-    """Attach every enabled feature (collective: all ranks call it right after the engine is built).
+def build_features(engine, ext: DsExtConfig, topology: Topology) -> List[Feature]:
+    """Build every enabled feature (collective: the apply functions create process groups and sync replicas).
 
-    Order: StreamBP (changes the model's backward), Prefix Grouper (its input hook), then NoLoCo (its outer step runs after the inner optimizer
-    step), then checkpoint-free recovery (it may rebuild the step's state), then Recovery last (its record holds the step's final state, and it resumes every feature's state, asking checkpoint-free recovery for ranks whose journal is gone). With every feature off nothing is attached and the engine is stock DeepSpeed.
+    Build order = phase order: StreamBP and Prefix Grouper (MODEL: they patch the model's forward/backward), NoLoCo
+    and the AsyncFlow sample ledger (STEP), checkpoint-free recovery (REBUILD), the recovery journal last (JOURNAL:
+    its record holds the step's final state; it is handed the checkpoint-free feature to rebuild ranks whose
+    journal is gone).
     """
-    attached = []
+    built: List[Feature] = []
     if ext.streambp.enabled:
-        from ds_ext.streambp.apply import apply_streambp
-        feature = apply_streambp(engine, ext.streambp, topology)
-        engine.attach_feature(feature)
-        attached.append(feature)
+        built.append(apply_streambp(engine, ext.streambp, topology))
     if ext.prefix_grouper.enabled:
-        from ds_ext.prefix_grouper.apply import apply_prefix_grouper
-        feature = apply_prefix_grouper(engine, ext.prefix_grouper, topology)
-        engine.attach_feature(feature)
-        attached.append(feature)
+        built.append(apply_prefix_grouper(engine, ext.prefix_grouper, topology))
     if ext.noloco.enabled:
-        from ds_ext.noloco.feature import apply_noloco
-        attached.append(apply_noloco(engine, ext.noloco, topology))
+        built.append(apply_noloco(engine, ext.noloco, topology))
     if ext.asyncflow.enabled:
-        from ds_ext.asyncflow.ledger import SampleLedger
-        feature = SampleLedger()
-        engine.attach_feature(feature)
-        attached.append(feature)
+        built.append(apply_asyncflow(engine, ext.asyncflow, topology))
     rebuilder = None
     if ext.recovery.checkpoint_free.enabled:
-        from ds_ext.checkfree.feature import apply_checkfree
         rebuilder = apply_checkfree(engine, ext.recovery.checkpoint_free, topology)
-        engine.attach_feature(rebuilder)
-        attached.append(rebuilder)
+        built.append(rebuilder)
     if ext.recovery.active:
-        from ds_ext.recovery.feature import apply_recovery
-        feature = apply_recovery(engine, ext.recovery, topology, rebuilder=rebuilder)
+        built.append(apply_recovery(engine, ext.recovery, topology, rebuilder=rebuilder))
+    return built
+
+
+def attach_features(engine, ext: DsExtConfig, topology: Topology) -> List[Feature]:
+    """Build, attach and start every enabled feature (collective: all ranks call it right after the engine is built;
+    the journal resumes in its ``start``). With every feature off nothing is attached and the engine trains as
+    stock DeepSpeed; features a user attaches later are started at once. Returns the engine's features."""
+    for feature in build_features(engine, ext, topology):
         engine.attach_feature(feature)
-        attached.append(feature)
-    for feature in attached:  # collective, in attach order: checkpoint-free's first replicas, then the resume
-        if feature.name in ("checkpoint_free", "recovery"):
-            feature.start(engine)
-    return attached
+    engine.ds_ext_start()
+    return list(engine.ds_ext_features)

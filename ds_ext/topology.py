@@ -6,7 +6,9 @@ Rank layout (row-major, the same as DeepSpeed's ``ProcessTopology`` with axes ``
 
 DeepSpeed learns the layout through its public ``mpu`` argument (``deepspeed.initialize(mpu=...)``) for a plain
 model, or through ``PipelineModule(topology=...)`` for a pipeline; either way its data-parallel group, and so the
-group ZeRO-1/2 shard over, is the ranks of one replica that hold the same stage. Nothing in DeepSpeed is patched.
+group ZeRO-1/2 shard over, is the ranks of one replica that hold the same stage. This module patches nothing; for a
+pipeline with several replicas ``ds_ext.initialize`` also narrows the grid's model-parallel group to one replica
+(:meth:`Topology.build_pipeline_model_group`, set through ``ds_ext._deepspeed``, which lists every DeepSpeed patch).
 
 Groups are created explicitly by :meth:`Topology.build_mpu` (a collective: every rank calls it, in the same order)
 and handed to whoever needs them; nothing is kept in module globals.
@@ -115,25 +117,28 @@ class Topology:
         heads = [self.rank_of(0, s, d) for s in range(self.pipeline_stages) for d in range(self.data_parallel_size)]
         return _new_groups([self.shard_peer_ranks(h) for h in heads], rank)
 
+    def build_replica_group(self, rank: Optional[int] = None):
+        """Create one group per replica (collective, as :meth:`build_shard_peer_group`) and return ``rank``'s."""
+        rank = dist.get_rank() if rank is None else rank
+        return _new_groups([self.replica_ranks(r) for r in range(self.num_replicas)], rank)
+
+    def pipeline_model_ranks(self, rank: int) -> List[int]:
+        """The stages of ``rank``'s pipeline: same replica, same data index, every stage."""
+        replica, _, data = self.coords(rank)
+        return [self.rank_of(replica, s, data) for s in range(self.pipeline_stages)]
+
+    def build_pipeline_model_group(self, rank: Optional[int] = None):
+        """Create the group of every pipeline's stages (collective, as :meth:`build_shard_peer_group`) and return
+        ``rank``'s. DeepSpeed's pipeline grid builds its model-parallel group from every rank with the same ``data``
+        coordinate, which with a ``replica`` axis spans replicas; ZeRO all-reduces the gradient norm over it every
+        step. This group is the replica's own, so no per-step collective leaves the replica."""
+        rank = dist.get_rank() if rank is None else rank
+        heads = [self.rank_of(r, 0, d) for r in range(self.num_replicas) for d in range(self.data_parallel_size)]
+        return _new_groups([self.pipeline_model_ranks(h) for h in heads], rank)
+
     def build_mpu(self, rank: Optional[int] = None) -> "ReplicaMPU":
         """Create the process groups (collective over the default group) and return the ``mpu`` for ``rank``."""
         return ReplicaMPU(self, dist.get_rank() if rank is None else rank)
-
-
-def narrow_pipeline_grid(grid, topology: Topology) -> None:
-    """Make a ``PipelineParallelGrid``'s model-parallel group one replica's stages (collective).
-
-    DeepSpeed's grid builds that group from every rank with the same ``data`` coordinate, which with a ``replica``
-    axis spans replicas; ZeRO all-reduces the gradient norm over it every step. Narrowed, the norm is the replica's
-    own and no per-step collective leaves the replica.
-    """
-    rank = dist.get_rank()
-    lists = [[topology.rank_of(r, s, d) for s in range(topology.pipeline_stages)]
-             for r in range(topology.num_replicas) for d in range(topology.data_parallel_size)]
-    mine = next(ranks for ranks in lists if rank in ranks)
-    grid.ds_model_proc_group = _new_groups(lists, rank)
-    grid.ds_model_world_size = len(mine)
-    grid.ds_model_rank = mine.index(rank)
 
 
 def _new_groups(rank_lists: List[List[int]], rank: int):

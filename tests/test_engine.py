@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist import run_distributed
+from ds_ext.contract import FeatureBase, Phase
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
 
@@ -77,7 +78,7 @@ def test_features_off_is_bit_identical_to_stock_deepspeed(stage):
         assert torch.equal(w, results[1]["stock"][name]), "data-parallel ranks must hold the same weights"
 
 
-class CountingFeature:
+class CountingFeature(FeatureBase):
     """A minimal feature: counts optimizer steps and keeps that count in the engine's checkpoints."""
 
     name = "counter"
@@ -123,6 +124,137 @@ def test_feature_hooks_run_once_per_optimizer_step_and_ride_in_checkpoints(tmp_p
         assert r["restored"] == 3
         assert r["client"]["user"] == 7 and "ds_ext" not in r["client"]
         assert r["duplicate_refused"]
+
+
+class Recorder(FeatureBase):
+    """Logs every hook it receives as ``(name, hook, global_steps)`` into a log shared by several features. Its
+    journal payload is the step its ``after_optimizer_step`` saw (None until then, and after it was read)."""
+
+    def __init__(self, name: str, phase: Phase, log: list):
+        self.name, self.phase, self.log = name, phase, log
+        self._step_payload = None
+
+    def _note(self, hook, engine=None):
+        self.log.append((self.name, hook, None if engine is None else engine.global_steps))
+
+    def start(self, engine):
+        self._note("start", engine)
+
+    def after_optimizer_step(self, engine):
+        self._note("after_optimizer_step", engine)
+        self._step_payload = engine.global_steps
+
+    def after_skipped_step(self, engine):
+        self._note("after_skipped_step", engine)
+
+    def after_state_lost(self, engine):
+        self._note("after_state_lost", engine)
+
+    def journal_payload(self):
+        payload, self._step_payload = self._step_payload, None
+        return payload
+
+    def close(self):
+        self._note("close")
+
+
+class JournalRecorder(Recorder):
+    """Like the recovery journal: in its ``after_optimizer_step`` it records every other feature's payload."""
+
+    def __init__(self, log: list):
+        super().__init__("journal", Phase.JOURNAL, log)
+        self.records = {}
+
+    def after_optimizer_step(self, engine):
+        super().after_optimizer_step(engine)
+        self.records[engine.global_steps] = {f.name: f.journal_payload() for f in engine.ds_ext_features
+                                             if f is not self}
+
+
+class FailingStart(Recorder):
+    def start(self, engine):
+        raise ValueError("no start today")
+
+
+def _optimizer_steps(engine, n: int, seed: int, scale: float = 1.0):
+    for x, y in batches(n * engine.gradient_accumulation_steps(), seed=seed):
+        engine.backward(engine(x, y) * scale)
+        engine.step()
+
+
+def _refusal(fn) -> str:
+    try:
+        fn()
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "accepted"
+
+
+def _contract_body():
+    import ds_ext
+    engine = train(ds_ext.initialize, 1, 0, ext={})  # initialize started the (no) built-in features
+    log = []
+    journal = JournalRecorder(log)
+    engine.attach_feature(journal)  # attached first, yet runs last: its phase is JOURNAL
+    engine.attach_feature(Recorder("user", Phase.STEP, log))
+    engine.attach_feature(Recorder("model", Phase.MODEL, log))
+    order = [f.name for f in engine.ds_ext_features]
+    starts = list(log)
+    del log[:]
+    _optimizer_steps(engine, 2, seed=0)
+    steps_log = list(log)
+    del log[:]
+    # a non-finite gradient: ZeRO's overflow check skips the optimizer step (as on an fp16 loss-scale overflow)
+    _optimizer_steps(engine, 1, seed=1, scale=float("nan"))
+    skipped_log, skipped = list(log), engine.skipped_steps
+    del log[:]
+    engine.ds_ext_notify("after_state_lost")
+    lost_log = list(log)
+    refused = {"not_a_feature": _refusal(lambda: engine.attach_feature(object())),
+               "partial": _refusal(lambda: engine.attach_feature(type("Partial", (), {"name": "p"})())),
+               "bad_phase": _refusal(lambda: engine.attach_feature(Recorder("odd", 7, log))),
+               "duplicate": _refusal(lambda: engine.attach_feature(Recorder("user", Phase.STEP, log))),
+               "unknown_hook": _refusal(lambda: engine.ds_ext_notify("after_lunch")),
+               "start_via_notify": _refusal(lambda: engine.ds_ext_notify("start")),
+               "start_fails": _refusal(lambda: engine.attach_feature(FailingStart("late", Phase.STEP, log)))}
+    refused["late_attached"] = any(f.name == "late" for f in engine.ds_ext_features)
+    del log[:]
+    engine.ds_ext_close()
+    close_log, attached_after_close = list(log), list(engine.ds_ext_features)
+    del log[:]
+    engine.ds_ext_close()  # idempotent: nothing left to close
+    _optimizer_steps(engine, 1, seed=2)  # detached: no hook runs any more
+    return {"order": order, "starts": starts, "steps_log": steps_log, "records": journal.records,
+            "skipped_log": skipped_log, "skipped": skipped, "lost_log": lost_log, "refused": refused,
+            "close_log": close_log, "attached_after_close": attached_after_close, "log_after_close": list(log)}
+
+
+def test_feature_contract_phases_start_notify_skip_and_close():
+    """Features a user attaches after ds_ext.initialize run in phase order whatever the attach order, are started at
+    once, and the JOURNAL-phase feature sees each STEP feature's payload of the same step; a skipped step sends
+    after_skipped_step only; ds_ext_notify is the event bus; bad features are refused with a message; ds_ext_close
+    closes in reverse phase order, detaches, and is idempotent."""
+    (r,) = run_distributed(_contract_body, world_size=1)
+    assert r["order"] == ["model", "user", "journal"]
+    assert r["starts"] == [("journal", "start", 0), ("user", "start", 0), ("model", "start", 0)]
+    hooks = [(name, hook) for name, hook, _ in r["steps_log"]]
+    assert hooks == [("model", "after_optimizer_step"), ("user", "after_optimizer_step"),
+                     ("journal", "after_optimizer_step")] * 2
+    assert r["records"][1] == {"model": 1, "user": 1} and r["records"][2] == {"model": 2, "user": 2}
+    assert r["skipped"] == 1
+    assert [(name, hook) for name, hook, _ in r["skipped_log"]] == [
+        ("model", "after_skipped_step"), ("user", "after_skipped_step"), ("journal", "after_skipped_step")]
+    assert len(r["records"]) == 2  # the journal recorded nothing for the skipped step
+    assert [(n, h) for n, h, _ in r["lost_log"]] == [(n, "after_state_lost") for n in ("model", "user", "journal")]
+    refused = r["refused"]
+    assert refused["not_a_feature"].startswith("TypeError") and "FeatureBase" in refused["not_a_feature"]
+    assert "after_optimizer_step" in refused["partial"] and "phase" in refused["partial"]
+    assert refused["bad_phase"].startswith("ValueError") and "7" in refused["bad_phase"]
+    assert refused["duplicate"] == "ValueError: feature 'user' is already attached"
+    assert "after_lunch" in refused["unknown_hook"] and refused["start_via_notify"].startswith("ValueError")
+    assert refused["start_fails"] == "ValueError: no start today" and not refused["late_attached"]
+    assert r["close_log"] == [("journal", "close", None), ("user", "close", None), ("model", "close", None)]
+    assert r["attached_after_close"] == [] and r["log_after_close"] == []
 
 
 def _replica_body():

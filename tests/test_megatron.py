@@ -282,7 +282,7 @@ def _noloco_body():
         out["control"] = acc.summary()
 
         ext = parse_ds_ext({"ds_ext": {"noloco": {"enabled": True, "inner_steps": 4, "outer_lr": 1.0,
-                                                  "outer_momentum": 0.0}}})
+                                                  "outer_momentum": 0.0, "count_collectives": True}}})
         groups = replica_groups(ext.noloco.ranks_per_replica)
         model = tiny_gpt(ext, seed=10 + rank)  # replicas start apart; noloco_setup syncs them to replica 0
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(**ddp_cfg), model,
@@ -302,6 +302,9 @@ def _noloco_body():
         out["losses"] = _train(ddp, opt, 12, 100 + rank, model.config.finalize_model_grads_func, after)
         out.update(snapshots)
         out["metrics"] = noloco.metrics()
+        out["steps"] = noloco.steps  # the feature's own counter, shared with the DeepSpeed path
+        noloco.restore_steps(2)  # what the journal calls on resume: the next after_step is step 3, no outer step
+        out["after_restore"] = (noloco.after_step(), noloco.after_step(), noloco.steps)
         out["cross_ops"] = list(noloco.accounting.cross_replica_ops)
         out["dp_size"] = ddp.dp_cp_group.size()
         noloco.close()
@@ -324,6 +327,7 @@ def test_noloco_two_replicas_megatron_ddp_no_cross_replica_collective():
         m = x["metrics"]
         assert x["cross_ops"] == [] and m["cross_replica_collectives"] == 0
         assert m["outer_step"] == 3 and m["mixed"] == 3 and m["skipped"] == 0
+        assert x["steps"] == 12 and x["after_restore"] == (False, True, 4)  # step 4 of H=4: an outer step
         assert m["calls/p2p/cross_replica"] == 2 * 3  # isend + irecv per outer step
         assert m.get("calls/reduce_scatter/self", 0) > 0  # megatron's DDP did reduce, inside the replica
         assert x["control"]["cross_replica_collectives"] > 0

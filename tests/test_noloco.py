@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dist import run_distributed
+from ds_ext.contract import FeatureBase, Phase
 from ds_ext.noloco.gossip import pairing, partner_of
 from ds_ext.noloco.outer import OuterState, diloco_update, noloco_update
 from test_engine import TINY, batches
@@ -63,17 +64,40 @@ def noloco_config(stage: int, mode="noloco", inner_steps=2, **noloco) -> dict:
     return cfg
 
 
-class WeightProbe:
-    """Records the full model weights before each outer step (attached ahead of NoLoCo)."""
+class WeightProbe(FeatureBase):
+    """Records the full model weights at start and every ``every`` optimizer steps. Phase MODEL (the default): its
+    hook runs before NoLoCo's (STEP), so it sees the weights before the outer step; phase JOURNAL: after it."""
 
-    name = "probe"
+    def __init__(self, every: int, phase: Phase = Phase.MODEL):
+        self.name, self.phase = f"probe_{phase.name.lower()}", phase
+        self.every, self.before, self.start_weights = every, {}, None
 
-    def __init__(self, every: int):
-        self.every, self.before = every, {}
+    def start(self, engine):
+        self.start_weights = flat_weights(engine)
 
     def after_optimizer_step(self, engine):
         if engine.global_steps % self.every == 0:
             self.before[engine.global_steps] = flat_weights(engine)
+
+
+def feature(engine, name: str):
+    return next(f for f in engine.ds_ext_features if f.name == name)
+
+
+def comm_functions() -> dict:
+    """The communication functions NoLoCo's accounting wraps, as they are now: torch.distributed's and the two
+    DeepSpeed's backend bound (call after deepspeed.init_distributed)."""
+    import torch.distributed as dist
+    from ds_ext._deepspeed import comm_backend_collectives
+    from ds_ext.noloco.accounting import KINDS
+    out = {n: getattr(dist, n) for n in KINDS if hasattr(dist, n)}
+    out.update({f"backend.{name}": getattr(obj, attr) for obj, attr, name in comm_backend_collectives()})
+    return out
+
+
+def patched(originals: dict) -> dict:
+    """Which of ``originals`` (a :func:`comm_functions`) has been replaced since."""
+    return {name: fn is not originals[name] for name, fn in comm_functions().items()}
 
 
 def flat_weights(engine) -> torch.Tensor:
@@ -97,20 +121,26 @@ def train_steps(engine, steps: int, seed: int):
 
 def _noloco_run_body(stage: int):
     import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    originals = comm_functions()
     results = {}
     for mode in ("noloco", "diloco"):
         engine = build(noloco_config(stage, mode, inner_steps=2, outer_lr=1.0, outer_momentum=0.0,
-                                     ranks_per_replica=2))
+                                     ranks_per_replica=2, count_collectives=True))
         probe = WeightProbe(2)
-        engine.ds_ext_features.insert(0, probe)
+        engine.attach_feature(probe)  # phase MODEL: runs before NoLoCo's outer step
         rank = deepspeed.comm.get_rank()
         train_steps(engine, 2, seed=rank)  # step 2: outer step
         after_first = flat_weights(engine)
         train_steps(engine, 2, seed=100 + rank)  # step 4: second outer step
-        feature = engine.ds_ext_features[1]
-        results[mode] = {"before": probe.before[2], "after": after_first, "metrics": feature.metrics(),
-                         "cross": list(feature.accounting.cross_replica_ops), "dp_world": engine.dp_world_size}
-        feature.close()
+        noloco = feature(engine, "noloco")
+        during = patched(originals)
+        results[mode] = {"before": probe.before[2], "after": after_first, "metrics": noloco.metrics(),
+                         "cross": list(noloco.accounting.cross_replica_ops), "dp_world": engine.dp_world_size,
+                         "order": [f.name for f in engine.ds_ext_features]}
+        engine.ds_ext_close()
+        engine.ds_ext_close()  # idempotent
+        results[mode]["patched"] = (during, patched(originals), list(engine.ds_ext_features))
     return results
 
 
@@ -123,7 +153,11 @@ def test_two_replicas_of_two_zero_shards(stage):
     pair_mean = (r[0]["noloco"]["before"] + r[2]["noloco"]["before"]) / 2
     assert not torch.equal(r[0]["noloco"]["before"], r[2]["noloco"]["before"])  # replicas had diverged
     for x in r:
-        assert x["noloco"]["dp_world"] == 2
+        assert x["noloco"]["dp_world"] == 2 and x["noloco"]["order"] == ["probe_model", "noloco"]
+        for mode in ("noloco", "diloco"):  # count_collectives wraps every function; ds_ext_close unwraps them all
+            during, after, attached = x[mode]["patched"]
+            assert all(during.values()) and "backend.all_gather_into_tensor" in during and not any(after.values())
+            assert attached == []
         assert (x["noloco"]["after"] - pair_mean).abs().max().item() <= ULP_ATOL
         assert (x["diloco"]["after"] - x["noloco"]["after"]).abs().max().item() <= ULP_ATOL
         m = x["noloco"]["metrics"]
@@ -148,8 +182,8 @@ def _dead_partner_body(out_dir: str):
         os.kill(os.getpid(), signal.SIGKILL)  # dies before the outer step at step 3
     t0 = time.monotonic()
     train_steps(engine, 6, seed=rank)  # outer steps at 3 and 6, both with a dead partner
-    feature = engine.ds_ext_features[0]
-    return {"seconds": time.monotonic() - t0, "metrics": feature.metrics(), "steps": engine.global_steps}
+    return {"seconds": time.monotonic() - t0, "metrics": feature(engine, "noloco").metrics(),
+            "steps": engine.global_steps}
 
 
 def test_dead_partner_is_skipped_without_hanging(tmp_path):
@@ -178,21 +212,24 @@ def _pipeline_body():
     import deepspeed
     import ds_ext
     from ds_ext.models import ModelConfig, llama_pipeline
-    config = noloco_config(1, inner_steps=2, outer_lr=1.0, outer_momentum=0.0, ranks_per_replica=2)
+    config = noloco_config(1, inner_steps=2, outer_lr=1.0, outer_momentum=0.0, ranks_per_replica=2,
+                           count_collectives=True)
     config["ds_ext"]["topology"] = {"pipeline_stages": 2}
     topo = ds_ext.build_topology(config)
     torch.manual_seed(0)
     model = llama_pipeline(ModelConfig(**TINY), topology=topo.process_topology())
     engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config, topology=topo)
     probe = WeightProbe(2)
-    engine.ds_ext_features.insert(0, probe)
+    engine.attach_feature(probe)  # phase MODEL: runs before NoLoCo's outer step
     replica = topo.coords(deepspeed.comm.get_rank())[0]
     data = itertools.cycle(list(batches(4, seed=replica)))  # the two stages of a replica read the same data
     losses = [engine.train_batch(data).item() for _ in range(2)]
-    feature = engine.ds_ext_features[1]
-    return {"coords": topo.coords(deepspeed.comm.get_rank()), "before": probe.before[2],
-            "after": flat_weights(engine), "cross": list(feature.accounting.cross_replica_ops),
-            "metrics": feature.metrics(), "cls": type(engine).__name__, "losses": losses}
+    noloco = feature(engine, "noloco")
+    out = {"coords": topo.coords(deepspeed.comm.get_rank()), "before": probe.before[2],
+           "after": flat_weights(engine), "cross": list(noloco.accounting.cross_replica_ops),
+           "metrics": noloco.metrics(), "cls": type(engine).__name__, "losses": losses}
+    engine.ds_ext_close()
+    return out
 
 
 def test_each_replica_a_pipeline_pairs_within_each_stage():
@@ -225,7 +262,7 @@ def _slow_partner_body():
     if rank == 1:
         time.sleep(6.0)  # arrives three timeouts late at the outer step of step 2
     train_steps(engine, 9, seed=rank)  # outer steps at 2, 4, 6, 8, 10
-    m = engine.ds_ext_features[0].metrics()
+    m = feature(engine, "noloco").metrics()
     return {"skipped": m["skipped"], "mixed": m["mixed"], "outer_step": m["outer_step"]}
 
 
@@ -245,14 +282,13 @@ def _checkpoint_body(save_dir: str):
     rank = deepspeed.comm.get_rank()
     train_steps(engine, 3, seed=rank)
     engine.save_checkpoint(save_dir)
-    feature = engine.ds_ext_features[0]
-    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in feature.state_dict().items()}
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in feature(engine, "noloco").state_dict().items()}
     weights = flat_weights(engine)
-    feature.close()
+    engine.ds_ext_close()
     fresh = build(noloco_config(1, inner_steps=2))
     path, _ = fresh.load_checkpoint(save_dir)
-    restored = fresh.ds_ext_features[0].state_dict()
-    fresh.ds_ext_features[0].close()
+    restored = feature(fresh, "noloco").state_dict()
+    fresh.ds_ext_close()
     return {"path": path, "saved": saved, "restored": restored, "weights": weights, "loaded": flat_weights(fresh),
             "steps": fresh.global_steps}
 
@@ -268,3 +304,104 @@ def test_outer_state_and_replica_weights_round_trip_through_checkpoints(tmp_path
     assert not torch.equal(r[0]["weights"], r[1]["weights"])  # each replica restored its own weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["replica_0", "replica_1"]
     assert (tmp_path / "replica_1" / "latest").read_text() == "global_step3"
+
+
+# a few fp32 roundings (pair mean, difference, momentum and anchor updates, each outer step) of weights < 4 in
+# magnitude (ulp(4) = 4.8e-7) between the feature's fp32 arithmetic and the float64 recomputation in the test
+RULE_ATOL = 1e-5
+
+
+def _momentum_body():
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    originals = comm_functions()
+    config = noloco_config(1, inner_steps=2, outer_lr=0.7, outer_momentum=0.5)  # count_collectives: the default
+    config["ds_ext"]["asyncflow"] = {"enabled": True}  # the sample ledger: a second STEP feature, built by features.py
+    engine = build(config)
+    before, after = WeightProbe(2), WeightProbe(2, Phase.JOURNAL)  # around NoLoCo's outer step
+    engine.attach_feature(after)
+    engine.attach_feature(before)
+    train_steps(engine, 4, seed=deepspeed.comm.get_rank())  # outer steps after optimizer steps 2 and 4
+    out = {"start": before.start_weights, "before": before.before, "after": after.before,
+           "metrics": feature(engine, "noloco").metrics(), "patched": patched(originals),
+           "order": [f.name for f in engine.ds_ext_features]}
+    engine.ds_ext_close()
+    out["after_close"] = (list(engine.ds_ext_features), patched(originals))
+    return out
+
+
+def test_outer_momentum_end_to_end_and_accounting_off_by_default():
+    """2 replicas x 1 rank, outer_lr 0.7, momentum 0.5, two outer steps. After each, every replica's weights are the
+    NoLoCo rule recomputed here in float64 from the pair's weights before the step and the replica's own anchor and
+    momentum; at the second step the momentum term moves the weights by far more than the tolerance, so a feature
+    that dropped it would fail. Without count_collectives no communication function is wrapped and no accounting
+    metric is reported."""
+    r = run_distributed(_momentum_body, world_size=2)
+    lr, beta = 0.7, 0.5
+    assert r[0]["order"] == ["probe_model", "noloco", "asyncflow", "probe_journal"]
+    assert torch.equal(r[0]["start"], r[1]["start"])  # replicas start from replica 0's weights
+    anchor = [x["start"].double() for x in r]
+    momentum = [torch.zeros_like(a) for a in anchor]
+    for step in (2, 4):
+        mean = (r[0]["before"][step].double() + r[1]["before"][step].double()) / 2
+        for i, x in enumerate(r):
+            without_momentum = anchor[i] + lr * (mean - anchor[i])
+            momentum[i] = beta * momentum[i] + lr * (mean - anchor[i])
+            anchor[i] = anchor[i] + momentum[i]
+            assert (x["after"][step].double() - anchor[i]).abs().max().item() <= RULE_ATOL
+            if step == 4:
+                assert (anchor[i] - without_momentum).abs().max().item() > 100 * RULE_ATOL
+    for x in r:
+        assert x["metrics"]["outer_step"] == 2 and x["metrics"]["mixed"] == 2
+        assert not any(x["patched"].values()) and "backend.all_gather_into_tensor" in x["patched"]
+        assert x["after_close"][0] == [] and not any(x["after_close"][1].values())
+        assert not [k for k in x["metrics"] if k.startswith(("calls/", "bytes/", "sent_bytes", "cross_replica"))]
+
+
+def _odd_replicas_body():
+    import deepspeed
+    engine = build(noloco_config(1, inner_steps=2, outer_lr=0.7, outer_momentum=0.0))
+    before, after = WeightProbe(2), WeightProbe(2, Phase.JOURNAL)
+    engine.attach_feature(before)
+    engine.attach_feature(after)
+    rank = deepspeed.comm.get_rank()
+    losses = []
+    for _ in range(3):  # the same 4 micro-batches (2 optimizer steps) three times: outer steps at 2, 4 and 6
+        for x, y in batches(2 * engine.gradient_accumulation_steps(), seed=rank):
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    out = {"start": before.start_weights, "before": before.before, "after": after.before, "losses": losses,
+           "metrics": feature(engine, "noloco").metrics(), "threads": torch.get_num_threads()}
+    engine.ds_ext_close()
+    return out
+
+
+def test_odd_number_of_replicas_end_to_end():
+    """3 processes = 3 replicas (1 thread each), outer_lr 0.7, momentum 0, three outer steps. In each, the two paired
+    replicas move 0.7 of the way from their anchor to the pair mean and the left-over replica 0.7 of the way along
+    its own pseudo-gradient (so its weights change too); over the run each replica's loss on its repeated data
+    falls."""
+    r = run_distributed(_odd_replicas_body, world_size=3, timeout=400)
+    assert all(x["threads"] == 1 for x in r)
+    lr = 0.7
+    anchors = [x["start"].double() for x in r]
+    for k, step in enumerate((2, 4, 6)):
+        groups = pairing(3, k)
+        assert sorted(len(g) for g in groups) == [1, 2]
+        for i, x in enumerate(r):
+            partner = partner_of(i, 3, k)
+            own = r[i]["before"][step].double()
+            target = own if partner is None else (own + r[partner]["before"][step].double()) / 2
+            expected = anchors[i] + lr * (target - anchors[i])
+            assert (x["after"][step].double() - expected).abs().max().item() <= RULE_ATOL, (step, i, partner)
+            if partner is None:  # the outer step did move the left-over replica, by a visible amount
+                assert (x["after"][step].double() - own).abs().max().item() > 100 * RULE_ATOL
+        anchors = [x["after"][step].double() for x in r]
+    assert sum(x["metrics"]["sat_out"] for x in r) == 3  # one replica per outer step
+    for x in r:
+        m = x["metrics"]
+        assert m["outer_step"] == 3 and m["mixed"] + m["sat_out"] == 3 and m["skipped"] == 0
+        first, last = sum(x["losses"][:4]) / 4, sum(x["losses"][-4:]) / 4  # the same 4 micro-batches
+        assert last < 0.9 * first, x["losses"]

@@ -18,6 +18,7 @@ def test_layout_matches_deepspeed_process_topology():
     assert topo.data_parallel_ranks(5) == [4, 5]          # replica 1, stage 0
     assert topo.shard_peer_ranks(6) == [2, 6]             # stage 1, data 0 in both replicas
     assert topo.replica_ranks(1) == [4, 5, 6, 7]
+    assert topo.pipeline_model_ranks(5) == [5, 7]         # replica 1, data 1, both stages
     assert topo.data_shard(6) == (2, 4) and topo.data_shard(2) == topo.data_shard(0)
 
 
@@ -55,7 +56,9 @@ def _groups_body():
     dist.all_reduce(peers, group=peer_group)
     own = torch.tensor([float(rank + 1)])
     dist.all_reduce(own, group=mpu.get_model_parallel_group())
-    return {"dp_sum": t.item(), "peer_sum": peers.item(), "mp_sum": own.item(),
+    replica = torch.tensor([float(rank + 1)])
+    dist.all_reduce(replica, group=topo.build_replica_group())
+    return {"replica_sum": replica.item(), "dp_sum": t.item(), "peer_sum": peers.item(), "mp_sum": own.item(),
             "dp_rank": mpu.get_data_parallel_rank(), "dp_world": mpu.get_data_parallel_world_size(),
             "dp_ranks": mpu.get_data_parallel_group_ranks(), "mp_world": mpu.get_model_parallel_world_size()}
 
@@ -65,6 +68,7 @@ def test_mpu_groups_on_four_processes():
     assert [x["dp_sum"] for x in r] == [3, 3, 7, 7]        # {1,2} and {3,4}: within each replica only
     assert [x["peer_sum"] for x in r] == [4, 6, 4, 6]      # {1,3} and {2,4}: same shard across replicas
     assert [x["mp_sum"] for x in r] == [1, 2, 3, 4]        # tensor parallel 1: each rank alone
+    assert [x["replica_sum"] for x in r] == [3, 3, 7, 7]   # build_replica_group: the ranks of one replica
     assert [x["dp_rank"] for x in r] == [0, 1, 0, 1]
     assert [x["dp_ranks"] for x in r] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert all(x["dp_world"] == 2 and x["mp_world"] == 1 for x in r)

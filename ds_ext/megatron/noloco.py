@@ -10,8 +10,9 @@ NoLoCo replaces exactly that, so the groups are built here and handed to megatro
 no gradient collective leaves the replica. The gradient-norm all-reduce of clipping runs over ``intra_dist_opt``,
 the replica, too.
 
-Every ``inner_steps`` optimizer steps :meth:`MegatronNoLoCo.after_step` runs the outer step of
-:class:`ds_ext.noloco.feature.NoLoCoFeature` (the same code as the DeepSpeed path) on :class:`MegatronShards`,
+:meth:`MegatronNoLoCo.after_step` counts the optimizer step in :class:`ds_ext.noloco.feature.NoLoCoFeature` (the same
+code and step counter as the DeepSpeed path), which every ``inner_steps`` steps runs the outer step on
+:class:`MegatronShards`,
 this rank's fp32 main-param shard: NoLoCo swaps it with rank k of one random partner replica (``isend``/``irecv``
 on the shard-peer group, no collective), DiLoCo all-reduces pseudo-gradients over the peers. The model params are
 then refreshed from the main params and all-gathered inside the replica (what megatron's own step does).
@@ -70,11 +71,7 @@ def replica_groups(ranks_per_replica: Optional[int]) -> ReplicaGroups:
         raise ValueError(f"ds_ext NoLoCo for megatron-core supports tensor x pipeline parallel size 1, got {mp}")
     world, rank = dist.get_world_size(), dist.get_rank()
     topo = Topology(world, ranks_per_replica or 1)
-    replica = None
-    for r in range(topo.num_replicas):  # every rank creates every group, in the same order (new_group's contract)
-        group = dist.new_group(topo.replica_ranks(r))
-        if rank in topo.replica_ranks(r):
-            replica = group
+    replica = topo.build_replica_group(rank)
     peers = topo.build_shard_peer_group(rank)
     pgc = ProcessGroupCollection.use_mpu_process_groups()
     for name in ("dp", "dp_cp", "intra_dp_cp", "intra_dist_opt", "expt_dp", "intra_expt_dp"):
@@ -100,11 +97,8 @@ def install_megatron_accounting(accounting: CommAccounting) -> CommAccounting:
     (``param_and_grad_buffer.dist_all_gather_func`` / ``dist_reduce_scatter_func``), which the plain install
     would miss."""
     from megatron.core.distributed import param_and_grad_buffer as pgb
-    accounting.install()
-    for attr, name in (("dist_all_gather_func", "all_gather_into_tensor"),
-                       ("dist_reduce_scatter_func", "reduce_scatter_tensor")):
-        accounting._swap(pgb, attr, name)  # uninstall() restores these too
-    return accounting
+    return accounting.install([(pgb, "dist_all_gather_func", "all_gather_into_tensor"),
+                               (pgb, "dist_reduce_scatter_func", "reduce_scatter_tensor")])
 
 
 class MegatronNoLoCo:
@@ -112,12 +106,27 @@ class MegatronNoLoCo:
 
     Contract: :meth:`finalize_model_grads_func` after the backward of the last micro-batch and before
     ``optimizer.step()`` (megatron's schedules call it through ``config.finalize_model_grads_func``);
-    :meth:`after_step` right after every ``optimizer.step()``.
+    :meth:`after_step` right after every ``optimizer.step()``. The optimizer-step count is the feature's
+    (:attr:`steps`); a journal resume sets it with :meth:`restore_steps`.
     """
 
     def __init__(self, feature: NoLoCoFeature, groups: ReplicaGroups, accounting: Optional[CommAccounting]):
         self.feature, self.groups, self.accounting = feature, groups, accounting
-        self.steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps done (the feature's counter)."""
+        return self.feature.steps
+
+    @steps.setter
+    def steps(self, step: int) -> None:
+        # Temporary (#21): the megatron journal on main still assigns ``noloco.steps``; it calls restore_steps after
+        # the journal branch is merged, and this setter goes.
+        self.restore_steps(step)
+
+    def restore_steps(self, step: int) -> None:
+        """A resume restored the state after optimizer step ``step``: count on from there."""
+        self.feature.restore_steps(step)
 
     def count_collectives(self) -> CommAccounting:
         """Start counting collectives now (for a ``noloco_setup(..., count_collectives=False)`` whose caller had
@@ -136,12 +145,7 @@ class MegatronNoLoCo:
 
     def after_step(self) -> bool:
         """Count one optimizer step; every ``inner_steps`` run the outer step. Returns whether one ran."""
-        self.steps += 1
-        if self.steps % self.feature.cfg.inner_steps:
-            return False
-        with torch.no_grad():
-            self.feature.run_outer_step()
-        return True
+        return self.feature.count_step()
 
     def journal_payload(self) -> dict:
         """For the journal's commit frame of this step: the step count and what an outer step received."""
@@ -160,7 +164,7 @@ class MegatronNoLoCo:
         return {"steps": self.steps, **self.feature.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.steps = int(sd["steps"])
+        self.restore_steps(sd["steps"])
         self.feature.load_state_dict(sd)
 
     def close(self) -> None:
@@ -168,12 +172,13 @@ class MegatronNoLoCo:
 
 
 def noloco_setup(model_chunks: List[torch.nn.Module], optimizer, cfg: NoLoCoConfig, groups: ReplicaGroups,
-                 count_collectives: bool = True) -> MegatronNoLoCo:
+                 count_collectives: Optional[bool] = None) -> MegatronNoLoCo:
     """Attach NoLoCo/DiLoCo to megatron DDP chunks + optimizer built with ``groups.pg_collection`` (collective).
 
     Starts every replica from replica 0's weights (one broadcast over the shard peers), installs collective
-    accounting (``metrics()['cross_replica_collectives']``) unless ``count_collectives`` is false, and sets
-    ``config.finalize_model_grads_func`` of every chunk to the replica-only grad sync.
+    accounting (``metrics()['cross_replica_collectives']``) when ``count_collectives`` (None: ``cfg.count_collectives``,
+    off by default) is true, and sets ``config.finalize_model_grads_func`` of every chunk to the replica-only grad
+    sync.
     """
     if not cfg.enabled:
         raise ValueError("noloco_setup called with ds_ext.noloco.enabled false")
@@ -186,7 +191,7 @@ def noloco_setup(model_chunks: List[torch.nn.Module], optimizer, cfg: NoLoCoConf
     topo, rank = groups.topology, groups.rank
     sync_replicas(shards, topo, rank, groups.peers)
     accounting = None
-    if count_collectives:
+    if cfg.count_collectives if count_collectives is None else count_collectives:
         accounting = install_megatron_accounting(CommAccounting(rank, groups.replica_of))
     feature = NoLoCoFeature(cfg, topo, rank, shards, groups.peers, accounting)
     hook = MegatronNoLoCo(feature, groups, accounting)

@@ -1,27 +1,32 @@
 """Per-rank counters of collectives and bytes, by kind and by the span of their group.
 
 Every ``torch.distributed`` communication call of this process (DeepSpeed's ``deepspeed.comm`` ends in them; the
-two functions DeepSpeed binds at start-up, ``all_gather_function`` and ``reduce_scatter_function``, are wrapped on
-its backend object too) is recorded as ``(kind, span)``:
+collectives DeepSpeed's backend binds at start-up, :func:`ds_ext._deepspeed.comm_backend_collectives`, are wrapped
+too) is recorded as ``(kind, span)``:
 
 * kind: ``all_reduce``, ``reduce_scatter``, ``all_gather``, ``broadcast``, ``reduce``, ``all_to_all``,
   ``barrier``, ``p2p``, ``other``;
 * span: ``self`` (a group of one rank), ``replica`` (all ranks in one replica), ``cross_replica`` (the group, or the
   point-to-point peer, is in another replica).
 
-The wrappers are installed by :meth:`CommAccounting.install` and removed by :meth:`CommAccounting.uninstall` (the
-NoLoCo feature does both); counting costs a dict update per call, no communication.
+Opt-in (``ds_ext.noloco.count_collectives``; benchmarks install their own). :meth:`CommAccounting.install` replaces
+the functions **process-wide** (``torch.distributed`` module attributes, so every caller in the process is counted)
+until :meth:`CommAccounting.uninstall`. Cost per call, no communication: binding the arguments to the function's
+signature (``inspect.Signature.bind_partial``), a group-span lookup (``dist.get_process_group_ranks`` on the first
+call per group, cached by ``id``) and three dict updates.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from ds_ext._deepspeed import comm_backend_collectives
 
 KINDS = {
     "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce", "reduce_scatter": "reduce_scatter",
@@ -103,19 +108,18 @@ class CommAccounting:
             return fn(*args, **kwargs)
         return counted
 
-    def install(self, backend=None) -> "CommAccounting":
-        """Wrap ``torch.distributed``'s communication functions (and ``backend``'s bound ones, e.g. DeepSpeed's
-        ``deepspeed.comm.comm.cdb``)."""
+    def install(self, extra: Sequence[Tuple[object, str, str]] = ()) -> "CommAccounting":
+        """Wrap ``torch.distributed``'s communication functions, and each ``(object, attribute, torch.distributed
+        name)`` of ``extra``: functions bound elsewhere before this call (DeepSpeed's backend:
+        :func:`deepspeed_accounting`; megatron's grad buffers: ``install_megatron_accounting``)."""
         if self._saved:
             raise RuntimeError("CommAccounting is already installed")
         targets = [(dist, n) for n in KINDS if hasattr(dist, n)]
         targets += [(c10d, n) for n in ("_all_gather_base", "_reduce_scatter_base") if hasattr(c10d, n)]
         for obj, attr in targets:
             self._swap(obj, attr, attr)
-        for attr, name in (("all_gather_function", "all_gather_into_tensor"),
-                           ("reduce_scatter_function", "reduce_scatter_tensor")):
-            if backend is not None and getattr(backend, attr, None) is not None:
-                self._swap(backend, attr, name)
+        for obj, attr, name in extra:
+            self._swap(obj, attr, name)
         return self
 
     def _swap(self, obj, attr: str, name: str) -> None:
@@ -136,3 +140,9 @@ class CommAccounting:
         out["sent_bytes_cross_replica"] = sum(v for (_, s), v in self.sent.items() if s == "cross_replica")
         out["cross_replica_collectives"] = len(self.cross_replica_ops)
         return out
+
+
+def deepspeed_accounting(rank: int, replica_of: Callable[[int], int]) -> CommAccounting:
+    """A :class:`CommAccounting` installed on ``torch.distributed`` and on DeepSpeed's comm backend (call it after
+    ``deepspeed.init_distributed``)."""
+    return CommAccounting(rank, replica_of).install(comm_backend_collectives())

@@ -41,6 +41,13 @@ class NoLoCoConfig(ExtSection):
     seed: int = 0
     """Shared seed of the random pairing; all ranks derive the same pairs from it and the outer-step number."""
 
+    count_collectives: bool = False
+    """Count this rank's communication by kind and span (``noloco/calls/<kind>/<span>``, ``.../bytes/...``,
+    ``sent_bytes``, ``cross_replica_collectives`` metrics: the check that NoLoCo makes no collective across
+    replicas). Off: those metrics are absent and nothing is wrapped. On: every ``torch.distributed`` communication
+    function of the process (and the two DeepSpeed's backend binds) is replaced by a wrapper that binds the call's
+    arguments (``inspect.Signature.bind_partial``) and updates three dicts per call, until the feature is closed."""
+
     @property
     def lr(self) -> float:
         return self.outer_lr if self.outer_lr is not None else MODE_DEFAULTS[self.mode]["outer_lr"]
