@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from ds_ext.config import DsExtConfig, DsExtConfigError, check_file, parse_ext_config, validate_compat
+from ds_ext.config import (DsExtConfig, DsExtConfigError, check_file, parse_ext_config, parse_megatron_config,
+                           validate_compat)
 
 
 def problems_of(cfg) -> list:
@@ -19,6 +20,20 @@ def test_missing_or_empty_block_means_every_feature_off():
         ext = parse_ext_config(cfg)
         assert ext.topology.ranks_per_replica is None and ext.topology.pipeline_stages == 1
         assert not ext.any_feature_enabled
+
+
+@pytest.mark.parametrize("section", ["noloco", "streambp", "prefix_grouper", "asyncflow"])
+def test_any_feature_enabled_sees_every_section(section):
+    assert parse_ext_config({"zero_optimization": {"stage": 1}, "ds_ext": {section: {"enabled": True}}}
+                            ).any_feature_enabled
+
+
+def test_removed_rollout_workers_key_says_what_replaced_it():
+    """Nothing ever read asyncflow.rollout_workers (the workers are the ranks after trainer_ranks); a config that
+    still sets it gets the reason and the replacement, not a bare "unknown key"."""
+    [(path, message)] = problems_of({"ds_ext": {"asyncflow": {"rollout_workers": 2}}})
+    assert path == "ds_ext.asyncflow.rollout_workers"
+    assert "removed" in message and "trainer_ranks" in message and "--num_procs" in message
 
 
 @pytest.mark.parametrize("block, path, fragment", [
@@ -50,6 +65,12 @@ def test_block_must_be_an_object():
     ({"zero_optimization": {"stage": 2}}, {"topology": {"pipeline_stages": 2}}, "ds_ext.topology.pipeline_stages"),
     ({"zero_optimization": {"stage": 3}}, {"topology": {"pipeline_stages": 4}}, "ds_ext.topology.pipeline_stages"),
     ({}, {"topology": {"pipeline_stages": 2, "ranks_per_replica": 3}}, "ds_ext.topology.ranks_per_replica"),
+    # a PipelineModule's forward has no per-call attention_fn (used to fail at attach time with a plain ValueError)
+    ({"zero_optimization": {"stage": 1}}, {"prefix_grouper": {"enabled": True}, "topology": {"pipeline_stages": 2}},
+     "ds_ext.prefix_grouper.enabled"),
+    # ZeRO-3 shards the parameters too; checkpoint-free rebuilds cover ZeRO-0/1/2 only (used to take ZeRO-0's path)
+    ({"zero_optimization": {"stage": 3}}, {"recovery": {"checkpoint_free": {"enabled": True}}},
+     "ds_ext.recovery.checkpoint_free.enabled"),
 ])
 def test_validate_compat_refuses_incompatible_combinations(ds_config, ext_block, path):
     ext = DsExtConfig(**ext_block)
@@ -61,6 +82,9 @@ def test_validate_compat_refuses_incompatible_combinations(ds_config, ext_block,
     ({"zero_optimization": {"stage": 1}}, {"topology": {"pipeline_stages": 2}}),
     ({"zero_optimization": {"stage": 2}}, {"topology": {"ranks_per_replica": 2}}),
     ({}, {"topology": {"pipeline_stages": 2, "ranks_per_replica": 4}}),
+    ({"zero_optimization": {"stage": 1}}, {"prefix_grouper": {"enabled": True}, "streambp": {"enabled": True}}),
+    ({"zero_optimization": {"stage": 2}}, {"recovery": {"checkpoint_free": {"enabled": True}}}),
+    ({}, {"recovery": {"checkpoint_free": {"enabled": True}}, "topology": {"pipeline_stages": 4}}),
 ])
 def test_validate_compat_allows_compatible_combinations(ds_config, ext_block):
     assert validate_compat(ds_config, DsExtConfig(**ext_block)) == []
@@ -79,13 +103,8 @@ def test_shipped_configs_are_valid(repo_root):
     files = sorted((repo_root / "configs").glob("*.json"))
     assert len(files) >= 4
     for f in files:
-        config = json.loads(f.read_text())
-        if "megatron" in config:  # examples/megatron_train.py: megatron's distributed optimizer stands for ZeRO-1
-            from ds_ext.megatron.model import parse_ds_ext
-            parse_ds_ext(f)
-        else:
-            check_file(f)
-        assert "ds_ext" in config, f"{f.name} should show where the ds_ext block goes"
+        check_file(f)  # megatron configs (a "megatron" section) by the megatron rules, the others as DeepSpeed's
+        assert "ds_ext" in json.loads(f.read_text()), f"{f.name} should show where the ds_ext block goes"
 
 
 def test_check_cli_exit_codes(tmp_path, repo_root):
@@ -97,3 +116,133 @@ def test_check_cli_exit_codes(tmp_path, repo_root):
     res = subprocess.run(cmd + [str(bad)], capture_output=True, text=True)
     assert res.returncode == 2
     assert 'ds_ext.topology.ranks_per_replica: got "two"' in res.stderr
+
+
+# -- megatron configs: a "megatron" section next to "ds_ext", no DeepSpeed keys -----------------------------------
+
+def test_megatron_config_with_a_journal_passes_check(repo_root):
+    """Regression: check_file read a megatron config as a DeepSpeed config without zero_optimization (ZeRO-0) and
+    refused its journal; the megatron rules see the distributed optimizer as ZeRO-1."""
+    ext = check_file(repo_root / "configs" / "megatron_recovery.json")
+    assert ext.recovery.active and ext.noloco.enabled
+
+
+def test_megatron_check_does_not_import_megatron_core(repo_root):
+    code = ("import sys; from ds_ext.config import check_file; check_file('configs/megatron_recovery.json'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'megatron' or m.startswith('ds_ext.megatron')))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("block, path", [
+    ({"recovery": {"checkpoint_free": {"enabled": True}}}, "ds_ext.recovery.checkpoint_free.enabled"),
+    ({"asyncflow": {"enabled": True}}, "ds_ext.asyncflow.enabled"),
+    ({"topology": {"pipeline_stages": 2, "ranks_per_replica": 2}}, "ds_ext.topology.pipeline_stages"),
+])
+def test_megatron_refuses_what_it_would_ignore(block, path):
+    with pytest.raises(DsExtConfigError) as info:
+        parse_megatron_config({"megatron": {}, "ds_ext": block}, "m.json")
+    [(got_path, message)] = info.value.problems
+    assert got_path == path and "not supported on megatron-core" in message and info.value.source == "m.json"
+    parse_ext_config({"zero_optimization": {"stage": 1}, "ds_ext": block})  # the DeepSpeed path accepts each one
+
+
+def test_megatron_config_keeps_the_cross_feature_rules():
+    with pytest.raises(DsExtConfigError) as info:  # the same rules as a DeepSpeed config, at megatron's ZeRO-1
+        parse_megatron_config({"megatron": {}, "ds_ext": {"noloco": {"enabled": True, "inner_steps": 0}}})
+    assert [p for p, _ in info.value.problems] == ["ds_ext.noloco.inner_steps"]
+
+
+def test_megatron_config_refuses_deepspeed_keys(tmp_path):
+    bad = tmp_path / "mixed.json"
+    bad.write_text(json.dumps({"megatron": {"lr": 0.1}, "zero_optimization": {"stage": 2}, "ds_ext": {}}))
+    with pytest.raises(DsExtConfigError) as info:
+        check_file(bad)
+    [(path, message)] = info.value.problems
+    assert path == "zero_optimization" and 'holds only "megatron" and "ds_ext"' in message
+
+
+# -- the README against the code ---------------------------------------------------------------------------------
+
+REQUIRED = object()  # a field without a default (the README writes "required")
+
+# Documented ahead of its model field: helper "contract" adds NoLoCoConfig.count_collectives on its own branch.
+# The lead deletes this entry once both branches are merged (the key is then compared like every other).
+DOCUMENTED_AHEAD_OF_MODEL = {"ds_ext.noloco.count_collectives"}
+
+
+def _section_of(annotation):
+    """The ExtSection class ``annotation`` is, the item class of a ``List[ExtSection]``, or None; any other shape
+    holding an ExtSection fails here, so a new nesting form cannot slip past the walk."""
+    from typing import get_args, get_origin
+    from ds_ext.config.base import ExtSection
+    if isinstance(annotation, type) and issubclass(annotation, ExtSection):
+        return annotation, False
+    args = get_args(annotation)
+    if get_origin(annotation) is list and len(args) == 1 and isinstance(args[0], type) \
+            and issubclass(args[0], ExtSection):
+        return args[0], True
+    assert not any(isinstance(a, type) and issubclass(a, ExtSection) for a in args), \
+        f"the README walk does not know the field shape {annotation}"
+    return None, False
+
+
+def model_keys(model=DsExtConfig, prefix="ds_ext") -> dict:
+    """JSON path -> default of every leaf field, walking nested sections (``a.b``) and lists of sections: the list
+    itself is a key, and its items' fields are ``key[].field``."""
+    keys = {}
+    for name, field in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        section, is_list = _section_of(field.annotation)
+        if section is not None and not is_list:
+            keys.update(model_keys(section, key))
+            continue
+        keys[key] = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
+        if is_list:
+            keys.update(model_keys(section, key + "[]"))
+    return keys
+
+
+def readme_config_rows(readme: str) -> dict:
+    """JSON path -> documented default, from the README's config table (``| key | type | default | meaning |``)."""
+    import re
+    rows = {}
+    for line in readme.splitlines():
+        if not line.startswith("| `ds_ext."):
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        assert len(cells) == 4, f"README config row without 4 cells: {line}"
+        key, default = cells[0].strip("`"), cells[2]
+        assert key not in rows, f"README documents {key} twice"
+        rows[key] = REQUIRED if default == "required" else json.loads(default.strip("`"))
+    return rows
+
+
+def _same(a, b) -> bool:
+    # True == 1 in Python: a bool documented as a number (or the reverse) must not pass
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def test_readme_config_table_matches_the_models(repo_root):
+    documented = readme_config_rows((repo_root / "README.md").read_text(encoding="utf-8"))
+    fields = model_keys()
+    assert sorted(set(fields) - set(documented)) == [], "model fields missing from the README's config table"
+    assert sorted(set(documented) - set(fields) - DOCUMENTED_AHEAD_OF_MODEL) == [], \
+        "README config keys that no model has"
+    wrong = {k: (documented[k], fields[k]) for k in set(documented) & set(fields) if not _same(documented[k], fields[k])}
+    assert wrong == {}, "README default != model default (documented, model)"
+
+
+def test_readme_shipped_config_list_is_the_configs_directory_and_each_passes_check(repo_root):
+    import re
+    readme = (repo_root / "README.md").read_text(encoding="utf-8")
+    start = readme.index("Shipped configs")
+    paragraph = readme[start:readme.index("\n\n", start)]
+    listed = set(re.findall(r"`([\w.-]+\.json)`", paragraph))
+    files = sorted(f.name for f in (repo_root / "configs").glob("*.json"))
+    assert sorted(listed) == files
+    res = subprocess.run([sys.executable, "-m", "ds_ext.config", "check", *files], cwd=repo_root / "configs",
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [line for line in res.stdout.splitlines() if line.endswith(": ok")] == [f"{f}: ok" for f in files]

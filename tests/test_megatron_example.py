@@ -1,5 +1,6 @@
 """examples/megatron_train.py runs briefly (2 processes under torch.distributed.run, and 1 process) and its loss
-falls; the shipped megatron configs parse with the ds_ext config models."""
+falls; the shipped megatron configs parse with the ds_ext config models and the megatron rules, which refuse the
+keys this path does not implement."""
 import json
 import os
 import subprocess
@@ -20,6 +21,21 @@ def test_megatron_configs_parse(repo_root, path):
     from ds_ext.megatron.model import parse_ds_ext
     ext = parse_ds_ext(str(repo_root / path))
     assert ext.noloco.enabled and ext.streambp.enabled
+
+
+def test_parse_ds_ext_refuses_what_megatron_would_ignore(tmp_path):
+    from ds_ext.config import DsExtConfigError
+    from ds_ext.megatron.model import parse_ds_ext
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"megatron": {"steps": 5}, "ds_ext": {"recovery": {"checkpoint_free": {"enabled": True}}}}))
+    with pytest.raises(DsExtConfigError, match="ds_ext.recovery.checkpoint_free.enabled: got true: not supported on "
+                                               "megatron-core") as info:
+        parse_ds_ext(path)
+    assert info.value.source == str(path)
+    with pytest.raises(DsExtConfigError, match="ds_ext.asyncflow.enabled: got true"):
+        parse_ds_ext({"ds_ext": {"asyncflow": {"enabled": True}}})  # a dict may leave the "megatron" section out
+    with pytest.raises(DsExtConfigError, match="zero_optimization: a DeepSpeed key"):
+        parse_ds_ext({"ds_ext": {}, "zero_optimization": {"stage": 1}})
 
 
 def _run(repo_root, args, timeout=150):

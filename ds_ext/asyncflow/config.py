@@ -12,7 +12,10 @@ class AsyncFlowConfig(ExtSection):
     ``max_staleness`` bounds the policy lag of every trained sample (0: synchronous)."""
 
     enabled: bool = False
-    """Run GRPO through the transfer queue (used by ``examples/grpo.py``)."""
+    """Attach the exactly-once sample ledger (:class:`ds_ext.asyncflow.ledger.SampleLedger`) to the engine: each
+    step's trained prompts are journaled with the step, so a resumed run trains every prompt exactly once. The
+    other keys configure GRPO and the transfer queue whether this is set or not (``examples/grpo.py`` does not read
+    it); off, nothing records which prompts were trained."""
 
     max_staleness: int = Field(1, ge=0)
     """k: a sample trained at step V was generated with weights of step >= V - k. 0 is the synchronous baseline."""
@@ -44,13 +47,11 @@ class AsyncFlowConfig(ExtSection):
     kl_coef: float = Field(0.0, ge=0)
     """beta of the k3 KL to the frozen initial policy (0: no reference model)."""
 
-    rollout_workers: int = Field(1, ge=1)
-    """Rollout processes in async mode (each with its own copy of the weights)."""
-
     trainer_ranks: int = Field(1, ge=1)
     """Processes that train (the first ``trainer_ranks`` ranks; one DeepSpeed engine over them, laid out by
-    ``ds_ext.topology`` / NoLoCo replicas); the other ranks are rollout workers. Rank 0 owns the queue and hands
-    every trainer rank its token-balanced share of each step."""
+    ``ds_ext.topology`` / NoLoCo replicas); the other ``world_size - trainer_ranks`` ranks are rollout workers (the
+    launcher's process count sets how many; there is no separate key). Rank 0 owns the queue and hands every trainer
+    rank its token-balanced share of each step."""
 
     lease_s: float = Field(300.0, gt=0)
     """A group not completed this long after its reservation is dropped and regenerated."""

@@ -2,7 +2,8 @@
 
 * :func:`run_sync` -- the baseline, one process: generate the whole batch of step V with weights V (every thread
   generates), then train on it (every thread trains). ``max_staleness`` is 0 by construction.
-* :func:`run_async_trainer` -- ``1 + rollout_workers`` processes, one thread each: rank 0 owns the
+* :func:`run_async_trainer` -- ``world_size`` processes (``world_size - trainer_ranks`` rollout workers), one
+  thread each: rank 0 owns the
   :class:`TransferQueue` and the DeepSpeed engine, and generates groups itself (with its current weights, no copy)
   whenever the queue has nothing for it to train on; each other rank hosts a :class:`RolloutWorker` actor (``torch.distributed.rpc.remote``) that
   reserves, generates and delivers groups through an ``RRef`` to the queue. After every step rank 0 pushes the new

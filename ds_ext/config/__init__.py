@@ -12,9 +12,11 @@ the offending value and what is allowed.
 
 Rules that span sections, or the ``"ds_ext"`` block and the rest of the DeepSpeed config, live in one function,
 :func:`validate_compat`. Rules that need the world size (how ranks split into replicas) are checked when the
-:class:`ds_ext.topology.Topology` is built.
+:class:`ds_ext.topology.Topology` is built. A megatron-core config (a ``"megatron"`` section next to the block, no
+DeepSpeed keys) is checked by :func:`parse_megatron_config` with the rules of :mod:`ds_ext.config.megatron`.
 
-Command line: ``python -m ds_ext.config check FILE`` validates files and exits 2 on error (``__main__.py``).
+Command line: ``python -m ds_ext.config check FILE`` validates DeepSpeed and megatron config files and exits 2 on
+error (``__main__.py``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import Field, ValidationError
 
-from ds_ext.config.base import ExtSection
+from ds_ext.config import megatron as megatron_rules
+from ds_ext.config.base import DsExtConfigError, ExtSection
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.prefix_grouper.config import PrefixGrouperConfig
@@ -33,16 +36,16 @@ from ds_ext.streambp.config import StreamBPConfig
 
 EXT_KEY = "ds_ext"
 
+__all__ = ["EXT_KEY", "DsExtConfig", "DsExtConfigError", "ExtSection", "TopologyConfig", "check_file",
+           "load_config_file", "parse_ext_config", "parse_megatron_config", "validate_compat"]
 
-class DsExtConfigError(ValueError):
-    """A bad config: ``problems`` lists one ``(json_path, message)`` per problem."""
-
-    def __init__(self, problems: List[tuple], source: str = "config"):
-        self.problems = list(problems)
-        self.source = source
-        lines = [f"invalid ds_ext config ({source}):"]
-        lines += [f"  {path}: {msg}" for path, msg in self.problems]
-        super().__init__("\n".join(lines))
+# Keys that existed once and were removed: a config still holding one gets this message instead of a bare
+# "unknown key" (JSON path under "ds_ext" -> why it went and what to do instead).
+REMOVED_KEYS = {
+    ("asyncflow", "rollout_workers"): "removed: nothing read it; the rollout workers are the processes after the "
+                                      "first asyncflow.trainer_ranks (world size - trainer_ranks; set the world "
+                                      "size with ds-ext --num_procs); delete this key",
+}
 
 
 class TopologyConfig(ExtSection):
@@ -92,7 +95,7 @@ class DsExtConfig(ExtSection):
     def any_feature_enabled(self) -> bool:
         """Whether any feature section is on; with none, the engine is stock DeepSpeed bit for bit."""
         return (self.noloco.enabled or self.streambp.enabled or self.prefix_grouper.enabled or self.recovery.active
-                or self.recovery.checkpoint_free.enabled)
+                or self.recovery.checkpoint_free.enabled or self.asyncflow.enabled)
 
     def ranks_per_replica(self, world_size: int) -> int:
         """Ranks per replica: the topology's or NoLoCo's value; NoLoCo with neither makes every rank a replica."""
@@ -124,6 +127,8 @@ def _model_at(loc: tuple):
 def _describe(err: dict) -> str:
     loc, value = tuple(err["loc"]), err.get("input")
     if err["type"] == "extra_forbidden":
+        if tuple(loc) in REMOVED_KEYS:
+            return REMOVED_KEYS[tuple(loc)]
         model = _model_at(loc)
         allowed = sorted(model.model_fields) if model else []
         return f"unknown key {loc[-1]!r}; allowed keys: {', '.join(allowed) or '(none)'}"
@@ -164,8 +169,29 @@ def validate_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
                          f"topology.pipeline_stages={topo.pipeline_stages}"))
     problems += _noloco_compat(ds_config, ext)
     problems += _streambp_compat(ds_config, ext)
+    problems += _prefix_grouper_compat(ext)
     problems += _recovery_compat(ds_config, ext)
+    problems += _checkfree_compat(ds_config, ext)
     return problems
+
+
+def _prefix_grouper_compat(ext: DsExtConfig) -> List[tuple]:
+    stages = ext.topology.pipeline_stages
+    if ext.prefix_grouper.enabled and stages > 1:
+        return [(f"{EXT_KEY}.prefix_grouper.enabled",
+                 f"got true with topology.pipeline_stages={stages}: a grouped batch reaches attention through the "
+                 "model forward's per-call attention_fn, which DeepSpeed's PipelineModule does not pass between "
+                 "stages; use pipeline_stages=1")]
+    return []
+
+
+def _checkfree_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
+    if ext.recovery.checkpoint_free.enabled and _zero_stage(ds_config) > 2:
+        return [(f"{EXT_KEY}.recovery.checkpoint_free.enabled",
+                 f"got true with zero_optimization.stage={_zero_stage(ds_config)}: checkpoint-free rebuilds copy "
+                 "ZeRO-0/1/2 partitions (ZeRO-3 also shards the parameters, which no rebuild rule covers); use "
+                 "stage 0, 1 or 2")]
+    return []
 
 
 def _recovery_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]:
@@ -254,6 +280,28 @@ def load_config_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
                                path) from None
 
 
+def parse_megatron_config(config: Dict[str, Any], source: str = "config") -> DsExtConfig:
+    """Parse the ``"ds_ext"`` block of a megatron config (a ``"megatron"`` section, no DeepSpeed keys): the same
+    models and cross-feature rules as :func:`parse_ext_config`, against megatron's ZeRO-1-like layout, then the
+    refusals of :func:`ds_ext.config.megatron.megatron_unsupported`. Raises :class:`DsExtConfigError` naming every
+    problem."""
+    if not megatron_rules.is_megatron_config(config):
+        raise DsExtConfigError([("$", "a megatron config must be a JSON object with a "
+                                      f"\"{megatron_rules.MEGATRON_KEY}\" section")], source)
+    problems = megatron_rules.layout_problems(config)
+    if problems:
+        raise DsExtConfigError(problems, source)
+    ext = parse_ext_config({**megatron_rules.DEEPSPEED_EQUIVALENT, EXT_KEY: config.get(EXT_KEY, {})}, source)
+    problems = megatron_rules.megatron_unsupported(ext)
+    if problems:
+        raise DsExtConfigError(problems, source)
+    return ext
+
+
 def check_file(path: Union[str, os.PathLike]) -> DsExtConfig:
-    """Load and validate a config file (what the ``ds-ext`` launcher runs before any worker starts)."""
-    return parse_ext_config(load_config_file(path), source=os.fspath(path))
+    """Load and validate a config file: a DeepSpeed config, or a megatron config (a top-level ``"megatron"``
+    section) by the megatron rules. The ``ds-ext`` launcher runs this before any worker starts."""
+    config, source = load_config_file(path), os.fspath(path)
+    if megatron_rules.is_megatron_config(config):
+        return parse_megatron_config(config, source)
+    return parse_ext_config(config, source)

@@ -1,4 +1,10 @@
-"""Base model of every ``ds_ext`` config section (feature packages import it without importing the whole block)."""
+"""The lowest layer of the config: the base model of every ``ds_ext`` section and the error every bad config raises.
+
+Feature packages import this module (not the aggregate :mod:`ds_ext.config`) for their section's base class and for
+:class:`DsExtConfigError`, so a feature never depends on the whole block.
+"""
+from typing import List
+
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import ConfigDict
 
@@ -8,3 +14,14 @@ class ExtSection(DeepSpeedConfigModel):
     is not silently read as a number."""
 
     model_config = ConfigDict(**{**DeepSpeedConfigModel.model_config, "strict": True})
+
+
+class DsExtConfigError(ValueError):
+    """A bad config: ``problems`` lists one ``(json_path, message)`` per problem; ``source`` names the file."""
+
+    def __init__(self, problems: List[tuple], source: str = "config"):
+        self.problems = list(problems)
+        self.source = source
+        lines = [f"invalid ds_ext config ({source}):"]
+        lines += [f"  {path}: {msg}" for path, msg in self.problems]
+        super().__init__("\n".join(lines))

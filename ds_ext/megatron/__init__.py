@@ -12,6 +12,11 @@ No fork of megatron-core and no patch at import time; each feature attaches thro
 * Recovery journal: :func:`journal_for` journals the distributed optimizer's shards per step (``journal.py``).
 * CPU: :func:`cpu_shims` lets megatron's DDP, optimizer and RoPE run without CUDA, inside a ``with`` block only.
 
+The block is parsed by :func:`parse_ds_ext` with the DeepSpeed path's models and the megatron rules of
+:mod:`ds_ext.config.megatron`: the distributed optimizer counts as ZeRO-1, and what this path does not implement
+(checkpoint-free recovery, the AsyncFlow sample ledger, ``topology.pipeline_stages > 1``) is refused with an error
+naming the key, not ignored.
+
 Import the submodules directly if you need only one; this file imports megatron-core.
 """
 from ds_ext.megatron.attention import GroupedMask, PrefixGroupedCoreAttention, grouped_forward

@@ -1,31 +1,33 @@
 """The ``"ds_ext"`` block for megatron-core users, the layer spec with ds_ext's core attention, a tiny GPT.
 
 The block is the same one DeepSpeed users put in their JSON (:mod:`ds_ext.config`): :func:`parse_ds_ext` checks
-it with the same pydantic models. megatron's distributed optimizer shards optimizer state and fp32 main params
-over the data-parallel ranks like ZeRO-1, so the block's cross-feature rules are checked as for ZeRO stage 1.
+it with the same pydantic models and the megatron rules of :mod:`ds_ext.config.megatron` (the distributed optimizer
+stands for ZeRO stage 1; keys this path does not implement are refused, not ignored). ``python -m ds_ext.config
+check`` applies the same rules without importing megatron-core.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from ds_ext.config import DsExtConfig, parse_ext_config
+from ds_ext.config import DsExtConfig, load_config_file, parse_megatron_config
+from ds_ext.config.megatron import MEGATRON_KEY
 from ds_ext.megatron.attention import PrefixGroupedCoreAttention
 
 
 def parse_ds_ext(config: Union[Dict[str, Any], str, os.PathLike], source: Optional[str] = None) -> DsExtConfig:
-    """``config``: a dict holding a ``"ds_ext"`` key, or the path of a JSON file with one; raises
-    :class:`ds_ext.config.DsExtConfigError` naming every problem."""
+    """``config``: the path of a megatron config file, or its dict (``{"megatron": {...}, "ds_ext": {...}}``; the
+    ``"megatron"`` section may be left out of a dict). Raises :class:`ds_ext.config.DsExtConfigError` naming every
+    problem (JSON path, value, what is allowed), including every key the megatron path does not implement."""
     if not isinstance(config, dict):
         source = source or os.fspath(config)
-        with open(config, encoding="utf-8") as f:
-            config = json.load(f)
-    block = config.get("ds_ext", {}) if isinstance(config, dict) else config
-    return parse_ext_config({"zero_optimization": {"stage": 1}, "ds_ext": block}, source=source or "config")
+        config = load_config_file(config)
+    if isinstance(config, dict):
+        config = {MEGATRON_KEY: {}, **config}
+    return parse_megatron_config(config, source=source or "config")
 
 
 def layer_spec(ext: Optional[DsExtConfig] = None, **local_spec_kwargs):
