@@ -11,6 +11,8 @@ from dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow
+
 
 def run_example(tmp_path, staleness: int, procs: int, steps: int = 4) -> dict:
     config = json.loads((ROOT / "configs" / "grpo_async.json").read_text())

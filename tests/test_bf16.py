@@ -32,7 +32,7 @@ BF16_RTOL = 5e-2
 # anchor + (mean - anchor) differs from mean by a few fp32 ulps of the largest weight (< 4 here; ulp(4) = 4.8e-7).
 ULP_ATOL = 2e-6
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def rel_err(a, b) -> float:
