@@ -31,3 +31,14 @@ def remove_deepspeed_shm_buffers():
     yield
     for leftover in (set(shm.glob(SHM_BUFFERS)) - before) if shm.is_dir() else ():
         leftover.unlink(missing_ok=True)
+
+
+# A fast-tier test that takes longer than this has hung or lost its way (they take < 30 s each on 2 busy cores);
+# slow tests keep pytest.ini's global limit, and any test may set its own with @pytest.mark.timeout.
+FAST_TIMEOUT_S = 120
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))

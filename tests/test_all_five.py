@@ -5,9 +5,16 @@ elastic relaunches, the trainers resume from their journals, and the run complet
 trained exactly once (from the journaled sample ledgers) and a reward above where it started."""
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from dist import free_port
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PROMPTS = 20, 16
@@ -22,7 +29,7 @@ def test_all_five_survive_a_rollout_kill_and_a_trainer_kill(tmp_path):
     rollout_step = rng.randrange(3, 9)  # round 0: once trainer rank 0 has journaled this step
     trainer, trainer_step = rng.randrange(4), rng.randrange(rollout_step + 2, STEPS - 2)  # round 1: mid-step
     ledgers = tmp_path / "ledger"
-    cmd = [sys.executable, "-m", "ds_ext.launch", "--max_restarts", "2", "--num_procs", "5",
+    cmd = [sys.executable, "-m", "ds_ext.launch", "--max_restarts", "2", "--num_procs", "5", "--master_port", str(free_port()),
            "--config", str(tmp_path / "all.json"), str(ROOT / "examples" / "grpo.py"), "--steps", str(STEPS),
            "--sft_cache", str(tmp_path / "sft.pt"), "--plot", str(tmp_path / "reward.png"),
            "--ledger_out", str(ledgers), "--kill_step", f"4:{rollout_step}:0",
@@ -30,12 +37,16 @@ def test_all_five_survive_a_rollout_kill_and_a_trainer_kill(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    assert log.count("exitcode: -9") == 2, "both kills must have happened (one per launch round)"
     summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert summary["start_step"] >= trainer_step and summary["steps"] == STEPS  # resumed from the journal
     resumed = [int(line.split("resumed at step ")[1].split()[0]) for line in log.splitlines()
                if "ds_ext::recovery rank" in line and "resumed at step" in line]
     assert len(resumed) == 2 * 4, "each relaunch resumes all 4 trainer ranks from their journals"
+    # Two relaunches (above) mean two failed rounds; each must have been one of the SIGKILLs. How often torch
+    # elastic repeats a failure's exit code (log line, error table) varies across torch versions, so the test
+    # checks that every exit code it reported is -9, not how many times it said so.
+    codes = set(re.findall(r"exitcode\W{0,3}(-?\d+)", log))
+    assert codes == {"-9"}, f"the failed rounds must be the two SIGKILLs, torch elastic reported exit codes {codes}"
 
     trained, rewards = [], {}
     for rank in range(4):

@@ -87,6 +87,7 @@ def _ds_body(norm):
     return {n: p.grad.clone() for n, p in engine.module.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["grpo", "dapo", "dr_grpo"])
 def test_global_normalisation_under_accumulation_and_data_parallel_matches_the_reference(norm):
     expected = reference_grads(norm)

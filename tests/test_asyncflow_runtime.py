@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from dist import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
 
 
 def run_example(tmp_path, staleness: int, procs: int, steps: int = 4) -> dict:
@@ -18,7 +22,7 @@ def run_example(tmp_path, staleness: int, procs: int, steps: int = 4) -> dict:
                                          max_new_tokens=4)
     path = tmp_path / f"grpo_{staleness}.json"
     path.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--config", str(path),
+    cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--master_port", str(free_port()), "--config", str(path),
            str(ROOT / "examples" / "grpo.py"), "--steps", str(steps), "--sft_steps", "3", "--hidden", "32",
            "--layers", "1", "--sft_cache", str(tmp_path / "sft.pt"), "--plot", str(tmp_path / "reward.png")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)

@@ -148,6 +148,7 @@ def test_plain_data_parallel_rank_is_rebuilt_bit_for_bit_from_its_peer():
     assert rebuilt["metrics"]["peer"] == 1 and survivor["metrics"]["peer"] == 0
 
 
+@pytest.mark.slow
 def test_noloco_replica_shard_is_copied_from_the_other_replica_bit_for_bit():
     """2 NoLoCo replicas x 2 ZeRO-1 shards (4 processes): rank 3 (replica 1, shard 1) is wiped after step 3 and
     gets shard 1 of replica 0 (rank 1): fp32 partition and moments bit-identical; its ZeRO partner (rank 2) then
@@ -201,6 +202,7 @@ def _pipeline_body(events, steps, interval=2):
     return out
 
 
+@pytest.mark.slow
 def test_middle_stage_is_rebuilt_from_its_neighbours_and_the_loss_recovers():
     """Stage 2 of 4 loses everything after step 14: its layers become the gradient-norm-weighted average of stages 1
     and 3 (exactly the rule, with the norms those stages measured at step 14), its Adam moments start from zero, its
@@ -228,6 +230,7 @@ def test_middle_stage_is_rebuilt_from_its_neighbours_and_the_loss_recovers():
     assert sum(losses[-4:]) / 4 < before, losses
 
 
+@pytest.mark.slow
 def test_end_stages_are_rebuilt_from_their_partner_and_its_replica_of_the_embedding():
     """CheckFree+ rule for the ends: stage 0 fails after step 5 (replicas every 2 steps: the embedding replica is
     from step 4) and gets stage 1's layers plus that replica; the last stage fails after step 7 likewise."""
@@ -287,6 +290,7 @@ def _journaled_body(layout, journal_dir, steps, kill=None):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,victim,kind", [("noloco", 1, "peer"), ("pipeline", 2, "neighbours")])
 def test_kill_9_with_its_journal_deleted_is_rebuilt_from_live_ranks_at_relaunch(layout, victim, kind, tmp_path):
     """The victim is killed at step 6 and its journal directory deleted (the node's disk is gone). The relaunch

@@ -107,6 +107,7 @@ def test_shipped_configs_are_valid(repo_root):
         assert "ds_ext" in json.loads(f.read_text()), f"{f.name} should show where the ds_ext block goes"
 
 
+@pytest.mark.slow
 def test_check_cli_exit_codes(tmp_path, repo_root):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"ds_ext": {"topology": {"ranks_per_replica": "two"}}}))

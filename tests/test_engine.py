@@ -270,6 +270,7 @@ def _replica_body():
             "weights": weights(engine)}
 
 
+@pytest.mark.slow
 def test_zero_shards_inside_a_replica():
     """4 ranks as 2 replicas x 2 ZeRO-2 ranks, each rank its own data and no cross-replica sync: ZeRO's group is
     the replica (shard = half the model), replicas agree internally and diverge from each other."""
@@ -307,6 +308,7 @@ def _pipeline_body():
     return losses
 
 
+@pytest.mark.slow
 def test_pipeline_engine_matches_stock_pipeline():
     for r in run_distributed(_pipeline_body, world_size=2):
         assert r["stock_cls"] == "PipelineEngine" and r["ds_ext_cls"] == "DsExtPipelineEngine"

@@ -145,6 +145,7 @@ def _prefix_grouper_body():
             "control": rel_err(wrong, logits.detach() * real)}
 
 
+@pytest.mark.slow
 def test_gpt_model_prefix_grouped_matches_ungrouped():
     """A tiny GPTModel whose spec uses the prefix-grouped core attention: the packed forward's logits at every prompt
     and response position, and every parameter gradient of a weighted log-prob loss, equal the ungrouped model's
@@ -311,6 +312,7 @@ def _noloco_body():
     return out
 
 
+@pytest.mark.slow
 def test_noloco_two_replicas_megatron_ddp_no_cross_replica_collective():
     """2 processes = 2 replicas of megatron DDP + distributed optimizer (Adam, clipping). The replicas start from
     replica 0's weights, train on different data, and after the outer step (outer_lr 1, momentum 0) hold the exact

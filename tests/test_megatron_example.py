@@ -57,6 +57,7 @@ def noloco_run():
                      "--steps", "40")
 
 
+@pytest.mark.slow
 def test_example_two_processes_noloco_streambp_loss_falls(noloco_run):
     summary = noloco_run
     assert summary["world"] == 2 and summary["features"]["noloco"] and summary["features"]["streambp"]
@@ -65,6 +66,7 @@ def test_example_two_processes_noloco_streambp_loss_falls(noloco_run):
     assert summary["last_loss"] < 0.8 * summary["first_loss"], summary
 
 
+@pytest.mark.slow
 def test_example_one_process_prefix_grouped_loss_falls(repo_root):
     summary = _run(repo_root, ["examples/megatron_train.py", "--config", "configs/megatron_grouped.json",
                                "--steps", "30"])
@@ -72,6 +74,7 @@ def test_example_one_process_prefix_grouped_loss_falls(repo_root):
     assert summary["last_loss"] < 0.8 * summary["first_loss"], summary
 
 
+@pytest.mark.slow
 def test_example_killed_rank_resumes_from_the_journal(repo_root, tmp_path, noloco_run):
     """Rank 1 is killed (SIGKILL) before step 25; torch elastic relaunches both ranks, which resume from the
     journal and finish: the last 5 losses equal the uninterrupted run's exactly (same model, data and features)."""

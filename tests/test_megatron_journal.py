@@ -12,6 +12,8 @@ pytest.importorskip("megatron.core")
 from dist import run_distributed  # noqa: E402
 from test_megatron import _flat, _init_megatron  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 STEPS, KILL_RANK, KILL_STEP = 10, 1, 7
 
 

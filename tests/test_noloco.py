@@ -144,6 +144,7 @@ def _noloco_run_body(stage: int):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_two_replicas_of_two_zero_shards(stage):
     """4 processes = 2 replicas x 2 ZeRO shards. With outer_lr 1 and momentum 0, the weights after an outer step are
@@ -186,6 +187,7 @@ def _dead_partner_body(out_dir: str):
             "steps": engine.global_steps}
 
 
+@pytest.mark.slow
 def test_dead_partner_is_skipped_without_hanging(tmp_path):
     """2 replicas x 1 rank; rank 1 is killed (SIGKILL) before the first outer step. The survivor times out or sees
     the broken link, skips the mixing, counts it and finishes its steps; the whole test is bounded."""
@@ -232,6 +234,7 @@ def _pipeline_body():
     return out
 
 
+@pytest.mark.slow
 def test_each_replica_a_pipeline_pairs_within_each_stage():
     """4 processes = 2 replicas x 2 pipeline stages (ZeRO-1): stage s of replica 0 mixes with stage s of replica 1."""
     r = run_distributed(_pipeline_body, world_size=4, timeout=500)
@@ -266,6 +269,7 @@ def _slow_partner_body():
     return {"skipped": m["skipped"], "mixed": m["mixed"], "outer_step": m["outer_step"]}
 
 
+@pytest.mark.slow
 def test_slow_partner_is_skipped_and_the_pair_recovers():
     """Rank 1 arrives 6 s late (timeout 2 s). Rank 0 skips the mixings it cannot wait for, losing at most the
     timeout each time, so rank 1 catches up and later rounds mix again; rank 1 finds rank 0's messages already

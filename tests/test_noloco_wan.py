@@ -23,6 +23,7 @@ def root_state():
     return sorted(line.split(":")[1].strip() for line in links.splitlines()), qdiscs, wan_hosts.leftovers()
 
 
+@pytest.mark.slow
 def test_smallest_layout_runs_and_leaves_nothing_behind(tmp_path):
     before = root_state()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "noloco_wan.py"), "--layouts", "2x2",

@@ -11,6 +11,8 @@ import torch
 
 from dist import run_distributed
 
+pytestmark = pytest.mark.slow
+
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
 
 

@@ -289,6 +289,7 @@ def _pipeline_body():
     return out
 
 
+@pytest.mark.slow
 def test_streambp_in_a_two_stage_pipeline_matches_stock():
     """2-stage PipelineModule under the ds_ext engine (2 processes): each stage streams its own decoder layers, the
     last stage chunks the head; loss and per-stage updates equal the stock PipelineEngine's."""

@@ -63,6 +63,7 @@ def _groups_body():
             "dp_ranks": mpu.get_data_parallel_group_ranks(), "mp_world": mpu.get_model_parallel_world_size()}
 
 
+@pytest.mark.slow
 def test_mpu_groups_on_four_processes():
     r = run_distributed(_groups_body, world_size=4)
     assert [x["dp_sum"] for x in r] == [3, 3, 7, 7]        # {1,2} and {3,4}: within each replica only
