@@ -7,8 +7,10 @@ Each host ``i`` is a namespace ``<tag>h<i>`` with one interface ``ifname`` (addr
 link-local, so nothing is ever routed off the machine) whose veth peer sits on a bridge in the switch namespace
 ``<tag>sw``. A host has its own hostname (``hostname(i)``, set in a fresh UTS namespace by :meth:`exec_prefix`) and
 its own hosts file naming every host (``/etc/netns/<ns>/hosts``, which ``ip netns exec`` bind-mounts over
-``/etc/hosts``). ``second_address=True`` gives each host a second address, ``169.254.77.<i+101>``, that its hostname
-does not resolve to (the fast network on a second NIC of a cluster node). ``pin=True`` runs host ``i``'s commands
+``/etc/hosts``). ``second_address=True`` gives each host a second NIC (``ifname`` with its digit 1: ``eth1``, on a
+second bridge) with address ``169.254.78.<i+1>/24``, which its hostname does not resolve to (a cluster node's fast
+network). A second NIC rather than a second address on the first: Open MPI's TCP transport knows one address per
+interface and drops connections from the other. ``pin=True`` runs host ``i``'s commands
 on core ``i mod cores`` (emulated hosts share the machine's cores; pinned, each host's processes see one core).
 :meth:`write_ssh` writes an ``ssh`` stand-in that runs a command on a host's namespace, for launchers that ssh
 (Open MPI's ``plm_rsh_agent``, DeepSpeed's runner).
@@ -32,6 +34,7 @@ import subprocess
 from typing import List, Optional
 
 SUBNET = "169.254.77"
+SUBNET2 = "169.254.78"  # the second NICs' network
 NETNS_ETC = "/etc/netns"
 LOGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -63,14 +66,18 @@ def _run(*cmd: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
 
 
-def _kill_and_delete(ns: str) -> None:
-    """SIGKILL every process in ``ns``, delete it and its /etc/netns entry."""
+def _kill_all(ns: str) -> None:
     pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
     for pid in pids:
         try:
             os.kill(int(pid), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
+
+
+def _kill_and_delete(ns: str) -> None:
+    """SIGKILL every process in ``ns``, delete it and its /etc/netns entry."""
+    _kill_all(ns)
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     shutil.rmtree(os.path.join(NETNS_ETC, ns), ignore_errors=True)
 
@@ -80,6 +87,7 @@ class EmulatedHosts:
                  ifname: str = "wan0", second_address: bool = False, pin: bool = False):
         self.hosts, self.rate_mbit, self.ifname = hosts, rate_mbit, ifname
         self.second, self.pin = second_address, pin
+        self.ifname2 = ifname.rstrip("0123456789") + "1"
         self.tag = tag or f"dsx{os.getpid()}"
         self.switch = f"{self.tag}sw"
         self.made: List[str] = []
@@ -97,7 +105,7 @@ class EmulatedHosts:
 
     def second_address(self, host: int) -> str:
         assert self.second, "EmulatedHosts(second_address=True) adds the second addresses"
-        return f"{SUBNET}.{host + 101}"
+        return f"{SUBNET2}.{host + 1}"
 
     def cpus(self, host: int) -> str:
         return str(host % (os.cpu_count() or 1))
@@ -125,7 +133,16 @@ class EmulatedHosts:
         self.remove()
 
     def _on_term(self, signum, frame):
-        raise SystemExit(128 + signum)  # unwinds through __exit__, which removes everything
+        """Remove everything now, then let SIGTERM do what it did before (by default: end the process). Removing
+        here, not by unwinding, because a caller may catch the unwinding exception (pytest fails one test and goes
+        on)."""
+        old = self._old_term
+        self.remove()
+        if callable(old):
+            old(signum, frame)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def _add_ns(self, name: str) -> None:
         _run("ip", "netns", "add", name)
@@ -134,8 +151,9 @@ class EmulatedHosts:
 
     def _build(self) -> None:
         self._add_ns(self.switch)
-        _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", self.switch, "link", "set", "br0", "up")
+        for bridge in ("br0", "br1") if self.second else ("br0",):
+            _run("ip", "-n", self.switch, "link", "add", bridge, "type", "bridge")
+            _run("ip", "-n", self.switch, "link", "set", bridge, "up")
         if not os.path.isdir(NETNS_ETC):
             os.makedirs(NETNS_ETC)
             self._made_etc = True
@@ -150,12 +168,19 @@ class EmulatedHosts:
             _run("ip", "-n", self.switch, "link", "set", port, "master", "br0")
             _run("ip", "-n", self.switch, "link", "set", port, "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.address(h)}/24", "dev", self.ifname)
-            if self.second:
-                _run("ip", "-n", ns, "addr", "add", f"{self.second_address(h)}/24", "dev", self.ifname)
             _run("ip", "-n", ns, "link", "set", self.ifname, "up")
+            if self.second:
+                self._add_nic(ns, self.ifname2, f"t{h}", "br1", self.second_address(h))
             if self.rate_mbit:
                 self._shape(ns, self.ifname)
                 self._shape(self.switch, port)
+
+    def _add_nic(self, ns: str, dev: str, port: str, bridge: str, address: str) -> None:
+        _run("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port, "netns", self.switch)
+        _run("ip", "-n", self.switch, "link", "set", port, "master", bridge)
+        _run("ip", "-n", self.switch, "link", "set", port, "up")
+        _run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+        _run("ip", "-n", ns, "link", "set", dev, "up")
 
     def _shape(self, ns: str, dev: str) -> None:
         rate_bytes = self.rate_mbit * 1e6 / 8
@@ -186,6 +211,11 @@ class EmulatedHosts:
             f.write(script)
         os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         return path
+
+    def kill_processes(self) -> None:
+        """SIGKILL every process running on the hosts (a launcher's workers may sit in their own sessions)."""
+        for ns in self.made:
+            _kill_all(ns)
 
     def remove(self) -> None:
         """Kill what still runs in the namespaces this object made, delete them (their veths and qdiscs go with

@@ -24,8 +24,8 @@ they stay the same across restarts.
 
 Threads: ``OMP_NUM_THREADS`` (unless set) is this node's cores (its CPU affinity: a container's or cgroup's share,
 not the machine's) divided by its local processes. It is set only where this process starts the workers itself
-(local runs, ``--no_ssh``); through a hostfile the workers start on other nodes, where ``examples/train.py`` (and
-DeepSpeed's per-node launcher) take their own node's cores.
+(local runs, ``--no_ssh``); through a hostfile the workers start on other nodes, where ``examples/train.py``
+(``ds_ext.models.threads_per_process``) takes its own node's cores.
 """
 from __future__ import annotations
 

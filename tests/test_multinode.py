@@ -70,19 +70,15 @@ def start(net, host, argv, log_path, env=None):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def finish(procs, logs, timeout):
-    """Wait for every process; past ``timeout`` kill their process groups. Returns (return codes, outputs)."""
+def finish(net, procs, logs, timeout):
+    """Wait for every process; past ``timeout`` kill everything on the hosts. Returns (return codes, outputs)."""
     deadline = time.monotonic() + timeout
     codes = []
     for proc in procs:
         try:
             codes.append(proc.wait(timeout=max(1, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            for p in procs:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            net.kill_processes()
             codes.append(None)
     return codes, [Path(p).read_text() for p in logs]
 
@@ -102,7 +98,7 @@ def elastic(net, tmp, name, config, master, port, steps, extra=()):
                 "--config", str(config), WORKER, "--dump_dir", str(dump), "--max_steps", str(steps)] + QUICK
         procs.append(start(net, host, argv + list(extra), log))
         logs.append(log)
-    codes, outs = finish(procs, logs, timeout=300)
+    codes, outs = finish(net, procs, logs, timeout=300)
     assert codes == [0, 0], "\n\n".join(o[-4000:] for o in outs)
     return [torch.load(dump / f"rank{r}.pt") for r in (0, 1)], outs
 
@@ -113,7 +109,7 @@ def noloco_journal_config(tmp, journal) -> Path:
     for monitor in ("csv_monitor", "tensorboard"):
         cfg.pop(monitor, None)
     cfg["ds_ext"]["noloco"]["inner_steps"] = 3
-    cfg["ds_ext"]["recovery"] = {"journal_dir": str(journal), "base_interval": 4, "keep_bases": 2}
+    cfg["ds_ext"]["recovery"] = {"journal_dir": str(journal), "base_interval": 4, "keep_bases": 4}
     path = tmp / f"noloco_{journal.name}.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -200,10 +196,12 @@ def test_emulated_hosts_have_their_names_and_leave_nothing_behind(tmp_path):
         ssh = n.write_ssh(str(tmp_path))
         across = subprocess.run(n.exec_prefix(0) + [ssh, "host1", "hostname; hostname -I"], capture_output=True,
                                 text=True, check=True).stdout.split()
-        assert across == ["host1", "169.254.77.2", "169.254.77.102"]
+        assert across == ["host1", "169.254.77.2", "169.254.78.2"]
         # a process still running inside a host must not keep its namespace (and veth) alive
         subprocess.Popen(n.exec_prefix(1) + ["sleep", "600"], start_new_session=True)
         assert len(wan_hosts.leftovers(n.tag)) == 5  # 2 hosts + switch, 2 /etc/netns entries
+        assert subprocess.run(n.exec_prefix(1) + ["ip", "-o", "addr", "show", "eth1"], capture_output=True,
+                              text=True).stdout.count("169.254.78.2/24") == 1  # the second NIC
     assert root_state() == before
     with pytest.raises(RuntimeError, match="boom"):
         with wan_hosts.EmulatedHosts(2, tag=f"{TAG}{os.getpid()}y"):
@@ -238,11 +236,15 @@ def test_sigterm_and_sigkill_of_the_owner_leave_nothing_behind():
 @needs_hosts
 @pytest.mark.slow
 def test_elastic_per_node_noloco_journal_kill_9_on_host_1_resumes_bit_identical(net, tmp_path):
-    steps, kill_step = 10, 7
+    """Rank 1 (host 1) SIGKILLs itself in step 7. Its agent relaunches it; host 0's agent sees the new rendezvous
+    round and restarts rank 0, which had trained on alone (NoLoCo skips a dead partner's mix; paced from step 7 so
+    the restart finds it still training). Both resume from the journal at the agreed step 6 (rank 0 drops its solo
+    steps) and end with the reference's weights."""
+    steps, kill_step = 12, 7
     reference, _ = elastic(net, tmp_path, "ref", noloco_journal_config(tmp_path, tmp_path / "j_ref"), "host0",
                            29611, steps)
     failed, outs = elastic(net, tmp_path, "kill", noloco_journal_config(tmp_path, tmp_path / "j_kill"), "host0",
-                           29612, steps, extra=["--fault_inject", f"1:{kill_step}"])
+                           29612, steps, extra=["--fault_inject", f"1:{kill_step}", "--pace_from", f"{kill_step}:2"])
     assert [d["host"] for d in failed] == ["host0", "host1"]  # rank 1, the victim, ran on host 1
     assert [d["threads"] for d in failed] == [1, 1]  # each node: its 1 core / 1 process
     assert [d["round"] for d in reference] == [0, 0] and [d["round"] for d in failed] == [1, 1], outs[1][-3000:]
@@ -275,7 +277,7 @@ def test_unreachable_master_fails_within_2_minutes_naming_address_and_port(net, 
                           "--num_procs", "1", "--master_addr", nobody, "--master_port", "29614", "--max_restarts",
                           "1", "--config", "configs/baseline.json", TRAIN, "--max_steps", "3"] + QUICK,
                  tmp_path / "unreachable.log")
-    (code,), (out,) = finish([proc], [tmp_path / "unreachable.log"], timeout=150)
+    (code,), (out,) = finish(net, [proc], [tmp_path / "unreachable.log"], timeout=150)
     took = time.monotonic() - t0
     assert code not in (0, None), out[-3000:]
     assert took < 120, f"took {took:.0f} s"
@@ -291,7 +293,7 @@ def test_mpirun_across_hosts_through_an_rsh_agent(net, tmp_path):
     env = host_env(MPI_ARGS=f"-H host0,host1 --mca plm_rsh_agent {ssh}")
     proc = start(net, 0, ["launcher/mpirun.sh", "2", "configs/baseline.json", "--max_steps", "3"] + QUICK,
                  tmp_path / "mpirun.log", env=env)
-    (code,), (out,) = finish([proc], [tmp_path / "mpirun.log"], timeout=300)
+    (code,), (out,) = finish(net, [proc], [tmp_path / "mpirun.log"], timeout=300)
     assert code == 0, out[-4000:]
     s = summary(out)
     assert s["steps"] == 3 and s["world_size"] == 2
@@ -312,7 +314,7 @@ def test_deepspeed_runner_openmpi_across_hosts(net, tmp_path):
     env["PATH"] = f"{tmp_path}:{env['PATH']}"
     proc = start(net, 0, ["launcher/multinode.sh", str(hostfile), "host0", "configs/baseline.json", "--max_steps",
                           "3"] + QUICK, tmp_path / "runner.log", env=env)
-    (code,), (out,) = finish([proc], [tmp_path / "runner.log"], timeout=300)
+    (code,), (out,) = finish(net, [proc], [tmp_path / "runner.log"], timeout=300)
     assert code == 0, out[-4000:]
     s = summary(out)
     assert s["steps"] == 3 and s["world_size"] == 2
