@@ -7,19 +7,36 @@
 2. ``--deepspeed_config <abs path>`` is appended to the script's arguments.
 3. Then, by what was asked:
    * ``--max_restarts K`` (K > 0): torch.distributed.elastic (``torch.distributed.run``) starts the local workers
-     and restarts the whole local group up to K times when one fails; per node with ``--no_ssh --node_rank``.
+     and restarts the whole local group up to K times when one fails; per node with ``--no_ssh --node_rank R
+     --num_nodes N --master_addr ADDR`` (one ``ds-ext`` on every node, see "Several nodes" below).
    * otherwise DeepSpeed's own runner (``deepspeed.launcher.runner.main``): local processes, or multi-node through
      a hostfile and ``--launcher pdsh|openmpi|mpich|slurm|...``.
    On a machine without GPUs the local default is 2 processes (``--num_gpus``/``--num_procs``).
+
+Several nodes, elastic (``--no_ssh``): the c10d rendezvous store lives at ``--master_addr:--master_port``. Node 0
+hosts it, told so explicitly (``is_host``): torch's own guess compares the address with what this machine's
+hostname resolves to, and misses an address of a second NIC, so node 0 would not start the store and every node
+would time out. Node 0 also gives ``--master_addr`` as its own address (``--local_addr``), so the workers' process
+group store, when node 0 holds rendezvous rank 0, is published under the address every node already reaches. A
+node that cannot reach (or node 0 that cannot open) the store gives up after ``RDZV_CONNECT_TIMEOUT_S`` and exits 1
+naming address and port. Global ranks follow torch's rendezvous order (sorted node addresses), not ``--node_rank``;
+they stay the same across restarts.
+
+Threads: ``OMP_NUM_THREADS`` (unless set) is this node's cores (its CPU affinity: a container's or cgroup's share,
+not the machine's) divided by its local processes. It is set only where this process starts the workers itself
+(local runs, ``--no_ssh``); through a hostfile the workers start on other nodes, where ``examples/train.py``
+(``ds_ext.models.threads_per_process``) takes its own node's cores.
 """
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import List, Optional, Tuple
 
 OWN_FLAGS = {"--config": "config", "--num_procs": "num_procs", "--max_restarts": "max_restarts"}
 CPU_DEFAULT_PROCS = 2
+RDZV_CONNECT_TIMEOUT_S = 60  # torch's default read_timeout, stated here so the error message can name it
 
 
 def _strip_own(tokens: List[str]) -> Tuple[dict, List[str]]:
@@ -64,29 +81,97 @@ def _local_world(ns, own: dict) -> Optional[int]:
     return None if torch.cuda.is_available() else CPU_DEFAULT_PROCS
 
 
+def local_cores() -> int:
+    """Cores this process may run on (its affinity mask: what a container, cgroup cpuset or ``taskset`` allows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _worker_env(nprocs: Optional[int]) -> None:
+    """Environment the workers inherit. ``nprocs``: workers started on this node by this process (``None``: they
+    start elsewhere, e.g. through a hostfile, and pick their own thread count there)."""
     # The interpreter's bin first on PATH and a JIT cache per environment: DeepSpeed's JIT ops rebuild (~55 s)
     # whenever the ninja that built the cached copy differs from the one on PATH.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if nprocs:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, local_cores() // nprocs)))
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _check_nodes(ns) -> Optional[str]:
+    """What is wrong with a ``--no_ssh`` multi-node launch (``None``: nothing)."""
+    if ns.num_nodes <= 1:
+        return None
+    if not ns.master_addr:
+        return (f"--no_ssh with --num_nodes {ns.num_nodes} needs --master_addr: an address of node 0 that every "
+                "node can reach (node 0 hosts the rendezvous there)")
+    if not 0 <= ns.node_rank < ns.num_nodes:
+        return f"--node_rank {ns.node_rank} is outside 0..{ns.num_nodes - 1} (--num_nodes {ns.num_nodes})"
+    return None
+
+
+def _is_local_address(addr: str) -> bool:
+    """Whether ``addr`` (a name or address) resolves to an address this machine can bind."""
+    try:
+        infos = socket.getaddrinfo(addr, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((sockaddr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
 def _elastic_argv(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> List[str]:
-    nnodes = max(ns.num_nodes, 1) if ns.no_ssh else 1
+    multi = ns.no_ssh and ns.num_nodes > 1
+    nnodes = ns.num_nodes if multi else 1
+    addr = ns.master_addr if multi else (ns.master_addr or "127.0.0.1")
+    host = not multi or ns.node_rank == 0
     # c10d rendezvous: each restart round gets fresh stores and ports (the static one can race a new round).
+    # is_host stated, not guessed from the hostname (which misses a second NIC's address; module docstring).
     argv = [f"--nnodes={nnodes}", f"--nproc_per_node={nprocs}", f"--max_restarts={max_restarts}",
-            "--rdzv_backend=c10d", f"--rdzv_endpoint={ns.master_addr or '127.0.0.1'}:{ns.master_port}",
-            f"--rdzv_id=ds_ext_{ns.master_port}"]
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={addr}:{ns.master_port}", f"--rdzv_id=ds_ext_{ns.master_port}",
+            f"--rdzv_conf=is_host={int(host)},read_timeout={RDZV_CONNECT_TIMEOUT_S}"]
+    if multi and host:
+        argv.append(f"--local_addr={addr}")
     if ns.module:
         argv.append("--module")
     if ns.no_python:
         argv.append("--no-python")
     return argv + [ns.user_script] + user_argv
+
+
+def _run_elastic(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> int:
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+    from torch.distributed.run import main as torchrun_main
+    argv = _elastic_argv(ns, nprocs, max_restarts, user_argv)
+    endpoint = next(a for a in argv if a.startswith("--rdzv_endpoint=")).split("=", 1)[1]
+    multi = ns.no_ssh and ns.num_nodes > 1
+    if multi and ns.node_rank == 0 and not _is_local_address(ns.master_addr):
+        print(f"ds-ext: warning: --master_addr {ns.master_addr} is not an address of this machine; node 0 hosts "
+              f"the rendezvous here anyway, so the other nodes must reach this machine at {endpoint}",
+              file=sys.stderr)
+    try:
+        torchrun_main(argv)
+    except RendezvousConnectionError as exc:
+        cause = exc.__cause__ or exc
+        if multi and ns.node_rank > 0:
+            print(f"ds-ext: node {ns.node_rank} could not reach the rendezvous store at {endpoint} within "
+                  f"{RDZV_CONNECT_TIMEOUT_S} s: is node 0 started with the same --master_addr/--master_port, and "
+                  f"is that address reachable from this node? ({cause})", file=sys.stderr)
+        else:
+            print(f"ds-ext: could not host the rendezvous store at {endpoint}: is the port free on this machine? "
+                  f"({cause})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _is_multi_node(ns) -> bool:
@@ -119,15 +204,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     user_argv = ns.user_args + ["--deepspeed_config", config]
     nprocs = _local_world(ns, own)
     max_restarts = int(own.get("max_restarts", 0))
-    _worker_env(nprocs)
+    runs_here = max_restarts > 0 or ns.no_ssh or not _is_multi_node(ns)
+    _worker_env(nprocs if runs_here else None)
     if max_restarts > 0:
         if _is_multi_node(ns) and not ns.no_ssh:
             print("ds-ext: --max_restarts across nodes runs one ds-ext per node: add --no_ssh --node_rank R "
                   "--num_nodes N --master_addr ADDR", file=sys.stderr)
             return 2
-        from torch.distributed.run import main as torchrun_main
-        torchrun_main(_elastic_argv(ns, nprocs or 1, max_restarts, user_argv))
-        return 0
+        problem = _check_nodes(ns) if ns.no_ssh else None
+        if problem:
+            print(f"ds-ext: {problem}", file=sys.stderr)
+            return 2
+        return _run_elastic(ns, nprocs or 1, max_restarts, user_argv)
     from deepspeed.launcher import runner
     cut = runner_argv.index(ns.user_script)
     prefix = runner_argv[:cut]

@@ -104,5 +104,7 @@ def sharded_batches(dataset: Dataset, batch_size: int, shard: Tuple[int, int], s
 
 def threads_per_process(local_world_size: Optional[int] = None) -> int:
     """Torch threads so that processes x threads <= cores (oversubscribed CPU runs are many times slower)."""
-    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    return max(1, (os.cpu_count() or 1) // max(1, local))
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get(
+        "LOCAL_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))))  # torch elastic / deepspeed / mpirun
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local))
