@@ -168,10 +168,6 @@ def test_megatron_config_refuses_deepspeed_keys(tmp_path):
 
 REQUIRED = object()  # a field without a default (the README writes "required")
 
-# Documented ahead of its model field: helper "contract" adds NoLoCoConfig.count_collectives on its own branch.
-# The lead deletes this entry once both branches are merged (the key is then compared like every other).
-DOCUMENTED_AHEAD_OF_MODEL = {"ds_ext.noloco.count_collectives"}
-
 
 def _section_of(annotation):
     """The ExtSection class ``annotation`` is, the item class of a ``List[ExtSection]``, or None; any other shape
@@ -229,7 +225,7 @@ def test_readme_config_table_matches_the_models(repo_root):
     documented = readme_config_rows((repo_root / "README.md").read_text(encoding="utf-8"))
     fields = model_keys()
     assert sorted(set(fields) - set(documented)) == [], "model fields missing from the README's config table"
-    assert sorted(set(documented) - set(fields) - DOCUMENTED_AHEAD_OF_MODEL) == [], \
+    assert sorted(set(documented) - set(fields)) == [], \
         "README config keys that no model has"
     wrong = {k: (documented[k], fields[k]) for k in set(documented) & set(fields) if not _same(documented[k], fields[k])}
     assert wrong == {}, "README default != model default (documented, model)"
