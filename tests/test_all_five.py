@@ -29,8 +29,9 @@ def test_all_five_survive_a_rollout_kill_and_a_trainer_kill(tmp_path):
     rollout_step = rng.randrange(3, 9)  # round 0: once trainer rank 0 has journaled this step
     trainer, trainer_step = rng.randrange(4), rng.randrange(rollout_step + 2, STEPS - 2)  # round 1: mid-step
     ledgers = tmp_path / "ledger"
-    cmd = [sys.executable, "-m", "ds_ext.launch", "--max_restarts", "2", "--num_procs", "5", "--master_port", str(free_port()),
-           "--config", str(tmp_path / "all.json"), str(ROOT / "examples" / "grpo.py"), "--steps", str(STEPS),
+    cmd = [sys.executable, "-m", "ds_ext.launch", "--max_restarts", "2", "--num_procs", "5",
+           "--master_port", str(free_port()), "--config", str(tmp_path / "all.json"),
+           str(ROOT / "examples" / "grpo.py"), "--steps", str(STEPS),
            "--sft_cache", str(tmp_path / "sft.pt"), "--plot", str(tmp_path / "reward.png"),
            "--ledger_out", str(ledgers), "--kill_step", f"4:{rollout_step}:0",
            "--kill_step", f"{trainer}:{trainer_step}:1"]

@@ -14,7 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_example(tmp_path, staleness: int, procs: int, steps: int = 4) -> dict:
+# Enough supervised warm start that the policy solves some prompts (~16 % of the samples here; 3 steps give 0 %), so
+# the reward check below can fail. Computed once per module: every run reads the same cached warm start.
+SFT_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def sft_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sft") / "sft.pt"
+
+
+def run_example(tmp_path, sft_cache, staleness: int, procs: int, steps: int = 4) -> dict:
     config = json.loads((ROOT / "configs" / "grpo_async.json").read_text())
     config.pop("csv_monitor")
     config["train_micro_batch_size_per_gpu"] = 4 * 4
@@ -22,9 +32,10 @@ def run_example(tmp_path, staleness: int, procs: int, steps: int = 4) -> dict:
                                          max_new_tokens=4)
     path = tmp_path / f"grpo_{staleness}.json"
     path.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--master_port", str(free_port()), "--config", str(path),
-           str(ROOT / "examples" / "grpo.py"), "--steps", str(steps), "--sft_steps", "3", "--hidden", "32",
-           "--layers", "1", "--sft_cache", str(tmp_path / "sft.pt"), "--plot", str(tmp_path / "reward.png")]
+    cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--master_port", str(free_port()),
+           "--config", str(path),
+           str(ROOT / "examples" / "grpo.py"), "--steps", str(steps), "--sft_steps", str(SFT_STEPS), "--hidden", "32",
+           "--layers", "1", "--sft_cache", str(sft_cache), "--plot", str(tmp_path / "reward.png")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "reward.png").exists()
@@ -32,15 +43,20 @@ def run_example(tmp_path, staleness: int, procs: int, steps: int = 4) -> dict:
 
 
 @pytest.mark.parametrize("staleness", [1, 2])
-def test_async_run_trains_within_the_staleness_bound(tmp_path, staleness):
-    out = run_example(tmp_path, staleness, procs=3, steps=5)
+def test_async_run_trains_within_the_staleness_bound(tmp_path, sft_cache, staleness):
+    out = run_example(tmp_path, sft_cache, staleness, procs=3, steps=5)
     assert out["mode"] == "async" and out["steps"] == 5
-    assert 0 <= out["max_observed_staleness"] <= staleness
+    # Asynchronous for real: some group was trained on weights at least one version newer than those that
+    # generated it (a silent fallback to sync would show 0). The upper bound is the queue's own guarantee.
+    assert 1 <= out["max_observed_staleness"] <= staleness, out["lag_histogram"]
     assert sum(out["lag_histogram"].values()) == 5 * 4  # every group of every step trained exactly once
-    assert 0.0 <= out["reward_last5"] <= 1.0
+    # Rewards reach the report from the task through the rollout workers: the warm-started policy is right on
+    # ~13 of the 80 samples here; none right by chance would have probability ~1e-6.
+    assert out["reward_last5"] > 0.0, out
 
 
-def test_sync_baseline_has_zero_lag(tmp_path):
-    out = run_example(tmp_path, 0, procs=2)
+def test_sync_baseline_has_zero_lag(tmp_path, sft_cache):
+    out = run_example(tmp_path, sft_cache, 0, procs=2)
     assert out["mode"] == "sync" and out["max_observed_staleness"] == 0
     assert out["lag_histogram"] == {"0": 16}  # JSON keys are strings
+    assert out["reward_last5"] > 0.0, out

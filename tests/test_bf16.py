@@ -8,7 +8,8 @@ inputs, the journal's loss-scaler and partition state with bf16 weights).
   partition as stock DeepSpeed's bf16 step does, within bf16 rounding;
 - NoLoCo (2 replicas, inner_steps 2, outer lr 1, momentum 0): after the outer step each replica's fp32 masters are
   the pair mean of both replicas' weights, and the bf16 model weights were refreshed from them;
-- the journal: a run killed with SIGKILL mid-step resumes bit-identical to a run that never failed.
+- the journal: a run killed with SIGKILL mid-step resumes bit-identical to a run that never failed (in the fast
+  tier; the others are marked slow).
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, nu
 BF16 = {"enabled": True}
 # Two bf16 computations of the same gradient that round differently (chunked vs whole-sequence attention and
 # loss, grouped vs repeated prefix): bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3), and the rounding
-# of activations compounds through 2 layers and the head; the measured relative error is ~1e-2 (below). A wrong
-# gradient (a chunk dropped, a mask off by one) is off by O(1).
+# of activations compounds through 2 layers and the head: measured 3.6e-3 to 7.5e-3 on DeepSpeed 0.19.8 / torch 2.13
+# CPU, so 5e-2 leaves room for other kernels. A wrong gradient (a chunk dropped, a mask off by one) is off by O(1).
 BF16_RTOL = 5e-2
 # anchor + (mean - anchor) differs from mean by a few fp32 ulps of the largest weight (< 4 here; ulp(4) = 4.8e-7).
 ULP_ATOL = 2e-6
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 def rel_err(a, b) -> float:
@@ -151,6 +152,7 @@ def zero_runs():
     return run_distributed(_zero_features_body, world_size=2, timeout=280)
 
 
+@pytest.mark.slow
 def test_bf16_baseline_zero1_weights_are_bf16_and_loss_falls(zero_runs):
     for r in zero_runs:
         b = r["baseline"]
@@ -159,6 +161,7 @@ def test_bf16_baseline_zero1_weights_are_bf16_and_loss_falls(zero_runs):
         assert b["losses"][-1] < b["losses"][0] - 0.5, b["losses"]
 
 
+@pytest.mark.slow
 def test_bf16_streambp_zero2_step_matches_stock_within_bf16_rounding(zero_runs):
     for r in zero_runs:
         s = r["streambp"]
@@ -167,6 +170,7 @@ def test_bf16_streambp_zero2_step_matches_stock_within_bf16_rounding(zero_runs):
         assert rel_err(s["streambp"], s["stock"]) <= BF16_RTOL, rel_err(s["streambp"], s["stock"])
 
 
+@pytest.mark.slow
 def test_bf16_prefix_grouper_zero2_step_matches_repeated_prefix_within_bf16_rounding(zero_runs):
     """bf16 inputs take the grouped attention's SDPA fallback (the fp32 tests take the flash op)."""
     for r in zero_runs:
@@ -202,6 +206,7 @@ def _noloco_body() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_bf16_noloco_outer_step_is_the_pair_mean_and_refreshes_bf16_weights():
     r = run_distributed(_noloco_body, world_size=2, timeout=280)
     before = [x[4] for x in r]
@@ -246,7 +251,9 @@ def _journal_body(journal_dir, steps: int, kill=None) -> dict:
     return out
 
 
+@pytest.mark.timeout(120)
 def test_bf16_journal_kill_9_resumes_bit_identical(tmp_path):
+    """In the fast tier (~25 s): the one end-to-end journal run there (kill -9 mid-step, relaunch, bit-identical)."""
     steps = 7
     kill_step, victim = random.Random(16).randint(3, steps - 1), random.Random(2).randrange(2)
     journal_dir = str(tmp_path / "journal")
