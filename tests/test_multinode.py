@@ -247,7 +247,7 @@ def test_elastic_per_node_noloco_journal_kill_9_on_host_1_resumes_bit_identical(
                            29612, steps, extra=["--fault_inject", f"1:{kill_step}", "--pace_from", f"{kill_step}:2"])
     assert [d["host"] for d in failed] == ["host0", "host1"]  # rank 1, the victim, ran on host 1
     assert [d["threads"] for d in failed] == [1, 1]  # each node: its 1 core / 1 process
-    assert [d["round"] for d in reference] == [0, 0] and [d["round"] for d in failed] == [1, 1], outs[1][-3000:]
+    assert [d["starts"] for d in reference] == [1, 1] and [d["starts"] for d in failed] == [2, 2], outs[1][-3000:]
     resumed = summary(outs[0])
     assert resumed["start_step"] == kill_step - 1 and resumed["recovery/resumed_step"] == kill_step - 1
     for rank in (0, 1):
