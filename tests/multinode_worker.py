@@ -1,13 +1,13 @@
 """``examples/train.py`` as it is, plus one file per rank at the end: ``--dump_dir D`` gets ``rank<R>.pt`` with the
-rank's final weights, host name, how often a worker started on that host and torch threads (``tests/test_multinode.py`` compares weights across
-runs).
+rank's final weights, host name, torch threads and how many workers started on that host (one file per start in D).
+``tests/test_multinode.py`` compares the weights across runs.
 
     ds-ext ... tests/multinode_worker.py --dump_dir D [--pace_from STEP:SECONDS] [examples/train.py flags]
 
-``--pace_from S:T``: in the first worker started on a host, every forward from step S on sleeps T seconds. NoLoCo lets a replica
-whose partner died train on alone (it skips the mix); paced, the survivor is still training when torch elastic
-restarts the group for the relaunched partner, as in any run longer than this test's few steps. Pacing changes no
-number.
+``--pace_from S:T``: in the first worker started on a host, every forward from step S on sleeps T seconds. NoLoCo
+lets a replica whose partner died train on alone (it skips the mix); paced, the survivor is still training when
+torch elastic restarts the group for the relaunched partner, as in any run longer than this test's few steps.
+Pacing changes no number.
 """
 import faulthandler
 import os
