@@ -172,8 +172,9 @@ def test_slurm_script_runs_the_documented_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = record.read_text().splitlines()
     assert lines[0].startswith("srun --kill-on-bad-exit=1 bash -c")
-    assert [line for line in lines if line.startswith("python ")] == [f"python examples/train.py --deepspeed_config configs/noloco.json --max_steps 5 | "
-                         f"{r} 4 {r % 2} 2 node-a 29500" for r in range(4)]
+    expected = [f"python examples/train.py --deepspeed_config configs/noloco.json --max_steps 5 | "
+                f"{r} 4 {r % 2} 2 node-a 29500" for r in range(4)]  # RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE MASTER
+    assert [line for line in lines if line.startswith("python ")] == expected
 
 
 def test_launcher_scripts_parse():
