@@ -42,7 +42,8 @@ def root_state():
     """What emulated hosts must not leave behind: root links and qdiscs, our namespaces and /etc/netns entries."""
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     qdiscs = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
-    return sorted(line.split(":")[1].strip() for line in links.splitlines()), qdiscs, wan_hosts.leftovers(TAG)
+    return (sorted(line.split(":")[1].strip() for line in links.splitlines()), qdiscs, wan_hosts.leftovers(TAG),
+            wan_hosts.netns_files(TAG))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_emulated_hosts_have_their_names_and_leave_nothing_behind(tmp_path):
         assert across == ["host1", "169.254.77.2", "169.254.78.2"]
         # a process still running inside a host must not keep its namespace (and veth) alive
         subprocess.Popen(n.exec_prefix(1) + ["sleep", "600"], start_new_session=True)
-        assert len(wan_hosts.leftovers(n.tag)) == 5  # 2 hosts + switch, 2 /etc/netns entries
+        assert len(wan_hosts.leftovers(n.tag)) == 3 and len(wan_hosts.netns_files(n.tag)) == 2  # + the switch
         assert subprocess.run(n.exec_prefix(1) + ["ip", "-o", "addr", "show", "eth1"], capture_output=True,
                               text=True).stdout.count("169.254.78.2/24") == 1  # the second NIC
     assert root_state() == before
@@ -222,13 +223,13 @@ def test_sigterm_and_sigkill_of_the_owner_leave_nothing_behind():
         child = subprocess.Popen([sys.executable, "-c", code % (str(ROOT / "benchmarks"), tag)],
                                  stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "up"
-        assert len(wan_hosts.leftovers(tag)) == 5
+        assert len(wan_hosts.leftovers(tag)) == 3 and len(wan_hosts.netns_files(tag)) == 2
         child.send_signal(sig)
         child.wait(timeout=30)
         if sig == signal.SIGKILL:  # no handler ran: the next session sweeps what a dead owner left
-            assert wan_hosts.leftovers(tag)
+            assert wan_hosts.leftovers(tag) and wan_hosts.netns_files(tag)
             wan_hosts.sweep_stale(TAG)
-        assert wan_hosts.leftovers(tag) == [] and root_state() == before, sig
+        assert wan_hosts.leftovers(tag) == wan_hosts.netns_files(tag) == [] and root_state() == before, sig
 
 
 # ------------------------------------------------------------------------------------------------ launch paths
