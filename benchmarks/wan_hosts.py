@@ -251,11 +251,16 @@ esac
 
 
 def leftovers(tag_prefix: str = "dsx") -> List[str]:
-    """Namespaces and /etc/netns entries whose name starts with ``tag_prefix`` (a test checks none are left)."""
+    """Namespaces whose name starts with ``tag_prefix`` (a test checks none are left; :func:`netns_files` for the
+    hosts files)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found = [line.split()[0] for line in out.splitlines() if line.startswith(tag_prefix)]
+    return [line.split()[0] for line in out.splitlines() if line.startswith(tag_prefix)]
+
+
+def netns_files(tag_prefix: str = "dsx") -> List[str]:
+    """/etc/netns entries whose name starts with ``tag_prefix``."""
     etc = sorted(os.listdir(NETNS_ETC)) if os.path.isdir(NETNS_ETC) else []
-    return found + [os.path.join(NETNS_ETC, e) for e in etc if e.startswith(tag_prefix)]
+    return [os.path.join(NETNS_ETC, e) for e in etc if e.startswith(tag_prefix)]
 
 
 def sweep_stale(tag_prefix: str) -> List[str]:

@@ -21,7 +21,11 @@ def _elastic_round_store(timeout: timedelta):
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
                           is_master=not agent_store and int(env["RANK"]) == 0, timeout=timeout,
                           multi_tenant=not agent_store)
-    return dist.PrefixStore(f"ds_ext/round_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+    # The agent store outlives rounds: key by round. Without it (ds-ext sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    # rank 0 hosts a fresh store each round; a fixed key then, as nodes' restart counts differ after a membership
+    # change (torch does not count those as restarts).
+    key = env["TORCHELASTIC_RESTART_COUNT"] if agent_store else "own"
+    return dist.PrefixStore(f"ds_ext/round_{key}", store)
 
 
 def init_distributed(dist_init_required=None, distributed_port=None) -> None:

@@ -159,6 +159,9 @@ def _run_elastic(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> in
         print(f"ds-ext: warning: --master_addr {ns.master_addr} is not an address of this machine; node 0 hosts "
               f"the rendezvous here anyway, so the other nodes must reach this machine at {endpoint}",
               file=sys.stderr)
+    # Each round's workers meet in a fresh store hosted by their rank 0 (torch's shared agent store outlives
+    # rounds, and nodes disagree on the restart count after a membership change: ds_ext.distributed).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun_main(argv)
     except RendezvousConnectionError as exc:
