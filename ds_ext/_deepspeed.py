@@ -223,7 +223,7 @@ def engine_config_dict(engine) -> Dict[str, Any]:
     return engine._config._param_dict
 
 
-def data_parallel_group(engine):
+def engine_data_parallel_group(engine):
     """The engine's data-parallel process group (``None`` before DeepSpeed set one)."""
     return getattr(engine, "data_parallel_group", None)
 

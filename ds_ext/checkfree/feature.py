@@ -92,7 +92,7 @@ class CheckFreeFeature(FeatureBase):
 
     def _reduce_grad_norm(self, engine) -> None:
         sq = torch.tensor([self._sq], dtype=torch.float64)
-        group = ds.data_parallel_group(engine)
+        group = ds.engine_data_parallel_group(engine)
         if self.topology.data_parallel_size > 1:
             dist.all_reduce(sq, group=group)
         self.grad_norm, self._sq = float(sq.sqrt()), 0.0

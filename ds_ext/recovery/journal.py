@@ -194,7 +194,15 @@ class JournalWriter:
             t = time.perf_counter()
             self._base_future.result()
             self.stats.wait_s += time.perf_counter() - t
-        self._base_future = self._bases.submit(self._write_base, step, state)
+        # done once the record thread has run everything queued before this base (it is one FIFO worker), so the
+        # pruning after the base sees every segment opened before it, however far the record thread lags behind
+        records_before = self._records.submit(lambda: None)
+        self._base_future = self._bases.submit(self._base_then_prune, step, state, records_before)
+
+    def _base_then_prune(self, step: int, state: Dict[str, Any], records_before: Future) -> None:
+        self._write_base(step, state)
+        records_before.result()
+        self._prune()
 
     def _write_base(self, step: int, state: Dict[str, Any]) -> None:
         t = time.perf_counter()
@@ -210,7 +218,6 @@ class JournalWriter:
         self.stats.bases += 1
         self.stats.base_bytes += sum(b.nbytes for b in buffers)
         self.stats.base_write_s += time.perf_counter() - t
-        self._prune()
 
     def _prune(self) -> None:
         """Drop bases older than the ``keep_bases`` newest and every segment holding only steps before them."""
