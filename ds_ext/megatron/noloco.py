@@ -118,12 +118,6 @@ class MegatronNoLoCo:
         """Optimizer steps done (the feature's counter)."""
         return self.feature.steps
 
-    @steps.setter
-    def steps(self, step: int) -> None:
-        # Temporary (#21): the megatron journal on main still assigns ``noloco.steps``; it calls restore_steps after
-        # the journal branch is merged, and this setter goes.
-        self.restore_steps(step)
-
     def restore_steps(self, step: int) -> None:
         """A resume restored the state after optimizer step ``step``: count on from there."""
         self.feature.restore_steps(step)
@@ -153,7 +147,7 @@ class MegatronNoLoCo:
 
     def journal_replay(self, payload: dict) -> None:
         """Re-apply one :meth:`journal_payload` on resume (the outer step from the recorded data)."""
-        self.steps = int(payload["steps"])
+        self.restore_steps(int(payload["steps"]))
         if payload["outer"] is not None:
             self.feature.journal_replay(payload["outer"])
 
