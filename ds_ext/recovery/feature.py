@@ -4,7 +4,7 @@
 The lifecycle (resume, record, base, replay) and the frame layout are :mod:`ds_ext.recovery.resume`'s, shared with
 megatron-core; this module wires it to the engine.
 
-Call order (per optimizer step, from :meth:`ds_ext.engine.DsExtEngineMixin._take_model_step`; recovery's phase is
+Call order (per optimizer step, from :meth:`ds_ext.engine.DsExtEngineMixin.ds_ext_after_model_step`; recovery's phase is
 ``JOURNAL``, the last, so it sees the step's final state): ZeRO step (the inner optimizer's pre-hook queues each
 group's fp32 partition gradient frame, so writing starts while the update runs) -> other features (NoLoCo's outer
 step, checkpoint-free recovery) -> :meth:`RecoveryFeature.after_optimizer_step` queues the step's commit frame and
