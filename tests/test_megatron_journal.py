@@ -83,12 +83,13 @@ def test_megatron_journal_kill_and_resume_is_bit_identical(tmp_path):
 
 def test_checkpoint_free_recovery_is_refused_on_megatron_with_what_to_do(tmp_path):
     """megatron-core runs resume from the journal alone: asking for checkpoint-free recovery there is an error that
-    names the setting, not a silently ignored flag."""
+    names the setting, not a silently ignored flag. ``parse_ds_ext`` already refuses it at config time
+    (tests/test_megatron_example.py); a config built without it is refused by the journal itself."""
     from ds_ext.megatron.journal import journal_for
-    from ds_ext.megatron.model import parse_ds_ext
+    from ds_ext.recovery.config import RecoveryConfig
     for recovery in ({"journal_dir": str(tmp_path), "checkpoint_free": {"enabled": True}},
                      {"checkpoint_free": {"enabled": True}}):
-        ext = parse_ds_ext({"ds_ext": {"recovery": recovery}})
+        cfg = RecoveryConfig.model_validate(recovery)
         with pytest.raises(ValueError, match=r"checkpoint_free.enabled is true, .* Set ds_ext.recovery."
                                              r"checkpoint_free.enabled to false"):
-            journal_for(None, [], ext.recovery)
+            journal_for(None, [], cfg)
