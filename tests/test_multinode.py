@@ -33,6 +33,8 @@ from ds_ext.launch import _elastic_argv, split_argv  # noqa: E402
 WHY = wan_hosts.unavailable()
 needs_hosts = pytest.mark.skipif(WHY is not None, reason=f"emulated hosts unavailable: {WHY}")
 TAG = "dsxmn"
+# Emulated hosts (network namespaces, subprocess launches): the whole file is out of the fast tier.
+pytestmark = pytest.mark.slow
 WORKER = str(ROOT / "tests" / "multinode_worker.py")
 TRAIN = "examples/train.py"
 QUICK = ["--layers", "2", "--hidden", "64", "--seq_len", "64", "--eval_batches", "2", "--eval_interval", "100"]
@@ -214,15 +216,18 @@ def test_emulated_hosts_have_their_names_and_leave_nothing_behind(tmp_path):
 @needs_hosts
 def test_sigterm_and_sigkill_of_the_owner_leave_nothing_behind():
     before = root_state()
-    code = ("import sys, time; sys.path.insert(0, %r)\n"
+    # The owner tags its hosts with its own pid, as EmulatedHosts' callers do: sweep_stale removes a tag only once
+    # that pid is gone (a tag derived from the test's pid could name a live process and never be swept).
+    code = ("import os, sys, time; sys.path.insert(0, %r)\n"
             "import wan_hosts\n"
-            "with wan_hosts.EmulatedHosts(2, tag=%r, second_address=True):\n"
-            "    print('up', flush=True); time.sleep(60)\n")
+            "tag = %r + str(os.getpid())\n"
+            "with wan_hosts.EmulatedHosts(2, tag=tag, second_address=True):\n"
+            "    print('up', tag, flush=True); time.sleep(60)\n")
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        tag = f"{TAG}{os.getpid() + 1 + sig}"  # a pid-shaped tag, as sweep_stale expects
-        child = subprocess.Popen([sys.executable, "-c", code % (str(ROOT / "benchmarks"), tag)],
+        child = subprocess.Popen([sys.executable, "-c", code % (str(ROOT / "benchmarks"), TAG)],
                                  stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "up"
+        up, tag = child.stdout.readline().split()
+        assert up == "up"
         assert len(wan_hosts.leftovers(tag)) == 3 and len(wan_hosts.netns_files(tag)) == 2
         child.send_signal(sig)
         child.wait(timeout=30)
@@ -236,7 +241,6 @@ def test_sigterm_and_sigkill_of_the_owner_leave_nothing_behind():
 
 
 @needs_hosts
-@pytest.mark.slow
 def test_elastic_per_node_noloco_journal_kill_9_on_host_1_resumes_bit_identical(net, tmp_path):
     """Rank 1 (host 1) SIGKILLs itself in step 7. Its agent relaunches it; host 0's agent sees the new rendezvous
     round and restarts rank 0, which had trained on alone (NoLoCo skips a dead partner's mix; paced from step 7 so
@@ -262,7 +266,6 @@ def test_elastic_per_node_noloco_journal_kill_9_on_host_1_resumes_bit_identical(
 
 
 @needs_hosts
-@pytest.mark.slow
 def test_master_on_host_0s_second_address_trains(net, tmp_path):
     """Host 0's hostname resolves to its first address; the master is given as the second (a second NIC)."""
     dumps, outs = elastic(net, tmp_path, "second", ROOT / "configs" / "baseline.json", net.second_address(0), 29613,
@@ -272,7 +275,6 @@ def test_master_on_host_0s_second_address_trains(net, tmp_path):
 
 
 @needs_hosts
-@pytest.mark.slow
 def test_unreachable_master_fails_within_2_minutes_naming_address_and_port(net, tmp_path):
     nobody = "169.254.77.99"  # on the hosts' subnet, no host has it
     t0 = time.monotonic()
@@ -288,7 +290,6 @@ def test_unreachable_master_fails_within_2_minutes_naming_address_and_port(net, 
 
 
 @needs_hosts
-@pytest.mark.slow
 def test_mpirun_across_hosts_through_an_rsh_agent(net, tmp_path):
     agent_log = tmp_path / "agent.log"
     ssh = net.write_ssh(str(tmp_path), log=str(agent_log))
@@ -306,7 +307,6 @@ def test_mpirun_across_hosts_through_an_rsh_agent(net, tmp_path):
 
 
 @needs_hosts
-@pytest.mark.slow
 def test_deepspeed_runner_openmpi_across_hosts(net, tmp_path):
     ssh = net.write_ssh(str(tmp_path), log=str(tmp_path / "agent.log"))
     hostfile = tmp_path / "hostfile"
