@@ -251,6 +251,7 @@ def _journal_body(journal_dir, steps: int, kill=None) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bf16_journal_kill_9_resumes_bit_identical(tmp_path):
     """In the fast tier (~25 s): the one end-to-end journal run there (kill -9 mid-step, relaunch, bit-identical)."""

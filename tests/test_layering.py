@@ -284,6 +284,7 @@ def third_party_roots(files: dict) -> list:
     return sorted(roots)
 
 
+@pytest.mark.slow  # a forked interpreter per module: ~30 s on 2 cores
 def test_every_module_imports_on_its_own():
     files = module_files()
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sorted(files)),
