@@ -29,6 +29,7 @@ steps (a base at start or after a rebuild) it does not.
 """
 from __future__ import annotations
 
+import abc
 import copy
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
@@ -93,7 +94,7 @@ def write_flat(tensors: List[torch.Tensor], flat: torch.Tensor) -> None:
         offset += t.numel()
 
 
-class InnerOptimizerState:
+class InnerOptimizerState(abc.ABC):
     """What every :class:`JournaledState` shares: master ``tensors`` stepped by torch optimizers ``inners`` (each
     tensor in exactly one), gradient capture by a step pre-hook, and snapshot/restore of the per-tensor optimizer
     state. Subclasses give ``step_state``/``restore_step_state``/``replay``/``refresh``/``layout``."""
@@ -159,8 +160,9 @@ class InnerOptimizerState:
         finally:
             self.capturing = True
 
+    @abc.abstractmethod
     def _replay(self, grads: Dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Step the inner optimizer once on ``grads`` (each subclass knows where its optimizer reads gradients)."""
 
     def close(self) -> None:
         for h in self._hooks:
