@@ -1,6 +1,7 @@
 """``ds-ext``: DeepSpeed's launcher plus ``--config PATH``, ``--num_procs N`` and ``--max_restarts K``.
 
-    ds-ext [deepspeed runner flags] --config cfg.json [--num_procs N] [--max_restarts K] script.py [script args]
+    ds-ext [deepspeed runner flags] --config cfg.json [--num_procs N] [--max_restarts K] [--rdzv_timeout S]
+           script.py [script args]
 
 1. The config is validated before anything starts: a bad file prints every problem (JSON path, value, what is
    allowed) and exits 2 with no worker started.
@@ -19,7 +20,7 @@ hostname resolves to, and misses an address of a second NIC, so node 0 would not
 would time out. Node 0 also gives ``--master_addr`` as its own address (``--local_addr``), so the workers' process
 group store, when node 0 holds rendezvous rank 0, is published under the address every node already reaches. A
 node that cannot reach (or node 0 that cannot open) the store gives up after ``RDZV_CONNECT_TIMEOUT_S`` and exits 1
-naming address and port. Global ranks follow torch's rendezvous order (sorted node addresses), not ``--node_rank``;
+naming address and port (``--rdzv_timeout S`` sets that time). Global ranks follow torch's rendezvous order (sorted node addresses), not ``--node_rank``;
 they stay the same across restarts.
 
 Threads: ``OMP_NUM_THREADS`` (unless set) is this node's cores (its CPU affinity: a container's or cgroup's share,
@@ -34,9 +35,10 @@ import socket
 import sys
 from typing import List, Optional, Tuple
 
-OWN_FLAGS = {"--config": "config", "--num_procs": "num_procs", "--max_restarts": "max_restarts"}
+OWN_FLAGS = {"--config": "config", "--num_procs": "num_procs", "--max_restarts": "max_restarts",
+             "--rdzv_timeout": "rdzv_timeout"}
 CPU_DEFAULT_PROCS = 2
-RDZV_CONNECT_TIMEOUT_S = 60  # torch's default read_timeout, stated here so the error message can name it
+RDZV_CONNECT_TIMEOUT_S = 60  # torch's default read_timeout (``--rdzv_timeout`` changes it); named in the error
 
 
 def _strip_own(tokens: List[str]) -> Tuple[dict, List[str]]:
@@ -70,6 +72,18 @@ def split_argv(argv: List[str]):
     own, prefix = _strip_own(argv[:cut])
     runner_argv = prefix + argv[cut:]
     return own, runner.parse_args(runner_argv), runner_argv
+
+
+def _own_int(own: dict, key: str, default: int, least: int) -> int:
+    """The own flag ``--key`` as an integer >= ``least`` (``default`` when not given); ValueError names it."""
+    raw = own.get(key, default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise ValueError(f"--{key} takes an integer >= {least}, got {raw!r}")
+    return value
 
 
 def _local_world(ns, own: dict) -> Optional[int]:
@@ -130,7 +144,8 @@ def _is_local_address(addr: str) -> bool:
     return False
 
 
-def _elastic_argv(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> List[str]:
+def _elastic_argv(ns, nprocs: int, max_restarts: int, user_argv: List[str],
+                  rdzv_timeout: int = RDZV_CONNECT_TIMEOUT_S) -> List[str]:
     multi = ns.no_ssh and ns.num_nodes > 1
     nnodes = ns.num_nodes if multi else 1
     addr = ns.master_addr if multi else (ns.master_addr or "127.0.0.1")
@@ -139,7 +154,7 @@ def _elastic_argv(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> L
     # is_host stated, not guessed from the hostname (which misses a second NIC's address; module docstring).
     argv = [f"--nnodes={nnodes}", f"--nproc_per_node={nprocs}", f"--max_restarts={max_restarts}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint={addr}:{ns.master_port}", f"--rdzv_id=ds_ext_{ns.master_port}",
-            f"--rdzv_conf=is_host={int(host)},read_timeout={RDZV_CONNECT_TIMEOUT_S}"]
+            f"--rdzv_conf=is_host={int(host)},read_timeout={rdzv_timeout}"]
     if multi and host:
         argv.append(f"--local_addr={addr}")
     if ns.module:
@@ -149,10 +164,10 @@ def _elastic_argv(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> L
     return argv + [ns.user_script] + user_argv
 
 
-def _run_elastic(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> int:
+def _run_elastic(ns, nprocs: int, max_restarts: int, user_argv: List[str], rdzv_timeout: int) -> int:
     from torch.distributed.elastic.rendezvous import RendezvousConnectionError
     from torch.distributed.run import main as torchrun_main
-    argv = _elastic_argv(ns, nprocs, max_restarts, user_argv)
+    argv = _elastic_argv(ns, nprocs, max_restarts, user_argv, rdzv_timeout)
     endpoint = next(a for a in argv if a.startswith("--rdzv_endpoint=")).split("=", 1)[1]
     multi = ns.no_ssh and ns.num_nodes > 1
     if multi and ns.node_rank == 0 and not _is_local_address(ns.master_addr):
@@ -168,7 +183,7 @@ def _run_elastic(ns, nprocs: int, max_restarts: int, user_argv: List[str]) -> in
         cause = exc.__cause__ or exc
         if multi and ns.node_rank > 0:
             print(f"ds-ext: node {ns.node_rank} could not reach the rendezvous store at {endpoint} within "
-                  f"{RDZV_CONNECT_TIMEOUT_S} s: is node 0 started with the same --master_addr/--master_port, and "
+                  f"{rdzv_timeout} s: is node 0 started with the same --master_addr/--master_port, and "
                   f"is that address reachable from this node? ({cause})", file=sys.stderr)
         else:
             print(f"ds-ext: could not host the rendezvous store at {endpoint}: is the port free on this machine? "
@@ -206,7 +221,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = os.path.abspath(own["config"])
     user_argv = ns.user_args + ["--deepspeed_config", config]
     nprocs = _local_world(ns, own)
-    max_restarts = int(own.get("max_restarts", 0))
+    try:
+        max_restarts = _own_int(own, "max_restarts", 0, 0)
+        rdzv_timeout = _own_int(own, "rdzv_timeout", RDZV_CONNECT_TIMEOUT_S, 1)
+    except ValueError as exc:
+        print(f"ds-ext: {exc}", file=sys.stderr)
+        return 2
     runs_here = max_restarts > 0 or ns.no_ssh or not _is_multi_node(ns)
     _worker_env(nprocs if runs_here else None)
     if max_restarts > 0:
@@ -218,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if problem:
             print(f"ds-ext: {problem}", file=sys.stderr)
             return 2
-        return _run_elastic(ns, nprocs or 1, max_restarts, user_argv)
+        return _run_elastic(ns, nprocs or 1, max_restarts, user_argv, rdzv_timeout)
     from deepspeed.launcher import runner
     cut = runner_argv.index(ns.user_script)
     prefix = runner_argv[:cut]
