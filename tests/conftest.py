@@ -3,6 +3,8 @@ on PATH changes; one JIT cache per environment for the same reason), and the tes
 spawned ranks."""
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,55 @@ def remove_deepspeed_shm_buffers():
     yield
     for leftover in (set(shm.glob(SHM_BUFFERS)) - before) if shm.is_dir() else ():
         leftover.unlink(missing_ok=True)
+
+
+# torch's JIT loader (DeepSpeed builds its CPU shared-memory comm op on every init_distributed) holds the file
+# ``<TORCH_EXTENSIONS_DIR>/<op>/lock`` while it runs ninja, and waits forever for it to vanish. A rank that a fault
+# test kills inside that window leaves the lock behind and every later DeepSpeed process of the session hangs (seen:
+# an emulated-host test's kill at teardown). The build itself takes < 60 s; a lock older than this with no compiler
+# or ninja running is stale.
+STALE_JIT_LOCK_S = 120
+BUILDERS = {"ninja", "c++", "g++", "cc1plus", "gcc", "ld"}
+
+
+def _builder_running() -> bool:
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in BUILDERS:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def remove_stale_jit_locks(now: float = None) -> list:
+    """Remove JIT build locks older than ``STALE_JIT_LOCK_S`` while no build runs; returns what was removed."""
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    now = time.time() if now is None else now
+    stale = [lock for lock in root.glob("*/lock")
+             if now - lock.stat().st_mtime > STALE_JIT_LOCK_S]
+    if not stale or _builder_running():
+        return []
+    for lock in stale:
+        lock.unlink(missing_ok=True)
+        print(f"conftest: removed a stale torch JIT build lock {lock}", file=sys.stderr)
+    return stale
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stale_jit_lock_sweeper():
+    stop = threading.Event()
+
+    def sweep():
+        while not stop.wait(15):
+            try:
+                remove_stale_jit_locks()
+            except OSError:
+                pass
+    thread = threading.Thread(target=sweep, name="stale-jit-lock-sweeper", daemon=True)
+    thread.start()
+    yield
+    stop.set()
 
 
 # A fast-tier test that takes longer than this has hung or lost its way (they take < 30 s each on 2 busy cores);
