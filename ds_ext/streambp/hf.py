@@ -45,7 +45,7 @@ class HFLayerAdapter(LayerAdapter):
                       use_cache=False, position_embeddings=None, **kwargs) -> Optional[StreamCall]:
         """Streamed without a KV cache and with the model's ``position_embeddings``; the mask must be causal +
         key padding (:func:`key_padding_from_mask`)."""
-        if use_cache or past_key_values is not None or position_embeddings is None:
+        if use_cache or past_key_values is not None or kwargs.get("cache") is not None or position_embeddings is None:
             return None
         padding = key_padding_from_mask(attention_mask, hidden_states.shape[1])
 
