@@ -216,9 +216,14 @@ def measure(mode: str, length: int, args) -> dict:
     # A fixed mmap threshold makes glibc return freed large blocks, so RSS follows the live tensors (otherwise its
     # adaptive threshold keeps freed blocks in the heap and the peak depends on allocation history).
     env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="65536")
+    # DeepSpeed's CPU comm op (checkpointing's init_distributed) is built once per venv, as the tests do
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if args.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.point_timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "length": length, "error": f"timed out after {args.point_timeout} s"}
     if proc.returncode != 0:
         return {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -346,6 +351,7 @@ def main(argv=None) -> dict:
     p.add_argument("--logits_chunk_size", type=int, default=None,
                    help="tokens per logits chunk for StreamBP and ALST's loss shards (qwen2: 128, reference: 512)")
     p.add_argument("--grad_length", type=int, default=1024)
+    p.add_argument("--point_timeout", type=float, default=600, help="seconds one (mode, length) process may take")
     p.add_argument("--plot", default=None)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: peak memory from torch.cuda.max_memory_allocated, times after synchronize")
@@ -364,6 +370,7 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(child(args.model, args.child[0], int(args.child[1]), args)))
         return {}
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))  # grad_errors
     modes, baseline = MODES[args.model], BASELINE[args.model]
     lengths = [int(x) for x in args.lengths.split(",")]
     full = [int(x) for x in args.full_logits_lengths.split(",") if x]
