@@ -426,7 +426,7 @@ def test_streamed_layer_working_set_is_keys_values_and_their_gradients():
     gradients: the plain layer, measured the same way, holds several times more."""
     plain, streamed = pair(seed=4, max_seq_len=2048)
     layer_p, layer_s = plain.layers[0], streamed.layers[0]
-    stream_layer(layer_s, ReferenceLayerAdapter(layer_s), 64)
+    stream_layer(layer_s, ReferenceLayerAdapter(layer_s), 128)
     x = torch.randn(1, 2048, 64, requires_grad=True)
     pos, g = torch.arange(2048)[None], torch.randn(1, 2048, 64)
     u = x.numel() * x.element_size()

@@ -145,14 +145,15 @@ def chunk_output(adapter: LayerAdapter, xc, q, k, v, s: int, e: int, key_padding
 
 def keys_values(adapter: LayerAdapter, x, positions, bounds) -> Tuple[torch.Tensor, torch.Tensor]:
     """Roped keys/values of every position, ``[B, Hkv, T, D]`` each, without a graph, computed chunk by chunk into
-    the two buffers (no full-length normed input or projection temporaries)."""
+    the two buffers (no full-length normed input or projection temporaries). The buffers are sequence-major, so a
+    prefix view is dense and its gradient buffer (``zeros_like``, same strides) obeys autograd's layout contract."""
     k = v = None
     with torch.no_grad():
         for s, e in bounds:
             kc, vc = adapter.keys_values(adapter.norm1(x[:, s:e]), adapter.slice_positions(positions, s, e))
-            if k is None:
-                k = kc.new_empty(kc.shape[:2] + (x.shape[1],) + kc.shape[3:])
-                v = vc.new_empty(vc.shape[:2] + (x.shape[1],) + vc.shape[3:])
+            if k is None:  # [B, T, Hkv, D] storage seen as [B, Hkv, T, D]: a prefix k[:, :, :s] is one dense block
+                k = kc.new_empty((kc.shape[0], x.shape[1]) + kc.shape[1:2] + kc.shape[3:]).transpose(1, 2)
+                v = vc.new_empty((vc.shape[0], x.shape[1]) + vc.shape[1:2] + vc.shape[3:]).transpose(1, 2)
             k[:, :, s:e], v[:, :, s:e] = kc, vc
     return k, v
 
