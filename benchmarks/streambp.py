@@ -44,6 +44,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -151,20 +152,21 @@ def _tiled_mlp(mlp, hidden: int):
 
 
 def alst_loss(model, ids: torch.Tensor, logits_chunk: int) -> torch.Tensor:
-    """ALST's head + loss: ``TiledFusedLogitsLoss`` over shards of ``logits_chunk`` tokens, summed token
-    cross-entropy divided by the number of labels (as ArcticTraining does), labels shifted like HF's."""
+    """ALST's head + loss: ``TiledFusedLogitsLoss`` over shards of ``logits_chunk`` tokens, ``"sum"`` of the
+    shards' token cross-entropy sums each divided by the number of labels of the whole sequence, so the result is
+    the mean token loss; labels shifted like HF's. (The division must happen inside the shards: the function runs
+    each shard's backward in its forward, so the head's weight gradient never sees a division made afterwards.)"""
     import torch.nn.functional as F
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-    vocab = model.config.vocab_size
+    vocab, count = model.config.vocab_size, (labels != -100).sum()
 
     def loss_fn(self, x, y):
         return F.cross_entropy(self.lm_head(x).float().view(-1, vocab), y.view(-1), ignore_index=-100,
-                               reduction="sum")
+                               reduction="sum") / count
     shards = math.ceil(ids.shape[1] / logits_chunk)
-    total = TiledFusedLogitsLoss.apply(loss_fn, model, hidden, labels, None, shards, [model.lm_head.weight], "sum")
-    return total / (labels != -100).sum()
+    return TiledFusedLogitsLoss.apply(loss_fn, model, hidden, labels, None, shards, [model.lm_head.weight], "sum")
 
 
 # ----------------------------------------------------------------------------------------------- measurement
@@ -283,6 +285,19 @@ def theory_working_set(model_name: str, mode: str) -> float:
         return 4 * max(3 * v + 2 * c, 2 * c + one_layer + kv)
     layer = 2 * c + (8 * c + kv if mode == "alst" else 2 * kv)
     return 4 * max(4 * c, layer)
+
+
+def working_set_slope_ratio(by: dict, lengths) -> Optional[float]:
+    """StreamBP's working-set growth per token over ALST's, between the two longest lengths both measured (the
+    constants, parameter gradients and the logits chunk, cancel)."""
+    both = sorted(t for t in lengths if ("alst", t) in by and ("streambp", t) in by)
+    if len(both) < 2:
+        return None
+    t1, t2 = both[-2:]
+
+    def ws(mode, t):
+        return by[(mode, t)]["peak_bytes"] - by[(mode, t)]["stored_bytes"]
+    return (ws("streambp", t2) - ws("streambp", t1)) / (ws("alst", t2) - ws("alst", t1))
 
 
 def budget_answer(rows: list, baseline: str, budget_length: int) -> dict:
@@ -419,6 +434,7 @@ def main(argv=None) -> dict:
                                        if al and sb else None),
             activation_ratio_vs_alst={str(n): by[("streambp", n)]["peak_bytes"] / by[("alst", n)]["peak_bytes"]
                                       for n in lengths if ("alst", n) in by and ("streambp", n) in by},
+            working_set_slope_ratio_vs_alst=working_set_slope_ratio(by, lengths),
             theory_working_set_bytes_per_token={mode: theory_working_set(args.model, mode) for mode in modes[1:]},
             alst_grad_rel_err=errors["alst"])
     print(json.dumps(result))

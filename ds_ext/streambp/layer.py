@@ -34,6 +34,7 @@ chunk.
 from __future__ import annotations
 
 import types
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Tuple, runtime_checkable
@@ -239,7 +240,10 @@ class _BackwardState:
         adapter = self.adapter
         xc = self.x[:, s:e].detach().requires_grad_(True)
         kp, vp = (_accumulating_leaf(z[:, :, :s], dz[:, :, :s]) for z, dz in ((self.k, self.dk), (self.v, self.dv)))
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # with B > 1 a prefix view has gaps between rows; autograd then notes (once) that its .grad is not
+            # contiguous: intended, the buffer is the accumulator
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
             q, kc, vc = adapter.queries_keys_values(adapter.norm1(xc), adapter.slice_positions(self.positions, s, e))
             y = chunk_output(adapter, xc, q, kp, vp, s, e, self.key_padding_mask, self.chunk_mask, (kc, vc))
             torch.autograd.backward([y, kc, vc], [grad_chunk, self.dk[:, :, s:e], self.dv[:, :, s:e]])
