@@ -319,14 +319,15 @@ def plot(rows: list, modes, path: str, device_label: str = "2 CPU threads") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    colors = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # one color per mode in every panel
     for mode in modes:
         pts = sorted((r["length"], r["peak_bytes"] / 2**20, r["seconds"], (r["peak_bytes"] - r["stored_bytes"]) / 2**20)
                      for r in rows if r["mode"] == mode and "error" not in r)
         if pts:
-            a.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
-            b.loglog([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode)
+            a.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode, color=colors[mode])
+            b.loglog([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode, color=colors[mode])
             if mode != "none":
-                c.loglog([p[0] for p in pts], [p[3] for p in pts], marker="o", label=mode)
+                c.loglog([p[0] for p in pts], [p[3] for p in pts], marker="o", label=mode, color=colors[mode])
     a.set(xlabel="sequence length", ylabel="peak extra memory (MiB)", title="memory of one fwd+bwd")
     b.set(xlabel="sequence length", ylabel="seconds", title=f"time of one fwd+bwd ({device_label})")
     c.set(xlabel="sequence length", ylabel="MiB", title="working set (peak - stored layer inputs)")
@@ -376,7 +377,7 @@ def main(argv=None) -> dict:
     defaults = dict(lengths="4096,8192,16384" if qwen else "1024,2048,4096,8192,16384",
                     budget_length=16384 if qwen else 4096, streambp_only_lengths="" if qwen else "24576",
                     chunk_size=512 if qwen else 1024, logits_chunk_size=128 if qwen else 512,
-                    plot=os.path.join(ROOT, "benchmarks", "results", "streambp.png" if not qwen else "streambp_qwen2.png"))
+                    plot=os.path.join(ROOT, "benchmarks", "results", "streambp_qwen2.png" if qwen else "streambp.png"))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -60,8 +60,9 @@ class ChunkMasked(Protocol):
 class StreamCall:
     """One streamed call of a layer, in StreamBP's terms: ``x: [B, T, C]`` (a view of the layer's input), the
     position information, the key padding ``[B, T]`` (True = real) or None, ``full(x, positions, padding) -> y``
-    (the layer's own forward on the whole sequence, run under no_grad when the sequence fits in one chunk), the chunk mask of a per-call attention
-    (None: causal) and ``output(y)``, the layer's return value built from ``y: [B, T, C]``."""
+    (the layer's own forward on the whole sequence, run under no_grad when the sequence fits in one chunk), the
+    chunk mask of a per-call attention (None: causal) and ``output(y)``, the layer's return value built from
+    ``y: [B, T, C]``."""
 
     x: torch.Tensor
     positions: object
@@ -138,7 +139,8 @@ def chunk_output(adapter: LayerAdapter, xc, q, k, v, s: int, e: int, key_padding
                  chunk_mask=None, block=None) -> torch.Tensor:
     """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, their roped
     queries ``q`` and the keys/values of positions ``< e`` (``k, v: [B, Hkv, e, D]``; or, with ``block = (k_block,
-    v_block)`` for the chunk's own rows, ``k, v`` hold positions ``< s``: :func:`ds_ext.ops.attention.chunk_attention`)."""
+    v_block)`` for the chunk's own rows, ``k, v`` hold positions ``< s``:
+    :func:`ds_ext.ops.attention.chunk_attention`)."""
     mask = chunk_mask(s, e) if chunk_mask is not None else None
     attn = chunk_attention(q, k, v, s, key_padding_mask, adapter.scale, mask, block=block)
     return adapter.mlp_block(xc + adapter.attention_out(attn))
