@@ -269,8 +269,9 @@ def theory_bytes_per_token(model_name: str, mode: str) -> float:
 def theory_working_set(model_name: str, mode: str) -> float:
     """Working-set bytes per token (beside the stored layer inputs), the larger of two phases:
 
-    * head + loss (checkpointing's full logits; ALST and StreamBP: the last layer's output, the final norm's
-      normalised rows and output, the gradient of the hidden states: ``4 u``);
+    * head + loss (checkpointing's full logits; ALST: the last layer's output, the final norm's normalised rows
+      and output, the gradient of the hidden states: ``4 u``; StreamBP applies the final norm inside its chunked
+      head: the last layer's output and its gradient, ``2 u``);
     * one layer's backward: the incoming gradient and the input gradient (``2 u``) plus, for checkpointing and
       ALST, the recomputed layer's saved activations (``8 u + kv``: norms, q, k/v, attention output and its
       projection input, residual, the MLP input; ALST's ``TiledMLP`` keeps only that input, checkpointing also the
@@ -283,8 +284,9 @@ def theory_working_set(model_name: str, mode: str) -> float:
         return 4 * (m["num_layers"] * one_layer + 3 * v)
     if mode == "checkpointing":
         return 4 * max(3 * v + 2 * c, 2 * c + one_layer + kv)
-    layer = 2 * c + (8 * c + kv if mode == "alst" else 2 * kv)
-    return 4 * max(4 * c, layer)
+    if mode == "alst":
+        return 4 * max(4 * c, 2 * c + 8 * c + kv)
+    return 4 * max(2 * c, 2 * c + 2 * kv)
 
 
 def working_set_slope_ratio(by: dict, lengths) -> Optional[float]:
