@@ -1,6 +1,6 @@
 """StreamBP vs DeepSpeed's long-sequence stack (ALST at sp=1), activation checkpointing and plain autograd.
 
-    python benchmarks/streambp.py                      # CPU default: HF Qwen2 model, 4k..16k tokens, ~6 min
+    python benchmarks/streambp.py                      # CPU default: HF Qwen2 model, 4k..16k tokens, ~7 min
     python benchmarks/streambp.py --lengths 1024,2048 --full_logits_lengths 1024 --budget_length 2048
     python benchmarks/streambp.py --model reference    # the reference model grid (none / checkpointing / StreamBP)
 
