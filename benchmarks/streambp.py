@@ -1,77 +1,183 @@
-"""StreamBP vs DeepSpeed activation checkpointing vs plain autograd: peak memory, step time, gradient error.
+"""StreamBP vs DeepSpeed's long-sequence stack (ALST at sp=1), activation checkpointing and plain autograd.
 
-    python benchmarks/streambp.py                          # CPU default: T = 1k..16k (+24k StreamBP), ~6 min
-    python benchmarks/streambp.py --lengths 1024,2048 --budget_length 1024 --streambp_only_lengths 4096
+    python benchmarks/streambp.py                      # CPU default: HF Qwen2 model, 4k..16k tokens, ~7 min
+    python benchmarks/streambp.py --lengths 1024,2048 --full_logits_lengths 1024 --budget_length 2048
+    python benchmarks/streambp.py --model reference    # the reference model grid (none / checkpointing / StreamBP)
 
-Model: the reference Llama-style decoder sized like an LLM in proportion (hidden 256, 4 layers, 8 heads / 4 KV
-heads, SwiGLU 704, vocabulary 8192, so vocabulary / hidden = 32 as in Llama-3-8B), batch 1, fp32, random tokens.
+Models (random init, built in process, batch 1, fp32, random tokens):
+* ``qwen2`` (default): ``transformers.Qwen2ForCausalLM`` from a ``Qwen2Config``: hidden 256, 4 layers, 4 query /
+  2 KV heads (GQA), SwiGLU 704, vocabulary 32000, untied head, SDPA attention;
+* ``reference``: the ds_ext reference decoder (hidden 256, 4 layers, 8 / 4 heads, SwiGLU 704, vocabulary 8192).
+
+Modes:
+* ``none``: plain autograd (all activations kept, full logits; HF's own loss on the qwen2 model);
+* ``checkpointing``: ``deepspeed.checkpointing.checkpoint`` around every decoder layer (full logits);
+* ``alst``: DeepSpeed's ALST stack at sequence-parallel size 1 (``deepspeed.runtime.sequence_parallel.ulysses_sp``):
+  the same DeepSpeed checkpointing of every decoder layer, ``TiledMLP`` for every MLP (``ceil(T / hidden)`` shards,
+  DeepSpeed's documented choice) and ``TiledFusedLogitsLoss`` for the head + loss (shards of the same number of
+  tokens as StreamBP's logits chunk, so both hold logits of the same size); qwen2 only;
+* ``streambp``: ds_ext StreamBP (``--chunk_size``; logits chunk ``--logits_chunk_size`` tokens, capped by
+  StreamBP's own logits byte budget).
 
 Measurement: each (mode, length) runs in a fresh process (2 torch threads) that builds the model, runs one
 warm-up step at T=64, reads its resident set size (VmRSS), runs one forward+backward at length T, and reports
 ``ru_maxrss - VmRSS_before`` as the peak extra memory of the step and its wall time (glibc's mmap threshold is
-fixed at 64 KiB in the child so that freed tensors leave RSS). Modes:
-* ``none``: plain autograd (all activations kept, full logits);
-* ``checkpointing``: ``deepspeed.checkpointing.checkpoint`` around every decoder layer (full logits);
-* ``streambp``: ds_ext StreamBP (``--chunk_size``, ``--logits_chunk_size``).
+fixed at 64 KiB in the child so that freed tensors leave RSS). The peak includes the parameter gradients (the same
+for every mode). "Stored layer inputs" = ``layers x T x hidden x 4`` bytes (what checkpointing, ALST and StreamBP
+keep between forward and backward); "working set" = peak - stored layer inputs, shown beside each mode's
+theoretical bytes per token (:func:`theory_bytes_per_token`).
 
-"Longest sequence under a budget": the budget is checkpointing's measured peak at ``--budget_length``; the answer
-is the longest measured length whose StreamBP peak fits (and a linear extrapolation from the two longest points).
-Gradient error: max relative error over all parameters of StreamBP and checkpointing vs autograd at T=1024.
-Prints a table, writes a PNG and prints one JSON object as its last line.
+"Longest sequence under a budget": the budget is the baseline's measured peak at ``--budget_length`` (ALST's at
+16k on qwen2, checkpointing's on the reference model); the answer is the longest measured length whose StreamBP
+peak fits and a linear extrapolation from StreamBP's two longest points. Gradient error: max relative error over
+all parameters of each mode vs plain autograd at ``--grad_length``. Prints a table, writes a PNG and prints one JSON
+object as its last line.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8, num_kv_heads=4,
-             max_seq_len=1 << 20)
-MODES = ("none", "checkpointing", "streambp")
+MODELS = {
+    "qwen2": dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
+                  num_kv_heads=2),
+    "reference": dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
+                      num_kv_heads=4),
+}
+MODES = {"qwen2": ("none", "checkpointing", "alst", "streambp"), "reference": ("none", "checkpointing", "streambp")}
+BASELINE = {"qwen2": "alst", "reference": "checkpointing"}
 
 
-def build(mode: str, chunk: int, logits_chunk: int):
+# ----------------------------------------------------------------------------------------------------- models
+def build(model_name: str, mode: str, args):
+    """``(model, loss_fn)``: ``loss_fn(ids [1, T + 1]) -> scalar`` runs the mode's forward on ``ids[:, :-1]``."""
+    return (build_qwen2 if model_name == "qwen2" else build_reference)(mode, args)
+
+
+def build_reference(mode: str, args):
     from ds_ext.models import LlamaForCausalLM, ModelConfig
+    m = MODELS["reference"]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(ModelConfig(**MODEL))
+    model = LlamaForCausalLM(ModelConfig(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
+                                         intermediate_size=m["intermediate_size"], num_layers=m["num_layers"],
+                                         num_heads=m["num_heads"], num_kv_heads=m["num_kv_heads"],
+                                         max_seq_len=1 << 20))
     if mode == "streambp":
         from ds_ext.streambp.apply import stream_model
         from ds_ext.streambp.config import StreamBPConfig
-        stream_model(model, StreamBPConfig(enabled=True, chunk_size=chunk, logits_chunk_size=logits_chunk))
+        stream_model(model, StreamBPConfig(enabled=True, chunk_size=args.chunk_size,
+                                           logits_chunk_size=args.logits_chunk_size))
     elif mode == "checkpointing":
-        import deepspeed
-        if not deepspeed.comm.is_initialized():  # DeepSpeed's checkpointing asks for its comm backend
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                               ("MASTER_PORT", str(29600 + os.getpid() % 1000))):
-                os.environ.setdefault(key, value)
-            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        deepspeed.checkpointing.configure(None, partition_activations=False)
+        _init_deepspeed_checkpointing()
         for layer in model.layers:
-            layer.forward = _checkpointed(layer)
-    return model
+            plain = type(layer).forward.__get__(layer)
+            layer.forward = (lambda p: lambda x, position_ids, key_padding_mask=None:
+                             _ds_checkpoint(p, x, position_ids))(plain)
+    return model, lambda ids: model(ids[:, :-1], ids[:, 1:])
 
 
-def _checkpointed(layer):
+def build_qwen2(mode: str, args):
+    import transformers
+    m = MODELS["qwen2"]
+    config = transformers.Qwen2Config(
+        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"],
+        max_position_embeddings=1 << 17, tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).float().train()
+    if mode == "streambp":
+        from ds_ext.streambp.apply import stream_model
+        from ds_ext.streambp.config import StreamBPConfig
+        from ds_ext.streambp.hf import causal_lm_loss
+        stream_model(model, StreamBPConfig(enabled=True, chunk_size=args.chunk_size,
+                                           logits_chunk_size=args.logits_chunk_size))
+        return model, lambda ids: causal_lm_loss(model, ids[:, :-1], ids[:, :-1],
+                                                 logits_chunk_size=args.logits_chunk_size)
+    if mode in ("checkpointing", "alst"):
+        _init_deepspeed_checkpointing()
+        for layer in model.model.layers:
+            layer.forward = _hf_checkpointed(layer)
+    if mode == "alst":
+        for layer in model.model.layers:
+            layer.mlp.forward = _tiled_mlp(layer.mlp, m["hidden_size"])
+        return model, lambda ids: alst_loss(model, ids[:, :-1], args.logits_chunk_size)
+    return model, lambda ids: model(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
+
+
+def _init_deepspeed_checkpointing() -> None:
     import deepspeed
-    plain = type(layer).forward.__get__(layer)
-    return lambda x, position_ids, key_padding_mask=None: deepspeed.checkpointing.checkpoint(plain, x, position_ids)
+    if not deepspeed.comm.is_initialized():  # DeepSpeed's checkpointing asks for its comm backend
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(29600 + os.getpid() % 1000))):
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    deepspeed.checkpointing.configure(None, partition_activations=False)
 
 
-def step(model, length: int, seed: int = 0) -> float:
+def _ds_checkpoint(fn, *args):
+    import deepspeed
+    return deepspeed.checkpointing.checkpoint(fn, *args)
+
+
+def _hf_checkpointed(layer):
+    """The HF decoder layer's forward under ``deepspeed.checkpointing.checkpoint`` (keyword arguments such as
+    ``position_embeddings`` ride in the closure; the hidden states are the checkpointed input)."""
+    plain = type(layer).forward
+
+    def forward(hidden_states, *args, **kwargs):
+        return _ds_checkpoint(functools.partial(plain, layer, **kwargs), hidden_states, *args)
+    return forward
+
+
+def _tiled_mlp(mlp, hidden: int):
+    """ALST's ``TiledMLP`` around an HF MLP, ``ceil(T / hidden)`` shards (DeepSpeed's documented choice)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    own = type(mlp).forward
+    params = list(mlp.parameters())
+
+    def forward(x):
+        return TiledMLP.apply(own, mlp, x, math.ceil(x.shape[-2] / hidden), params)
+    return forward
+
+
+def alst_loss(model, ids: torch.Tensor, logits_chunk: int) -> torch.Tensor:
+    """ALST's head + loss: ``TiledFusedLogitsLoss`` over shards of ``logits_chunk`` tokens, ``"sum"`` of the
+    shards' token cross-entropy sums each divided by the number of labels of the whole sequence, so the result is
+    the mean token loss; labels shifted like HF's. (The division must happen inside the shards: the function runs
+    each shard's backward in its forward, so the head's weight gradient never sees a division made afterwards.)"""
+    import torch.nn.functional as F
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    vocab, count = model.config.vocab_size, (labels != -100).sum()
+
+    def loss_fn(self, x, y):
+        return F.cross_entropy(self.lm_head(x).float().view(-1, vocab), y.view(-1), ignore_index=-100,
+                               reduction="sum") / count
+    shards = math.ceil(ids.shape[1] / logits_chunk)
+    return TiledFusedLogitsLoss.apply(loss_fn, model, hidden, labels, None, shards, [model.lm_head.weight], "sum")
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+def step(loss_fn, model, length: int, vocab: int, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    ids = torch.randint(0, MODEL["vocab_size"], (1, length + 1), generator=g).to(device)
+    ids = torch.randint(0, vocab, (1, length + 1), generator=g).to(device)
     model.zero_grad(set_to_none=True)
     _sync(device)
     t0 = time.perf_counter()
-    model(ids[:, :-1], ids[:, 1:]).backward()
+    loss_fn(ids).backward()
     _sync(device)
     return time.perf_counter() - t0
 
@@ -86,155 +192,254 @@ def rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def child(mode: str, length: int, chunk: int, logits_chunk: int, device: str) -> dict:
+def child(model_name: str, mode: str, length: int, args) -> dict:
     torch.set_num_threads(2)
-    model = build(mode, chunk, logits_chunk).to(device)
-    step(model, 64)
+    model, loss_fn = build(model_name, mode, args)
+    model.to(args.device)
+    vocab = MODELS[model_name]["vocab_size"]
+    step(loss_fn, model, 64, vocab)
     model.zero_grad(set_to_none=True)
-    if device == "cuda":  # the caching allocator's own count of live tensor bytes
+    if args.device == "cuda":  # the caching allocator's own count of live tensor bytes
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        seconds = step(model, length)
+        seconds = step(loss_fn, model, length, vocab)
         return {"mode": mode, "length": length, "seconds": seconds,
                 "peak_bytes": torch.cuda.max_memory_allocated() - before}
     before = rss_bytes()
-    seconds = step(model, length)
+    seconds = step(loss_fn, model, length, vocab)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mode": mode, "length": length, "seconds": seconds, "peak_bytes": peak - before}
 
 
 def measure(mode: str, length: int, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(length), "--chunk_size",
-           str(args.chunk_size), "--logits_chunk_size", str(args.logits_chunk_size), "--device", args.device]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(length), "--model", args.model,
+           "--chunk_size", str(args.chunk_size), "--logits_chunk_size", str(args.logits_chunk_size),
+           "--device", args.device]
     # A fixed mmap threshold makes glibc return freed large blocks, so RSS follows the live tensors (otherwise its
     # adaptive threshold keeps freed blocks in the heap and the peak depends on allocation history).
     env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="65536")
+    # DeepSpeed's CPU comm op (checkpointing's init_distributed) is built once per venv, as the tests do
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if args.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.point_timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "length": length, "error": f"timed out after {args.point_timeout} s"}
     if proc.returncode != 0:
         return {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["stored_bytes"] = stored_bytes(args.model, length)
     print(f"  {mode:>13} T={length:>6}: {result['seconds']:7.2f} s  {result['peak_bytes'] / 2**20:8.1f} MiB",
           file=sys.stderr)
     return result
 
 
+def stored_bytes(model_name: str, length: int) -> int:
+    """The layer inputs kept between forward and backward: layers x T x hidden, fp32."""
+    m = MODELS[model_name]
+    return m["num_layers"] * length * m["hidden_size"] * 4
+
+
 def grad_errors(length: int, args) -> dict:
     """Max relative gradient error over parameters, vs plain autograd, in this process."""
-    reference = build("none", args.chunk_size, args.logits_chunk_size).to(args.device)
-    step(reference, length, seed=1)
+    vocab = MODELS[args.model]["vocab_size"]
+    reference, loss_fn = build(args.model, "none", args)
+    step(loss_fn, reference, length, vocab, seed=1)
     ref = {n: p.grad for n, p in reference.named_parameters()}
     errors = {}
-    for mode in ("checkpointing", "streambp"):
-        model = build(mode, args.chunk_size, args.logits_chunk_size).to(args.device)
-        step(model, length, seed=1)
+    for mode in MODES[args.model][1:]:
+        model, loss_fn = build(args.model, mode, args)
+        step(loss_fn, model, length, vocab, seed=1)
         errors[mode] = max(((p.grad - ref[n]).norm() / ref[n].norm()).item() for n, p in model.named_parameters())
     return errors
 
 
-def theory_bytes_per_token(mode: str, args) -> float:
-    """Activation bytes per token at the peak (fp32), leading terms. StreamBP's backward of one layer holds, beside
-    the stored inputs, x, h = norm1(x), their gradients and buffers (dx, dh, x.grad, the incoming gradient) and
-    k, v with their gradient buffers."""
-    c, f, v, layers = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["vocab_size"], MODEL["num_layers"]
-    kv = 2 * c * MODEL["num_kv_heads"] // MODEL["num_heads"]
-    one_layer = 7 * c + 4 * f       # norms, q/k/v/o, residuals, SwiGLU gate/up/act/product
-    logits = 3 * v                  # logits, log-softmax, their gradient
-    stored = layers * c
+def theory_bytes_per_token(model_name: str, mode: str) -> float:
+    """Peak bytes per token, fp32, leading terms (constants such as logits chunks and parameter gradients left
+    out); :func:`theory_working_set` without the stored layer inputs.
+
+    ``u = hidden`` floats. One plain layer keeps ``7 u + 4 F`` (norms, q/k/v/o, residuals, SwiGLU gate/up/act/
+    product); full logits cost ``3 V`` (logits, log-softmax, gradient)."""
+    m = MODELS[model_name]
+    stored = m["num_layers"] * m["hidden_size"] * 4
+    return (0 if mode == "none" else stored) + theory_working_set(model_name, mode)
+
+
+def theory_working_set(model_name: str, mode: str) -> float:
+    """Working-set bytes per token (beside the stored layer inputs), the larger of two phases:
+
+    * head + loss (checkpointing's full logits; ALST: the last layer's output, the final norm's normalised rows
+      and output, the gradient of the hidden states: ``4 u``; StreamBP applies the final norm inside its chunked
+      head: the last layer's output and its gradient, ``2 u``);
+    * one layer's backward: the incoming gradient and the input gradient (``2 u``) plus, for checkpointing and
+      ALST, the recomputed layer's saved activations (``8 u + kv``: norms, q, k/v, attention output and its
+      projection input, residual, the MLP input; ALST's ``TiledMLP`` keeps only that input, checkpointing also the
+      SwiGLU activations ``4 F``), for StreamBP the keys/values and their gradient accumulators (``2 kv``)."""
+    m = MODELS[model_name]
+    c, f, v = m["hidden_size"], m["intermediate_size"], m["vocab_size"]
+    kv = 2 * c * m["num_kv_heads"] // m["num_heads"]
+    one_layer = 7 * c + 4 * f
     if mode == "none":
-        return 4 * (layers * one_layer + logits)
+        return 4 * (m["num_layers"] * one_layer + 3 * v)
     if mode == "checkpointing":
-        return 4 * (stored + one_layer + logits)
-    return 4 * (stored + 6 * c + 2 * kv + 2 * c)  # + final hidden and its gradient
+        return 4 * max(3 * v + 2 * c, 2 * c + one_layer + kv)
+    if mode == "alst":
+        return 4 * max(4 * c, 2 * c + 8 * c + kv)
+    return 4 * max(2 * c, 2 * c + 2 * kv)
 
 
-def budget_answer(rows: list, budget_length: int) -> dict:
+def working_set_slope_ratio(by: dict, lengths) -> Optional[float]:
+    """StreamBP's working-set growth per token over ALST's, between the two longest lengths both measured (the
+    constants, parameter gradients and the logits chunk, cancel)."""
+    both = sorted(t for t in lengths if ("alst", t) in by and ("streambp", t) in by)
+    if len(both) < 2:
+        return None
+    t1, t2 = both[-2:]
+
+    def ws(mode, t):
+        return by[(mode, t)]["peak_bytes"] - by[(mode, t)]["stored_bytes"]
+    return (ws("streambp", t2) - ws("streambp", t1)) / (ws("alst", t2) - ws("alst", t1))
+
+
+def budget_answer(rows: list, baseline: str, budget_length: int) -> dict:
     by = {(r["mode"], r["length"]): r for r in rows if "error" not in r}
-    budget = by[("checkpointing", budget_length)]["peak_bytes"]
-    fits = [r["length"] for r in rows if r["mode"] == "streambp" and "error" not in r and r["peak_bytes"] <= budget]
+    budget = by[(baseline, budget_length)]["peak_bytes"]
     stream = sorted((r["length"], r["peak_bytes"]) for r in rows if r["mode"] == "streambp" and "error" not in r)
+    fits = [t for t, peak in stream if peak <= budget]
     extrapolated = float(max(fits, default=0))
     if len(stream) >= 2:
         (t1, m1), (t2, m2) = stream[-2], stream[-1]
         slope = (m2 - m1) / (t2 - t1)
         extrapolated = t2 + (budget - m2) / slope if slope > 0 else float("inf")
-    return {"budget_bytes": budget, "budget_length": budget_length, "streambp_max_measured": max(fits, default=0),
-            "streambp_max_extrapolated": extrapolated}
+    return {"budget_bytes": budget, "budget_length": budget_length, "baseline": baseline,
+            "streambp_max_measured": max(fits, default=0), "streambp_max_extrapolated": extrapolated}
 
 
-def plot(rows: list, path: str, device_label: str = "2 CPU threads") -> None:
+def plot(rows: list, modes, path: str, device_label: str = "2 CPU threads") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in MODES:
-        pts = sorted((r["length"], r["peak_bytes"] / 2**20, r["seconds"]) for r in rows
-                     if r["mode"] == mode and "error" not in r)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    colors = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # one color per mode in every panel
+    for mode in modes:
+        pts = sorted((r["length"], r["peak_bytes"] / 2**20, r["seconds"], (r["peak_bytes"] - r["stored_bytes"]) / 2**20)
+                     for r in rows if r["mode"] == mode and "error" not in r)
         if pts:
-            a.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
-            b.loglog([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode)
+            a.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode, color=colors[mode])
+            b.loglog([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode, color=colors[mode])
+            if mode != "none":
+                c.loglog([p[0] for p in pts], [p[3] for p in pts], marker="o", label=mode, color=colors[mode])
     a.set(xlabel="sequence length", ylabel="peak extra memory (MiB)", title="memory of one fwd+bwd")
     b.set(xlabel="sequence length", ylabel="seconds", title=f"time of one fwd+bwd ({device_label})")
-    a.legend()
-    b.legend()
+    c.set(xlabel="sequence length", ylabel="MiB", title="working set (peak - stored layer inputs)")
+    for ax in (a, b, c):
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def print_table(rows: list, modes, lengths, model_name: str) -> None:
+    by = {(r["mode"], r["length"]): r for r in rows if "error" not in r}
+    print(f"{'mode':>14}{'T':>7}{'peak MiB':>10}{'seconds':>9}{'stored MiB':>12}{'working MiB':>13}"
+          f"{'ws B/token':>12}{'theory B/token':>16}")
+    for mode in modes:
+        theory = theory_working_set(model_name, mode) if mode != "none" else theory_bytes_per_token(model_name, mode)
+        for t in lengths:
+            r = by.get((mode, t))
+            if r is None:
+                continue
+            ws = r["peak_bytes"] - (0 if mode == "none" else r["stored_bytes"])
+            print(f"{mode:>14}{t:>7}{r['peak_bytes'] / 2**20:>10.1f}{r['seconds']:>9.2f}"
+                  f"{r['stored_bytes'] / 2**20:>12.1f}{ws / 2**20:>13.1f}{ws / t:>12.0f}{theory:>16.0f}")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    p.add_argument("--budget_length", type=int, default=4096)
-    p.add_argument("--streambp_only_lengths", default="24576",
-                   help="extra lengths measured for StreamBP alone (to find its longest fit under the budget)")
-    p.add_argument("--chunk_size", type=int, default=1024)
-    p.add_argument("--logits_chunk_size", type=int, default=512)
+    p.add_argument("--model", default="qwen2", choices=sorted(MODELS))
+    p.add_argument("--lengths", default=None,
+                   help="lengths for the baseline and StreamBP (qwen2: 4096,8192,16384; reference: 1k..16k)")
+    p.add_argument("--full_logits_lengths", default=None,
+                   help="lengths for the full-logits modes none and checkpointing (qwen2: 4096,8192; reference: "
+                        "the same as --lengths)")
+    p.add_argument("--budget_length", type=int, default=None, help="qwen2: 16384 (ALST's peak); reference: 4096")
+    p.add_argument("--streambp_only_lengths", default=None,
+                   help="extra lengths measured for StreamBP alone (reference default 24576)")
+    p.add_argument("--chunk_size", type=int, default=None, help="StreamBP chunk (qwen2: 512, reference: 1024)")
+    p.add_argument("--logits_chunk_size", type=int, default=None,
+                   help="tokens per logits chunk for StreamBP and ALST's loss shards (qwen2: 128, reference: 512)")
     p.add_argument("--grad_length", type=int, default=1024)
-    p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "results", "streambp.png"))
+    p.add_argument("--point_timeout", type=float, default=600, help="seconds one (mode, length) process may take")
+    p.add_argument("--plot", default=None)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: peak memory from torch.cuda.max_memory_allocated, times after synchronize")
     p.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    qwen = args.model == "qwen2"
+    defaults = dict(lengths="4096,8192,16384" if qwen else "1024,2048,4096,8192,16384",
+                    budget_length=16384 if qwen else 4096, streambp_only_lengths="" if qwen else "24576",
+                    chunk_size=512 if qwen else 1024, logits_chunk_size=128 if qwen else 512,
+                    plot=os.path.join(ROOT, "benchmarks", "results", "streambp_qwen2.png" if qwen else "streambp.png"))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.full_logits_lengths is None:
+        args.full_logits_lengths = "4096,8192" if qwen else args.lengths
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.chunk_size, args.logits_chunk_size,
-                               args.device)))
+        print(json.dumps(child(args.model, args.child[0], int(args.child[1]), args)))
         return {}
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))  # grad_errors
+    modes, baseline = MODES[args.model], BASELINE[args.model]
     lengths = [int(x) for x in args.lengths.split(",")]
-    rows = [measure(mode, t, args) for t in lengths for mode in MODES]
+    full = [int(x) for x in args.full_logits_lengths.split(",") if x]
+    rows = []
+    for t in sorted(set(lengths) | set(full)):
+        for mode in modes:
+            if (mode in ("none", "checkpointing") and t in full) or (mode in (baseline, "streambp") and t in lengths):
+                rows.append(measure(mode, t, args))
     rows += [measure("streambp", int(t), args) for t in args.streambp_only_lengths.split(",") if t]
     errors = grad_errors(args.grad_length, args)
+    all_lengths = sorted({r["length"] for r in rows})
+    print_table(rows, modes, all_lengths, args.model)
     by = {(r["mode"], r["length"]): r for r in rows if "error" not in r}
-    print(f"{'T':>7}" + "".join(f"{m + ' MiB':>18}{m + ' s':>16}" for m in MODES) + f"{'mem ratio':>11}"
-          f"{'theory':>8}{'time ratio':>12}")
-    theory = theory_bytes_per_token("checkpointing", args) / theory_bytes_per_token("streambp", args)
-    for t in lengths:
-        cells = "".join(f"{by[(m, t)]['peak_bytes'] / 2**20:>18.1f}{by[(m, t)]['seconds']:>16.2f}"
-                        if (m, t) in by else f"{'-':>18}{'-':>16}" for m in MODES)
-        ck, sb = by.get(("checkpointing", t)), by.get(("streambp", t))
-        ratio = f"{ck['peak_bytes'] / sb['peak_bytes']:>11.2f}{theory:>8.2f}{sb['seconds'] / ck['seconds']:>12.3f}" \
-            if ck and sb else ""
-        print(f"{t:>7}{cells}{ratio}")
-    budget = budget_answer(rows, args.budget_length)
-    print(f"\nbudget = checkpointing's peak at T={args.budget_length}: {budget['budget_bytes'] / 2**20:.1f} MiB; "
+    budget = budget_answer(rows, baseline, args.budget_length)
+    print(f"\nbudget = {baseline}'s peak at T={args.budget_length}: {budget['budget_bytes'] / 2**20:.1f} MiB; "
           f"StreamBP fits T={budget['streambp_max_measured']} measured, ~{budget['streambp_max_extrapolated']:.0f} "
           "extrapolated")
     print(f"max grad rel err vs autograd at T={args.grad_length}: {errors}")
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    plot(rows, args.plot, "2 CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
-    longest = max(t for t in lengths if ("checkpointing", t) in by and ("streambp", t) in by)
-    result = {
-        "benchmark": "streambp", "device": args.device, "model": MODEL, "chunk_size": args.chunk_size,
-        "logits_chunk_size": args.logits_chunk_size,
-        "max_seq_ratio_vs_checkpointing": budget["streambp_max_measured"] / args.budget_length,
-        "max_seq_ratio_extrapolated": budget["streambp_max_extrapolated"] / args.budget_length,
-        "time_ratio_vs_checkpointing": by[("streambp", longest)]["seconds"] / by[("checkpointing", longest)]["seconds"],
-        "time_ratio_length": longest,
-        "memory_ratio_at_longest": by[("checkpointing", longest)]["peak_bytes"] / by[("streambp", longest)]["peak_bytes"],
-        "theory_memory_ratio": theory,
-        "max_grad_rel_err": errors["streambp"], "checkpointing_grad_rel_err": errors["checkpointing"],
-        "rows": rows, "plot": os.path.relpath(args.plot, ROOT),
-    }
+    plot(rows, modes, args.plot, "2 CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
+    result = {"benchmark": "streambp", "device": args.device, "model_name": args.model, "model": MODELS[args.model],
+              "chunk_size": args.chunk_size, "logits_chunk_size": args.logits_chunk_size,
+              "max_grad_rel_err": errors["streambp"], "grad_rel_err": errors,
+              "rows": rows, "plot": os.path.relpath(args.plot, ROOT)}
+    both = [t for t in lengths if ("checkpointing", t) in by and ("streambp", t) in by]
+    if both:
+        t = max(both)
+        ck, sb = by[("checkpointing", t)], by[("streambp", t)]
+        result.update(time_ratio_vs_checkpointing=sb["seconds"] / ck["seconds"], time_ratio_length=t,
+                      memory_ratio_at_longest=ck["peak_bytes"] / sb["peak_bytes"],
+                      theory_memory_ratio=theory_bytes_per_token(args.model, "checkpointing")
+                      / theory_bytes_per_token(args.model, "streambp"))
+    if baseline == "checkpointing":
+        result.update(max_seq_ratio_vs_checkpointing=budget["streambp_max_measured"] / args.budget_length,
+                      max_seq_ratio_extrapolated=budget["streambp_max_extrapolated"] / args.budget_length,
+                      checkpointing_grad_rel_err=errors["checkpointing"])
+    else:
+        t = args.budget_length
+        al, sb = by.get(("alst", t)), by.get(("streambp", t))
+        result.update(
+            max_seq_ratio_vs_alst=budget["streambp_max_extrapolated"] / t,
+            max_seq_ratio_vs_alst_measured=budget["streambp_max_measured"] / t,
+            budget_bytes=budget["budget_bytes"], budget_length=t,
+            time_ratio_vs_alst=sb["seconds"] / al["seconds"] if al and sb else None,
+            working_set_ratio_vs_alst=((sb["peak_bytes"] - sb["stored_bytes"]) / (al["peak_bytes"] - al["stored_bytes"])
+                                       if al and sb else None),
+            activation_ratio_vs_alst={str(n): by[("streambp", n)]["peak_bytes"] / by[("alst", n)]["peak_bytes"]
+                                      for n in lengths if ("alst", n) in by and ("streambp", n) in by},
+            working_set_slope_ratio_vs_alst=working_set_slope_ratio(by, lengths),
+            theory_working_set_bytes_per_token={mode: theory_working_set(args.model, mode) for mode in modes[1:]},
+            alst_grad_rel_err=errors["alst"])
     print(json.dumps(result))
     return result
 

@@ -1,18 +1,19 @@
 """StreamBP (arXiv 2506.03077) for megatron-core ``TransformerLayer``s, in place of megatron's recompute.
 
 The mechanism is :mod:`ds_ext.streambp.layer` unchanged (:func:`ds_ext.streambp.layer.stream_layer` with
-:class:`MegatronLayerAdapter`): forward keeps only the layer's input; backward recomputes
-``h = input_layernorm(x)`` and the roped keys/values of all positions once, then walks the sequence in chunks of
-``chunk_size`` tokens (queries, attention over keys ``< e``, ``linear_proj``, bias-add + residual, pre-MLP norm, MLP
-and its residual on the chunk only) and backpropagates each chunk's output gradient. Parameter and input gradients
+:class:`MegatronLayerAdapter`): forward keeps only the layer's input; backward computes the
+roped keys/values of all positions once (no graph), then walks the sequence in chunks of ``chunk_size`` tokens, last
+to first (``input_layernorm``, the chunk's queries/keys/values, attention over keys ``< e``, ``linear_proj``,
+bias-add + residual, pre-MLP norm, MLP and its residual on the chunk only) and backpropagates each chunk's output
+gradient with the finished key/value gradients of its rows. Parameter and input gradients
 are sums of the same terms as plain autograd's, so they are exact (fp32 rel err <= 1e-5, tested).
 
 :class:`MegatronLayerAdapter` reaches a megatron layer's parts. megatron works on ``[s, b, h]``; StreamBP slices the
 sequence on dim 1, so the adapter hands StreamBP ``[b, s, h]`` views (transposes, no copies) and transposes back
 around every megatron call. RoPE: the layer's ``rotary_pos_emb`` (``[s, 1 or b, 1, d]``, also Prefix Grouper's
-per-row table) is sliced per chunk and applied with megatron's own ``apply_rotary_pos_emb``. A chunk's queries come
-from megatron's ``get_query_key_value_tensors`` on the chunk rows (its keys/values are recomputed and dropped:
-extra ``2 Hkv / (H + 2 Hkv)`` of the chunk's QKV projection, for exactly megatron's layout and q/k norms).
+per-row table) is sliced per chunk and applied with megatron's own ``apply_rotary_pos_emb``. A chunk's queries, keys
+and values come from one megatron ``get_query_key_value_tensors`` call on the chunk rows (exactly megatron's layout
+and q/k norms); the keys/values of all rows are computed once more, without a graph, at the start of the backward.
 
 Gradient buckets: each chunk's backward fires megatron DDP's per-parameter hook, which adds ``param.grad`` into
 ``main_grad`` (a sum again, exact). With ``overlap_grad_reduce`` the hook would mark a parameter ready once per
@@ -99,6 +100,12 @@ class MegatronLayerAdapter(LayerAdapter):
         _, k, v = self._qkv(h)
         k = self._rope(k, None if positions is None else positions[1])
         return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+
+    def queries_keys_values(self, h, positions):
+        q, k, v = self._qkv(h)  # one fused projection for the three
+        q_freqs, k_freqs = (None, None) if positions is None else positions
+        return (self._rope(q, q_freqs).permute(1, 2, 0, 3), self._rope(k, k_freqs).permute(1, 2, 0, 3),
+                v.permute(1, 2, 0, 3))
 
     def attention_out(self, attn):
         b, _, c, _ = attn.shape

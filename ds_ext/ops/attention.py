@@ -194,21 +194,50 @@ def grouped_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return grouped_chunk_mask(segment_ids, 0, segment_ids.shape[1])
 
 
+def on_block(parts: Sequence[Part], s: int, block: Tuple[torch.Tensor, torch.Tensor]) -> List[Part]:
+    """Parts over the keys ``[0, e)`` of a chunk, rewritten for keys held in two tensors: rows ``< s`` in the parts'
+    own ``k, v`` (the prefix, ``[B, Hkv, s, D]``), rows ``>= s`` in ``block = (k_block, v_block)`` (``[B, Hkv, e - s,
+    D]``). A part reading a whole tensor gets ``kv_rows=None`` (its gradient is then the kernel's own output, no
+    buffer of the tensor's size). A causal part must not straddle ``s``."""
+    out = []
+    for p in parts:
+        a, b = p.kv_rows if p.kv_rows is not None else (0, s + block[0].shape[2])
+        if p.causal and a < s < b:
+            raise ValueError(f"a causal part over keys [{a}, {b}) straddles the block start {s}")
+        if a < s:
+            out.append(p._replace(kv_rows=_whole(a, min(b, s), p.k.shape[2])))
+        if b > s:
+            out.append(Part(block[0], block[1], p.causal, p.q_rows, _whole(max(a, s) - s, b - s, block[0].shape[2])))
+    return out
+
+
+def _whole(a: int, b: int, n: int) -> Rows:
+    return None if (a, b) == (0, n) else (a, b)
+
+
 def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = None,
-                    scale: Optional[float] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    scale: Optional[float] = None, mask: Optional[torch.Tensor] = None, *,
+                    block: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Causal attention of the queries at positions ``[s, s + c)`` (``q: [B, H, c, D]``) over the keys
     ``[0, s + c)`` (``k, v: [B, Hkv, s + c, D]``), never with an ``[s + c, s + c]`` mask.
 
+    ``block = (k_block, v_block)``: the keys/values of the chunk's own positions ``[s, s + c)`` are separate tensors
+    (``[B, Hkv, c, D]``) and ``k, v`` hold only the prefix ``[0, s)`` (StreamBP's backward: the prefix is a
+    detached buffer, the block carries the chunk's graph; :func:`on_block`).
+
     Merged path: the unmasked part ``[0, s)`` and the causal diagonal block ``[s, s + c)``. ``mask`` (a boolean
     ``[B or 1, 1, c, s + c]`` from the caller's attention, e.g. a grouped chunk) or ``key_padding_mask`` select
-    masked SDPA instead."""
+    masked SDPA instead (with ``block``, on the concatenated keys)."""
+    e = k.shape[2] if block is None else s + block[0].shape[2]
     reason = ("the caller's attention gives a chunk mask" if mask is not None else
               "a key padding mask is given" if key_padding_mask is not None else flash_unavailable(q, k))
     if reason is None:
         parts = [Part(k, v, False, kv_rows=(0, s))] if s > 0 else []
-        parts.append(Part(k, v, True, kv_rows=(s, k.shape[2])))
-        return merged_attention(q, parts, scale)
+        parts.append(Part(k, v, True, kv_rows=(s, e)))
+        return merged_attention(q, parts if block is None else on_block(parts, s, block), scale)
     log_fallback("chunk attention", reason)
+    if block is not None:
+        k, v = torch.cat([k, block[0]], dim=2), torch.cat([v, block[1]], dim=2)
     if mask is None:
-        mask = chunk_mask(s, k.shape[2], key_padding_mask, q.device)
+        mask = chunk_mask(s, e, key_padding_mask, q.device)
     return grouped_sdpa(q, k, v, attn_mask=mask, scale=scale)

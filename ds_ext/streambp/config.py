@@ -15,4 +15,5 @@ class StreamBPConfig(ExtSection):
     """Tokens per backward chunk of a decoder layer; need not divide the sequence length."""
 
     logits_chunk_size: int = Field(256, ge=1)
-    """Positions per chunk of the LM head + loss (logits memory B x chunk x vocab instead of B x T x vocab)."""
+    """Positions per chunk of the LM head + loss (logits memory B x chunk x vocab instead of B x T x vocab); capped
+    so that one chunk's fp32 logits stay within 16 MiB (``ds_ext.streambp.loss.MAX_LOGITS_CHUNK_BYTES``)."""

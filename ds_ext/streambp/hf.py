@@ -8,11 +8,13 @@ cache and a causal (+ key padding) mask, it runs through StreamBP; otherwise the
 the model with ``use_cache=False`` when training, as :func:`causal_lm_loss` does). RoPE comes from the model's
 ``position_embeddings`` (``cos, sin: [B, T, D]``), sliced per chunk.
 
-The LM head: :func:`causal_lm_loss` runs ``model.model`` for hidden states and the head + token cross-entropy in
-chunks, shifted as HF's ``ForCausalLMLoss`` does (position t predicts token t + 1, mean over labels != -100).
+The LM head: :func:`causal_lm_loss` runs ``model.model`` for hidden states and the final norm, head + token
+cross-entropy in chunks, shifted as HF's ``ForCausalLMLoss`` does (position t predicts token t + 1, mean over
+labels != -100).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -45,7 +47,7 @@ class HFLayerAdapter(LayerAdapter):
                       use_cache=False, position_embeddings=None, **kwargs) -> Optional[StreamCall]:
         """Streamed without a KV cache and with the model's ``position_embeddings``; the mask must be causal +
         key padding (:func:`key_padding_from_mask`)."""
-        if use_cache or past_key_values is not None or position_embeddings is None:
+        if use_cache or past_key_values is not None or kwargs.get("cache") is not None or position_embeddings is None:
             return None
         padding = key_padding_from_mask(attention_mask, hidden_states.shape[1])
 
@@ -105,9 +107,23 @@ def key_padding_from_mask(mask: Optional[torch.Tensor], t: int) -> Optional[torc
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None, logits_chunk_size: int = 256) -> torch.Tensor:
-    """HF causal-LM loss with the head and cross-entropy in chunks: ``model.model`` gives the hidden states
-    ``[B, T, C]`` (without a KV cache, which would keep every layer's keys and values); labels are shifted like HF
-    (``labels[:, 1:]``, -100 ignored)."""
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    """HF causal-LM loss with the final norm, head and cross-entropy in chunks: ``model.model`` gives the hidden
+    states ``[B, T, C]`` before its final norm (without a KV cache, which would keep every layer's keys and values),
+    and :func:`ds_ext.streambp.loss.chunked_lm_loss` applies that norm, the head and the loss chunk by chunk (no
+    full-length normed copy or norm activations are kept); labels are shifted like HF (``labels[:, 1:]``, -100
+    ignored)."""
+    with _without_final_norm(model.model) as norm:
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    return chunked_lm_loss(hidden, model.lm_head.weight, TokenCrossEntropy(shifted), logits_chunk_size)
+    return chunked_lm_loss(hidden, model.lm_head.weight, TokenCrossEntropy(shifted), logits_chunk_size, norm=norm)
+
+
+@contextmanager
+def _without_final_norm(backbone: nn.Module):
+    """Run the HF backbone with its final ``norm`` set aside (an identity in its place); yields the norm."""
+    norm = backbone.norm
+    backbone.norm = nn.Identity()
+    try:
+        yield norm
+    finally:
+        backbone.norm = norm

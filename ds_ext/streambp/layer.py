@@ -1,19 +1,24 @@
 """StreamBP for a pre-norm decoder layer: exact backward, chunked along the sequence (arXiv 2506.03077).
 
-Forward runs the layer on the whole sequence under ``no_grad`` and keeps only its input ``x: [B, T, C]`` (what
-activation checkpointing keeps). Backward receives ``G = dL/dY: [B, T, C]``, recomputes ``h = norm1(x)`` and the
-keys/values of all positions once, then walks the sequence in chunks ``[s, e)`` of ``chunk_size`` tokens (the last
-may be shorter); for each chunk, with gradients on:
+Forward runs under ``no_grad`` and keeps only the layer's input ``x: [B, T, C]`` (what activation checkpointing
+keeps); it computes the output chunk by chunk as the backward does (:func:`streamed_forward`: keys/values of all
+positions, then each chunk's queries, attention, projection and MLP), or with the layer's own forward when the
+sequence fits in one chunk. Backward receives ``G = dL/dY: [B, T, C]``, computes the roped keys/values of all
+positions once without a graph (chunk by chunk), then walks the sequence in chunks ``[s, e)`` of ``chunk_size``
+tokens (the last may be shorter), **last to first**; for each chunk, with gradients on, from the leaf
+``x[:, s:e]``:
 
-* queries from ``h[:, s:e]`` only;
+* ``h = norm1(x[:, s:e])`` (row-wise: no full-length ``h``), the chunk's queries, keys and values;
 * attention of the ``c = e - s`` queries over the ``e`` keys ``< e``, causal aligned bottom-right (query ``s + i``
-  sees keys ``<= s + i``; never a ``T x T`` mask): :func:`ds_ext.ops.attention.chunk_attention` (the unmasked
-  prefix and the causal diagonal block merged by log-sum-exp, or a ``[c, e]`` mask with key padding or the
-  per-call attention's :meth:`ChunkMasked.chunk_mask`);
+  sees keys ``<= s + i``; never a ``T x T`` mask): :func:`ds_ext.ops.attention.chunk_attention` over the detached
+  prefix keys ``[0, s)`` and the chunk's own keys (the unmasked prefix and the causal diagonal block merged by
+  log-sum-exp, or a ``[c, e]`` mask with key padding or the per-call attention's :meth:`ChunkMasked.chunk_mask`);
 * ``y = x[:, s:e] + o_proj(attn)``, ``y = y + mlp(norm2(y))`` on the chunk only;
 
-then backpropagates ``G[:, s:e]``. Input, key/value and parameter gradients accumulate over chunks, so the
-result is the full-sequence gradient (a sum of the same terms).
+then backpropagates ``G[:, s:e]`` into ``y`` and the key/value gradients of rows ``[s, e)`` (finished: later chunks
+ran first) into the chunk's keys/values. The prefix keys' gradients accumulate in buffers ``dK, dV``; the input
+gradient of rows ``[s, e)`` is final after its chunk; parameter gradients accumulate over chunks, so the result is
+the full-sequence gradient (a sum of the same terms).
 
 **One streaming mechanism** for every layer family: :func:`stream_layer` replaces the instance's ``forward`` with
 one that, when gradients are wanted, asks the family's :class:`LayerAdapter` to map the call's arguments to a
@@ -29,9 +34,10 @@ chunk.
 from __future__ import annotations
 
 import types
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 from torch import nn
@@ -54,8 +60,9 @@ class ChunkMasked(Protocol):
 class StreamCall:
     """One streamed call of a layer, in StreamBP's terms: ``x: [B, T, C]`` (a view of the layer's input), the
     position information, the key padding ``[B, T]`` (True = real) or None, ``full(x, positions, padding) -> y``
-    (the layer's own forward on the whole sequence, run once under no_grad), the chunk mask of a per-call attention
-    (None: causal) and ``output(y)``, the layer's return value built from ``y: [B, T, C]``."""
+    (the layer's own forward on the whole sequence, run under no_grad when the sequence fits in one chunk), the
+    chunk mask of a per-call attention (None: causal) and ``output(y)``, the layer's return value built from
+    ``y: [B, T, C]``."""
 
     x: torch.Tensor
     positions: object
@@ -105,6 +112,10 @@ class LayerAdapter(ABC):
     def keys_values(self, h, positions):
         """Roped keys and values of the normed rows ``h``."""
 
+    def queries_keys_values(self, h, positions):
+        """``(q, k, v)`` of the normed rows ``h`` (one fused projection where the family has one)."""
+        return (self.queries(h, positions), *self.keys_values(h, positions))
+
     @abstractmethod
     def attention_out(self, attn):
         """``attn: [B, H, c, D]`` -> ``[B, c, C]`` (output projection)."""
@@ -124,14 +135,49 @@ def chunk_mask_of(attention_fn) -> Optional[Callable[[int, int], torch.Tensor]]:
     return attention_fn.chunk_mask
 
 
-def chunk_output(adapter: LayerAdapter, xc, hc, ke, ve, positions, s: int, e: int,
-                 key_padding_mask: Optional[torch.Tensor], chunk_mask=None) -> torch.Tensor:
-    """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, the normed
-    rows ``hc = h[:, s:e]`` and the keys/values of positions ``< e``, ``ke, ve: [B, Hkv, e, D]``."""
-    q = adapter.queries(hc, adapter.slice_positions(positions, s, e))
+def chunk_output(adapter: LayerAdapter, xc, q, k, v, s: int, e: int, key_padding_mask: Optional[torch.Tensor],
+                 chunk_mask=None, block=None) -> torch.Tensor:
+    """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, their roped
+    queries ``q`` and the keys/values of positions ``< e`` (``k, v: [B, Hkv, e, D]``; or, with ``block = (k_block,
+    v_block)`` for the chunk's own rows, ``k, v`` hold positions ``< s``:
+    :func:`ds_ext.ops.attention.chunk_attention`)."""
     mask = chunk_mask(s, e) if chunk_mask is not None else None
-    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale, mask)
+    attn = chunk_attention(q, k, v, s, key_padding_mask, adapter.scale, mask, block=block)
     return adapter.mlp_block(xc + adapter.attention_out(attn))
+
+
+def keys_values(adapter: LayerAdapter, x, positions, bounds) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Roped keys/values of every position, ``[B, Hkv, T, D]`` each, without a graph, computed chunk by chunk into
+    the two buffers (no full-length normed input or projection temporaries). The buffers are sequence-major, so a
+    prefix view is dense and its gradient buffer (``zeros_like``, same strides) obeys autograd's layout contract."""
+    k = v = None
+    with torch.no_grad():
+        for s, e in bounds:
+            kc, vc = adapter.keys_values(adapter.norm1(x[:, s:e]), adapter.slice_positions(positions, s, e))
+            if k is None:  # [B, T, Hkv, D] storage seen as [B, Hkv, T, D]: a prefix k[:, :, :s] is one dense block
+                k = kc.new_empty((kc.shape[0], x.shape[1]) + kc.shape[1:2] + kc.shape[3:]).transpose(1, 2)
+                v = vc.new_empty((vc.shape[0], x.shape[1]) + vc.shape[1:2] + vc.shape[3:]).transpose(1, 2)
+            k[:, :, s:e], v[:, :, s:e] = kc, vc
+    return k, v
+
+
+def chunk_bounds(t: int, chunk: int):
+    return [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
+
+
+def streamed_forward(adapter: LayerAdapter, x, positions, key_padding_mask, chunk: int, chunk_mask=None):
+    """The layer's output ``[B, T, C]`` computed chunk by chunk, no graph: keys/values of all positions once
+    (:func:`keys_values`), then per chunk its queries, attention over keys ``< e``, projection and MLP
+    (:func:`chunk_output`, the function the backward differentiates). Beside ``x`` and ``y`` it holds ``K, V`` and
+    one chunk's activations, not the layer's full-length ones (the SwiGLU alone is ``3 F`` floats per token)."""
+    bounds = chunk_bounds(x.shape[1], chunk)
+    k, v = keys_values(adapter, x, positions, bounds)
+    y = torch.empty_like(x)
+    for s, e in bounds:
+        xc = x[:, s:e]
+        q = adapter.queries(adapter.norm1(xc), adapter.slice_positions(positions, s, e))
+        y[:, s:e] = chunk_output(adapter, xc, q, k[:, :, :e], v[:, :, :e], s, e, key_padding_mask, chunk_mask)
+    return y
 
 
 class StreamedLayerFunction(torch.autograd.Function):
@@ -141,11 +187,19 @@ class StreamedLayerFunction(torch.autograd.Function):
     Saved for backward: ``x`` (and the key padding mask when given); positions, the adapter and the chunk-mask
     function ride on ``ctx`` (shared by every layer of the call, not per layer).
 
-    Backward order: ``h = norm1(x)`` and the keys/values of all ``T`` positions are recomputed once (``O(T)``
-    memory for one layer at a time, instead of recomputing the prefix's keys/values for every chunk); chunks
-    ``0 .. D-2`` backpropagate into detached slices of ``x, h, k, v`` whose gradients are summed into buffers
-    ``dx, dh, dk, dv``; the last chunk backpropagates together with ``dh, dk, dv`` through the real graph, so every
-    parameter receives its gradient in that one final call (the only one with the parameters marked ready).
+    Backward, for ``G = dL/dY``: the roped keys/values ``K, V`` of all ``T`` positions are computed once without a
+    graph (:func:`keys_values`); gradient buffers ``dK, dV`` (like ``K, V``) and ``dx`` (like ``x``). Chunks run
+    **last to first**; chunk ``[s, e)`` recomputes, with a graph from the leaf ``x[:, s:e]``, the normed rows, its
+    queries and its own keys/values, attends over the detached prefix ``K[:, :, :s]`` (a leaf whose ``.grad`` is
+    the view ``dK[:, :, :s]``, so autograd adds into the buffer in place) and the chunk's own keys (the causal
+    block), and backpropagates ``G[:, s:e]`` together with ``dK[:, :, s:e], dV[:, :, s:e]`` into its keys/values.
+    Those rows are complete by then: only queries at or after them see them, and later chunks ran first. So each
+    call finishes ``dx[:, s:e]``, and every parameter (queries, keys/values, projections, MLP, norms) receives a
+    gradient in every call: the last call (chunk 0) is the only one with the parameters marked ready.
+
+    Working set beside the stored inputs: ``G``, ``dx``, ``K, V`` and ``dK, dV`` (``2 (C + 2 Hkv D)`` floats per
+    token), plus one chunk's activations and the attention kernel's prefix gradients (``2 Hkv D`` per prefix
+    token): no full-length normed input, projections or their gradients.
     """
 
     @staticmethod
@@ -153,45 +207,63 @@ class StreamedLayerFunction(torch.autograd.Function):
         ctx.save_for_backward(x, key_padding_mask)
         ctx.positions, ctx.adapter, ctx.chunk_size, ctx.chunk_mask = positions, adapter, chunk_size, chunk_mask
         with torch.no_grad():
-            return full_forward(x, positions, key_padding_mask)
+            if x.shape[1] <= chunk_size:  # one chunk: the layer's own forward holds no more than a chunk would
+                return full_forward(x, positions, key_padding_mask)
+            return streamed_forward(adapter, x, positions, key_padding_mask, chunk_size, chunk_mask)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, key_padding_mask = ctx.saved_tensors
         adapter, positions, chunk, mask = ctx.adapter, ctx.positions, ctx.chunk_size, ctx.chunk_mask
-        x = x.detach().requires_grad_(True)
+        x = x.detach()
         params = [p for p in adapter.layer.parameters() if p.requires_grad]
-        t = x.shape[1]
-        bounds = [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
-        with torch.enable_grad():
-            h = adapter.norm1(x)
-            k, v = adapter.keys_values(h, positions)
-            dx, dh, dk, dv = (torch.zeros_like(z) for z in (x, h, k, v))
-            set_grad_ready(params, False)
-            for s, e in bounds[:-1]:
-                _chunk_backward(adapter, x, h, k, v, (dx, dh, dk, dv), positions, s, e, key_padding_mask,
-                                grad_out[:, s:e], mask)
-            set_grad_ready(params, True)
-            s, e = bounds[-1]
-            y = chunk_output(adapter, x[:, s:e], h[:, s:e], k[:, :, :e], v[:, :, :e], positions, s, e,
-                             key_padding_mask, mask)
-            torch.autograd.backward([y, h, k, v], [grad_out[:, s:e], dh, dk, dv])
-        return x.grad + dx, None, None, None, None, None, None
+        bounds = chunk_bounds(x.shape[1], chunk)
+        k, v = keys_values(adapter, x, positions, bounds)
+        state = _BackwardState(adapter, x, k, v, positions, key_padding_mask, mask)
+        set_grad_ready(params, False)
+        for s, e in reversed(bounds[1:]):
+            _chunk_backward(state, s, e, grad_out[:, s:e])
+        set_grad_ready(params, True)
+        state.backward_chunk(*bounds[0], grad_out[:, bounds[0][0]:bounds[0][1]])
+        return state.dx, None, None, None, None, None, None
 
 
-def _chunk_backward(adapter, x, h, k, v, buffers, positions, s, e, key_padding_mask, grad_chunk,
-                    chunk_mask=None) -> None:
-    """Backpropagate rows ``[s, e)`` into per-chunk leaves (only the slices the chunk reads) and add their
-    gradients into the full-size buffers; parameter gradients accumulate in ``param.grad``."""
-    dx, dh, dk, dv = buffers
-    xc, hc = x[:, s:e].detach().requires_grad_(True), h[:, s:e].detach().requires_grad_(True)
-    ke, ve = k[:, :, :e].detach().requires_grad_(True), v[:, :, :e].detach().requires_grad_(True)
-    y = chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask, chunk_mask)
-    torch.autograd.backward(y, grad_chunk)
-    dx[:, s:e] += xc.grad
-    dh[:, s:e] += hc.grad
-    dk[:, :, :e] += ke.grad
-    dv[:, :, :e] += ve.grad
+class _BackwardState:
+    """The buffers of one streamed layer's backward (see :class:`StreamedLayerFunction`)."""
+
+    def __init__(self, adapter, x, k, v, positions, key_padding_mask, chunk_mask):
+        self.adapter, self.x, self.k, self.v = adapter, x, k, v
+        self.positions, self.key_padding_mask, self.chunk_mask = positions, key_padding_mask, chunk_mask
+        self.dk, self.dv, self.dx = torch.zeros_like(k), torch.zeros_like(v), torch.empty_like(x)
+
+    def backward_chunk(self, s: int, e: int, grad_chunk) -> None:
+        """Rows ``[s, e)``: recompute with a graph, backpropagate ``grad_chunk`` and the finished ``dK, dV`` rows;
+        writes ``dx[:, s:e]``, adds into ``dK, dV[:, :, :s]`` and the parameters' ``.grad``."""
+        adapter = self.adapter
+        xc = self.x[:, s:e].detach().requires_grad_(True)
+        kp, vp = (_accumulating_leaf(z[:, :, :s], dz[:, :, :s]) for z, dz in ((self.k, self.dk), (self.v, self.dv)))
+        with torch.enable_grad(), warnings.catch_warnings():
+            # with B > 1 a prefix view has gaps between rows; autograd then notes (once) that its .grad is not
+            # contiguous: intended, the buffer is the accumulator
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            q, kc, vc = adapter.queries_keys_values(adapter.norm1(xc), adapter.slice_positions(self.positions, s, e))
+            y = chunk_output(adapter, xc, q, kp, vp, s, e, self.key_padding_mask, self.chunk_mask, (kc, vc))
+            torch.autograd.backward([y, kc, vc], [grad_chunk, self.dk[:, :, s:e], self.dv[:, :, s:e]])
+        self.dx[:, s:e] = xc.grad
+
+
+def _accumulating_leaf(z: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """A leaf with ``z``'s values whose gradient autograd adds into ``buffer`` (a view) in place: a leaf's existing
+    ``.grad`` is accumulated into (``AccumulateGrad`` with grad mode off), so no ``z``-sized copy is made."""
+    leaf = z.detach().requires_grad_(True)
+    if z.shape[2] > 0:
+        leaf.grad = buffer
+    return leaf
+
+
+def _chunk_backward(state: _BackwardState, s: int, e: int, grad_chunk) -> None:
+    """One chunk's backward before the last call (the parameters are marked not ready)."""
+    state.backward_chunk(s, e, grad_chunk)
 
 
 def _needs_grad(layer: nn.Module, args, kwargs) -> bool:
