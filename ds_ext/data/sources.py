@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
-from ds_ext.models.data import TEXT_SUFFIXES
+from ds_ext.models.data import TEXT_SUFFIXES, corpus_files
 
 FORMS = "'text', 'prompt' + 'completion', or 'messages'"
 
@@ -35,7 +35,10 @@ class Example:
     where: str            # "file:line" (or the file for a text document), for error messages
 
 
-def data_files(path: str) -> List[Path]:
+def data_files(path: Optional[str]) -> List[Path]:
+    """The files under ``path``; ``None``: the reference model's default corpus (the standard library's modules)."""
+    if path is None:
+        return corpus_files(None)
     root = Path(path)
     if root.is_file():
         return [root]
@@ -102,7 +105,7 @@ def read_jsonl(path: Path) -> Iterator[Example]:
             yield parse_line(obj, where)
 
 
-def read_examples(path: str) -> List[Example]:
+def read_examples(path: Optional[str]) -> List[Example]:
     """Every example under ``path``, in file order then line order (deterministic)."""
     out: List[Example] = []
     for f in data_files(path):
