@@ -110,7 +110,7 @@ def build_hf(args, ds_config: dict, topology):
         model = hf_pipeline_module(hf, topology)
     else:
         model = HFCausalLM(hf, source=os.path.abspath(args.model), tokenizer_dir=tokenizer_dir)
-    return model, tokenizer, train_set, eval_set
+    return model, tokenizer, train_set, eval_set, hf.config
 
 
 def refuse(e: Exception) -> None:
@@ -118,12 +118,18 @@ def refuse(e: Exception) -> None:
     sys.exit(2)
 
 
-def save_hf(engine, tokenizer, out: str, rank: int) -> None:
-    """The fp32 master weights (gathered from the ZeRO partitions: collective) written by rank 0, i.e. replica 0
-    when NoLoCo runs several replicas."""
-    state = gather_fp32_state(engine.module)
+def save_hf(engine, hf_config, tokenizer, out: str, topology, rank: int) -> None:
+    """The weights written by global rank 0 as an HF directory (collective): replica 0's when NoLoCo runs several.
+    A plain engine: the fp32 master weights gathered from the ZeRO partitions; a pipeline: every stage's parameters
+    gathered by ``ds_ext.models.hf_pipeline`` (the module's dtype)."""
+    if isinstance(engine, deepspeed.PipelineEngine):
+        from ds_ext.models.hf_pipeline import gather_hf_state_dict  # present: it built this pipeline
+        state = gather_hf_state_dict(engine.module, topology, hf_config.num_hidden_layers,
+                                     hf_config.tie_word_embeddings)
+    else:
+        state = gather_fp32_state(engine.module)
     if rank == 0:
-        save_hf_state(state, engine.module.export_meta()["config"], tokenizer, out)
+        save_hf_state(state, json.loads(hf_config.to_json_string()), tokenizer, out)
         print(f"wrote HF model {out}", flush=True)
     deepspeed.comm.barrier()
 
@@ -180,7 +186,7 @@ def main(argv=None):
     ds_config = load_config_file(args.deepspeed_config)
     topology = ds_ext.build_topology(ds_config)
     rank = deepspeed.comm.get_rank()
-    tokenizer = None
+    tokenizer = hf_config = None
     if args.model == "reference":
         if args.save_hf:
             refuse("--save_hf needs an HF model (--model DIR)")
@@ -188,7 +194,7 @@ def main(argv=None):
         train_set, eval_set = train_eval_split(load_corpus(args.data), args.seq_len)
     else:
         try:
-            model, tokenizer, train_set, eval_set = build_hf(args, ds_config, topology)
+            model, tokenizer, train_set, eval_set, hf_config = build_hf(args, ds_config, topology)
         except (HFModelError, DataError) as e:
             refuse(e)
     engine, *_ = ds_ext.initialize(args=args, model=model, model_parameters=[p for p in model.parameters()],
@@ -207,7 +213,7 @@ def main(argv=None):
     if args.save_dir:
         engine.save_checkpoint(args.save_dir, client_state={"data_batches": engine.global_steps * trainer.gas})
     if args.save_hf:
-        save_hf(engine, tokenizer, args.save_hf, rank)
+        save_hf(engine, hf_config, tokenizer, args.save_hf, topology, rank)
     engine.ds_ext_close()
     if rank == 0:
         print(json.dumps(summary))

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ds_ext.ops.losses import IGNORE_INDEX
+from ds_ext.ops.losses import shift_labels
 from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # config.json "model_type" values trained here
@@ -147,11 +147,6 @@ def load_tokenizer(path: str, config=None):
     if config is not None:
         check_tokenizer(tokenizer, config, path)
     return tokenizer
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Unshifted labels ``[B, T]`` -> the target of each position (``labels[:, t + 1]``, -100 at the end)."""
-    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
 
 
 class HFCausalLM(nn.Module):

@@ -62,13 +62,13 @@ def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str =
     import torch.multiprocessing as mp
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
-    if not meta.get("hf"):
-        raise SystemExit(f"ds_ext.recovery export --hf: {journal_dir} was not written by an HF model run (no HF "
-                         "config in its EXPORT.bin); export it as a DeepSpeed checkpoint instead")
     if meta["pipeline"]:
         raise SystemExit("ds_ext.recovery export --hf: pipeline-engine journals need the stage-to-HF name mapping "
                          "of ds_ext.models.hf_pipeline, which this exporter does not have; resume the job and use "
                          "--save_hf instead")
+    if not meta.get("hf"):
+        raise SystemExit(f"ds_ext.recovery export --hf: {journal_dir} was not written by an HF model run (no HF "
+                         "config in its EXPORT.bin); export it as a DeepSpeed checkpoint instead")
     topo = meta["topology"]
     if topo["world_size"] != len(rank_dirs):
         raise SystemExit(f"ds_ext.recovery export --hf: {journal_dir} holds {len(rank_dirs)} rank journals but the "
