@@ -334,19 +334,35 @@ def test_ds_ext_bf16_baseline_noloco_and_kill_9_resume(tmp_path, model_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["model", "jsonl", "seq_len"])
 def test_bad_input_exits_2_before_training_writing_nothing(tmp_path, model_dir, case):
+    """The JSONL case goes through ``ds-ext`` (2 workers, the launcher passes the exit code on); the others run the
+    script as one process (the refusal is the same code path, before the engine exists)."""
+    import os
+    import subprocess
+    import sys
+    from dist import free_port
     data = e2e_data(tmp_path / "data")
     args = ["--model", str(model_dir), "--data", str(data), "--seq_len", "64", "--save_hf", "out"]
     if case == "model":
         args[1], message = "Qwen/Qwen2.5-0.5B", "not a directory"
     elif case == "jsonl":
+        line = len((data / "mixed.jsonl").read_text().splitlines()) + 1
         with open(data / "mixed.jsonl", "a") as f:
-            f.write(json.dumps({"messages": [{"role": "user", "content": "x"}], "extra": 1}) + "\n")
-        message = "mixed.jsonl:"
+            f.write(json.dumps({"txt": "no known field"}) + "\n")
+        message = f"mixed.jsonl:{line}: no known field (keys: txt)"
     else:
-        args[5], message = "600", "exceeds max_position_embeddings=512"
+        args[5], message = "600", "--seq_len 600 exceeds max_position_embeddings=512"
     journal = tmp_path / "journal"
     cfg = {**BF16_BASE, "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "x"},
            "ds_ext": {"recovery": {"journal_dir": str(journal)}}}
-    proc = ds_ext_train(tmp_path, "bad", cfg, args)
+    if case == "jsonl":
+        proc = ds_ext_train(tmp_path, "bad", cfg, args)
+    else:
+        from pathlib import Path
+        (tmp_path / "bad.json").write_text(json.dumps(cfg))
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+        train = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+        proc = subprocess.run([sys.executable, str(train), "--deepspeed_config", str(tmp_path / "bad.json")] + args,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 2 and message in proc.stderr, (proc.returncode, proc.stderr[-3000:])
     assert not (tmp_path / "out").exists() and not journal.exists() and not (tmp_path / "csv").exists()
