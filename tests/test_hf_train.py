@@ -318,9 +318,11 @@ def test_ds_ext_bf16_baseline_noloco_and_kill_9_resume(tmp_path, model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["model", "jsonl", "seq_len"])
+@pytest.mark.parametrize("case", ["model", "jsonl"])
 def test_bad_input_exits_2_before_training_writing_nothing(tmp_path, model_dir, case):
-    """The script as one process (``ds-ext`` passes a worker's exit code on; the refusal is before the engine)."""
+    """The script as one process (``ds-ext`` passes a worker's exit code on; the refusal is before the engine). A
+    ``--seq_len`` beyond the positions takes the same exit (``test_refusals_name_the_problem[seq_len]`` checks its
+    message); left out here for CI time."""
     import os
     import subprocess
     import sys
@@ -329,13 +331,11 @@ def test_bad_input_exits_2_before_training_writing_nothing(tmp_path, model_dir, 
     args = ["--model", str(model_dir), "--data", str(data), "--seq_len", "64", "--save_hf", "out"]
     if case == "model":
         args[1], message = "Qwen/Qwen2.5-0.5B", "not a directory"
-    elif case == "jsonl":
+    else:
         line = len((data / "mixed.jsonl").read_text().splitlines()) + 1
         with open(data / "mixed.jsonl", "a") as f:
             f.write(json.dumps({"txt": "no known field"}) + "\n")
         message = f"mixed.jsonl:{line}: no known field (keys: txt)"
-    else:
-        args[5], message = "600", "--seq_len 600 exceeds max_position_embeddings=512"
     journal = tmp_path / "journal"
     cfg = {**BF16_BASE, "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "x"},
            "ds_ext": {"recovery": {"journal_dir": str(journal)}}}
