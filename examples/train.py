@@ -1,6 +1,8 @@
-"""Pretrain the ds_ext reference model with a DeepSpeed engine; every ds_ext feature is switched on by config alone.
+"""Pretrain the ds_ext reference model, or train your own HF model on your data, with a DeepSpeed engine; every
+ds_ext feature is switched on by config alone.
 
     ds-ext --config configs/baseline.json examples/train.py --max_steps 200
+    ds-ext --config configs/streambp.json examples/train.py --model /data/Qwen2.5-0.5B --data sft.jsonl --seq_len 4096
     mpirun --allow-run-as-root -np 2 python examples/train.py --deepspeed_config configs/baseline.json
     deepspeed --num_gpus 2 examples/train.py --deepspeed_config configs/baseline.json
 
@@ -10,6 +12,12 @@ Metrics (train loss, tokens/s, eval loss) go through the DeepSpeed monitor block
 With ``ds_ext.recovery.journal_dir`` in the config the engine resumes from its journal by itself (relaunch after a
 failure: ``ds-ext --max_restarts K``); the data position follows ``engine.global_steps``. ``--fault_inject R:S``
 kills rank R with SIGKILL inside step S of the first launch round, to watch the recovery happen.
+
+``--model DIR`` (a local HF model directory; ``--init random`` for config.json alone) trains that model on ``--data``
+(text files/directories, or JSONL with ``text``, ``prompt`` + ``completion`` or ``messages``), tokenized with the
+directory's tokenizer (or ``--tokenizer DIR``) and packed into ``--seq_len`` rows with per-document positions
+(:mod:`ds_ext.data`); ``--save_hf DIR`` writes the trained fp32 weights as ``save_pretrained`` does, with config and
+tokenizer. A model, tokenizer or data problem exits 2 before anything is written.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 
 import deepspeed
@@ -25,15 +34,26 @@ from tqdm import tqdm
 
 import ds_ext
 from ds_ext.config import load_config_file
+from ds_ext.data import DataError, build_datasets
 from ds_ext.models import (LlamaForCausalLM, ModelConfig, llama_pipeline, load_corpus, sharded_batches,
                            threads_per_process, train_eval_split)
+from ds_ext.models.hf import (HFCausalLM, HFModelError, check_seq_len, gather_fp32_state, load_hf_model,
+                              load_tokenizer, save_hf_state)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
     p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--data", default=None, help="text file or directory (default: the Python standard library)")
+    p.add_argument("--model", default="reference",
+                   help="'reference' (the built-in byte-level model) or a local Hugging Face model directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --model directory)")
+    p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                   help="HF model: its weights, or a random init from config.json (pretraining from scratch)")
+    p.add_argument("--save_hf", default=None, metavar="DIR",
+                   help="HF model: at the end write fp32 weights (safetensors), config and tokenizer to DIR")
+    p.add_argument("--data", default=None, help="text file or directory (default: the Python standard library); "
+                   "HF models also take JSONL with text, prompt + completion, or messages")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
@@ -63,6 +83,57 @@ def build_model(cfg: ModelConfig, topology):
     return LlamaForCausalLM(cfg)
 
 
+def hf_pipeline_module(hf, topology):
+    """The HF model as a ``PipelineModule`` (``ds_ext.models.hf_pipeline``, when this build has it)."""
+    try:
+        from ds_ext.models.hf_pipeline import hf_pipeline
+    except ModuleNotFoundError as e:
+        if e.name != "ds_ext.models.hf_pipeline":
+            raise
+        raise HFModelError(f"ds_ext.topology.pipeline_stages={topology.pipeline_stages} with an HF model needs "
+                           "ds_ext.models.hf_pipeline, which this build does not have; use pipeline_stages=1") from e
+    return hf_pipeline(hf, topology)
+
+
+def build_hf(args, ds_config: dict, topology):
+    """Model, tokenizer and packed train/eval rows of an HF run; every refusal (model dir, family, tokenizer,
+    seq_len, data) is raised here, before the engine exists and before anything is written."""
+    streambp = bool(ds_config.get("ds_ext", {}).get("streambp", {}).get("enabled"))
+    hf = load_hf_model(args.model, args.init, streambp=streambp)
+    check_seq_len(hf.config, args.seq_len, args.model)
+    tokenizer_dir = args.tokenizer or args.model
+    tokenizer = load_tokenizer(tokenizer_dir, hf.config)
+    micro = int(ds_config.get("train_micro_batch_size_per_gpu", 1))
+    shards = topology.data_shard(deepspeed.comm.get_rank())[1]
+    train_set, eval_set = build_datasets(args.data, tokenizer, args.seq_len, micro * shards)
+    if topology.pipeline_stages > 1:
+        model = hf_pipeline_module(hf, topology)
+    else:
+        model = HFCausalLM(hf, source=os.path.abspath(args.model), tokenizer_dir=tokenizer_dir)
+    return model, tokenizer, train_set, eval_set, hf.config
+
+
+def refuse(e: Exception) -> None:
+    print(f"examples/train.py: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def save_hf(engine, hf_config, tokenizer, out: str, topology, rank: int) -> None:
+    """The weights written by global rank 0 as an HF directory (collective): replica 0's when NoLoCo runs several.
+    A plain engine: the fp32 master weights gathered from the ZeRO partitions; a pipeline: every stage's parameters
+    gathered by ``ds_ext.models.hf_pipeline`` (the module's dtype)."""
+    if isinstance(engine, deepspeed.PipelineEngine):
+        from ds_ext.models.hf_pipeline import gather_hf_state_dict  # present: it built this pipeline
+        state = gather_hf_state_dict(engine.module, topology, hf_config.num_hidden_layers,
+                                     hf_config.tie_word_embeddings)
+    else:
+        state = gather_fp32_state(engine.module)
+    if rank == 0:
+        save_hf_state(state, json.loads(hf_config.to_json_string()), tokenizer, out)
+        print(f"wrote HF model {out}", flush=True)
+    deepspeed.comm.barrier()
+
+
 class Trainer:
     """The loop: one ``step()`` is one optimizer step (``gradient_accumulation_steps`` micro-batches)."""
 
@@ -73,19 +144,23 @@ class Trainer:
         self.micro = engine.train_micro_batch_size_per_gpu()
         self.train_set, self.eval_set = train_set, eval_set
         self.batches = None
+        # packed HF rows (input_ids, labels, position_ids) reach a pipeline as ((input_ids, position_ids), labels)
+        packed_pipe = self.is_pipe and args.model != "reference"
+        self.form = (lambda b: ((b[0], b[2]), b[1])) if packed_pipe else (lambda b: b)
+
+    def batches_of(self, dataset, shard, seed: int, start_batch: int = 0):
+        return map(self.form, sharded_batches(dataset, self.micro, shard, seed=seed, start_batch=start_batch))
 
     def start_data(self, consumed_batches: int) -> None:
         shard = self.topology.data_shard(deepspeed.comm.get_rank())
-        self.batches = sharded_batches(self.train_set, self.micro, shard, seed=self.args.seed,
-                                       start_batch=consumed_batches)
+        self.batches = self.batches_of(self.train_set, shard, self.args.seed, consumed_batches)
 
     def step(self) -> float:
         if self.is_pipe:
             return self.engine.train_batch(self.batches).item()
         total = 0.0
         for _ in range(self.gas):
-            x, y = next(self.batches)
-            loss = self.engine(x, y)
+            loss = self.engine(*next(self.batches))
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
@@ -94,7 +169,7 @@ class Trainer:
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Mean loss on the first ``eval_batches`` held-out batches (the same on every rank: no collective)."""
-        it = sharded_batches(self.eval_set, self.micro, (0, 1), seed=0)
+        it = self.batches_of(self.eval_set, (0, 1), seed=0)
         self.engine.eval()
         if self.is_pipe:
             losses = [self.engine.eval_batch(it).item() for _ in range(self.args.eval_batches)]
@@ -111,9 +186,17 @@ def main(argv=None):
     ds_config = load_config_file(args.deepspeed_config)
     topology = ds_ext.build_topology(ds_config)
     rank = deepspeed.comm.get_rank()
-    cfg = model_config(args)
-    model = build_model(cfg, topology)
-    train_set, eval_set = train_eval_split(load_corpus(args.data), args.seq_len)
+    tokenizer = hf_config = None
+    if args.model == "reference":
+        if args.save_hf:
+            refuse("--save_hf needs an HF model (--model DIR)")
+        model = build_model(model_config(args), topology)
+        train_set, eval_set = train_eval_split(load_corpus(args.data), args.seq_len)
+    else:
+        try:
+            model, tokenizer, train_set, eval_set, hf_config = build_hf(args, ds_config, topology)
+        except (HFModelError, DataError) as e:
+            refuse(e)
     engine, *_ = ds_ext.initialize(args=args, model=model, model_parameters=[p for p in model.parameters()],
                                    topology=topology)
     trainer = Trainer(args, engine, train_set, eval_set, topology)
@@ -129,6 +212,8 @@ def main(argv=None):
     summary = run(args, engine, trainer, topology, start, rank)
     if args.save_dir:
         engine.save_checkpoint(args.save_dir, client_state={"data_batches": engine.global_steps * trainer.gas})
+    if args.save_hf:
+        save_hf(engine, hf_config, tokenizer, args.save_hf, topology, rank)
     engine.ds_ext_close()
     if rank == 0:
         print(json.dumps(summary))

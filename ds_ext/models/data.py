@@ -81,8 +81,9 @@ def train_eval_split(tokens: torch.Tensor, seq_len: int, eval_fraction: float = 
 
 
 def sharded_batches(dataset: Dataset, batch_size: int, shard: Tuple[int, int], seed: int = 0,
-                    start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Endless deterministic micro-batches for data shard ``shard = (index, count)``.
+                    start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """Endless deterministic micro-batches for data shard ``shard = (index, count)``; each item's tensors are
+    stacked field by field (``(input_ids, labels)`` windows, or packed ``(input_ids, labels, position_ids)`` rows).
 
     Each epoch is a ``DistributedSampler`` permutation seeded by ``seed`` and the epoch, so every shard reads a
     disjoint slice. ``start_batch`` skips batches already consumed (resume continues the same sequence).
@@ -98,7 +99,7 @@ def sharded_batches(dataset: Dataset, batch_size: int, shard: Tuple[int, int], s
         order = list(sampler)
         for b in range(skip, per_epoch):
             items = [dataset[i] for i in order[b * batch_size: (b + 1) * batch_size]]
-            yield torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+            yield tuple(torch.stack(field) for field in zip(*items))
         epoch, skip = epoch + 1, 0
 
 

@@ -1,12 +1,15 @@
 """``python -m ds_ext.recovery export JOURNAL_DIR OUT [--tag TAG]``: a standard DeepSpeed checkpoint of the newest
-step all ranks' journals reach (see :mod:`ds_ext.recovery.export`). ``python -m ds_ext.recovery inspect
-JOURNAL_DIR``: each rank's bases, records, newest reachable step and any damage."""
+step all ranks' journals reach (see :mod:`ds_ext.recovery.export`). ``python -m ds_ext.recovery export JOURNAL_DIR
+--hf DIR [--replica R] [--tokenizer DIR]``: an HF model directory of replica R (:mod:`ds_ext.recovery.export_hf`).
+``python -m ds_ext.recovery inspect JOURNAL_DIR``: each rank's bases, records, newest reachable step and any
+damage."""
 import argparse
 import os
 import sys
 
 from ds_ext.recovery import journal
 from ds_ext.recovery.export import export, journal_ranks
+from ds_ext.recovery.export_hf import export_hf
 
 
 def inspect(journal_dir: str) -> None:
@@ -25,16 +28,25 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a DeepSpeed checkpoint of the newest reachable step")
     e.add_argument("journal_dir")
-    e.add_argument("out")
+    e.add_argument("out", nargs="?", default=None, help="DeepSpeed checkpoint directory")
     e.add_argument("--tag", default=None, help="checkpoint tag (default global_step<N>)")
+    e.add_argument("--hf", default=None, metavar="DIR", help="write an HF model directory (save_pretrained format)")
+    e.add_argument("--replica", type=int, default=0, help="with --hf: the NoLoCo/DiLoCo replica to export")
+    e.add_argument("--tokenizer", default=None, help="with --hf: tokenizer directory (default: the run's)")
     i = sub.add_parser("inspect", help="what each rank's journal can reconstruct")
     i.add_argument("journal_dir")
     args = p.parse_args(argv)
     if args.command == "inspect":
         inspect(args.journal_dir)
         return 0
-    tag = export(args.journal_dir, args.out, args.tag)
-    print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, tag)}")
+    if args.out is None and args.hf is None:
+        p.error("export needs OUT (a DeepSpeed checkpoint) or --hf DIR")
+    if args.hf is not None:
+        step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer)
+        print(f"wrote HF model {args.hf} (replica {args.replica}, step {step})")
+    if args.out is not None:
+        tag = export(args.journal_dir, args.out, args.tag)
+        print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, tag)}")
     return 0
 
 

@@ -3,7 +3,10 @@ into each rank's journal directory when the journal starts (one frame, :mod:`ds_
 
 Contents: the DeepSpeed config (without the ``ds_ext`` block), parameter names in ZeRO's group order, their shapes
 and dtypes, the groups' hyperparameters, the module's buffers, whether it is a pipeline engine and the ZeRO group
-size.
+size; the ``ds_ext`` block and the topology (``world_size``, ``ranks_per_replica``, ``pipeline_stages``: which ranks
+form replica R) so NoLoCo's outer steps can be replayed; and ``hf``: what the module's ``export_meta()`` returns
+when it has one (:class:`ds_ext.models.hf.HFCausalLM`: the HF config and the tokenizer directory), so ``export
+--hf`` needs no model directory.
 """
 from __future__ import annotations
 
@@ -26,8 +29,15 @@ def export_meta(engine) -> Dict[str, Any]:
     hyper = [{k: v for k, v in hyperparameters(g).items() if v is not None}
              for g in ds.zero_inner_optimizer(engine.optimizer).param_groups]
     param_names = set(params)
-    config = {k: v for k, v in ds.engine_config_dict(engine).items() if k != "ds_ext"}
-    return {"ds_config": config, "groups": groups, "hyper": hyper,
+    full_config = ds.engine_config_dict(engine)
+    config = {k: v for k, v in full_config.items() if k != "ds_ext"}
+    topo = getattr(engine, "topology", None)
+    module_meta = getattr(engine.module, "export_meta", None)
+    return {"ds_config": config, "ds_ext": full_config.get("ds_ext", {}),
+            "topology": None if topo is None else {"world_size": topo.world_size,
+                                                   "ranks_per_replica": topo.ranks_per_replica,
+                                                   "pipeline_stages": topo.pipeline_stages},
+            "hf": module_meta() if callable(module_meta) else None, "groups": groups, "hyper": hyper,
             "shapes": {n: [list(params[n].shape), str(params[n].dtype).split(".")[-1]] for g in groups for n in g},
             "buffers": {k: v.detach().clone() for k, v in engine.module.state_dict().items() if k not in param_names},
             "pipeline": ds.is_pipeline(engine),
