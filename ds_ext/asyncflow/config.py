@@ -44,6 +44,11 @@ class AsyncFlowConfig(ExtSection):
     eps_high: float = Field(0.28, ge=0)
     """Upper clip of the ratio (1 + eps_high; DAPO's clip-higher)."""
 
+    rollout_slots: int = Field(0, ge=0)
+    """Continuous batching: each rollout worker decodes this many sequence slots with one KV cache and refills a
+    slot from the next pending response the moment one ends (:mod:`ds_ext.asyncflow.continuous`; reference model).
+    0: a worker generates one group at a time (its batch shrinks as its responses end)."""
+
     partial_rollouts: bool = True
     """New weights reach a rollout worker between decode steps: sequences in flight continue with them (their
     KV cache of earlier positions is kept). Every token records the policy version that produced it and its

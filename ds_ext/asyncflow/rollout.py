@@ -36,6 +36,8 @@ def _hf_sampler():
 
 
 class RolloutWorker:
+    COLUMNS = COLUMNS
+
     def __init__(self, name: str, model_factory: Callable[[], torch.nn.Module], task: Task,
                  cfg: AsyncFlowConfig, queue, threads: Optional[int] = None, seed: int = 0, shared: bool = False):
         if threads:
@@ -43,6 +45,9 @@ class RolloutWorker:
         self.name, self.task, self.cfg = name, task, cfg
         # shared: the trainer's own module (generation between its steps); its train/eval mode is left alone
         self.model = model_factory() if shared else model_factory().eval()
+        if cfg.rollout_slots > 0 and hasattr(self.model, "hf") and not shared:
+            raise ValueError("ds_ext.asyncflow.rollout_slots > 0 (continuous batching) runs the reference model "
+                             "only; set it to 0 for a transformers policy")
         self.version = -1  # nothing adopted yet: the first weights set (version 0 or a resumed step) are taken
         self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
         self._mailbox = None
@@ -115,7 +120,11 @@ class RolloutWorker:
         return True
 
     def run(self, max_groups: Optional[int] = None) -> Dict[str, Any]:
-        """Produce until stopped (``request_stop``), the queue closes, or ``max_groups`` groups are delivered."""
+        """Produce until stopped (``request_stop``), the queue closes, or ``max_groups`` groups are delivered;
+        with ``rollout_slots > 0`` through continuous batching (:mod:`ds_ext.asyncflow.continuous`)."""
+        if self.cfg.rollout_slots > 0:
+            from ds_ext.asyncflow.continuous import ContinuousBatcher
+            return ContinuousBatcher(self).run(max_groups)
         while not self.stop and (max_groups is None or self.stats["groups"] < max_groups):
             if not self.produce_one() and getattr(self.queue, "closed", False) is True:
                 break
