@@ -260,6 +260,14 @@ def main(argv=None):
     args = parse_args(argv)
     ds_config = load_config_file(args.deepspeed_config)
     ext = parse_ext_config(ds_config, args.deepspeed_config)
+    grouper = ds_config.get("ds_ext", {}).get("prefix_grouper", {})
+    if args.model != "reference" and grouper.get("enabled"):
+        # Prefix Grouper hooks the reference model's attention_fn; a transformers policy trains ungrouped (the same
+        # loss, each response with its own copy of the prompt)
+        grouper["enabled"] = False
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("grpo: ds_ext.prefix_grouper is for the reference model; the transformers policy trains "
+                  "without it", flush=True)
     cfg = ext.asyncflow
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     trainers = cfg.trainer_ranks
@@ -365,7 +373,21 @@ def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trai
                       "generate_s": sum(r["generate_s"] for r in result["rollout"]),
                       "rollout_wait_s": sum(r["wait_s"] for r in result["rollout"]),
                       "train_loop_s": result["seconds"], "train_busy_s": result["train_busy_s"],
-                      "rank0_trained_groups": len(trained)}))
+                      "rank0_trained_groups": len(trained), **rollout_metrics(cfg, result, hist)}))
+
+
+def rollout_metrics(cfg, result: dict, hist: list) -> dict:
+    """Continuous batching's decode fill (over every rollout worker that ran slots) and the off-policy weights."""
+    slots = [r for r in result["rollout"] if r.get("decode_steps")]
+    out = {"is_weight_mean": sum(h.get("is_weight_mean", 1.0) for h in hist) / max(1, len(hist)),
+           "is_truncated_fraction": sum(h.get("is_truncated_fraction", 0.0) for h in hist) / max(1, len(hist)),
+           "mean_token_lag": sum(h.get("mean_token_lag", 0.0) for h in hist) / max(1, len(hist))}
+    if slots:
+        out["decode_fill_fraction"] = (sum(r["busy_slot_steps"] for r in slots)
+                                       / max(1, sum(r["decode_steps"] for r in slots) * cfg.rollout_slots))
+        out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
+        out["decode_steps"] = sum(r["decode_steps"] for r in slots)
+    return out
 
 
 if __name__ == "__main__":

@@ -125,7 +125,9 @@ class GRPOTokenLoss:
         adv = self.advantages[:, None].float()
         if self.off_policy == "tis":
             ratio = torch.exp(logprobs - self.old_logprobs[:, s:e])
-            scale = (self.is_weights(logprobs, s, e) / ratio.detach())  # min(rho, C) / rho, held constant
+            held = ratio.detach()
+            # min(rho, C) / rho, held constant; written so that no division by an underflowed rho happens
+            scale = torch.where(held > self.is_cap, self.is_cap / held.clamp(min=self.is_cap), torch.ones_like(held))
             loss = -(scale * ratio) * adv
         else:
             anchor = self._prox(logprobs, s, e) if self.off_policy == "decoupled" else self.old_logprobs[:, s:e]

@@ -58,6 +58,8 @@ def run_sync(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, 
     trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(v, clone_state(m)))
 
     def produce(version):
+        if cfg.rollout_slots > 0:  # the step's whole batch through the continuous-batching slots, weights V
+            worker.run(max_groups=cfg.groups_per_step)
         while worker.stats["groups"] < (version + 1) * cfg.groups_per_step:
             worker.produce_one(timeout=5)
 
