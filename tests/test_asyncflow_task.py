@@ -18,7 +18,7 @@ USER_REWARDS = """
         return float(str(answer) in completion) + bonus
 
     @r.batched
-    def group_len(prompts, completions, answer):
+    def group_len(prompts, completions, answer, **_):
         return [float(len(c)) for c in completions]
 
     def text(prompt, completion, **_):
