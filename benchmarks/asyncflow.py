@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=1, help="rollout processes in async mode")
     p.add_argument("--staleness", type=int, default=1)
+    p.add_argument("--slots", type=int, default=0,
+                   help="asyncflow.rollout_slots: continuous-batching slots per rollout worker (0: a group at a time; "
+                        "the decode fill fraction is reported when > 0)")
     p.add_argument("--peer_steps", type=int, default=10, help="GRPO steps of the peer-comparable setting (0: skip)")
     p.add_argument("--peer_sft_steps", type=int, default=400, help="warm-start steps of the peer setting's model")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "asyncflow.png"))
@@ -51,6 +54,8 @@ def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int 
         config = json.load(f)
     config.pop("csv_monitor", None)
     config["ds_ext"]["asyncflow"]["max_staleness"] = staleness
+    if "--peer" not in extra:  # continuous batching runs the reference model
+        config["ds_ext"]["asyncflow"]["rollout_slots"] = args.slots
     if "--peer" in extra:  # TRL's trainer has no prefix grouping: the peer setting compares plain attention
         config["ds_ext"]["prefix_grouper"]["enabled"] = False
     path = os.path.join(work, f"{name}.json")
@@ -171,6 +176,10 @@ def main(argv=None) -> dict:
     for m, r in (("sync", sync), ("async", asyn)):
         print(f"{m:<7}{r['samples_per_s']:>11.1f}{r['trainer_idle_fraction']:>14.2f}{r['generate_s']:>12.1f}"
               f"{r['reward_first5']:>15.3f}{r['reward_last5']:>14.3f}{r['max_observed_staleness']:>9}")
+    if args.slots > 0:
+        res["decode_fill_fraction"] = {m: r.get("decode_fill_fraction") for m, r in (("sync", sync), ("async", asyn))}
+        print(f"decode batch fill ({args.slots} slots per worker): sync {sync.get('decode_fill_fraction')}, async "
+              f"{asyn.get('decode_fill_fraction')} (starved steps: async {asyn.get('decode_starved_steps')})")
     print(f"async / sync throughput {res['throughput_ratio_async_vs_sync']:.2f} (ideal overlap of the measured "
           f"phases {res['throughput_ratio_ideal_overlap']:.2f}); reward after {samples} samples: sync "
           f"{res['reward_sync']:.3f}, async {res['reward_async']:.3f} (+-{res['reward_stderr']:.3f}); staleness "

@@ -41,15 +41,15 @@ def main(argv=None) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from ds_ext.asyncflow.hf_policy import byte_tokenizer_hf, tiny_llama
-    from ds_ext.asyncflow.task import AdditionTask
+    from ds_ext.asyncflow.task import AdditionPrompts
     model = tiny_llama(args.hidden, args.layers)
     if args.sft_state:
         state = torch.load(args.sft_state, weights_only=True)
         model.load_state_dict({k[len("hf."):]: v for k, v in state.items()})
-    task = AdditionTask(min_operand=10, max_operand=99, instruction="", seed=args.seed)
-    n = args.steps * 16
-    data = Dataset.from_dict({"prompt": ["<bos>" + task.prompt_text(i) for i in range(n)],
-                              "answer": [str(sum(task.operands(i))) for i in range(n)]})
+    prompts = AdditionPrompts(min_operand=10, max_operand=99, instruction="", seed=args.seed)
+    records = [prompts.record(i) for i in range(args.steps * 16)]
+    data = Dataset.from_dict({"prompt": ["<bos>" + r.text for r in records],
+                              "answer": [r.metadata["answer"] for r in records]})
 
     def exact_sum(completions, answer, **_):
         return [float(c == a) for c, a in zip(completions, answer)]

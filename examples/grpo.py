@@ -1,8 +1,18 @@
-"""Async GRPO on the addition task: rollout workers generate while the DeepSpeed trainer learns (AsyncFlow).
+"""Async GRPO on your task: rollout workers generate while the DeepSpeed trainer learns (AsyncFlow).
 
-    ds-ext --config configs/grpo_async.json examples/grpo.py            # 1 trainer + 1 rollout process
-    ds-ext --num_procs 3 --config configs/grpo_async.json examples/grpo.py   # 2 rollout processes
+    ds-ext --num_procs 3 --config configs/grpo_async.json examples/grpo.py --model /data/qwen-dir \
+        --prompts math.jsonl --reward my_rewards:exact_answer
+    ds-ext --config configs/grpo_async.json examples/grpo.py            # the built-in addition task
     ds-ext --config configs/grpo_sync.json examples/grpo.py             # "max_staleness": 0, the sync baseline
+
+The task (see ``ds_ext/asyncflow/task.py``): ``--prompts`` is a JSONL file, one object per line with ``"prompt"``
+text or ``"messages"`` (rendered with the tokenizer's chat template) plus any metadata fields; ``--reward`` is
+``module:function`` (importable from the working directory) or ``file.py:function``, called as
+``fn(prompt, completion, **metadata) -> float``; built-in verifiers: ``ds_ext.asyncflow.rewards:exact_match``,
+``:last_number``, ``:regex`` (metadata ``answer`` / ``pattern``). ``--model DIR`` is a local transformers causal-LM
+directory (policy and tokenizer). Bad input (a record without ``prompt``, a reward that does not import or returns a
+non-number on a probe call) exits 2 on every rank before anything starts; a reward that raises mid-run stops the
+run with the prompt index and the traceback.
 
 Rank 0 trains (a ds_ext DeepSpeed engine) and owns the transfer queue; every other rank is a rollout worker reached
 over torch.distributed.rpc. With ``max_staleness`` 0 rank 0 alternates generation and training with all the
@@ -16,12 +26,14 @@ import argparse
 import json
 import os
 import time
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from ds_ext.asyncflow import runtime
-from ds_ext.asyncflow.task import AdditionTask
+from ds_ext.asyncflow.rewards import RewardError
+from ds_ext.asyncflow.task import AdditionPrompts, Task, TaskError, build_task
 from ds_ext.config import load_config_file, parse_ext_config
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 
@@ -37,8 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="reference", choices=("reference", "hf"),
-                   help="the reference model, or a transformers LlamaForCausalLM of the same size (random init)")
+    p.add_argument("--model", default="reference",
+                   help="'reference' (the reference model), 'hf' (a transformers LlamaForCausalLM of the same size, "
+                        "random init) or a local transformers model directory (policy and tokenizer)")
+    p.add_argument("--prompts", default=None, help="JSONL prompts (default: the built-in addition task)")
+    p.add_argument("--reward", default="ds_ext.asyncflow.rewards:exact_match",
+                   help="module:function or file.py:function, fn(prompt, completion, **metadata) -> float")
     p.add_argument("--peer", action="store_true",
                    help="the peer-comparable setting: HF Llama, prompts 'a+b=' with 2-digit a, b, no instruction")
     p.add_argument("--plot", default="runs/grpo_reward.png")
@@ -57,16 +73,53 @@ def parse_args(argv=None):
     return args
 
 
-def task_for(args) -> AdditionTask:
-    """The addition task of this run: the peer setting's 2-digit 'a+b=' prompts, or the default one."""
-    if args.peer:
-        return AdditionTask(min_operand=10, max_operand=99, instruction="", seed=args.seed)
-    return AdditionTask(seed=args.seed)
+def is_model_dir(kind: str) -> bool:
+    return kind not in ("reference", "hf")
+
+
+def load_policy(path: str) -> torch.nn.Module:
+    """A local transformers causal-LM directory as a GRPO policy (fp32). The one place a model directory is
+    loaded: it becomes ``ds_ext.models.hf.load_hf_model(path, init="pretrained")`` once that lands."""
+    from transformers import AutoModelForCausalLM
+    from ds_ext.asyncflow.hf_policy import HFPolicy
+    return HFPolicy(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+
+
+def load_tokenizer(kind: str):
+    """The transformers tokenizer of a model directory; ``None`` (the byte tokenizer) for the built-in models."""
+    if not is_model_dir(kind):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(kind)
+
+
+def task_for(args) -> Task:
+    """The task of this run (every up-front check; exit 2 naming the problem). Without ``--prompts``: the addition
+    task (the peer setting's 2-digit 'a+b=' prompts with ``--peer``)."""
+    if is_model_dir(args.model) and not os.path.isdir(args.model):
+        fail(f"--model {args.model}: not 'reference', 'hf' or a directory")
+    if args.prompts is None:
+        prompts = (AdditionPrompts(min_operand=10, max_operand=99, instruction="", seed=args.seed) if args.peer
+                   else AdditionPrompts(seed=args.seed))
+    else:
+        prompts = args.prompts
+    try:
+        return build_task(prompts, args.reward, load_tokenizer(args.model))
+    except (TaskError, RewardError) as exc:
+        fail(str(exc))
+
+
+def fail(message: str) -> None:
+    import sys
+    print(f"grpo: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def build_model(hidden: int, layers: int, state=None, kind: str = "reference") -> torch.nn.Module:
     torch.manual_seed(0)
-    if kind == "hf":
+    if is_model_dir(kind):
+        model = load_policy(kind)
+    elif kind == "hf":
         from ds_ext.asyncflow.hf_policy import HFPolicy, tiny_llama
         model = HFPolicy(tiny_llama(hidden, layers))
     else:
@@ -77,14 +130,23 @@ def build_model(hidden: int, layers: int, state=None, kind: str = "reference") -
     return model
 
 
-def warm_start_path(args, task: AdditionTask) -> str:
+def warm_start_path(args, task: Task) -> str:
     """Where the warm start of this model and task is cached (benchmarks/asyncflow.py reads the --peer one)."""
-    return (f"{args.sft_cache}.{args.model}.{task.min_operand}-{task.max_operand}.{len(task.instruction)}."
+    p = task.prompts
+    return (f"{args.sft_cache}.{args.model}.{p.min_operand}-{p.max_operand}.{len(p.instruction)}."
             f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}")
 
 
-def warm_start(args, task: AdditionTask) -> dict:
+def wants_warm_start(args) -> bool:
+    """The built-in addition task on a built-in (random-init) model gets a supervised warm start; a model
+    directory or a user's prompt file starts from the model's own weights."""
+    return args.prompts is None and not is_model_dir(args.model) and args.sft_steps > 0
+
+
+def warm_start(args, task: Task) -> Optional[dict]:
     """A short supervised run on the task (plain torch), cached: every mode starts from the same weights."""
+    if not wants_warm_start(args):
+        return None  # build_model loads / seeds the same weights in every process
     key = warm_start_path(args, task)
     if os.path.exists(key):
         return torch.load(key, weights_only=True)
@@ -103,9 +165,9 @@ def warm_start(args, task: AdditionTask) -> dict:
     return state
 
 
-def wait_for_warm_start(args, task: AdditionTask, rank: int, timeout_s: float = 1800.0) -> dict:
+def wait_for_warm_start(args, task: Task, rank: int, timeout_s: float = 1800.0) -> dict:
     """Trainer rank 0 computes the warm start; the other trainer ranks load it once it is on disk."""
-    if rank == 0:
+    if rank == 0 or not wants_warm_start(args):
         return warm_start(args, task)
     key = warm_start_path(args, task)
     deadline = time.monotonic() + timeout_s
@@ -198,6 +260,14 @@ def main(argv=None):
     args = parse_args(argv)
     ds_config = load_config_file(args.deepspeed_config)
     ext = parse_ext_config(ds_config, args.deepspeed_config)
+    grouper = ds_config.get("ds_ext", {}).get("prefix_grouper", {})
+    if args.model != "reference" and grouper.get("enabled"):
+        # Prefix Grouper hooks the reference model's attention_fn; a transformers policy trains ungrouped (the same
+        # loss, each response with its own copy of the prompt)
+        grouper["enabled"] = False
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("grpo: ds_ext.prefix_grouper is for the reference model; the transformers policy trains "
+                  "without it", flush=True)
     cfg = ext.asyncflow
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     trainers = cfg.trainer_ranks
@@ -210,7 +280,7 @@ def main(argv=None):
         if rank > 0:
             return
         torch.set_num_threads(os.cpu_count() or 1)
-        return run_trainer(args, ds_config, cfg, task, True, rank, world)
+        return stop_on_rollout_failure(run_trainer, args, ds_config, cfg, task, True, rank, world)
     import torch.distributed.rpc as rpc
     torch.set_num_threads(1)
     state = wait_for_warm_start(args, task, rank) if rank < trainers else None
@@ -221,8 +291,22 @@ def main(argv=None):
     if rank >= trainers:  # a rollout worker: its actor runs inside RPC threads until trainer rank 0 is done
         rpc.shutdown()
         return
-    run_trainer(args, ds_config, cfg, task, False, rank, world, state)
+    stop_on_rollout_failure(run_trainer, args, ds_config, cfg, task, False, rank, world, state)
     rpc.shutdown()
+
+
+def stop_on_rollout_failure(fn, *args) -> None:
+    """Run ``fn``; a rollout failure (the user's reward raised: the message names the prompt and has the
+    traceback) ends this process with exit 1 at once, so no process waits on a group that will not come (torch
+    elastic then stops the other ranks)."""
+    import sys
+    from ds_ext.asyncflow.queue import RolloutFailed
+    try:
+        fn(*args)
+    except (RolloutFailed, RewardError) as exc:
+        print(f"grpo: the rollout failed: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, state=None) -> None:
@@ -289,7 +373,21 @@ def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trai
                       "generate_s": sum(r["generate_s"] for r in result["rollout"]),
                       "rollout_wait_s": sum(r["wait_s"] for r in result["rollout"]),
                       "train_loop_s": result["seconds"], "train_busy_s": result["train_busy_s"],
-                      "rank0_trained_groups": len(trained)}))
+                      "rank0_trained_groups": len(trained), **rollout_metrics(cfg, result, hist)}))
+
+
+def rollout_metrics(cfg, result: dict, hist: list) -> dict:
+    """Continuous batching's decode fill (over every rollout worker that ran slots) and the off-policy weights."""
+    slots = [r for r in result["rollout"] if r.get("decode_steps")]
+    out = {"is_weight_mean": sum(h.get("is_weight_mean", 1.0) for h in hist) / max(1, len(hist)),
+           "is_truncated_fraction": sum(h.get("is_truncated_fraction", 0.0) for h in hist) / max(1, len(hist)),
+           "mean_token_lag": sum(h.get("mean_token_lag", 0.0) for h in hist) / max(1, len(hist))}
+    if slots:
+        out["decode_fill_fraction"] = (sum(r["busy_slot_steps"] for r in slots)
+                                       / max(1, sum(r["decode_steps"] for r in slots) * cfg.rollout_slots))
+        out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
+        out["decode_steps"] = sum(r["decode_steps"] for r in slots)
+    return out
 
 
 if __name__ == "__main__":

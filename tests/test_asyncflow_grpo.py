@@ -121,13 +121,13 @@ def test_clipping_zeroes_the_gradient_only_on_the_clipped_side():
 
 def test_grouped_and_plain_response_logprobs_agree():
     """The trainer's Prefix Grouper path gives the per-response log-probs of the plain path (fp32, 1e-5)."""
-    from ds_ext.asyncflow.task import AdditionTask
+    from ds_ext.asyncflow.task import addition_task
     from ds_ext.asyncflow.trainer import collate, grouped_response_logprobs, response_logprobs
     from ds_ext.models import LlamaForCausalLM, ModelConfig
     from ds_ext.prefix_grouper.apply import prefix_group_model
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelConfig(**TINY))
-    task, g = AdditionTask(), torch.Generator().manual_seed(0)
+    task, g = addition_task(), torch.Generator().manual_seed(0)
     groups = []
     for idx in (3, 11):
         lengths = torch.randint(1, 6, (4,), generator=g)

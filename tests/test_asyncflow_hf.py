@@ -44,13 +44,13 @@ def test_a_new_rollout_worker_adopts_the_first_weights_it_is_sent():
     from ds_ext.asyncflow.config import AsyncFlowConfig
     from ds_ext.asyncflow.queue import TransferQueue
     from ds_ext.asyncflow.rollout import RolloutWorker
-    from ds_ext.asyncflow.task import AdditionTask
+    from ds_ext.asyncflow.task import addition_task
     from ds_ext.models import LlamaForCausalLM, ModelConfig
     cfg = AsyncFlowConfig(enabled=True, group_size=2, groups_per_step=1, max_new_tokens=2)
     tiny = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
     torch.manual_seed(1)
     trainer_weights = {k: v.clone() for k, v in LlamaForCausalLM(tiny).state_dict().items()}
-    worker = RolloutWorker("w", lambda: LlamaForCausalLM(tiny), AdditionTask(), cfg, TransferQueue(2, 1, 0))
+    worker = RolloutWorker("w", lambda: LlamaForCausalLM(tiny), addition_task(), cfg, TransferQueue(2, 1, 0))
     worker.set_weights(0, trainer_weights)
     assert worker.produce_one(timeout=1.0)
     assert worker.version == 0

@@ -44,6 +44,27 @@ class AsyncFlowConfig(ExtSection):
     eps_high: float = Field(0.28, ge=0)
     """Upper clip of the ratio (1 + eps_high; DAPO's clip-higher)."""
 
+    rollout_slots: int = Field(0, ge=0)
+    """Continuous batching: each rollout worker decodes this many sequence slots with one KV cache and refills a
+    slot from the next pending response the moment one ends (:mod:`ds_ext.asyncflow.continuous`; reference model).
+    0: a worker generates one group at a time (its batch shrinks as its responses end)."""
+
+    partial_rollouts: bool = True
+    """New weights reach a rollout worker between decode steps: sequences in flight continue with them (their
+    KV cache of earlier positions is kept). Every token records the policy version that produced it and its
+    behaviour log-prob; ``max_staleness`` bounds the oldest token of a trained sample. ``false``: weights are
+    adopted between groups only (every token of a group has one version)."""
+
+    off_policy: Literal["none", "tis", "decoupled"] = "none"
+    """Off-policy correction of the token loss (stale or partial rollouts; see :mod:`ds_ext.asyncflow.grpo`):
+    ``none`` -- PPO clip of pi_theta / pi_behav; ``tis`` -- truncated importance sampling, the policy gradient
+    weighted by min(pi_theta / pi_behav, is_cap), no ratio clip; ``decoupled`` -- decoupled PPO: clip of
+    pi_theta / pi_prox (pi_prox = the trainer's weights at the start of the step) times
+    min(pi_prox / pi_behav, is_cap)."""
+
+    is_cap: float = Field(2.0, gt=0)
+    """C: the importance weight's truncation of ``tis`` and ``decoupled``."""
+
     kl_coef: float = Field(0.0, ge=0)
     """beta of the k3 KL to the frozen initial policy (0: no reference model)."""
 

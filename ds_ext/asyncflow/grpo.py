@@ -9,6 +9,23 @@ defaults those of :class:`ds_ext.asyncflow.config.AsyncFlowConfig`) and the k3 K
 objective of StreamBP's chunked head (``loss(logits, s, e)``) or takes per-token log-probs already computed
 (:meth:`GRPOTokenLoss.from_logprobs`, e.g. Prefix Grouper's).
 
+Off-policy correction (``off_policy``; ``rho_b = pi_theta / pi_behav`` per token, ``pi_behav`` = the rollout's
+behaviour log-prob of that token, possibly of an older policy version than the neighbouring tokens'):
+
+* ``none``:      ``l = -min(rho_b A, clip(rho_b, 1 - eps_low, 1 + eps_high) A)`` (PPO / GRPO);
+* ``tis``:       ``l = -min(rho_b, C) A`` with ``min(rho_b, C) / rho_b`` held constant, so the gradient is
+  ``-min(rho_b, C) A grad log pi_theta``: truncated importance sampling (IMPALA; ROLL's ``pg_variant: tis``), no
+  ratio clip;
+* ``decoupled``: ``l = -w min(rho_p A, clip(rho_p, 1 - eps_low, 1 + eps_high) A)``, ``rho_p = pi_theta / pi_prox``,
+  ``w = min(pi_prox / pi_behav, C)`` held constant (decoupled PPO, AReaL arXiv 2505.24298, with the weight
+  truncated rather than masked). ``pi_prox`` is the trainer's policy at the start of the step. The trainer takes one
+  optimizer step per batch, so every micro-batch's forward runs with exactly those weights: ``pi_prox`` is then the
+  forward's own log-prob, detached (``prox_logprobs=None``), no extra forward. ``prox_logprobs`` may be given
+  (several updates per batch).
+
+``C`` is ``is_cap``; the k3 KL term is added unweighted in every mode. :meth:`GRPOTokenLoss.is_weights` returns the
+per-token importance weights a mode applies (1 for ``none``).
+
 Normalisation (:func:`ds_ext.ops.losses.token_weights`, one function for both scopes): over the loss's own batch by
 default, or over the whole optimizer step, all micro-batches of all data-parallel ranks (:func:`step_token_weights`):
 
@@ -24,6 +41,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional
+
+OffPolicy = Literal["none", "tis", "decoupled"]
 
 import torch
 
@@ -75,20 +94,48 @@ class GRPOTokenLoss:
     norm: Norm = "grpo"
     max_len: Optional[int] = None
     weights: Optional[torch.Tensor] = None  # [B, T] per-token weights given by the caller (global normalisation)
+    off_policy: OffPolicy = "none"
+    is_cap: float = _default("is_cap")
+    prox_logprobs: Optional[torch.Tensor] = None  # [B, T]; None: the forward's own log-probs, detached
 
     def __post_init__(self):
         if self.kl_coef > 0 and self.ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
+        if self.off_policy not in ("none", "tis", "decoupled"):
+            raise ValueError(f"off_policy={self.off_policy!r}: allowed none, tis, decoupled")
         if self.weights is None:
             b, t = self.mask.shape
             self.weights = token_weights(self.mask, self.norm, b, self.mask.float().sum(), self.max_len or t)
 
+    def _prox(self, logprobs: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return logprobs.detach() if self.prox_logprobs is None else self.prox_logprobs[:, s:e]
+
+    def is_weights(self, logprobs: torch.Tensor, s: int = 0, e: Optional[int] = None) -> torch.Tensor:
+        """The per-token importance weights ``[B, c]`` this mode applies (detached; see the module docstring)."""
+        e = logprobs.shape[1] + s if e is None else e
+        old = self.old_logprobs[:, s:e]
+        if self.off_policy == "tis":
+            return torch.exp(logprobs.detach() - old).clamp(max=self.is_cap)
+        if self.off_policy == "decoupled":
+            return torch.exp(self._prox(logprobs, s, e) - old).clamp(max=self.is_cap)
+        return torch.ones_like(old)
+
     def per_token(self, logprobs: torch.Tensor, s: int, e: int) -> torch.Tensor:
         """Per-token loss ``[B, c]`` of positions ``[s, e)`` before weighting."""
-        ratio = torch.exp(logprobs - self.old_logprobs[:, s:e])
         adv = self.advantages[:, None].float()
-        surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * adv)
-        loss = -surrogate
+        if self.off_policy == "tis":
+            ratio = torch.exp(logprobs - self.old_logprobs[:, s:e])
+            held = ratio.detach()
+            # min(rho, C) / rho, held constant; written so that no division by an underflowed rho happens
+            scale = torch.where(held > self.is_cap, self.is_cap / held.clamp(min=self.is_cap), torch.ones_like(held))
+            loss = -(scale * ratio) * adv
+        else:
+            anchor = self._prox(logprobs, s, e) if self.off_policy == "decoupled" else self.old_logprobs[:, s:e]
+            ratio = torch.exp(logprobs - anchor)
+            surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * adv)
+            loss = -surrogate
+            if self.off_policy == "decoupled":
+                loss = self.is_weights(logprobs, s, e) * loss
         if self.kl_coef > 0:
             delta = self.ref_logprobs[:, s:e] - logprobs
             loss = loss + self.kl_coef * (torch.exp(delta) - delta - 1)

@@ -52,8 +52,9 @@ def tiny_llama(hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int
 @torch.no_grad()
 def generate_hf(policy: HFPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                 temperature: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
-                generator: Optional[torch.Generator] = None) -> Generation:
-    """Sample ``max_new_tokens`` at most per prompt (``[B, P]``, left-padded) with transformers' KV cache."""
+                generator: Optional[torch.Generator] = None, step_hook=None) -> Generation:
+    """Sample ``max_new_tokens`` at most per prompt (``[B, P]``, left-padded) with transformers' KV cache;
+    ``step_hook`` runs between decode steps (see :func:`ds_ext.models.generate.generate`)."""
     from transformers import DynamicCache
     model, b = policy.hf, prompt_ids.shape[0]
     cache = DynamicCache()
@@ -67,6 +68,8 @@ def generate_hf(policy: HFPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.T
         tok, finished = sampler.step(out.logits[:, -1])
         if finished:
             break
+        if step_hook is not None:
+            step_hook()
         ids, positions = tok[:, None], positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
     return sampler.result()

@@ -45,6 +45,11 @@ class GroupMeta:
     assigned_rank: Optional[int] = None
 
 
+class RolloutFailed(RuntimeError):
+    """A producer reported an error it cannot recover from (e.g. the user's reward raised): every consumer and
+    producer call raises this from then on, so no process waits forever on groups that will not come."""
+
+
 @dataclass
 class QueueStats:
     reserved: int = 0
@@ -76,6 +81,19 @@ class TransferQueue:
         self._next_group = 0
         self.stats = QueueStats()
         self.closed = False
+        self.error: Optional[str] = None
+
+    def fail(self, message: str) -> None:
+        """A producer's unrecoverable error (its message names the prompt and carries the traceback): wakes
+        every waiter, and every later call raises :class:`RolloutFailed` with it."""
+        with self._cv:
+            if self.error is None:
+                self.error = message
+            self._cv.notify_all()
+
+    def _check_failed(self) -> None:
+        if self.error is not None:
+            raise RolloutFailed(self.error)
 
     # -- producers ---------------------------------------------------------------------------------------------
     def reserve(self, producer: str, version: int, timeout: Optional[float] = None) -> Optional[GroupMeta]:
@@ -85,6 +103,7 @@ class TransferQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:
+                self._check_failed()
                 self._expire_leases()
                 nxt = self._peek_reservation()
                 if self.closed:
@@ -183,6 +202,7 @@ class TransferQueue:
         with self._cv:
             done = self._consumed.setdefault(consumer, set())
             while True:
+                self._check_failed()
                 self._assign(slot, dp_size)
                 mine = [g for g in self._groups.values() if g.slot == slot and g.assigned_rank == dp_rank]
                 ready = sorted((g for g in mine if g.group_id not in done), key=lambda g: g.index_in_slot)
@@ -226,6 +246,7 @@ class TransferQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:
+                self._check_failed()
                 groups = [g for g in self._groups.values() if g.slot == slot and g.complete]
                 if len(groups) == self.groups_per_step:
                     return sum(g.tokens for g in groups)

@@ -27,7 +27,7 @@ from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
 from ds_ext.asyncflow.rollout import RolloutWorker
 from ds_ext.asyncflow.scatter import ScatteredQueue
-from ds_ext.asyncflow.task import AdditionTask
+from ds_ext.asyncflow.task import Task
 from ds_ext.asyncflow.trainer import GRPOTrainer
 
 
@@ -49,7 +49,7 @@ def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None],
     return history
 
 
-def run_sync(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlowConfig, steps: int,
+def run_sync(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, steps: int,
              progress=None) -> Dict[str, Any]:
     """The synchronous baseline in this process (all its threads in each phase)."""
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, max_staleness=0, lease_s=cfg.lease_s)
@@ -58,6 +58,8 @@ def run_sync(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlow
     trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(v, clone_state(m)))
 
     def produce(version):
+        if cfg.rollout_slots > 0:  # the step's whole batch through the continuous-batching slots, weights V
+            worker.run(max_groups=cfg.groups_per_step)
         while worker.stats["groups"] < (version + 1) * cfg.groups_per_step:
             worker.produce_one(timeout=5)
 
@@ -94,7 +96,7 @@ def init_rpc(name: str, rank: int, world_size: int) -> None:
             os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
 
 
-def run_async_trainer(engine, model_factory: Callable, task: AdditionTask, cfg: AsyncFlowConfig, steps: int,
+def run_async_trainer(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, steps: int,
                       worker_names: List[str], progress=None, start: int = 0, trainer_rank: int = 0,
                       trainer_world: int = 1, replica_of: Callable[[int], int] = lambda r: 0,
                       replicas: int = 1) -> Dict[str, Any]:

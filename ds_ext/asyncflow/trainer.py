@@ -18,13 +18,15 @@ import torch
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.grpo import GRPOTokenLoss, group_advantages, step_token_weights
-from ds_ext.models import ByteTokenizer
+
+
+PAD = 0  # prompt padding: masked everywhere, so any id of the vocabulary (0 is in every vocabulary)
 
 
 def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
     samples = [s for g in groups for s in g["samples"]]
     p = max(len(s["prompt_ids"]) for s in samples)
-    prompt = torch.full((len(samples), p), ByteTokenizer.PAD)
+    prompt = torch.full((len(samples), p), PAD)
     prompt_mask = torch.zeros(len(samples), p, dtype=torch.bool)
     for i, s in enumerate(samples):
         n = len(s["prompt_ids"])
@@ -33,7 +35,7 @@ def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
     lengths = torch.tensor([s["response_len"] for s in samples])
     mask = torch.arange(response.shape[1])[None, :] < lengths[:, None]
     firsts = [g["samples"][0]["prompt_ids"] for g in groups]
-    group_prompt = torch.full((len(groups), p), ByteTokenizer.PAD)
+    group_prompt = torch.full((len(groups), p), PAD)
     group_prompt_mask = torch.zeros(len(groups), p, dtype=torch.bool)
     for i, ids in enumerate(firsts):
         group_prompt[i, p - len(ids):], group_prompt_mask[i, p - len(ids):] = ids, True
@@ -42,7 +44,9 @@ def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
             "group_sizes": [len(g["samples"]) for g in groups],
             "old_logprobs": torch.stack([s["logprobs"] for s in samples]),
             "rewards": torch.tensor([float(s["reward"]) for s in samples]),
-            "lag_versions": torch.tensor([s["version"] for s in samples])}
+            "lag_versions": torch.tensor([s["version"] for s in samples]),
+            "token_versions": torch.stack([s.get("token_versions", torch.full((response.shape[1],), s["version"]))
+                                           for s in samples])}
 
 
 def response_logprobs(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,7 +65,7 @@ def grouped_response_logprobs(engine, batch: Dict[str, torch.Tensor]) -> torch.T
     attend to it (the engine takes a packed :class:`GroupedBatch`)."""
     from ds_ext.prefix_grouper.layout import pack
     packed = pack(batch["group_prompt"], batch["group_prompt_mask"], batch["response"], batch["mask"],
-                  batch["group_sizes"], pad_id=ByteTokenizer.PAD)
+                  batch["group_sizes"], pad_id=PAD)
     return packed.completion_logprobs(engine(packed), batch["response"])
 
 
@@ -126,7 +130,7 @@ class GRPOTrainer:
         cfg = self.cfg
         step_tokens = self._slot_tokens(version) if cfg.loss_norm == "dapo" else 0
         responses = cfg.groups_per_step * cfg.group_size // self.replicas
-        rewards, lags, trained = [], [], []
+        rewards, lags, trained, is_w, token_lags = [], [], [], [], []
         for micro in range(self.gas):
             groups = self._take(version, self.groups_per_micro)
             trained += [[g["samples"][0]["prompt_index"], g["meta"].version] for g in groups]
@@ -140,18 +144,29 @@ class GRPOTrainer:
                     ref = response_logprobs(self.ref_model, batch)
             loss_fn = GRPOTokenLoss(targets=batch["response"], mask=batch["mask"], advantages=adv,
                                     old_logprobs=batch["old_logprobs"], ref_logprobs=ref, eps_low=cfg.eps_low,
-                                    eps_high=cfg.eps_high, kl_coef=cfg.kl_coef, weights=weights)
+                                    eps_high=cfg.eps_high, kl_coef=cfg.kl_coef, weights=weights,
+                                    off_policy=cfg.off_policy, is_cap=cfg.is_cap)
             logprobs = (grouped_response_logprobs if self.grouped else response_logprobs)(self.engine, batch)
             loss = loss_fn.from_logprobs(logprobs)
             self.engine.backward(loss)
+            is_w.append(loss_fn.is_weights(logprobs)[batch["mask"]])
             rewards.append(batch["rewards"])
             if micro == self.gas - 1 and self.ledger is not None:
                 self.ledger.set_step(self.engine.global_steps + 1, trained, torch.cat(rewards).mean().item())
             self.engine.step()
             lags.append(version - batch["lag_versions"])
+            token_lags.append(version - batch["token_versions"][batch["mask"]])
         if self.dp_rank == 0:
             self.queue.finish_slot(version)
         if self.on_weights is not None:
             self.on_weights(version + 1, self.engine.module)
-        r, lag = torch.cat(rewards), torch.cat(lags)
-        return {"reward": r.mean().item(), "max_lag": int(lag.max()), "mean_lag": lag.float().mean().item()}
+        r, lag, w, tok_lag = torch.cat(rewards), torch.cat(lags), torch.cat(is_w), torch.cat(token_lags)
+        if int(lag.max()) > cfg.max_staleness:  # the queue's admission control guarantees this: a bug if not
+            raise RuntimeError(f"step {version}: a sample's oldest token is {int(lag.max())} versions old > "
+                               f"max_staleness {cfg.max_staleness}")
+        return {"reward": r.mean().item(), "max_lag": int(lag.max()), "mean_lag": lag.float().mean().item(),
+                "mean_token_lag": tok_lag.float().mean().item() if tok_lag.numel() else 0.0,
+                "is_weight_mean": w.mean().item() if w.numel() else 1.0,
+                "is_weight_max": w.max().item() if w.numel() else 1.0,
+                "is_truncated_fraction": (w >= cfg.is_cap).float().mean().item()
+                if w.numel() and cfg.off_policy != "none" else 0.0}

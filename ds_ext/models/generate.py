@@ -5,11 +5,15 @@ True on real tokens), positions counted from each prompt's first real token. One
 every layer's cache ``k, v: [B, Hkv, P, D]``; each decode step appends one position. Returns the sampled tokens
 ``[B, L]``, their log-probabilities under the sampling distribution ``[B, L]`` (the behaviour log-probs GRPO's ratio
 needs) and each response's length (through its first ``eos_id``, included; later positions are ``pad_id``).
+
+``step_hook`` (optional) is called between decode steps, after token ``t`` is sampled and before the forward that
+gives token ``t + 1``: it may change the model's weights in place (AsyncFlow's partial rollouts load newer weights
+there); the KV cache of earlier positions is kept as it was computed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -81,7 +85,8 @@ def _layer_step(layer, x, positions, cache: Optional[Tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def generate(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
-             generator: Optional[torch.Generator] = None) -> Generation:
+             generator: Optional[torch.Generator] = None,
+             step_hook: Optional[Callable[[], None]] = None) -> Generation:
     b = prompt_ids.shape[0]
     key_mask = prompt_mask.bool()
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -95,6 +100,8 @@ def generate(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: tor
         tok, finished = sampler.step(model.lm_head(model.norm(x[:, -1])))
         if finished:
             break
+        if step_hook is not None:
+            step_hook()
         x, positions = model.embed(tok[:, None]), next_pos
         next_pos = next_pos + 1
         key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool)], 1)
