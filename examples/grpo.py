@@ -78,11 +78,14 @@ def is_model_dir(kind: str) -> bool:
 
 
 def load_policy(path: str) -> torch.nn.Module:
-    """A local transformers causal-LM directory as a GRPO policy (fp32). The one place a model directory is
-    loaded: it becomes ``ds_ext.models.hf.load_hf_model(path, init="pretrained")`` once that lands."""
-    from transformers import AutoModelForCausalLM
+    """A local transformers causal-LM directory as a GRPO policy (fp32), through the loader every entry point uses
+    (``ds_ext.models.hf.load_hf_model``: a bad directory or an unsupported family exits 2 naming it)."""
     from ds_ext.asyncflow.hf_policy import HFPolicy
-    return HFPolicy(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    from ds_ext.models.hf import HFModelError, load_hf_model
+    try:
+        return HFPolicy(load_hf_model(path, init="pretrained", dtype=torch.float32))
+    except HFModelError as exc:
+        fail(str(exc))
 
 
 def load_tokenizer(kind: str):
