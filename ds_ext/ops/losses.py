@@ -40,3 +40,9 @@ def token_weights(mask: torch.Tensor, norm: Norm, responses: int, tokens: Union[
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log softmax(logits)[target]``: ``[B, c, V], [B, c] -> [B, c]`` (fp32; negative targets read token 0)."""
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.clamp(min=0)[..., None])[..., 0]
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Unshifted labels ``[B, T]`` (HF convention) -> labels aligned with the positions that predict them: row t
+    holds ``labels[t + 1]``, the last position gets ``ignore_index`` (as HF's ``ForCausalLMLoss`` pads and shifts)."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
