@@ -187,7 +187,7 @@ def _parity_body(dirs: dict):
         loss = float(engine.train_batch(iter(batches)))
         ref_loss = sum(ref(input_ids=b[0][0], position_ids=b[0][1], labels=b[1]).loss for b in batches) / 2
         ref_loss.backward()
-        ref_grads = dict(ref.named_parameters())
+        ref_grads = dict(ref.named_parameters(remove_duplicate=False))  # tied: lm_head.weight too
         layers = model.model.layers
         out[family] = {
             "gathered": gathered, "loss": loss, "ref_loss": ref_loss.item(),
