@@ -79,7 +79,8 @@ def test_stage_layers_compute_the_hf_model_on_packed_rows(family, tied):
     model = tiny_model(family, tied)
     run = chained(hf_layer_specs(model))
     ids, pos, labels = packed_batch(0)
-    ref = model(input_ids=ids, position_ids=pos, labels=labels)
+    # use_cache=False as in training (HFCausalLM): with a KV cache transformers does not detect packed rows
+    ref = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
     ref.loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -281,8 +282,9 @@ def test_killed_hf_stage_is_rebuilt_from_its_neighbour_and_the_loss_falls_after(
                     group_dies_with=True)
     shutil.rmtree(rank_dir(journal_dir, 1))
     first, last = run_distributed(_checkfree_body, 2, args=(path, journal_dir, 20), timeout=400)
-    assert first["start"] == last["start"] == 5
-    assert last["metrics"]["checkpoint_free/partner"] == 1 and first["metrics"]["checkpoint_free/partner"] == 0
+    assert first["start"] == last["start"] == 5, (first["start"], last["start"])
+    assert last["metrics"]["checkpoint_free/partner"] == 1, last["metrics"]
+    assert first["metrics"]["checkpoint_free/partner"] == 0, first["metrics"]
     assert first["at_start"]["body"].keys() == last["at_start"]["body"].keys()
     for key, w in first["at_start"]["body"].items():
         assert torch.equal(last["at_start"]["body"][key], w), key
@@ -290,6 +292,7 @@ def test_killed_hf_stage_is_rebuilt_from_its_neighbour_and_the_loss_falls_after(
     for name, w in last["at_start"]["ends"].items():
         assert torch.equal(w, first["at_start"]["replicas"][name]), name
     losses = last["losses"]
+    print('losses after the rebuild', [round(x, 3) for x in losses])
     assert all(torch.isfinite(torch.tensor(losses))), losses
     # After the rebuild the last stage's layer is stage 0's: the loss jumps, then must fall below where it restarted.
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
