@@ -131,6 +131,10 @@ class CheckFreeFeature(FeatureBase):
     def rebuild(self, lost: Set[int]) -> Rebuild:
         """Rebuild the ``lost`` ranks from live ones (collective over ``group``; see the module docstring)."""
         t = time.perf_counter()
+        # A survivor resuming from its journal has replayed into its master partitions only (the journal leaves the
+        # refresh to this rebuild): bring the module's params up to date before they are sent (collective per
+        # ZeRO group, like the refresh below).
+        self.state.refresh()
         plans = plan_rebuilds(self.topology, set(lost), shards_identical_in_replica=self.state.zero is None)
         handles = []
         for plan in plans:

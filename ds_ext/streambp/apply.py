@@ -5,7 +5,8 @@ model's layers, :class:`ds_ext.models.llama.DecoderLayer`) or an HF Llama/Qwen2-
 structure; each is given the streamed backward in place (:func:`ds_ext.streambp.layer.stream_layer`). The LM head
 and loss go through :func:`ds_ext.streambp.loss.chunked_lm_loss` via the model's own seam: ``set_lm_loss(fn)`` (the
 reference model); for a ``PipelineModule`` whose last stage has a head with an ``emit_hidden`` flag (the reference
-pipeline's ``HeadPipe``), the head emits hidden states and the module's ``loss_fn`` applies the head in chunks; HF
+pipeline's ``HeadPipe``, the HF pipeline's heads), the head emits hidden states and the module's ``loss_fn`` applies
+the head in chunks (on ``head.loss_labels(labels)`` when the head defines it); HF
 models call :func:`ds_ext.streambp.hf.causal_lm_loss`. A ``PipelineModule`` that also checkpoints activations is
 refused: StreamBP replaces it. :meth:`StreamBPFeature.close` undoes every change.
 """
@@ -70,7 +71,10 @@ def _chunk_head(model: nn.Module, loss) -> List[Callable[[], None]]:
         return []
     head, own_loss_fn = heads[0], model.loss_fn
     head.emit_hidden = True
-    model.loss_fn = lambda hidden, labels: loss(hidden, head.lm_head.weight, labels)
+    # A head may take labels in another alignment (the HF pipeline's are unshifted): its loss_labels maps them to
+    # one label per hidden row.
+    align = getattr(head, "loss_labels", lambda labels: labels)
+    model.loss_fn = lambda hidden, labels: loss(hidden, head.lm_head.weight, align(labels))
 
     def undo():
         head.emit_hidden, model.loss_fn = False, own_loss_fn
