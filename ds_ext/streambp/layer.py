@@ -8,8 +8,9 @@ may be shorter); for each chunk, with gradients on:
 * queries from ``h[:, s:e]`` only;
 * attention of the ``c = e - s`` queries over the ``e`` keys ``< e``, causal aligned bottom-right (query ``s + i``
   sees keys ``<= s + i``; never a ``T x T`` mask): :func:`ds_ext.ops.attention.chunk_attention` (the unmasked
-  prefix and the causal diagonal block merged by log-sum-exp, or a ``[c, e]`` mask with key padding or the
-  per-call attention's :meth:`ChunkMasked.chunk_mask`);
+  prefix and the causal diagonal block merged by log-sum-exp; with packed documents, ``segment_ids``, the same per
+  document overlapping the chunk; or a ``[c, e]`` mask with key padding or the per-call attention's
+  :meth:`ChunkMasked.chunk_mask`);
 * ``y = x[:, s:e] + o_proj(attn)``, ``y = y + mlp(norm2(y))`` on the chunk only;
 
 then backpropagates ``G[:, s:e]``. Input, key/value and parameter gradients accumulate over chunks, so the
@@ -17,8 +18,8 @@ result is the full-sequence gradient (a sum of the same terms).
 
 **One streaming mechanism** for every layer family: :func:`stream_layer` replaces the instance's ``forward`` with
 one that, when gradients are wanted, asks the family's :class:`LayerAdapter` to map the call's arguments to a
-:class:`StreamCall` and runs :class:`StreamedLayerFunction`; otherwise (no gradients, or the adapter declines: KV
-cache, packed sequences) the layer's own forward runs. :func:`unstream_layer` undoes it. Adapters: the reference
+:class:`StreamCall` and runs :class:`StreamedLayerFunction`; otherwise (no gradients, or the adapter declines: a KV
+cache, megatron's ``packed_seq_params``) the layer's own forward runs. :func:`unstream_layer` undoes it. Adapters: the reference
 model's (:class:`ds_ext.models.llama.ReferenceLayerAdapter`), HF Llama/Qwen2 (:mod:`ds_ext.streambp.hf`), megatron
 (:mod:`ds_ext.megatron.streambp`).
 
@@ -55,7 +56,8 @@ class StreamCall:
     """One streamed call of a layer, in StreamBP's terms: ``x: [B, T, C]`` (a view of the layer's input), the
     position information, the key padding ``[B, T]`` (True = real) or None, ``full(x, positions, padding) -> y``
     (the layer's own forward on the whole sequence, run once under no_grad), the chunk mask of a per-call attention
-    (None: causal) and ``output(y)``, the layer's return value built from ``y: [B, T, C]``."""
+    (None: causal), ``output(y)``, the layer's return value built from ``y: [B, T, C]``, and the packed documents'
+    ``segment_ids: [B, T]`` (None: one document per row; ``full`` must apply the same documents)."""
 
     x: torch.Tensor
     positions: object
@@ -63,6 +65,7 @@ class StreamCall:
     full: Callable
     chunk_mask: Optional[Callable[[int, int], torch.Tensor]] = None
     output: Callable = lambda y: y
+    segment_ids: Optional[torch.Tensor] = None
 
 
 class LayerAdapter(ABC):
@@ -125,12 +128,13 @@ def chunk_mask_of(attention_fn) -> Optional[Callable[[int, int], torch.Tensor]]:
 
 
 def chunk_output(adapter: LayerAdapter, xc, hc, ke, ve, positions, s: int, e: int,
-                 key_padding_mask: Optional[torch.Tensor], chunk_mask=None) -> torch.Tensor:
+                 key_padding_mask: Optional[torch.Tensor], chunk_mask=None,
+                 segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, the normed
     rows ``hc = h[:, s:e]`` and the keys/values of positions ``< e``, ``ke, ve: [B, Hkv, e, D]``."""
     q = adapter.queries(hc, adapter.slice_positions(positions, s, e))
     mask = chunk_mask(s, e) if chunk_mask is not None else None
-    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale, mask)
+    attn = chunk_attention(q, ke, ve, s, key_padding_mask, adapter.scale, mask, segment_ids)
     return adapter.mlp_block(xc + adapter.attention_out(attn))
 
 
@@ -138,8 +142,8 @@ class StreamedLayerFunction(torch.autograd.Function):
     """``y = layer(x)`` with StreamBP's backward. Parameters are reached through the adapter (like reentrant
     checkpointing), so their gradients are accumulated in ``param.grad`` by the inner ``autograd.backward``.
 
-    Saved for backward: ``x`` (and the key padding mask when given); positions, the adapter and the chunk-mask
-    function ride on ``ctx`` (shared by every layer of the call, not per layer).
+    Saved for backward: ``x`` (and the key padding mask when given); positions, segment ids, the adapter and the
+    chunk-mask function ride on ``ctx`` (shared by every layer of the call, not per layer).
 
     Backward order: ``h = norm1(x)`` and the keys/values of all ``T`` positions are recomputed once (``O(T)``
     memory for one layer at a time, instead of recomputing the prefix's keys/values for every chunk); chunks
@@ -149,16 +153,19 @@ class StreamedLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, chunk_mask=None):
+    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, chunk_mask=None,
+                segment_ids=None):
         ctx.save_for_backward(x, key_padding_mask)
         ctx.positions, ctx.adapter, ctx.chunk_size, ctx.chunk_mask = positions, adapter, chunk_size, chunk_mask
+        ctx.segment_ids = segment_ids
         with torch.no_grad():
             return full_forward(x, positions, key_padding_mask)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, key_padding_mask = ctx.saved_tensors
-        adapter, positions, chunk, mask = ctx.adapter, ctx.positions, ctx.chunk_size, ctx.chunk_mask
+        adapter, positions, chunk, mask, segments = ctx.adapter, ctx.positions, ctx.chunk_size, ctx.chunk_mask, \
+            ctx.segment_ids
         x = x.detach().requires_grad_(True)
         params = [p for p in adapter.layer.parameters() if p.requires_grad]
         t = x.shape[1]
@@ -170,23 +177,23 @@ class StreamedLayerFunction(torch.autograd.Function):
             set_grad_ready(params, False)
             for s, e in bounds[:-1]:
                 _chunk_backward(adapter, x, h, k, v, (dx, dh, dk, dv), positions, s, e, key_padding_mask,
-                                grad_out[:, s:e], mask)
+                                grad_out[:, s:e], mask, segments)
             set_grad_ready(params, True)
             s, e = bounds[-1]
             y = chunk_output(adapter, x[:, s:e], h[:, s:e], k[:, :, :e], v[:, :, :e], positions, s, e,
-                             key_padding_mask, mask)
+                             key_padding_mask, mask, segments)
             torch.autograd.backward([y, h, k, v], [grad_out[:, s:e], dh, dk, dv])
-        return x.grad + dx, None, None, None, None, None, None
+        return x.grad + dx, None, None, None, None, None, None, None
 
 
 def _chunk_backward(adapter, x, h, k, v, buffers, positions, s, e, key_padding_mask, grad_chunk,
-                    chunk_mask=None) -> None:
+                    chunk_mask=None, segment_ids=None) -> None:
     """Backpropagate rows ``[s, e)`` into per-chunk leaves (only the slices the chunk reads) and add their
     gradients into the full-size buffers; parameter gradients accumulate in ``param.grad``."""
     dx, dh, dk, dv = buffers
     xc, hc = x[:, s:e].detach().requires_grad_(True), h[:, s:e].detach().requires_grad_(True)
     ke, ve = k[:, :, :e].detach().requires_grad_(True), v[:, :, :e].detach().requires_grad_(True)
-    y = chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask, chunk_mask)
+    y = chunk_output(adapter, xc, hc, ke, ve, positions, s, e, key_padding_mask, chunk_mask, segment_ids)
     torch.autograd.backward(y, grad_chunk)
     dx[:, s:e] += xc.grad
     dh[:, s:e] += hc.grad
@@ -218,7 +225,7 @@ def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> No
         if call is None:
             return adapter.own_forward(*args, **kwargs)
         y = StreamedLayerFunction.apply(call.x, call.positions, call.key_padding_mask, adapter, call.full,
-                                        chunk_size, call.chunk_mask)
+                                        chunk_size, call.chunk_mask, call.segment_ids)
         return call.output(y)
 
     layer.forward = types.MethodType(forward, layer)
