@@ -2,6 +2,7 @@
 and the refusals (sliding window, MoE).
 
 Packed rows follow the project's contract: ``position_ids`` restart at 0 at every document, no ``attention_mask``,
+``use_cache=False`` (transformers detects packing only without a KV cache, and its models default to one),
 labels unshifted with -100 at each document's first token (``DataCollatorWithFlattening``'s convention), so no
 position is scored on the next document's token. Models are tiny random inits written with ``save_pretrained``
 and loaded back with ``AutoModelForCausalLM.from_pretrained`` (no download).
@@ -89,7 +90,7 @@ def test_packing_is_exact(model_dirs, streamed):
 
     def run(x):
         model.zero_grad()
-        logits = model(input_ids=x, position_ids=pos).logits
+        logits = model(input_ids=x, position_ids=pos, use_cache=False).logits
         loss_a = causal_lm_loss(model, x, doc_mask(labels, 0, 0, 9), position_ids=pos, logits_chunk_size=5)
         loss_c = causal_lm_loss(model, x, doc_mask(labels, 0, 20, 27), position_ids=pos, logits_chunk_size=5)
         loss_a.backward()
@@ -105,9 +106,10 @@ def test_packing_is_exact(model_dirs, streamed):
         assert rel_err(g2, g) <= FP32_RTOL
     with torch.no_grad():
         for a, z in spans:
-            alone = model(input_ids=ids[:1, a:z]).logits
+            alone = model(input_ids=ids[:1, a:z], use_cache=False).logits
             assert rel_err(logits[0, a:z], alone[0]) <= FP32_RTOL
-        assert rel_err(logits[1], model(input_ids=ids[1:]).logits[0]) <= FP32_RTOL  # one document: plain causal
+        one_document = model(input_ids=ids[1:], use_cache=False).logits[0]  # row 1: plain causal
+        assert rel_err(logits[1], one_document) <= FP32_RTOL
 
 
 @pytest.mark.parametrize("family, chunk, flash", [("llama", 5, True), ("qwen2", 8, True), ("qwen2", 6, False)],
@@ -123,7 +125,7 @@ def test_streamed_packed_rows_match_autograd(model_dirs, family, chunk, flash, m
     streamed, feature, kinds = streamed_copy(model_dirs[family], chunk)
     assert streamed.config._attn_implementation == ATTENTION
     ids, pos, labels = packed([[3, 12, 1, 9, 12], [20, 17]], seed=1)
-    ref = plain(input_ids=ids, position_ids=pos, labels=labels).loss
+    ref = plain(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss
     out = causal_lm_loss(streamed, ids, labels, position_ids=pos, logits_chunk_size=5)
     ref.backward()
     out.backward()
@@ -143,14 +145,14 @@ def test_bf16_streamed_packed_gradients_are_as_close_to_fp32_as_plain_bf16(model
     path = model_dirs["qwen2"]
     ids, pos, labels = packed([[10, 25, 13, 16], [30, 34]], seed=2)
     fp32 = load(path)
-    fp32(input_ids=ids, position_ids=pos, labels=labels).loss.backward()
+    fp32(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss.backward()
     ref = torch.cat([p.grad.reshape(-1) for p in fp32.parameters()])
 
     def error(model, loss):
         loss.backward()
         return rel_err(torch.cat([p.grad.float().reshape(-1) for p in model.parameters()]), ref)
     plain = load(path, torch.bfloat16)
-    err_plain = error(plain, plain(input_ids=ids, position_ids=pos, labels=labels).loss)
+    err_plain = error(plain, plain(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss)
     streamed, _, kinds = streamed_copy(path, chunk=12, logits_chunk=16, dtype=torch.bfloat16)
     err_streamed = error(streamed, causal_lm_loss(streamed, ids, labels, position_ids=pos, logits_chunk_size=16))
     assert kinds == ["StreamedLayerFunctionBackward"] * 2
@@ -189,7 +191,7 @@ def test_a_4096_token_packed_row_streams_without_a_t_by_t_tensor(model_dirs):
     plain = load(model_dirs["llama"])
     plain.model.layers = plain.model.layers[:1]  # one layer is enough to see the mask
     with LargestTensor() as probe_plain, torch.no_grad():
-        plain.model(input_ids=ids, position_ids=pos)
+        plain.model(input_ids=ids, position_ids=pos, use_cache=False)
     assert probe_plain.largest >= t * t, probe_plain.largest
 
 

@@ -222,7 +222,7 @@ def _row_groups(segment_ids: torch.Tensor, e: int) -> List[Tuple[slice, List[Tup
 
 
 def document_parts(k, v, s: int, e: int, spans: Sequence[Tuple[int, int]]) -> List[Part]:
-    """The :class:`Part` s of chunk ``[s, e)`` (queries at rows ``0 .. e - s``) with packed documents: for each
+    """The parts (:class:`Part`) of chunk ``[s, e)`` (query rows ``0 .. e - s``) with packed documents: for each
     document ``[a, z)`` overlapping the chunk, its keys before the chunk ``[a, s)`` unmasked and its causal diagonal
     block ``[max(a, s), min(z, e))``. ``spans`` lie in ``[0, e)``."""
     parts = []

@@ -46,7 +46,8 @@ def is_hf_decoder_layer(module: nn.Module) -> bool:
     attn = getattr(module, "self_attn", None)
     return (all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm"))
             and (hasattr(module, "mlp") or hasattr(module, "block_sparse_moe"))
-            and attn is not None and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")))
+            and attn is not None
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")))
 
 
 def streambp_refusal(config) -> Optional[str]:
@@ -78,11 +79,13 @@ def _layer_refusal(layer: nn.Module) -> Optional[str]:
         return found
     name = type(layer).__name__
     if getattr(attn, "sliding_window", None):
-        return f"{name} uses sliding-window attention (window {attn.sliding_window}); StreamBP streams full causal attention"
+        return (f"{name} uses sliding-window attention (window {attn.sliding_window}); StreamBP streams full causal "
+                f"attention only")
     if hasattr(layer, "block_sparse_moe") or getattr(getattr(layer, "mlp", None), "experts", None) is not None:
         return f"{name} has MoE layers (experts in its MLP); StreamBP streams dense decoder layers only"
     if any(hasattr(layer, a) for a in ("pre_feedforward_layernorm", "post_feedforward_layernorm")):
-        return f"{name} has sandwich norms (pre/post_feedforward_layernorm); StreamBP streams pre-norm Llama-style layers"
+        return (f"{name} has sandwich norms (pre/post_feedforward_layernorm); StreamBP streams pre-norm "
+                f"Llama-style layers only")
     if getattr(attn, "attention_dropout", 0.0):
         return (f"{name} has attention_dropout={attn.attention_dropout}; StreamBP recomputes attention in backward "
                 f"and needs attention_dropout=0")

@@ -19,9 +19,9 @@ result is the full-sequence gradient (a sum of the same terms).
 **One streaming mechanism** for every layer family: :func:`stream_layer` replaces the instance's ``forward`` with
 one that, when gradients are wanted, asks the family's :class:`LayerAdapter` to map the call's arguments to a
 :class:`StreamCall` and runs :class:`StreamedLayerFunction`; otherwise (no gradients, or the adapter declines: a KV
-cache, megatron's ``packed_seq_params``) the layer's own forward runs. :func:`unstream_layer` undoes it. Adapters: the reference
-model's (:class:`ds_ext.models.llama.ReferenceLayerAdapter`), HF Llama/Qwen2 (:mod:`ds_ext.streambp.hf`), megatron
-(:mod:`ds_ext.megatron.streambp`).
+cache, megatron's ``packed_seq_params``) the layer's own forward runs. :func:`unstream_layer` undoes it. Adapters:
+the reference model's (:class:`ds_ext.models.llama.ReferenceLayerAdapter`), HF Llama/Qwen2 (:mod:`ds_ext.streambp.hf`;
+packed documents ride on :attr:`StreamCall.segment_ids`), megatron (:mod:`ds_ext.megatron.streambp`).
 
 Gradient reduction: until the final backward call the layer's parameters are marked not ready for ZeRO-1/2
 (:func:`ds_ext._deepspeed.set_grad_ready`): each parameter's gradient is reduced once per backward, not once per
