@@ -156,7 +156,9 @@ def test_bf16_streamed_packed_gradients_are_as_close_to_fp32_as_plain_bf16(model
     streamed, _, kinds = streamed_copy(path, chunk=12, logits_chunk=16, dtype=torch.bfloat16)
     err_streamed = error(streamed, causal_lm_loss(streamed, ids, labels, position_ids=pos, logits_chunk_size=16))
     assert kinds == ["StreamedLayerFunctionBackward"] * 2
-    # the bound is the contract; the measured errors and their ratio are in the assertion message
+    # the bound is the contract; the measured errors and their ratio are printed (pytest -s) and in the message
+    print(f"bf16 packed grad rel err: streamed {err_streamed:.4g}, plain {err_plain:.4g}, "
+          f"ratio {err_streamed / err_plain:.4g}")
     assert err_plain < 0.05
     assert err_streamed <= 1.5 * err_plain, (err_streamed, err_plain, err_streamed / err_plain)
 
