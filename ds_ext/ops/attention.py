@@ -14,7 +14,8 @@ from them, which are the true full-softmax quantities, so the parts' ``dQ`` add 
 parts' exact gradients (written into one buffer per distinct K/V tensor, so slices of one tensor cost no copies).
 Query rows no part covers get output 0 (padding rows of a packed batch).
 
-Users: StreamBP's chunk attention (:func:`chunk_attention`: the unmasked prefix plus the causal diagonal block),
+Users: StreamBP's chunk attention (:func:`chunk_attention`: the unmasked prefix plus the causal diagonal block;
+with packed documents, per document overlapping the chunk its earlier keys unmasked plus its causal diagonal block),
 Prefix Grouper's grouped rows (prefix causal; suffixes over the prefix and causally over themselves) and, through
 Prefix Grouper, the megatron core attention.
 
@@ -23,6 +24,11 @@ and its backward, :data:`FLASH_FORWARD` / :data:`FLASH_BACKWARD`). Where they ca
 non-fp32 inputs) or a mask the parts cannot express is needed (key padding, a grouped chunk), callers run
 :func:`grouped_sdpa` with a boolean mask (:func:`chunk_mask`, :func:`grouped_chunk_mask`): exact too, only slower.
 Each reason is logged once (logger ``ds_ext.ops.attention``, INFO).
+
+**Packed documents.** ``segment_ids: [B, T]`` (equal ids = one document; a document is a contiguous run, rows may
+differ) restrict causal attention to the query's own document. :func:`chunk_attention` and
+:func:`packed_attention` (the whole sequence, any dtype: one causal SDPA call per document) take them and never
+build a ``T x T`` mask; the masked fallback builds per-chunk ``[B, 1, c, e]`` masks from the segment ids.
 """
 from __future__ import annotations
 
@@ -165,13 +171,16 @@ def grouped_sdpa(q, k, v, **kwargs) -> torch.Tensor:
                                           **kwargs)
 
 
-def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+def chunk_mask(s: int, e: int, key_padding_mask: Optional[torch.Tensor], device,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean ``[B or 1, 1, e - s, e]``: query rows ``[s, e)`` over keys ``[0, e)``, causal aligned bottom-right,
-    key padding (``[B, >= e]``, True = real), and each query sees itself (a padded row never becomes all-masked;
-    its output is unused)."""
+    within the query's document (``segment_ids: [B, >= e]``), key padding (``[B, >= e]``, True = real), and each
+    query sees itself (a padded row never becomes all-masked; its output is unused)."""
     q_pos = torch.arange(s, e, device=device)[:, None]
     k_pos = torch.arange(e, device=device)[None, :]
     mask = k_pos <= q_pos
+    if segment_ids is not None:
+        mask = (mask & (segment_ids[:, s:e, None] == segment_ids[:, None, :e]))[:, None]
     if key_padding_mask is not None:
         mask = (mask & key_padding_mask[:, None, None, :e]) | (k_pos == q_pos)
     return mask if mask.dim() == 4 else mask[None, None]
@@ -215,8 +224,74 @@ def _whole(a: int, b: int, n: int) -> Rows:
     return None if (a, b) == (0, n) else (a, b)
 
 
+def document_spans(segment_ids: torch.Tensor, e: int) -> List[List[Tuple[int, int]]]:
+    """Per batch row, the ``(start, end)`` of each document within positions ``[0, e)`` (``segment_ids: [B, >= e]``;
+    a document is a run of equal ids). One host sync."""
+    seg = segment_ids[:, :e]
+    starts: List[List[int]] = [[0] for _ in range(seg.shape[0])]
+    for row, col in torch.nonzero(seg[:, 1:] != seg[:, :-1]).tolist():
+        starts[row].append(col + 1)
+    return [list(zip(row, row[1:] + [e])) for row in starts]
+
+
+def _row_groups(segment_ids: torch.Tensor, e: int) -> List[Tuple[slice, List[Tuple[int, int]]]]:
+    """``(rows, spans)``: all rows at once when they share their document spans in ``[0, e)``, else one per row."""
+    spans = document_spans(segment_ids, e)
+    if all(row == spans[0] for row in spans):
+        return [(slice(None), spans[0])]
+    return [(slice(b, b + 1), row) for b, row in enumerate(spans)]
+
+
+def document_parts(k, v, s: int, e: int, spans: Sequence[Tuple[int, int]]) -> List[Part]:
+    """The parts (:class:`Part`) of chunk ``[s, e)`` (query rows ``0 .. e - s``) with packed documents: for each
+    document ``[a, z)`` overlapping the chunk, its keys before the chunk ``[a, s)`` unmasked and its causal diagonal
+    block ``[max(a, s), min(z, e))``. ``spans`` lie in ``[0, e)``."""
+    parts = []
+    for a, z in spans:
+        if z <= s:
+            continue  # a document that ended before the chunk: no query of the chunk sees it
+        qa, qz = max(a, s), min(z, e)
+        rows = (qa - s, qz - s)
+        if a < s:
+            parts.append(Part(k, v, False, rows, (a, s)))
+        parts.append(Part(k, v, True, rows, (qa, qz)))
+    return parts
+
+
+def _packed_parts(k, v, s: int, e: int, spans, block, rows: slice) -> List[Part]:
+    """:func:`document_parts` of batch rows ``rows``; with ``block`` (the chunk's own keys/values, see
+    :func:`chunk_attention`) rewritten by :func:`on_block` (a document's diagonal block never straddles ``s``)."""
+    parts = document_parts(k, v, s, e, spans)
+    return parts if block is None else on_block(parts, s, (block[0][rows], block[1][rows]))
+
+
+def packed_attention(q, k, v, segment_ids: Optional[torch.Tensor] = None,
+                     key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     block: int = 1024) -> torch.Tensor:
+    """Causal attention of the whole sequence, ``q: [B, H, T, D]`` over ``k, v: [B, Hkv, T, D]``, within packed
+    documents (``segment_ids: [B, T]``) and with key padding (``[B, T]``, True = real), never a ``T x T`` mask.
+
+    Documents only: one causal SDPA call per document (per row when rows differ), exact in any dtype. Key padding
+    (with or without documents): query blocks of ``block`` rows through :func:`chunk_attention`'s masked path
+    (``[B, 1, block, e]`` masks). Neither: one causal SDPA call."""
+    t = q.shape[2]
+    if key_padding_mask is None and segment_ids is None:
+        return grouped_sdpa(q, k, v, is_causal=True, scale=scale)
+    if key_padding_mask is None:
+        out = torch.empty_like(q)
+        for rows, spans in _row_groups(segment_ids, t):
+            for a, z in spans:
+                out[rows, :, a:z] = grouped_sdpa(q[rows, :, a:z], k[rows, :, a:z], v[rows, :, a:z], is_causal=True,
+                                                 scale=scale)
+        return out
+    return torch.cat([chunk_attention(q[:, :, s:s + block], k[:, :, :s + block], v[:, :, :s + block], s,
+                                      key_padding_mask, scale, segment_ids=segment_ids)
+                      for s in range(0, t, block)], dim=2)
+
+
 def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = None,
-                    scale: Optional[float] = None, mask: Optional[torch.Tensor] = None, *,
+                    scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
+                    segment_ids: Optional[torch.Tensor] = None, *,
                     block: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Causal attention of the queries at positions ``[s, s + c)`` (``q: [B, H, c, D]``) over the keys
     ``[0, s + c)`` (``k, v: [B, Hkv, s + c, D]``), never with an ``[s + c, s + c]`` mask.
@@ -225,12 +300,18 @@ def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = 
     (``[B, Hkv, c, D]``) and ``k, v`` hold only the prefix ``[0, s)`` (StreamBP's backward: the prefix is a
     detached buffer, the block carries the chunk's graph; :func:`on_block`).
 
-    Merged path: the unmasked part ``[0, s)`` and the causal diagonal block ``[s, s + c)``. ``mask`` (a boolean
-    ``[B or 1, 1, c, s + c]`` from the caller's attention, e.g. a grouped chunk) or ``key_padding_mask`` select
-    masked SDPA instead (with ``block``, on the concatenated keys)."""
+    Merged path: the unmasked part ``[0, s)`` and the causal diagonal block ``[s, s + c)``; with packed documents
+    (``segment_ids: [B, >= s + c]``) the parts of :func:`document_parts`, one merged call for all rows when they
+    share their document spans, else one per row. ``mask`` (a boolean ``[B or 1, 1, c, s + c]`` from the caller's
+    attention, e.g. a grouped chunk) or ``key_padding_mask`` select masked SDPA instead (with ``block``, on the
+    concatenated keys; documents then enter the ``[B, 1, c, s + c]`` chunk mask)."""
     e = k.shape[2] if block is None else s + block[0].shape[2]
     reason = ("the caller's attention gives a chunk mask" if mask is not None else
               "a key padding mask is given" if key_padding_mask is not None else flash_unavailable(q, k))
+    if reason is None and segment_ids is not None:
+        outs = [merged_attention(q[rows], _packed_parts(k[rows], v[rows], s, e, spans, block, rows), scale)
+                for rows, spans in _row_groups(segment_ids, e)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     if reason is None:
         parts = [Part(k, v, False, kv_rows=(0, s))] if s > 0 else []
         parts.append(Part(k, v, True, kv_rows=(s, e)))
@@ -239,5 +320,7 @@ def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = 
     if block is not None:
         k, v = torch.cat([k, block[0]], dim=2), torch.cat([v, block[1]], dim=2)
     if mask is None:
-        mask = chunk_mask(s, e, key_padding_mask, q.device)
+        mask = chunk_mask(s, e, key_padding_mask, q.device, segment_ids)
+    elif segment_ids is not None:
+        mask = mask & chunk_mask(s, e, None, q.device, segment_ids)
     return grouped_sdpa(q, k, v, attn_mask=mask, scale=scale)

@@ -2,7 +2,9 @@
 
 Decoder layers are found by :func:`layer_adapter`: a module with a ``stream_adapter()`` method (the reference
 model's layers, :class:`ds_ext.models.llama.DecoderLayer`) or an HF Llama/Qwen2-family layer recognised by its
-structure; each is given the streamed backward in place (:func:`ds_ext.streambp.layer.stream_layer`). The LM head
+structure; each is given the streamed backward in place (:func:`ds_ext.streambp.layer.stream_layer`); HF layers'
+config is switched to StreamBP's packed-document attention (:func:`ds_ext.streambp.hf.route_attention`: no
+``T x T`` mask). The LM head
 and loss go through :func:`ds_ext.streambp.loss.chunked_lm_loss` via the model's own seam: ``set_lm_loss(fn)`` (the
 reference model); for a ``PipelineModule`` whose last stage has a head with an ``emit_hidden`` flag (the reference
 pipeline's ``HeadPipe``, the HF pipeline's heads), the head emits hidden states and the module's ``loss_fn`` applies
@@ -20,7 +22,7 @@ from torch import nn
 from ds_ext.config import DsExtConfigError
 from ds_ext.contract import FeatureBase, Phase
 from ds_ext.streambp.config import StreamBPConfig
-from ds_ext.streambp.hf import HFLayerAdapter, is_hf_decoder_layer
+from ds_ext.streambp.hf import HFLayerAdapter, is_hf_decoder_layer, route_attention
 from ds_ext.streambp.layer import LayerAdapter, stream_layer, unstream_layer
 from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
 
@@ -94,7 +96,7 @@ def stream_model(model: nn.Module, cfg: StreamBPConfig) -> StreamBPFeature:
         raise ValueError(f"StreamBP found no decoder layer it knows in {type(model).__name__}")
     for layer, adapter in found:
         stream_layer(layer, adapter, cfg.chunk_size)
-    undo = _chunk_head(model, chunked_cross_entropy(cfg.logits_chunk_size))
+    undo = route_attention(a for _, a in found) + _chunk_head(model, chunked_cross_entropy(cfg.logits_chunk_size))
     return StreamBPFeature(cfg, [m for m, _ in found], undo)
 
 

@@ -12,7 +12,8 @@ tokens (the last may be shorter), **last to first**; for each chunk, with gradie
 * attention of the ``c = e - s`` queries over the ``e`` keys ``< e``, causal aligned bottom-right (query ``s + i``
   sees keys ``<= s + i``; never a ``T x T`` mask): :func:`ds_ext.ops.attention.chunk_attention` over the detached
   prefix keys ``[0, s)`` and the chunk's own keys (the unmasked prefix and the causal diagonal block merged by
-  log-sum-exp, or a ``[c, e]`` mask with key padding or the per-call attention's :meth:`ChunkMasked.chunk_mask`);
+  log-sum-exp; with packed documents, ``segment_ids``, the same per document overlapping the chunk; or a ``[c, e]``
+  mask with key padding or the per-call attention's :meth:`ChunkMasked.chunk_mask`);
 * ``y = x[:, s:e] + o_proj(attn)``, ``y = y + mlp(norm2(y))`` on the chunk only;
 
 then backpropagates ``G[:, s:e]`` into ``y`` and the key/value gradients of rows ``[s, e)`` (finished: later chunks
@@ -22,10 +23,10 @@ the full-sequence gradient (a sum of the same terms).
 
 **One streaming mechanism** for every layer family: :func:`stream_layer` replaces the instance's ``forward`` with
 one that, when gradients are wanted, asks the family's :class:`LayerAdapter` to map the call's arguments to a
-:class:`StreamCall` and runs :class:`StreamedLayerFunction`; otherwise (no gradients, or the adapter declines: KV
-cache, packed sequences) the layer's own forward runs. :func:`unstream_layer` undoes it. Adapters: the reference
-model's (:class:`ds_ext.models.llama.ReferenceLayerAdapter`), HF Llama/Qwen2 (:mod:`ds_ext.streambp.hf`), megatron
-(:mod:`ds_ext.megatron.streambp`).
+:class:`StreamCall` and runs :class:`StreamedLayerFunction`; otherwise (no gradients, or the adapter declines: a KV
+cache, megatron's ``packed_seq_params``) the layer's own forward runs. :func:`unstream_layer` undoes it. Adapters:
+the reference model's (:class:`ds_ext.models.llama.ReferenceLayerAdapter`), HF Llama/Qwen2 (:mod:`ds_ext.streambp.hf`;
+packed documents ride on :attr:`StreamCall.segment_ids`), megatron (:mod:`ds_ext.megatron.streambp`).
 
 Gradient reduction: until the final backward call the layer's parameters are marked not ready for ZeRO-1/2
 (:func:`ds_ext._deepspeed.set_grad_ready`): each parameter's gradient is reduced once per backward, not once per
@@ -61,8 +62,9 @@ class StreamCall:
     """One streamed call of a layer, in StreamBP's terms: ``x: [B, T, C]`` (a view of the layer's input), the
     position information, the key padding ``[B, T]`` (True = real) or None, ``full(x, positions, padding) -> y``
     (the layer's own forward on the whole sequence, run under no_grad when the sequence fits in one chunk), the
-    chunk mask of a per-call attention (None: causal) and ``output(y)``, the layer's return value built from
-    ``y: [B, T, C]``."""
+    chunk mask of a per-call attention (None: causal), ``output(y)``, the layer's return value built from
+    ``y: [B, T, C]``, and the packed documents' ``segment_ids: [B, T]`` (None: one document per row; ``full`` must
+    apply the same documents)."""
 
     x: torch.Tensor
     positions: object
@@ -70,6 +72,7 @@ class StreamCall:
     full: Callable
     chunk_mask: Optional[Callable[[int, int], torch.Tensor]] = None
     output: Callable = lambda y: y
+    segment_ids: Optional[torch.Tensor] = None
 
 
 class LayerAdapter(ABC):
@@ -136,13 +139,14 @@ def chunk_mask_of(attention_fn) -> Optional[Callable[[int, int], torch.Tensor]]:
 
 
 def chunk_output(adapter: LayerAdapter, xc, q, k, v, s: int, e: int, key_padding_mask: Optional[torch.Tensor],
-                 chunk_mask=None, block=None) -> torch.Tensor:
+                 chunk_mask=None, block=None, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's output rows ``[s, e)``: ``[B, e - s, C]``, from the input rows ``xc = x[:, s:e]``, their roped
     queries ``q`` and the keys/values of positions ``< e`` (``k, v: [B, Hkv, e, D]``; or, with ``block = (k_block,
     v_block)`` for the chunk's own rows, ``k, v`` hold positions ``< s``:
-    :func:`ds_ext.ops.attention.chunk_attention`)."""
+    :func:`ds_ext.ops.attention.chunk_attention`), within the packed documents ``segment_ids: [B, T]`` (None: one
+    per row)."""
     mask = chunk_mask(s, e) if chunk_mask is not None else None
-    attn = chunk_attention(q, k, v, s, key_padding_mask, adapter.scale, mask, block=block)
+    attn = chunk_attention(q, k, v, s, key_padding_mask, adapter.scale, mask, segment_ids, block=block)
     return adapter.mlp_block(xc + adapter.attention_out(attn))
 
 
@@ -165,7 +169,8 @@ def chunk_bounds(t: int, chunk: int):
     return [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
 
 
-def streamed_forward(adapter: LayerAdapter, x, positions, key_padding_mask, chunk: int, chunk_mask=None):
+def streamed_forward(adapter: LayerAdapter, x, positions, key_padding_mask, chunk: int, chunk_mask=None,
+                     segment_ids: Optional[torch.Tensor] = None):
     """The layer's output ``[B, T, C]`` computed chunk by chunk, no graph: keys/values of all positions once
     (:func:`keys_values`), then per chunk its queries, attention over keys ``< e``, projection and MLP
     (:func:`chunk_output`, the function the backward differentiates). Beside ``x`` and ``y`` it holds ``K, V`` and
@@ -176,7 +181,8 @@ def streamed_forward(adapter: LayerAdapter, x, positions, key_padding_mask, chun
     for s, e in bounds:
         xc = x[:, s:e]
         q = adapter.queries(adapter.norm1(xc), adapter.slice_positions(positions, s, e))
-        y[:, s:e] = chunk_output(adapter, xc, q, k[:, :, :e], v[:, :, :e], s, e, key_padding_mask, chunk_mask)
+        y[:, s:e] = chunk_output(adapter, xc, q, k[:, :, :e], v[:, :, :e], s, e, key_padding_mask, chunk_mask,
+                                 segment_ids=segment_ids)
     return y
 
 
@@ -184,8 +190,8 @@ class StreamedLayerFunction(torch.autograd.Function):
     """``y = layer(x)`` with StreamBP's backward. Parameters are reached through the adapter (like reentrant
     checkpointing), so their gradients are accumulated in ``param.grad`` by the inner ``autograd.backward``.
 
-    Saved for backward: ``x`` (and the key padding mask when given); positions, the adapter and the chunk-mask
-    function ride on ``ctx`` (shared by every layer of the call, not per layer).
+    Saved for backward: ``x`` (and the key padding mask when given); positions, segment ids, the adapter and the
+    chunk-mask function ride on ``ctx`` (shared by every layer of the call, not per layer).
 
     Backward, for ``G = dL/dY``: the roped keys/values ``K, V`` of all ``T`` positions are computed once without a
     graph (:func:`keys_values`); gradient buffers ``dK, dV`` (like ``K, V``) and ``dx`` (like ``x``). Chunks run
@@ -203,13 +209,15 @@ class StreamedLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, chunk_mask=None):
+    def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, chunk_mask=None,
+                segment_ids=None):
         ctx.save_for_backward(x, key_padding_mask)
         ctx.positions, ctx.adapter, ctx.chunk_size, ctx.chunk_mask = positions, adapter, chunk_size, chunk_mask
+        ctx.segment_ids = segment_ids
         with torch.no_grad():
             if x.shape[1] <= chunk_size:  # one chunk: the layer's own forward holds no more than a chunk would
                 return full_forward(x, positions, key_padding_mask)
-            return streamed_forward(adapter, x, positions, key_padding_mask, chunk_size, chunk_mask)
+            return streamed_forward(adapter, x, positions, key_padding_mask, chunk_size, chunk_mask, segment_ids)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -219,21 +227,22 @@ class StreamedLayerFunction(torch.autograd.Function):
         params = [p for p in adapter.layer.parameters() if p.requires_grad]
         bounds = chunk_bounds(x.shape[1], chunk)
         k, v = keys_values(adapter, x, positions, bounds)
-        state = _BackwardState(adapter, x, k, v, positions, key_padding_mask, mask)
+        state = _BackwardState(adapter, x, k, v, positions, key_padding_mask, mask, ctx.segment_ids)
         set_grad_ready(params, False)
         for s, e in reversed(bounds[1:]):
             _chunk_backward(state, s, e, grad_out[:, s:e])
         set_grad_ready(params, True)
         state.backward_chunk(*bounds[0], grad_out[:, bounds[0][0]:bounds[0][1]])
-        return state.dx, None, None, None, None, None, None
+        return state.dx, None, None, None, None, None, None, None
 
 
 class _BackwardState:
     """The buffers of one streamed layer's backward (see :class:`StreamedLayerFunction`)."""
 
-    def __init__(self, adapter, x, k, v, positions, key_padding_mask, chunk_mask):
+    def __init__(self, adapter, x, k, v, positions, key_padding_mask, chunk_mask, segment_ids=None):
         self.adapter, self.x, self.k, self.v = adapter, x, k, v
         self.positions, self.key_padding_mask, self.chunk_mask = positions, key_padding_mask, chunk_mask
+        self.segment_ids = segment_ids
         self.dk, self.dv, self.dx = torch.zeros_like(k), torch.zeros_like(v), torch.empty_like(x)
 
     def backward_chunk(self, s: int, e: int, grad_chunk) -> None:
@@ -247,7 +256,8 @@ class _BackwardState:
             # contiguous: intended, the buffer is the accumulator
             warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
             q, kc, vc = adapter.queries_keys_values(adapter.norm1(xc), adapter.slice_positions(self.positions, s, e))
-            y = chunk_output(adapter, xc, q, kp, vp, s, e, self.key_padding_mask, self.chunk_mask, (kc, vc))
+            y = chunk_output(adapter, xc, q, kp, vp, s, e, self.key_padding_mask, self.chunk_mask, (kc, vc),
+                             self.segment_ids)
             torch.autograd.backward([y, kc, vc], [grad_chunk, self.dk[:, :, s:e], self.dv[:, :, s:e]])
         self.dx[:, s:e] = xc.grad
 
@@ -290,7 +300,7 @@ def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> No
         if call is None:
             return adapter.own_forward(*args, **kwargs)
         y = StreamedLayerFunction.apply(call.x, call.positions, call.key_padding_mask, adapter, call.full,
-                                        chunk_size, call.chunk_mask)
+                                        chunk_size, call.chunk_mask, call.segment_ids)
         return call.output(y)
 
     layer.forward = types.MethodType(forward, layer)
