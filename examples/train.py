@@ -37,8 +37,8 @@ from ds_ext.config import load_config_file
 from ds_ext.data import DataError, build_datasets
 from ds_ext.models import (LlamaForCausalLM, ModelConfig, llama_pipeline, load_corpus, sharded_batches,
                            threads_per_process, train_eval_split)
-from ds_ext.models.hf import (HFCausalLM, HFModelError, check_seq_len, gather_fp32_state, load_hf_model,
-                              load_tokenizer, save_hf_state)
+from ds_ext.models.hf import (HFCausalLM, HFModelError, check_seq_len, gather_fp32_state, hf_export_meta,
+                              load_hf_model, load_tokenizer, save_hf_state)
 
 
 def parse_args(argv=None):
@@ -83,7 +83,7 @@ def build_model(cfg: ModelConfig, topology):
     return LlamaForCausalLM(cfg)
 
 
-def hf_pipeline_module(hf, topology):
+def hf_pipeline_module(hf, topology, hf_meta: dict):
     """The HF model as a ``PipelineModule`` (``ds_ext.models.hf_pipeline``, when this build has it)."""
     try:
         from ds_ext.models.hf_pipeline import hf_pipeline
@@ -92,7 +92,7 @@ def hf_pipeline_module(hf, topology):
             raise
         raise HFModelError(f"ds_ext.topology.pipeline_stages={topology.pipeline_stages} with an HF model needs "
                            "ds_ext.models.hf_pipeline, which this build does not have; use pipeline_stages=1") from e
-    return hf_pipeline(hf, topology)
+    return hf_pipeline(hf, topology, hf_meta=hf_meta)
 
 
 def build_hf(args, ds_config: dict, topology):
@@ -107,7 +107,8 @@ def build_hf(args, ds_config: dict, topology):
     shards = topology.data_shard(deepspeed.comm.get_rank())[1]
     train_set, eval_set = build_datasets(args.data, tokenizer, args.seq_len, micro * shards)
     if topology.pipeline_stages > 1:
-        model = hf_pipeline_module(hf, topology)
+        meta = hf_export_meta(hf.config, os.path.abspath(args.model), tokenizer_dir)
+        model = hf_pipeline_module(hf, topology, meta)
     else:
         model = HFCausalLM(hf, source=os.path.abspath(args.model), tokenizer_dir=tokenizer_dir)
     return model, tokenizer, train_set, eval_set, hf.config

@@ -354,13 +354,16 @@ def test_bad_input_exits_2_before_training_writing_nothing(tmp_path, model_dir, 
 def test_ds_ext_bf16_two_stage_pipeline_streambp_on_4096_token_packed_rows(tmp_path):
     """#17's pipeline run through ``ds-ext``: a generated Qwen2 directory (positions up to 4096) as a 2-stage
     ``PipelineModule`` with StreamBP in each stage, bf16, ``--seq_len 4096`` rows packed from JSONL + text
-    documents (each row holds many documents: the chunks cross document boundaries). The loss falls and the
-    ``--save_hf`` output, gathered from both stages, loads with ``from_pretrained``."""
+    documents (each row holds many documents: the chunks cross document boundaries), with the journal. The loss
+    falls; the ``--save_hf`` output (gathered from both stages) loads with ``from_pretrained``; ``export --hf`` of
+    the pipeline journal (each stage replayed, names mapped to HF) gives the fp32 masters whose bf16 rounding is
+    exactly the bf16 weights ``--save_hf`` wrote."""
     from transformers import AutoModelForCausalLM
     model = make_model_dir(tmp_path / "model", qwen2_config(max_position_embeddings=4096))
     data = e2e_data(tmp_path / "data")
     config = {**BF16_BASE, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "ds_ext": {"topology": {"pipeline_stages": 2}, "streambp": {"enabled": True, "chunk_size": 512}}}
+              "ds_ext": {"topology": {"pipeline_stages": 2}, "streambp": {"enabled": True, "chunk_size": 512},
+                         "recovery": {"journal_dir": str(tmp_path / "j_pipe"), "base_interval": 4}}}
     s = summary_of(ds_ext_train(tmp_path, "pipe", config, [
         "--model", str(model), "--data", str(data), "--seq_len", "4096", "--max_steps", "8", "--eval_interval",
         "1000", "--eval_batches", "1", "--save_hf", "pipe_hf"]))
@@ -370,3 +373,8 @@ def test_ds_ext_bf16_two_stage_pipeline_streambp_on_4096_token_packed_rows(tmp_p
     assert s["last_loss"] < s["first_loss"] - 0.3, s
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pipe_hf")
     assert loaded.config.num_hidden_layers == 2
+    export(tmp_path / "j_pipe", tmp_path / "pipe_export")
+    saved, exported = weights(tmp_path / "pipe_hf"), weights(tmp_path / "pipe_export")
+    assert saved.keys() == exported.keys()
+    for name in saved:  # the engine's bf16 weights are its fp32 masters rounded to nearest (DeepSpeed's bf16 copy)
+        assert torch.equal(exported[name].to(torch.bfloat16).float(), saved[name]), name

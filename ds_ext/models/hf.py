@@ -182,8 +182,14 @@ class HFCausalLM(nn.Module):
 
     def export_meta(self) -> dict:
         """What an HF-format export of this model's weights needs (recorded in the journal's ``EXPORT.bin``)."""
-        return {"config": json.loads(self.hf.config.to_json_string()), "source": self.source,
-                "tokenizer_dir": os.path.abspath(self.tokenizer_dir) if self.tokenizer_dir else None}
+        return hf_export_meta(self.hf.config, self.source, self.tokenizer_dir)
+
+
+def hf_export_meta(config, source: Optional[str], tokenizer_dir: Optional[str]) -> dict:
+    """The journal's record for ``export --hf`` (:mod:`ds_ext.recovery.meta`): the HF config as a dict, the model
+    directory it came from and the tokenizer directory (absolute)."""
+    return {"config": json.loads(config.to_json_string()), "source": source,
+            "tokenizer_dir": os.path.abspath(tokenizer_dir) if tokenizer_dir else None}
 
 
 def hf_key(name: str) -> str:

@@ -206,8 +206,21 @@ def hf_layer_specs(hf_model: nn.Module) -> list:
     return specs
 
 
-def hf_pipeline(hf_model: nn.Module, topology=None, loss_fn: Optional[Callable] = None, num_stages: Optional[int] = None,
-                release_other_stages: bool = True, **pipeline_kwargs) -> PipelineModule:
+class HFPipelineModule(PipelineModule):
+    """The ``PipelineModule`` :func:`hf_pipeline` builds; ``export_meta()`` gives what ``export --hf`` of its journal
+    needs (:func:`ds_ext.models.hf.hf_export_meta`, or None when the caller recorded nothing)."""
+
+    def __init__(self, *args, hf_meta: Optional[dict] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hf_meta = hf_meta
+
+    def export_meta(self) -> Optional[dict]:
+        return self.hf_meta
+
+
+def hf_pipeline(hf_model: nn.Module, topology=None, loss_fn: Optional[Callable] = None,
+                num_stages: Optional[int] = None, release_other_stages: bool = True, hf_meta: Optional[dict] = None,
+                **pipeline_kwargs) -> PipelineModule:
     """``hf_model`` (a transformers Llama/Qwen2-family causal LM, weights loaded) as a ``PipelineModule``.
 
     ``topology``: a ds_ext :class:`~ds_ext.topology.Topology` (its ``process_topology()`` is used) or a DeepSpeed
@@ -216,14 +229,16 @@ def hf_pipeline(hf_model: nn.Module, topology=None, loss_fn: Optional[Callable] 
     cross-entropy on shifted labels. Extra keyword arguments go to ``PipelineModule`` (default
     ``partition_method="type:HFDecoderLayerPipe"``: decoder layers balanced over stages). Collective: every rank of
     the topology calls it. With ``release_other_stages`` the other stages' parameters in ``hf_model`` become meta
-    tensors (``hf_model`` is then a partial model: save through :func:`pipeline_state_to_hf`)."""
+    tensors (``hf_model`` is then a partial model: save through :func:`pipeline_state_to_hf`). ``hf_meta``
+    (:func:`ds_ext.models.hf.hf_export_meta`) is recorded by the journal so ``export --hf`` works offline."""
     if topology is None and num_stages is None:
         raise ValueError("hf_pipeline: give topology (ds_ext Topology or DeepSpeed ProcessTopology) or num_stages")
     if topology is not None and hasattr(topology, "process_topology"):
         topology = topology.process_topology()
     pipeline_kwargs.setdefault("partition_method", f"type:{DECODER_CLASS}")
-    pipe = PipelineModule(layers=hf_layer_specs(hf_model), num_stages=None if topology is not None else num_stages,
-                          topology=topology, loss_fn=loss_fn or hf_causal_lm_loss, **pipeline_kwargs)
+    pipe = HFPipelineModule(layers=hf_layer_specs(hf_model), num_stages=None if topology is not None else num_stages,
+                            topology=topology, loss_fn=loss_fn or hf_causal_lm_loss, hf_meta=hf_meta,
+                            **pipeline_kwargs)
     if release_other_stages:
         release_unused_parameters(hf_model, {id(p) for p in pipe.parameters()})
     return pipe

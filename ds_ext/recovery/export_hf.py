@@ -8,8 +8,11 @@ the directory moved). Replica R is global ranks ``R * ranks_per_replica ...`` (t
 process per rank of that replica (gloo, CPU) builds a parameters-only module and a stock DeepSpeed engine with the
 run's config, loads base + records exactly as a resume does (:func:`ds_ext.recovery.resume.replay_journal`; NoLoCo /
 DiLoCo outer steps are replayed from their recorded payloads, no partner needed), assembles each parameter's fp32
-master from the ZeRO partitions (:func:`ds_ext.models.hf.gather_fp32_state`) and the first writes the directory.
-Pipeline-engine journals: the stage-to-HF name mapping belongs to ``ds_ext.models.hf_pipeline`` (not handled here).
+master from the ZeRO partitions (:func:`ds_ext.models.hf.gather_fp32_state`); the exporting process writes the
+directory.
+Pipeline-engine journals (``ds_ext.models.hf_pipeline.HFPipelineModule`` records the same HF meta): each stage's
+data-parallel ranks are replayed as their own ZeRO group and the stages' parameter names are mapped to HF names by
+``ds_ext.models.hf_pipeline.pipeline_state_to_hf``.
 """
 from __future__ import annotations
 
@@ -36,13 +39,14 @@ def replayed_features(meta: Dict[str, Any], engine, global_rank: int) -> Dict[st
                                     peer_group=None)}
 
 
-def _export_rank(rank: int, rank_dirs: List[str], first: int, out: str, target: int, tokenizer_dir: str,
-                 port: int) -> None:
+def _export_rank(rank: int, rank_dirs: List[str], first: int, state_out: str, target: int, port: int) -> None:
+    """One rank of one ZeRO group (``rank_dirs``; global ranks ``first + rank``): replay its journal to ``target``
+    and, on the group's rank 0, save the gathered fp32 state (parameter names as the run's module has them)."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(rank_dirs)),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     import deepspeed
     import torch
-    from ds_ext.models.hf import gather_fp32_state, load_tokenizer, save_hf_state
+    from ds_ext.models.hf import gather_fp32_state
     torch.set_num_threads(1)
     meta = read_export_meta(rank_dirs[rank])
     module = ShapeOnlyModule(meta["shapes"], meta["buffers"])
@@ -53,19 +57,45 @@ def _export_rank(rank: int, rank_dirs: List[str], first: int, out: str, target: 
                    replayed_features(meta, engine, first + rank))
     state = gather_fp32_state(module)
     if rank == 0:
-        save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
+        torch.save(state, state_out)
     deepspeed.comm.barrier()
+
+
+def _replayed_state(rank_dirs: List[str], first: int, target: int) -> Dict[str, Any]:
+    """The fp32 state of one ZeRO group's module at ``target`` (one local process per rank, gloo)."""
+    import tempfile
+    import torch
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.pt")
+        mp.start_processes(_export_rank, args=(rank_dirs, first, path, target, _free_port()),
+                           nprocs=len(rank_dirs), start_method="spawn")
+        return torch.load(path, weights_only=True)
+
+
+def _replica_state(rank_dirs: List[str], meta: Dict[str, Any], replica: int, target: int) -> Dict[str, Any]:
+    """HF parameter name -> fp32 weight of replica ``replica``. Without a pipeline its ranks are one ZeRO group;
+    with one, each stage's data-parallel ranks are replayed as their own group and the stages' parameters are
+    mapped to HF names by :func:`ds_ext.models.hf_pipeline.pipeline_state_to_hf`."""
+    from ds_ext.topology import Topology
+    topology = Topology(**meta["topology"])
+    if not meta["pipeline"]:
+        first = replica * topology.ranks_per_replica
+        return _replayed_state(rank_dirs[first:first + topology.ranks_per_replica], first, target)
+    from ds_ext.models.hf_pipeline import pipeline_state_to_hf
+    merged: Dict[str, Any] = {}
+    for stage in range(topology.pipeline_stages):
+        ranks = [topology.rank_of(replica, stage, d) for d in range(topology.data_parallel_size)]
+        merged.update(_replayed_state([rank_dirs[r] for r in ranks], ranks[0], target))
+    config = meta["hf"]["config"]
+    return pipeline_state_to_hf(merged, config["num_hidden_layers"], bool(config.get("tie_word_embeddings")))
 
 
 def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str = None) -> int:
     """Write replica ``replica``'s HF model directory to ``out``; returns the step exported."""
-    import torch.multiprocessing as mp
+    from ds_ext.models.hf import load_tokenizer, save_hf_state
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
-    if meta["pipeline"]:
-        raise SystemExit("ds_ext.recovery export --hf: pipeline-engine journals need the stage-to-HF name mapping "
-                         "of ds_ext.models.hf_pipeline, which this exporter does not have; resume the job and use "
-                         "--save_hf instead")
     if not meta.get("hf"):
         raise SystemExit(f"ds_ext.recovery export --hf: {journal_dir} was not written by an HF model run (no HF "
                          "config in its EXPORT.bin); export it as a DeepSpeed checkpoint instead")
@@ -82,8 +112,7 @@ def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str =
         raise SystemExit(f"ds_ext.recovery export --hf: the run's tokenizer directory {tokenizer_dir} is gone; "
                          "pass --tokenizer DIR")
     first = replica * topo["ranks_per_replica"]
-    group = rank_dirs[first:first + topo["ranks_per_replica"]]
-    target = newest_common_step(group)
-    mp.start_processes(_export_rank, args=(group, first, out, target, tokenizer_dir, _free_port()),
-                       nprocs=len(group), start_method="spawn")
+    target = newest_common_step(rank_dirs[first:first + topo["ranks_per_replica"]])
+    state = _replica_state(rank_dirs, meta, replica, target)
+    save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
     return target
