@@ -354,8 +354,9 @@ def test_bad_input_exits_2_before_training_writing_nothing(tmp_path, model_dir, 
 def test_ds_ext_bf16_two_stage_pipeline_streambp_on_4096_token_packed_rows(tmp_path):
     """#17's pipeline run through ``ds-ext``: a generated Qwen2 directory (positions up to 4096) as a 2-stage
     ``PipelineModule`` with StreamBP in each stage, bf16, ``--seq_len 4096`` rows packed from JSONL + text
-    documents (each row holds many documents: the chunks cross document boundaries), with the journal. The loss
-    falls; the ``--save_hf`` output (gathered from both stages) loads with ``from_pretrained``; ``export --hf`` of
+    documents (each row holds many documents: the chunks cross document boundaries), with the journal and
+    CheckFree: stage 1 fails after step 4 (memory and disk wiped) and is rebuilt from its partner stage 0 and the
+    replica of its norm and head. The loss still falls; the ``--save_hf`` output (gathered from both stages) loads with ``from_pretrained``; ``export --hf`` of
     the pipeline journal (each stage replayed, names mapped to HF) gives the fp32 masters whose bf16 rounding is
     exactly the bf16 weights ``--save_hf`` wrote."""
     from transformers import AutoModelForCausalLM
@@ -363,11 +364,16 @@ def test_ds_ext_bf16_two_stage_pipeline_streambp_on_4096_token_packed_rows(tmp_p
     data = e2e_data(tmp_path / "data")
     config = {**BF16_BASE, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "ds_ext": {"topology": {"pipeline_stages": 2}, "streambp": {"enabled": True, "chunk_size": 512},
-                         "recovery": {"journal_dir": str(tmp_path / "j_pipe"), "base_interval": 4}}}
-    s = summary_of(ds_ext_train(tmp_path, "pipe", config, [
+                         "recovery": {"journal_dir": str(tmp_path / "j_pipe"), "base_interval": 4,
+                                      "checkpoint_free": {"enabled": True, "replicate_ends_interval": 1,
+                                                          "inject": {"at": [{"step": 4, "stage": 1}]}}}}}
+    proc = ds_ext_train(tmp_path, "pipe", config, [
         "--model", str(model), "--data", str(data), "--seq_len", "4096", "--max_steps", "8", "--eval_interval",
-        "1000", "--eval_batches", "1", "--save_hf", "pipe_hf"]))
+        "1000", "--eval_batches", "1", "--save_hf", "pipe_hf"])
+    s = summary_of(proc)
     assert s["streambp/streamed_layers"] == 1, s  # 2 decoder layers, one per stage
+    assert s["checkpoint_free/failures"] == 1, s
+    assert "checkpoint_free rank 1 rebuilt by partner from rank(s) [0]" in proc.stdout + proc.stderr
     # 8 steps at lr 3e-3 on a repeated corpus: the first step's loss is ~ln(320) = 5.8; a fall of 0.3 is well
     # outside step-to-step noise (~0.05 on these packed rows)
     assert s["last_loss"] < s["first_loss"] - 0.3, s
