@@ -12,7 +12,7 @@ pipeline-engine journals and journals of several NoLoCo replicas.
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -62,7 +62,12 @@ def newest_common_step(rank_dirs: List[str]) -> int:
     return target
 
 
-def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: str, port: int) -> None:
+def replayed_engine(rank: int, rank_dirs: List[str], target: int, port: int,
+                    features: Optional[Callable] = None):
+    """Local rank ``rank`` of one exporter group (one process per journal of ``rank_dirs``, gloo, CPU): a
+    parameters-only module under the journal's names, a stock DeepSpeed engine with the run's config (so ZeRO
+    partitions identically) and the journal replayed into it up to ``target``. ``features(meta, engine)`` gives the
+    features whose payloads are replayed too (NoLoCo's outer steps). Returns ``(engine, module)``."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(rank_dirs)),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
@@ -72,8 +77,14 @@ def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: st
     params = dict(module.named_parameters())
     groups = [{"params": [params[n] for n in names], **hyper} for names, hyper in zip(meta["groups"], meta["hyper"])]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=meta["ds_config"])
-    state = ZeroPartitionState(engine)
-    replay_journal(state, journal.scan(rank_dirs[rank]), target)
+    replay_journal(ZeroPartitionState(engine), journal.scan(rank_dirs[rank]), target,
+                   features(meta, engine) if features is not None else None)
+    return engine, module
+
+
+def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: str, port: int) -> None:
+    import deepspeed
+    engine, _ = replayed_engine(rank, rank_dirs, target, port)
     engine.save_checkpoint(out, tag=tag)
     deepspeed.comm.barrier()
 

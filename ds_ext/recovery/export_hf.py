@@ -16,11 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List
 
-from ds_ext.recovery import journal
-from ds_ext.recovery.export import ShapeOnlyModule, _free_port, journal_ranks, newest_common_step
+from ds_ext.recovery.export import _free_port, journal_ranks, newest_common_step, replayed_engine
 from ds_ext.recovery.meta import read_export_meta
-from ds_ext.recovery.resume import replay_journal
-from ds_ext.state.partition import ZeroPartitionState
 
 
 def replayed_features(meta: Dict[str, Any], engine, global_rank: int) -> Dict[str, Any]:
@@ -38,21 +35,13 @@ def replayed_features(meta: Dict[str, Any], engine, global_rank: int) -> Dict[st
 
 def _export_rank(rank: int, rank_dirs: List[str], first: int, out: str, target: int, tokenizer_dir: str,
                  port: int) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(rank_dirs)),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     import deepspeed
-    import torch
     from ds_ext.models.hf import gather_fp32_state, load_tokenizer, save_hf_state
-    torch.set_num_threads(1)
-    meta = read_export_meta(rank_dirs[rank])
-    module = ShapeOnlyModule(meta["shapes"], meta["buffers"])
-    params = dict(module.named_parameters())
-    groups = [{"params": [params[n] for n in names], **hyper} for names, hyper in zip(meta["groups"], meta["hyper"])]
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=meta["ds_config"])
-    replay_journal(ZeroPartitionState(engine), journal.scan(rank_dirs[rank]), target,
-                   replayed_features(meta, engine, first + rank))
+    _, module = replayed_engine(rank, rank_dirs, target, port,
+                                lambda meta, engine: replayed_features(meta, engine, first + rank))
     state = gather_fp32_state(module)
     if rank == 0:
+        meta = read_export_meta(rank_dirs[rank])
         save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
     deepspeed.comm.barrier()
 
