@@ -116,6 +116,18 @@ def _worker_env(nprocs: Optional[int]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+# What ``_worker_env`` sets, forwarded to the other nodes' workers. DeepSpeed's runner forwards only variables whose
+# names start with one of ``runner.EXPORT_ENVS`` (PYTHON*, UCX*, ...). Without TORCH_EXTENSIONS_DIR a remote rank
+# built its JIT comm op in ~/.cache instead, and waited forever on a build lock that a killed run had left there.
+RUNNER_EXPORTS = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+
+
+def _export_worker_env(runner) -> None:
+    """Add ``RUNNER_EXPORTS`` to the DeepSpeed runner's export prefixes (it reads the list when it builds the
+    pdsh/mpirun/srun command)."""
+    runner.EXPORT_ENVS = list(runner.EXPORT_ENVS) + [v for v in RUNNER_EXPORTS if v not in runner.EXPORT_ENVS]
+
+
 def _check_nodes(ns) -> Optional[str]:
     """What is wrong with a ``--no_ssh`` multi-node launch (``None``: nothing)."""
     if ns.num_nodes <= 1:
@@ -240,6 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         return _run_elastic(ns, nprocs or 1, max_restarts, user_argv, rdzv_timeout)
     from deepspeed.launcher import runner
+    if _is_multi_node(ns):
+        _export_worker_env(runner)
     cut = runner_argv.index(ns.user_script)
     prefix = runner_argv[:cut]
     if nprocs and ns.num_gpus < 0 and not ns.include and not _is_multi_node(ns):

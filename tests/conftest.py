@@ -56,9 +56,10 @@ def _builder_running() -> bool:
 
 def remove_stale_jit_locks(now: float = None) -> list:
     """Remove JIT build locks older than ``STALE_JIT_LOCK_S`` while no build runs; returns what was removed."""
-    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    # torch's default root too: a worker started where TORCH_EXTENSIONS_DIR was not set builds there
+    roots = {Path(os.environ["TORCH_EXTENSIONS_DIR"]), Path.home() / ".cache" / "torch_extensions"}
     now = time.time() if now is None else now
-    stale = [lock for lock in root.glob("*/lock")
+    stale = [lock for root in roots for lock in root.glob("**/lock")
              if now - lock.stat().st_mtime > STALE_JIT_LOCK_S]
     if not stale or _builder_running():
         return []

@@ -36,7 +36,7 @@ from torch import nn
 
 from ds_ext.config import DsExtConfigError
 from ds_ext.ops.attention import packed_attention
-from ds_ext.ops.losses import IGNORE_INDEX
+from ds_ext.ops.losses import shift_labels
 from ds_ext.ops.rope import apply_rope
 from ds_ext.streambp.layer import LayerAdapter, StreamCall
 from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
@@ -257,8 +257,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     with _without_final_norm(model.model) as norm:
         hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    return chunked_lm_loss(hidden, model.lm_head.weight, TokenCrossEntropy(shifted), logits_chunk_size, norm=norm)
+    return chunked_lm_loss(hidden, model.lm_head.weight, TokenCrossEntropy(shift_labels(labels)), logits_chunk_size,
+                           norm=norm)
 
 
 @contextmanager
