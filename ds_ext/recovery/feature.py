@@ -77,6 +77,11 @@ class RecoveryFeature(FeatureBase):
     def start(self, engine=None) -> None:
         """Resume from the journal or begin a new one (collective over every rank)."""
         self.journal.resume(self.rebuilder)
+        self._write_export_meta()
+
+    def _write_export_meta(self) -> None:
+        """``EXPORT.bin`` in the current journal directory (a journal begun anew needs its own: the exporter reads
+        it from every rank's directory)."""
         write_export_meta(self.dir, export_meta(self.engine))
 
     def after_optimizer_step(self, engine) -> None:
@@ -88,12 +93,14 @@ class RecoveryFeature(FeatureBase):
     def after_load_checkpoint(self, engine) -> None:
         """A DeepSpeed checkpoint replaced the state: the old journal is moved aside and a new one begins."""
         self.journal.set_aside("replaced", "load_checkpoint")
+        self._write_export_meta()
         self.journal.submit_base(engine.global_steps)
 
     def after_state_lost(self, engine) -> None:
         """An injected failure took this rank's state and disk (checkpoint-free recovery): the journal is moved
         aside as if gone, and the commit of this step is a base of the rebuilt state."""
         self.journal.set_aside("lost", "injected failure")
+        self._write_export_meta()
         self.journal.base_at_next_record()
 
     def metrics(self) -> Dict[str, float]:
