@@ -4,7 +4,10 @@
            script.py [script args]
 
 1. The config is validated before anything starts: a bad file prints every problem (JSON path, value, what is
-   allowed) and exits 2 with no worker started.
+   allowed) and exits 2 with no worker started. A config that sets ``ds_ext.asyncflow.rollout_workers`` fixes the
+   process count of a single-node launch (``trainer_ranks + rollout_workers``): it is used when ``--num_procs`` is
+   not given, and an explicit ``--num_procs`` that differs exits 2 naming both numbers, before anything starts.
+   (Across nodes ``--num_procs`` stays per node and the script checks its world size itself.)
 2. ``--deepspeed_config <abs path>`` is appended to the script's arguments.
 3. Then, by what was asked:
    * ``--max_restarts K`` (K > 0): torch.distributed.elastic (``torch.distributed.run``) starts the local workers
@@ -72,6 +75,33 @@ def split_argv(argv: List[str]):
     own, prefix = _strip_own(argv[:cut])
     runner_argv = prefix + argv[cut:]
     return own, runner.parse_args(runner_argv), runner_argv
+
+
+def configured_procs(config_path: str) -> Optional[Tuple[int, str]]:
+    """``(trainer_ranks + rollout_workers, description)`` when the config sets ``ds_ext.asyncflow.rollout_workers``
+    (the config is already validated), else ``None``."""
+    from ds_ext.config import load_config_file, parse_ext_config
+    flow = parse_ext_config(load_config_file(config_path), config_path).asyncflow
+    if flow.rollout_workers is None:
+        return None
+    return (flow.trainer_ranks + flow.rollout_workers,
+            f"ds_ext.asyncflow.trainer_ranks {flow.trainer_ranks} + rollout_workers {flow.rollout_workers}")
+
+
+def _apply_configured_procs(own: dict, ns, config_path: str) -> Optional[str]:
+    """Fill ``own["num_procs"]`` from the config on a single-node launch; the problem (a message) on a mismatch."""
+    found = configured_procs(config_path)
+    if found is None or _is_multi_node(ns):
+        return None
+    procs, what = found
+    if own.get("num_procs") is None:
+        own["num_procs"] = str(procs)
+        return None
+    given = _own_int(own, "num_procs", procs, 1)
+    if given != procs:
+        return (f"--num_procs {given} does not match the config's {what} = {procs} processes; drop --num_procs "
+                f"or change the config")
+    return None
 
 
 def _own_int(own: dict, key: str, default: int, least: int) -> int:
@@ -232,13 +262,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     config = os.path.abspath(own["config"])
     user_argv = ns.user_args + ["--deepspeed_config", config]
-    nprocs = _local_world(ns, own)
     try:
+        problem = _apply_configured_procs(own, ns, config)
         max_restarts = _own_int(own, "max_restarts", 0, 0)
         rdzv_timeout = _own_int(own, "rdzv_timeout", RDZV_CONNECT_TIMEOUT_S, 1)
     except ValueError as exc:
         print(f"ds-ext: {exc}", file=sys.stderr)
         return 2
+    if problem:
+        print(f"ds-ext: {problem}", file=sys.stderr)
+        print("ds-ext: no worker was started", file=sys.stderr)
+        return 2
+    nprocs = _local_world(ns, own)
     runs_here = max_restarts > 0 or ns.no_ssh or not _is_multi_node(ns)
     _worker_env(nprocs if runs_here else None)
     if max_restarts > 0:

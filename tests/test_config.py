@@ -28,12 +28,11 @@ def test_any_feature_enabled_sees_every_section(section):
                             ).any_feature_enabled
 
 
-def test_removed_rollout_workers_key_says_what_replaced_it():
-    """Nothing ever read asyncflow.rollout_workers (the workers are the ranks after trainer_ranks); a config that
-    still sets it gets the reason and the replacement, not a bare "unknown key"."""
-    [(path, message)] = problems_of({"ds_ext": {"asyncflow": {"rollout_workers": 2}}})
-    assert path == "ds_ext.asyncflow.rollout_workers"
-    assert "removed" in message and "trainer_ranks" in message and "--num_procs" in message
+def test_rollout_workers_key_parses_and_refuses_a_negative_count():
+    assert parse_ext_config({"ds_ext": {"asyncflow": {"rollout_workers": 2}}}).asyncflow.rollout_workers == 2
+    assert parse_ext_config({"ds_ext": {}}).asyncflow.rollout_workers is None  # the process count decides
+    [(path, message)] = problems_of({"ds_ext": {"asyncflow": {"rollout_workers": -1}}})
+    assert path == "ds_ext.asyncflow.rollout_workers" and "-1" in message
 
 
 @pytest.mark.parametrize("block, path, fragment", [

@@ -1,6 +1,6 @@
 """``"ds_ext": {"asyncflow": {...}}``: asynchronous GRPO with a streaming transfer queue (AsyncFlow, arXiv
 2507.01663)."""
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -70,9 +70,15 @@ class AsyncFlowConfig(ExtSection):
 
     trainer_ranks: int = Field(1, ge=1)
     """Processes that train (the first ``trainer_ranks`` ranks; one DeepSpeed engine over them, laid out by
-    ``ds_ext.topology`` / NoLoCo replicas); the other ``world_size - trainer_ranks`` ranks are rollout workers (the
-    launcher's process count sets how many; there is no separate key). Rank 0 owns the queue and hands every trainer
-    rank its token-balanced share of each step."""
+    ``ds_ext.topology`` / NoLoCo replicas); the other ``world_size - trainer_ranks`` ranks are rollout workers.
+    Rank 0 owns the queue and hands every trainer rank its token-balanced share of each micro-batch as the groups
+    arrive (:mod:`ds_ext.asyncflow.scatter`)."""
+
+    rollout_workers: Optional[int] = Field(None, ge=0)
+    """Rollout worker processes (the ranks after the first ``trainer_ranks``). Set: ``ds-ext`` starts
+    ``trainer_ranks + rollout_workers`` processes when ``--num_procs`` is not given and refuses an explicit
+    ``--num_procs`` that differs (exit 2, nothing started); ``examples/grpo.py`` checks its world size against it.
+    ``null``: the launcher's process count decides (``world_size - trainer_ranks`` workers)."""
 
     lease_s: float = Field(300.0, gt=0)
     """A group not completed this long after its reservation is dropped and regenerated."""

@@ -6,13 +6,17 @@
   thread each: rank 0 owns the
   :class:`TransferQueue` and the DeepSpeed engine, and generates groups itself (with its current weights, no copy)
   whenever the queue has nothing for it to train on; each other rank hosts a :class:`RolloutWorker` actor (``torch.distributed.rpc.remote``) that
-  reserves, generates and delivers groups through an ``RRef`` to the queue. After every step rank 0 pushes the new
-  weights to each worker (``rpc_async``, the previous push awaited first), so generation stops only for the copy.
+  reserves, generates and delivers groups through an ``RRef`` to the queue (``isolate_workers``: the actor is an
+  :class:`~ds_ext.asyncflow.isolated.IsolatedWorker`, generating in a child process of its rank, so a worker that
+  dies is dropped while its rank stays in the RPC group). After every step rank 0 pushes the new weights to each
+  live worker (:class:`~ds_ext.asyncflow.weights.WeightPusher`: ``rpc_async``, the previous push awaited first, its
+  bytes and seconds measured), so generation stops only for the copy.
   The trainer's own process group (gloo, DeepSpeed) holds the trainer ranks only; RPC spans every process, so the
   same code runs across nodes given ``MASTER_ADDR``.
 
-Both return per-step metrics (reward, lag, time), the trainer's idle time waiting on the queue, and the queue's
-counters (staleness histogram, dropped groups).
+Both return per-step metrics (reward, lag, time, streamed micro-batches; in async runs the weight sync's
+``weight_sync_*``), the trainer's idle time waiting on the queue, the queue's counters (staleness histogram, dropped
+groups) and, on trainer rank 0 of an async run, the weight sync's summary (``weight_sync``).
 """
 from __future__ import annotations
 
@@ -29,20 +33,17 @@ from ds_ext.asyncflow.rollout import RolloutWorker
 from ds_ext.asyncflow.scatter import ScatteredQueue
 from ds_ext.asyncflow.task import Task
 from ds_ext.asyncflow.trainer import GRPOTrainer
-
-
-def clone_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+from ds_ext.asyncflow.weights import WeightPusher, clone_state
 
 
 def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None], progress=None,
-               start: int = 0) -> List[dict]:
+               start: int = 0, extra: Callable[[], dict] = dict) -> List[dict]:
     history = []
     for version in range(start, steps):
         t = time.perf_counter()
         produce(version)
         metrics = trainer.train_step(version)
-        metrics.update(step=version, seconds=time.perf_counter() - t)
+        metrics.update(step=version, seconds=time.perf_counter() - t, **extra())
         history.append(metrics)
         if progress is not None:
             progress(metrics)
@@ -99,10 +100,10 @@ def init_rpc(name: str, rank: int, world_size: int) -> None:
 def run_async_trainer(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, steps: int,
                       worker_names: List[str], progress=None, start: int = 0, trainer_rank: int = 0,
                       trainer_world: int = 1, replica_of: Callable[[int], int] = lambda r: 0,
-                      replicas: int = 1) -> Dict[str, Any]:
+                      replicas: int = 1, isolate_workers: bool = False) -> Dict[str, Any]:
     """A trainer rank of an async run (RPC already initialised): train steps ``start..steps-1``. Trainer rank 0
     owns the queue (starting at slot ``start``), starts the rollout actors and pushes weights; with several trainer
-    ranks it hands each its share through :class:`~ds_ext.asyncflow.scatter.ScatteredQueue`."""
+    ranks it streams each micro-batch's groups to them through :class:`~ds_ext.asyncflow.scatter.ScatteredQueue`."""
     if trainer_rank > 0:
         feed = ScatteredQueue(None, trainer_rank, trainer_world, replica_of)
         trainer = GRPOTrainer(engine, feed, cfg, trainer_rank, trainer_world, replicas=replicas)
@@ -111,28 +112,48 @@ def run_async_trainer(engine, model_factory: Callable, task: Task, cfg: AsyncFlo
         return {"history": history, "seconds": time.perf_counter() - t, "trainer_idle_s": trainer.idle_s,
                 "train_busy_s": time.perf_counter() - t - trainer.idle_s, "rollout": [], "queue": {}}
     return _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                            replica_of, replicas)
+                            replica_of, replicas, isolate_workers)
+
+
+def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, initial: dict, isolate: bool):
+    """The rollout actors, their initial weights (awaited: nothing is generated before them) and running loops."""
+    import torch.distributed.rpc as rpc
+    from ds_ext.asyncflow.isolated import IsolatedWorker
+    qref = rpc.RRef(queue)
+    kind = IsolatedWorker if isolate else RolloutWorker
+    workers = {name: rpc.remote(name, kind, args=(name, model_factory, task, cfg, qref, 1, i))
+               for i, name in enumerate(worker_names)}
+    for w in workers.values():
+        w.rpc_sync().set_weights(start, initial)
+    pusher = WeightPusher(workers, queue)
+    runs = {name: w.rpc_async().run() for name, w in workers.items()}
+    for name, fut in runs.items():
+        pusher.watch(name, fut)
+    return pusher, runs
+
+
+def _stop_workers(pusher: WeightPusher, runs: dict, queue) -> list:
+    """Settle the last push, stop the live workers, and collect every worker's stats (a dead one's last)."""
+    pusher.close()
+    for w in pusher.live().values():
+        w.rpc_sync().request_stop()
+    queue.close()
+    stats = []
+    for name, fut in runs.items():
+        try:
+            stats.append(fut.wait())
+        except Exception as exc:  # noqa: BLE001 -- its rank is gone; the run still ended
+            stats.append({"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "died": True,
+                          "error": f"{type(exc).__name__}: {exc}"})
+    return stats
 
 
 def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                     replica_of, replicas) -> Dict[str, Any]:
-    import torch.distributed.rpc as rpc
+                     replica_of, replicas, isolate_workers=False) -> Dict[str, Any]:
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s,
                           start_slot=start)
-    qref = rpc.RRef(queue)
-    workers = [rpc.remote(name, RolloutWorker, args=(name, model_factory, task, cfg, qref, 1, i))
-               for i, name in enumerate(worker_names)]
-    initial = clone_state(engine.module)
-    for w in workers:
-        w.rpc_sync().set_weights(start, initial)
-    runs = [w.rpc_async().run() for w in workers]
-    pushes: List = []
-
-    def push(version, module):
-        for f in pushes:
-            f.wait()
-        state = clone_state(module)
-        pushes[:] = [w.rpc_async().set_weights(version, state) for w in workers]
+    pusher, runs = _start_workers(model_factory, task, cfg, worker_names, queue, start, clone_state(engine.module),
+                                  isolate_workers)
 
     # the trainer's process generates too while it would wait on the queue: with its own (current) weights
     local = RolloutWorker("trainer", lambda: engine.module, task, cfg, queue, seed=len(worker_names) + 1000 * start,
@@ -141,7 +162,7 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
 
     def push_all(version, module):
         local.version = version
-        push(version, module)
+        pusher.push(version, module)
 
     idle = lambda: local.produce_one(timeout=0)  # noqa: E731
     if trainer_world > 1:
@@ -150,16 +171,13 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
     else:
         trainer = GRPOTrainer(engine, queue, cfg, on_weights=push_all, idle_work=idle)
     t = time.perf_counter()
-    history = _step_loop(trainer, steps, lambda version: None, progress, start)
+    history = _step_loop(trainer, steps, lambda version: None, progress, start, pusher.last_metrics)
     seconds = time.perf_counter() - t
-    for w in workers:
-        w.rpc_sync().request_stop()
-    queue.close()
-    stats = [f.wait() for f in runs]
+    stats = _stop_workers(pusher, runs, queue)
     idle_work_s = trainer.idle_work_s if trainer_world == 1 else 0.0
     return {"history": history, "seconds": seconds, "trainer_idle_s": trainer.idle_s - idle_work_s,
             "train_busy_s": seconds - trainer.idle_s,
-            "rollout": stats + [local.stats], "queue": queue.summary()}
+            "rollout": stats + [local.stats], "queue": queue.summary(), "weight_sync": pusher.summary()}
 
 
 def worker_names(world_size: int, trainer_ranks: int = 1) -> List[str]:

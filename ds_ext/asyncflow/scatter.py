@@ -1,12 +1,22 @@
-"""Several trainer ranks fed from one transfer queue: rank 0 of the trainers' process group owns the queue and, at
-the start of each step, takes the whole slot for every rank (the queue's token-balanced split) and scatters each
-rank its groups (``torch.distributed.scatter_object_list`` over the trainers' group); the other ranks never talk to
-the queue. Every rank also gets its replica's response-token total (DAPO's denominator).
+"""Several trainer ranks fed from one transfer queue: rank 0 of the trainers' process group owns the queue and hands
+every rank its groups (``torch.distributed.scatter_object_list`` over the trainers' group); the other ranks never
+talk to the queue.
+
+Two paths, chosen by the trainer's first call of a step (every rank runs the same code, so they agree):
+
+* **Streaming** (``take`` first; GRPO and Dr.GRPO normalisation): each ``take`` of ``n`` groups is one collective
+  micro-batch. Rank 0 takes the next ``n x world`` complete groups of the slot as they arrive (running
+  ``idle_work`` -- local generation -- while too few are complete), splits them over the ranks by response tokens
+  (greedy, longest group first, to the rank with the fewest tokens among those with fewer than ``n`` groups) and
+  scatters them. Every rank then trains that micro-batch while the rollout workers keep generating the rest of the
+  step. ``last_streamed`` says whether the micro-batch was handed out before the step's last group completed.
+* **Whole step** (``slot_tokens`` first; DAPO's token-mean needs the whole step's response-token total before the
+  first micro-batch): rank 0 waits until the slot is complete, splits it by the queue's token balancing
+  (``dp_size = world``) and scatters each rank its whole share with its replica's token total; later ``take`` calls
+  are served from the rank's list. Nothing streams on this path (``last_streamed`` is ``False``).
 
 :class:`ScatteredQueue` has the queue's consumer interface (``take``, ``slot_tokens``, ``finish_slot``), so
-:class:`~ds_ext.asyncflow.trainer.GRPOTrainer` runs unchanged on top of it. Call order per step ``V``: the first
-``take``/``slot_tokens`` of slot ``V`` is collective over the trainers (rank 0 blocks until the slot is complete,
-running ``idle_work`` -- local generation -- meanwhile); later calls are served from the rank's list.
+:class:`~ds_ext.asyncflow.trainer.GRPOTrainer` runs unchanged on top of it.
 """
 from __future__ import annotations
 
@@ -16,22 +26,50 @@ from typing import Callable, List, Optional
 import torch.distributed as dist
 
 
+def group_tokens(group: dict) -> int:
+    return sum(int(s["response_len"]) for s in group["samples"])
+
+
+def balance(groups: List[dict], world: int, per_rank: int) -> List[List[dict]]:
+    """Split ``world x per_rank`` groups into ``world`` lists of ``per_rank``, balancing response tokens (greedy:
+    longest group first, onto the open rank with the fewest tokens; ties to the lower rank)."""
+    out: List[List[dict]] = [[] for _ in range(world)]
+    load = [0] * world
+    for g in sorted(groups, key=lambda g: -group_tokens(g)):
+        rank = min((r for r in range(world) if len(out[r]) < per_rank), key=lambda r: (load[r], r))
+        out[rank].append(g)
+        load[rank] += group_tokens(g)
+    for lst in out:  # train in slot order within a micro-batch (deterministic collation)
+        lst.sort(key=lambda g: g["meta"].index_in_slot)
+    return out
+
+
 class ScatteredQueue:
     def __init__(self, queue, rank: int, world: int, replica_of: Callable[[int], int], group=None,
                  idle_work: Optional[Callable[[], bool]] = None):
         self.queue, self.rank, self.world, self.group = queue, rank, world, group
         self.replica_of, self.idle_work = replica_of, idle_work
-        self.slot: Optional[int] = None
+        self.slot: Optional[int] = None  # the slot gathered whole (DAPO path)
         self.mine: List[dict] = []
         self.replica_tokens = 0
+        self.last_streamed = False
 
+    def _scatter(self, payload: Optional[list]):
+        out = [None]
+        dist.scatter_object_list(out, payload if self.rank == 0 else None, src=0, group=self.group)
+        return out[0]
+
+    def _wait_a_little(self) -> None:
+        if self.idle_work is None or not self.idle_work():
+            time.sleep(0.02)
+
+    # -- whole step (DAPO) -------------------------------------------------------------------------------------
     def _begin(self, slot: int) -> None:
         if self.slot == slot:
             return
         payload = self._gather_slot(slot) if self.rank == 0 else None
-        out = [None]
-        dist.scatter_object_list(out, payload, src=0, group=self.group)
-        self.slot, (self.mine, self.replica_tokens) = slot, out[0]
+        self.slot, (self.mine, self.replica_tokens) = slot, self._scatter(payload)
+        self.last_streamed = False
 
     def _gather_slot(self, slot: int) -> list:
         share = self.queue.groups_per_step // self.world
@@ -40,19 +78,33 @@ class ScatteredQueue:
             for r in range(self.world):
                 more = self.queue.take("train", slot, share - len(per_rank[r]), r, self.world, timeout=0.0)
                 per_rank[r] += more or []
-            if any(len(g) < share for g in per_rank) and (self.idle_work is None or not self.idle_work()):
-                time.sleep(0.02)
-        tokens = [sum(int(s["response_len"]) for g in groups for s in g["samples"]) for groups in per_rank]
+            if any(len(g) < share for g in per_rank):
+                self._wait_a_little()
+        tokens = [sum(group_tokens(g) for g in groups) for groups in per_rank]
         replica_tokens = [sum(tokens[r] for r in range(self.world) if self.replica_of(r) == self.replica_of(k))
                           for k in range(self.world)]
         return [(per_rank[k], replica_tokens[k]) for k in range(self.world)]
 
+    # -- streaming -----------------------------------------------------------------------------------------------
+    def _gather_micro(self, slot: int, n: int) -> list:
+        need, got = n * self.world, []
+        while len(got) < need:
+            got += self.queue.take("train", slot, need - len(got), 0, 1, timeout=0.0) or []
+            if len(got) < need:
+                self._wait_a_little()
+        # the slot is still incomplete now: this micro-batch trains while the step's other groups are generated
+        streamed = self.queue.slot_tokens(slot, wait=False) is None
+        return [(groups, streamed) for groups in balance(got, self.world, n)]
+
     # -- the queue's consumer interface ------------------------------------------------------------------------
     def take(self, consumer: str, slot: int, max_groups: int, dp_rank: int = 0, dp_size: int = 1,
              timeout: Optional[float] = None) -> List[dict]:
-        self._begin(slot)
-        out, self.mine = self.mine[:max_groups], self.mine[max_groups:]
-        return out
+        if self.slot == slot:  # the whole step was gathered (DAPO): serve from this rank's list
+            out, self.mine = self.mine[:max_groups], self.mine[max_groups:]
+            return out
+        payload = self._gather_micro(slot, max_groups) if self.rank == 0 else None
+        groups, self.last_streamed = self._scatter(payload)
+        return groups
 
     def slot_tokens(self, slot: int, wait: bool = True, timeout: Optional[float] = None) -> int:
         self._begin(slot)

@@ -6,6 +6,12 @@ groups of slot ``V`` -> advantages per group -> forward (packed with Prefix Grou
 one row per response) -> GRPO token loss with global weights -> ``engine.backward`` / ``engine.step`` -> after the
 last micro-batch, ``finish_slot(V)`` (rank 0) and the new weights go to the rollout workers (``on_weights``).
 
+Streaming: a micro-batch is taken as soon as enough complete groups of slot ``V`` exist, so training overlaps the
+rollout of the same step (with several trainer ranks through :mod:`ds_ext.asyncflow.scatter`). The step's metrics
+count the micro-batches handed out before the slot's last group completed (``streamed_micro_batches`` of
+``micro_batches``). DAPO's token-mean (``loss_norm="dapo"``) waits for the whole slot's token total first, so nothing
+streams under it.
+
 Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]``; the response token
 ``j`` of row ``b`` is predicted by the logits at ``P - 1 + j``.
 """
@@ -126,13 +132,22 @@ class GRPOTrainer:
         self.idle_s += time.perf_counter() - t
         return tokens
 
+    def _streamed(self, version: int) -> bool:
+        """Whether the micro-batch just taken was handed out before slot ``version``'s last group completed."""
+        known = getattr(self.queue, "last_streamed", None)
+        if isinstance(known, bool):  # ScatteredQueue: rank 0 looked when it scattered
+            return known
+        return self.queue.slot_tokens(version, wait=False) is None
+
     def train_step(self, version: int) -> Dict[str, float]:
         cfg = self.cfg
         step_tokens = self._slot_tokens(version) if cfg.loss_norm == "dapo" else 0
         responses = cfg.groups_per_step * cfg.group_size // self.replicas
         rewards, lags, trained, is_w, token_lags = [], [], [], [], []
+        streamed = 0
         for micro in range(self.gas):
             groups = self._take(version, self.groups_per_micro)
+            streamed += self._streamed(version)
             trained += [[g["samples"][0]["prompt_index"], g["meta"].version] for g in groups]
             batch = collate(groups)
             adv = group_advantages(batch["rewards"], cfg.group_size, cfg.advantage_scale)
@@ -165,6 +180,7 @@ class GRPOTrainer:
             raise RuntimeError(f"step {version}: a sample's oldest token is {int(lag.max())} versions old > "
                                f"max_staleness {cfg.max_staleness}")
         return {"reward": r.mean().item(), "max_lag": int(lag.max()), "mean_lag": lag.float().mean().item(),
+                "streamed_micro_batches": streamed, "micro_batches": self.gas,
                 "mean_token_lag": tok_lag.float().mean().item() if tok_lag.numel() else 0.0,
                 "is_weight_mean": w.mean().item() if w.numel() else 1.0,
                 "is_weight_max": w.max().item() if w.numel() else 1.0,

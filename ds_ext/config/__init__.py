@@ -41,11 +41,7 @@ __all__ = ["EXT_KEY", "DsExtConfig", "DsExtConfigError", "ExtSection", "Topology
 
 # Keys that existed once and were removed: a config still holding one gets this message instead of a bare
 # "unknown key" (JSON path under "ds_ext" -> why it went and what to do instead).
-REMOVED_KEYS = {
-    ("asyncflow", "rollout_workers"): "removed: nothing read it; the rollout workers are the processes after the "
-                                      "first asyncflow.trainer_ranks (world size - trainer_ranks; set the world "
-                                      "size with ds-ext --num_procs); delete this key",
-}
+REMOVED_KEYS: dict = {}
 
 
 class TopologyConfig(ExtSection):
