@@ -9,8 +9,8 @@ last micro-batch, ``finish_slot(V)`` (rank 0) and the new weights go to the roll
 Streaming: a micro-batch is taken as soon as enough complete groups of slot ``V`` exist, so training overlaps the
 rollout of the same step (with several trainer ranks through :mod:`ds_ext.asyncflow.scatter`). The step's metrics
 count the micro-batches handed out before the slot's last group completed (``streamed_micro_batches`` of
-``micro_batches``). DAPO's token-mean (``loss_norm="dapo"``) waits for the whole slot's token total first, so nothing
-streams under it.
+``micro_batches``; at most ``gas - 1`` per step, the last micro-batch holding the slot's last group). DAPO's
+token-mean (``loss_norm="dapo"``) waits for the whole slot's token total first, so nothing streams under it.
 
 Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]``; the response token
 ``j`` of row ``b`` is predicted by the logits at ``P - 1 + j``.
