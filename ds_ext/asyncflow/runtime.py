@@ -25,7 +25,6 @@ import os
 import time
 from typing import Any, Callable, Dict, List
 
-
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
 from ds_ext.asyncflow.rollout import RolloutWorker
