@@ -15,6 +15,8 @@ import pytest
 
 from dist import free_port
 from ds_ext import launch
+from ds_ext.asyncflow.queue import GroupMeta
+from ds_ext.asyncflow.scatter import balance, group_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GROUPS, G, HIDDEN, LAYERS = 5, 8, 4, 32, 1
@@ -39,6 +41,19 @@ def test_launcher_refuses_a_process_count_that_contradicts_the_config(tmp_path, 
     # without --num_procs the config's count is used
     own, ns, _ = launch.split_argv(["--config", str(path), "x.py"])
     assert launch._apply_configured_procs(own, ns, str(path)) is None and own["num_procs"] == "3"
+
+
+def test_a_streamed_micro_batch_splits_over_ranks_by_response_tokens():
+    lengths = [9, 1, 8, 2, 7, 3]  # one response per group: its tokens
+    groups = [{"meta": GroupMeta(i, 0, i, "w", 0, [i], 0.0), "samples": [{"response_len": n}]}
+              for i, n in enumerate(lengths)]
+    split = balance(groups, world=2, per_rank=3)
+    assert [len(g) for g in split] == [3, 3]
+    assert sorted(g["meta"].index_in_slot for r in split for g in r) == list(range(6))  # each group once
+    loads = [sum(group_tokens(g) for g in r) for r in split]
+    # greedy, longest first, to the open rank with fewer tokens: 9->r0, 8->r1, 7->r1, 3->r0, 2->r0 (r0 full), 1->r1
+    assert loads == [14, 16], loads
+    assert all([g["meta"].index_in_slot for g in r] == sorted(g["meta"].index_in_slot for g in r) for r in split)
 
 
 def _model_bytes() -> int:
