@@ -2,6 +2,7 @@
 
     python benchmarks/prefix_grouper.py            # CPU default: P in {256,1024,4096} x S in {64,256} x G in {4,8,16}
     python benchmarks/prefix_grouper.py --quick    # headline point and a 4-point grid
+    python benchmarks/prefix_grouper.py --device cuda --quick   # the same on a GPU in bf16 (exit 2 without CUDA)
 
 Model: the ds_ext reference model with its default size (4 layers, hidden 128, 4 / 2 heads, byte vocabulary), fp32,
 one group (1 prompt of P tokens, G responses of S tokens), GRPO-style loss ``sum(logp(response) * advantage)``.
@@ -10,10 +11,15 @@ forward+backward timed; memory = ``ru_maxrss`` growth over the step (glibc mmap 
 tensors leave RSS). The theoretical speed-up is the FLOP ratio: projections/MLP/LM head per token times the token
 count (baseline G(P+S), grouped P+GS) plus attention per query-key pair (baseline G(P+S)^2/2, grouped
 P^2/2 + G(SP + S^2/2)). Headline point P=1024, S=128, G=16. Prints a table, writes a PNG and one JSON line.
+
+``--device cuda``: the model in bf16 on the GPU (grouped attention through the CUDA flash kernel), memory = the
+caching allocator's ``max_memory_allocated`` growth over the step, times after ``torch.cuda.synchronize``; the
+gradient error stays an fp32 CPU measurement. Without a visible CUDA device it exits with status 2 and says so.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -43,10 +49,15 @@ def group(p: int, s: int, g: int, seed: int = 0):
 def loss_of(model, mode: str, p: int, s: int, g: int, seed: int = 0) -> torch.Tensor:
     from ds_ext.prefix_grouper.attention import GroupedAttention
     from ds_ext.prefix_grouper.layout import pack
-    prompt, completions, adv = group(p, s, g, seed)
+    device = next(model.parameters()).device
+    prompt, completions, adv = (t.to(device) for t in group(p, s, g, seed))
     ones = torch.ones_like
     if mode == "grouped":
-        batch = pack(prompt, ones(prompt, dtype=torch.bool), completions, ones(completions, dtype=torch.bool), [g])
+        batch = pack(prompt.cpu(), ones(prompt.cpu(), dtype=torch.bool), completions.cpu(),
+                     ones(completions.cpu(), dtype=torch.bool), [g])
+        batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device)
+                                              for f in dataclasses.fields(batch)
+                                              if isinstance(getattr(batch, f.name), torch.Tensor)})
         logits = model(batch.input_ids, position_ids=batch.position_ids, attention_fn=GroupedAttention(batch))
         logp = batch.completion_logprobs(logits, completions)
     else:
@@ -61,24 +72,36 @@ def rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def child(mode: str, p: int, s: int, g: int) -> dict:
+def child(mode: str, p: int, s: int, g: int, device: str = "cpu") -> dict:
     from ds_ext.models import LlamaForCausalLM
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config())
+    if device == "cuda":  # the GPU grid runs bf16 (CUDA flash kernel for the grouped parts)
+        model = model.to("cuda", dtype=torch.bfloat16)
     loss_of(model, mode, 16, 8, 2).backward()
     model.zero_grad(set_to_none=True)
-    before = rss_bytes()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_bytes()
     t0 = time.perf_counter()
     loss_of(model, mode, p, s, g).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"mode": mode, "P": p, "S": s, "G": g, "seconds": seconds, "peak_bytes": peak - before}
 
 
-def measure(mode: str, p: int, s: int, g: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(p), str(s), str(g)]
+def measure(mode: str, p: int, s: int, g: int, device: str = "cpu") -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="65536")
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(p), str(s), str(g), "--device", device]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} P={p} S={s} G={g} failed: {proc.stderr[-2000:]}")
@@ -107,7 +130,7 @@ def grad_error(p: int, s: int, g: int) -> float:
     return max(((grads["grouped"][n] - b).norm() / b.norm()).item() for n, b in grads["baseline"].items())
 
 
-def plot(rows: list, path: str) -> None:
+def plot(rows: list, path: str, device_label: str = "2 CPU threads") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,7 +140,7 @@ def plot(rows: list, path: str) -> None:
     ax.bar([i - 0.2 for i in x], [r["speedup"] for r in rows], width=0.4, label="measured speed-up")
     ax.bar([i + 0.2 for i in x], [r["theoretical_speedup"] for r in rows], width=0.4, label="theoretical (FLOPs)")
     ax.set_xticks(list(x), labels, rotation=70, fontsize=7)
-    ax.set(ylabel="baseline time / grouped time", title="Prefix Grouper, reference model, 2 CPU threads")
+    ax.set(ylabel="baseline time / grouped time", title=f"Prefix Grouper, reference model, {device_label}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -126,13 +149,21 @@ def plot(rows: list, path: str) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="headline point plus P in {256,1024}, S=64, G in {4,16}")
-    ap.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "results", "prefix_grouper.png"))
+    ap.add_argument("--plot", default=None, help="default benchmarks/results/prefix_grouper[_cuda].png")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: bf16 on the GPU, memory from torch.cuda.max_memory_allocated")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: no CUDA device is visible (torch {torch.__version__}, "
+                 f"torch.cuda.is_available() is False); run it on a GPU machine (scripts/gpu_check.sh)")
     if args.child:
         mode, *sizes = args.child
-        print(json.dumps(child(mode, *map(int, sizes))))
+        print(json.dumps(child(mode, *map(int, sizes), device=args.device)))
         return {}
+    if args.plot is None:
+        args.plot = os.path.join(ROOT, "benchmarks", "results",
+                                 "prefix_grouper_cuda.png" if args.device == "cuda" else "prefix_grouper.png")
     grid = ([(p, 64, g) for p in (256, 1024) for g in (4, 16)] if args.quick else
             [(p, s, g) for p in (256, 1024, 4096) for s in (64, 256) for g in (4, 8, 16)])
     points = [HEADLINE] + [x for x in grid if x != HEADLINE]
@@ -140,7 +171,7 @@ def main(argv=None) -> dict:
     print(f"{'P':>5}{'S':>5}{'G':>4}{'base s':>9}{'grouped s':>11}{'speedup':>9}{'theory':>8}{'share':>7}"
           f"{'base MiB':>10}{'grp MiB':>9}{'mem ratio':>10}")
     for p, s, g in points:
-        base, grouped = measure("baseline", p, s, g), measure("grouped", p, s, g)
+        base, grouped = measure("baseline", p, s, g, args.device), measure("grouped", p, s, g, args.device)
         row = {"P": p, "S": s, "G": g, "baseline_s": base["seconds"], "grouped_s": grouped["seconds"],
                "speedup": base["seconds"] / grouped["seconds"], "theoretical_speedup": theoretical_speedup(p, s, g),
                "baseline_bytes": base["peak_bytes"], "grouped_bytes": grouped["peak_bytes"],
@@ -156,8 +187,10 @@ def main(argv=None) -> dict:
           f"{head['theoretical_speedup']:.2f}x theoretical ({head['speedup'] / head['theoretical_speedup']:.0%}); "
           f"memory {head['memory_ratio']:.2f}x lower; max grad rel err {err:.2e}")
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    plot(rows, args.plot)
-    result = {"benchmark": "prefix_grouper", "headline": dict(zip("PSG", HEADLINE)), "speedup": head["speedup"],
+    label = torch.cuda.get_device_name() + ", bf16" if args.device == "cuda" else "2 CPU threads"
+    plot(rows, args.plot, label)
+    result = {"benchmark": "prefix_grouper", "device": args.device, "device_name": label,
+              "headline": dict(zip("PSG", HEADLINE)), "speedup": head["speedup"],
               "theoretical_speedup": head["theoretical_speedup"],
               "fraction_of_theory": head["speedup"] / head["theoretical_speedup"],
               "memory_ratio": head["memory_ratio"], "max_grad_rel_err": err, "rows": rows,

@@ -3,6 +3,8 @@
     python benchmarks/streambp.py                      # CPU default: HF Qwen2 model, 4k..16k tokens, ~7 min
     python benchmarks/streambp.py --lengths 1024,2048 --full_logits_lengths 1024 --budget_length 2048
     python benchmarks/streambp.py --model reference    # the reference model grid (none / checkpointing / StreamBP)
+    python benchmarks/streambp.py --device cuda --lengths 32768,65536 --full_logits_lengths 32768,65536 \
+        --budget_length 65536                          # the GPU grid: bf16, plus streambp_offload (exit 2 without CUDA)
 
 Models (random init, built in process, batch 1, fp32, random tokens):
 * ``qwen2`` (default): ``transformers.Qwen2ForCausalLM`` from a ``Qwen2Config``: hidden 256, 4 layers, 4 query /
@@ -17,7 +19,14 @@ Modes:
   DeepSpeed's documented choice) and ``TiledFusedLogitsLoss`` for the head + loss (shards of the same number of
   tokens as StreamBP's logits chunk, so both hold logits of the same size); qwen2 only;
 * ``streambp``: ds_ext StreamBP (``--chunk_size``; logits chunk ``--logits_chunk_size`` tokens, capped by
-  StreamBP's own logits byte budget).
+  StreamBP's own logits byte budget);
+* ``streambp_offload`` (``--device cuda`` only): StreamBP with ``offload_layer_inputs`` (stored layer inputs in
+  pinned host memory, so its "stored" device bytes are 0).
+
+``--device cuda``: every model is cast to bf16 on the GPU (the issue's GPU grid), peak memory is the caching
+allocator's ``max_memory_allocated`` growth over the step, times follow ``torch.cuda.synchronize``; gradient errors
+stay an fp32 CPU measurement (exactness is an fp32 property). Without a visible CUDA device it exits with status 2
+and says so. The theoretical bytes per token stay fp32 figures (halve them for bf16).
 
 Measurement: each (mode, length) runs in a fresh process (2 torch threads) that builds the model, runs one
 warm-up step at T=64, reads its resident set size (VmRSS), runs one forward+backward at length T, and reports
@@ -65,6 +74,18 @@ def build(model_name: str, mode: str, args):
     return (build_qwen2 if model_name == "qwen2" else build_reference)(mode, args)
 
 
+def placed(model, args):
+    """The model on ``args.device``: bf16 on CUDA (the GPU grid), fp32 on CPU. Before StreamBP attaches, so its
+    offload store sees the model's device."""
+    return model.to(args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+
+
+def streambp_config(mode: str, args):
+    from ds_ext.streambp.config import StreamBPConfig
+    return StreamBPConfig(enabled=True, chunk_size=args.chunk_size, logits_chunk_size=args.logits_chunk_size,
+                          offload_layer_inputs=mode == "streambp_offload")
+
+
 def build_reference(mode: str, args):
     from ds_ext.models import LlamaForCausalLM, ModelConfig
     m = MODELS["reference"]
@@ -73,11 +94,10 @@ def build_reference(mode: str, args):
                                          intermediate_size=m["intermediate_size"], num_layers=m["num_layers"],
                                          num_heads=m["num_heads"], num_kv_heads=m["num_kv_heads"],
                                          max_seq_len=1 << 20))
-    if mode == "streambp":
+    model = placed(model, args)
+    if mode.startswith("streambp"):
         from ds_ext.streambp.apply import stream_model
-        from ds_ext.streambp.config import StreamBPConfig
-        stream_model(model, StreamBPConfig(enabled=True, chunk_size=args.chunk_size,
-                                           logits_chunk_size=args.logits_chunk_size))
+        stream_model(model, streambp_config(mode, args))
     elif mode == "checkpointing":
         _init_deepspeed_checkpointing()
         for layer in model.layers:
@@ -95,13 +115,11 @@ def build_qwen2(mode: str, args):
         num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"],
         max_position_embeddings=1 << 17, tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).float().train()
-    if mode == "streambp":
+    model = placed(transformers.Qwen2ForCausalLM(config).float().train(), args)
+    if mode.startswith("streambp"):
         from ds_ext.streambp.apply import stream_model
-        from ds_ext.streambp.config import StreamBPConfig
         from ds_ext.streambp.hf import causal_lm_loss
-        stream_model(model, StreamBPConfig(enabled=True, chunk_size=args.chunk_size,
-                                           logits_chunk_size=args.logits_chunk_size))
+        stream_model(model, streambp_config(mode, args))
         return model, lambda ids: causal_lm_loss(model, ids[:, :-1], ids[:, :-1],
                                                  logits_chunk_size=args.logits_chunk_size)
     if mode in ("checkpointing", "alst"):
@@ -229,20 +247,22 @@ def measure(mode: str, length: int, args) -> dict:
     if proc.returncode != 0:
         return {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["stored_bytes"] = stored_bytes(args.model, length)
+    result["stored_bytes"] = 0 if mode == "streambp_offload" else stored_bytes(args.model, length, args.device)
     print(f"  {mode:>13} T={length:>6}: {result['seconds']:7.2f} s  {result['peak_bytes'] / 2**20:8.1f} MiB",
           file=sys.stderr)
     return result
 
 
-def stored_bytes(model_name: str, length: int) -> int:
-    """The layer inputs kept between forward and backward: layers x T x hidden, fp32."""
+def stored_bytes(model_name: str, length: int, device: str = "cpu") -> int:
+    """The layer inputs kept between forward and backward: layers x T x hidden, fp32 (bf16 on CUDA)."""
     m = MODELS[model_name]
-    return m["num_layers"] * length * m["hidden_size"] * 4
+    return m["num_layers"] * length * m["hidden_size"] * (2 if device == "cuda" else 4)
 
 
 def grad_errors(length: int, args) -> dict:
-    """Max relative gradient error over parameters, vs plain autograd, in this process."""
+    """Max relative gradient error over parameters, vs plain autograd, in this process (fp32 on CPU whatever
+    ``--device``: exactness is the fp32 property)."""
+    args = argparse.Namespace(**{**vars(args), "device": "cpu"})
     vocab = MODELS[args.model]["vocab_size"]
     reference, loss_fn = build(args.model, "none", args)
     step(loss_fn, reference, length, vocab, seed=1)
@@ -302,10 +322,12 @@ def working_set_slope_ratio(by: dict, lengths) -> Optional[float]:
     return (ws("streambp", t2) - ws("streambp", t1)) / (ws("alst", t2) - ws("alst", t1))
 
 
-def budget_answer(rows: list, baseline: str, budget_length: int) -> dict:
+def budget_answer(rows: list, baseline: str, budget_length: int, mode: str = "streambp") -> dict:
+    """The longest sequence ``mode`` runs within the baseline's peak at ``budget_length``: measured, and
+    extrapolated linearly from its two longest points."""
     by = {(r["mode"], r["length"]): r for r in rows if "error" not in r}
     budget = by[(baseline, budget_length)]["peak_bytes"]
-    stream = sorted((r["length"], r["peak_bytes"]) for r in rows if r["mode"] == "streambp" and "error" not in r)
+    stream = sorted((r["length"], r["peak_bytes"]) for r in rows if r["mode"] == mode and "error" not in r)
     fits = [t for t, peak in stream if peak <= budget]
     extrapolated = float(max(fits, default=0))
     if len(stream) >= 2:
@@ -375,11 +397,15 @@ def main(argv=None) -> dict:
                    help="cuda: peak memory from torch.cuda.max_memory_allocated, times after synchronize")
     p.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: no CUDA device is visible (torch {torch.__version__}, "
+                f"torch.cuda.is_available() is False); run it on a GPU machine (scripts/gpu_check.sh)")
     qwen = args.model == "qwen2"
     defaults = dict(lengths="4096,8192,16384" if qwen else "1024,2048,4096,8192,16384",
                     budget_length=16384 if qwen else 4096, streambp_only_lengths="" if qwen else "24576",
                     chunk_size=512 if qwen else 1024, logits_chunk_size=128 if qwen else 512,
-                    plot=os.path.join(ROOT, "benchmarks", "results", "streambp_qwen2.png" if qwen else "streambp.png"))
+                    plot=os.path.join(ROOT, "benchmarks", "results", ("streambp_qwen2" if qwen else "streambp")
+                                      + ("_cuda.png" if args.device == "cuda" else ".png")))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -390,12 +416,15 @@ def main(argv=None) -> dict:
         return {}
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))  # grad_errors
     modes, baseline = MODES[args.model], BASELINE[args.model]
+    if args.device == "cuda":
+        modes = modes + ("streambp_offload",)
     lengths = [int(x) for x in args.lengths.split(",")]
     full = [int(x) for x in args.full_logits_lengths.split(",") if x]
     rows = []
     for t in sorted(set(lengths) | set(full)):
         for mode in modes:
-            if (mode in ("none", "checkpointing") and t in full) or (mode in (baseline, "streambp") and t in lengths):
+            if ((mode in ("none", "checkpointing") and t in full)
+                    or (mode in (baseline, "streambp", "streambp_offload") and t in lengths)):
                 rows.append(measure(mode, t, args))
     rows += [measure("streambp", int(t), args) for t in args.streambp_only_lengths.split(",") if t]
     errors = grad_errors(args.grad_length, args)
@@ -406,13 +435,19 @@ def main(argv=None) -> dict:
     print(f"\nbudget = {baseline}'s peak at T={args.budget_length}: {budget['budget_bytes'] / 2**20:.1f} MiB; "
           f"StreamBP fits T={budget['streambp_max_measured']} measured, ~{budget['streambp_max_extrapolated']:.0f} "
           "extrapolated")
-    print(f"max grad rel err vs autograd at T={args.grad_length}: {errors}")
+    print(f"max grad rel err vs autograd at T={args.grad_length} (fp32, CPU): {errors}")
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     plot(rows, modes, args.plot, "2 CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
     result = {"benchmark": "streambp", "device": args.device, "model_name": args.model, "model": MODELS[args.model],
               "chunk_size": args.chunk_size, "logits_chunk_size": args.logits_chunk_size,
               "max_grad_rel_err": errors["streambp"], "grad_rel_err": errors,
-              "rows": rows, "plot": os.path.relpath(args.plot, ROOT)}
+              "rows": rows, "plot": os.path.relpath(args.plot, ROOT),
+              "dtype": "bfloat16" if args.device == "cuda" else "float32",
+              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    if "streambp_offload" in modes:
+        off = budget_answer(rows, baseline, args.budget_length, "streambp_offload")
+        result.update(offload_max_seq_measured=off["streambp_max_measured"],
+                      offload_max_seq_ratio_vs_baseline=off["streambp_max_extrapolated"] / args.budget_length)
     both = [t for t in lengths if ("checkpointing", t) in by and ("streambp", t) in by]
     if both:
         t = max(both)

@@ -371,6 +371,7 @@ def _gpu_reference_body():
     return out
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="megatron's DotProductAttention needs CUDA (its memory "
                                                           "buffer and CUDA RNG tracker)")
 def test_gpu_core_attention_matches_megatron_dot_product_attention():

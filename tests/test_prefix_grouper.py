@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import ds_ext.ops.attention as attention_op
+import ds_ext.ops.attention_kernels as attention_op
 from ds_ext.asyncflow.grpo import GRPOTokenLoss
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 from ds_ext.prefix_grouper.apply import prefix_group_model
@@ -191,7 +191,7 @@ def test_masked_fallback_matches_the_repeated_prefix_baseline(monkeypatch, caplo
     """The SDPA fallback (the path on CUDA and for non-fp32 inputs), forced on CPU by removing the flash kernel
     handle: log-probs and every parameter gradient equal the ungrouped model's; the fallback says why, once."""
     import logging
-    monkeypatch.setattr(attention_op, "FLASH_FORWARD", None)
+    monkeypatch.setattr(attention_op, "CPU_FLASH_FORWARD", None)
     monkeypatch.setattr(attention_op, "_logged_reasons", set())
     prompts, pmask, comps, cmask, sizes = grpo_batch(5)
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ds_ext.ops.attention as attention_op
+import ds_ext.ops.attention_kernels as attention_op
 from dist import run_distributed
 from ds_ext.asyncflow.grpo import GRPOTokenLoss
 from ds_ext.models import LlamaForCausalLM, ModelConfig
@@ -81,7 +81,7 @@ def test_chunk_attention_matches_explicit_softmax(path, block, s, c, monkeypatch
     if path == "key_padding":
         padding[1, (s + c) // 2:] = False
     elif path == "no_flash_kernels":
-        monkeypatch.setattr(attention_op, "FLASH_FORWARD", None)
+        monkeypatch.setattr(attention_op, "CPU_FLASH_FORWARD", None)
     given = padding if path == "key_padding" else None
     if block:
         out = chunk_attention(q, k[:, :, :s], v[:, :, :s], s, given, block=(k[:, :, s:], v[:, :, s:]))

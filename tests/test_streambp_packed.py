@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import ds_ext.ops.attention as attention_op
+import ds_ext.ops.attention_kernels as attention_op
 from ds_ext.config import DsExtConfigError
 from ds_ext.ops.losses import IGNORE_INDEX
 from ds_ext.streambp.apply import stream_model
@@ -120,7 +120,7 @@ def test_streamed_packed_rows_match_autograd(model_dirs, family, chunk, flash, m
     parameter's gradient within fp32 rel err 1e-5. ``flash=False`` forces the masked fallback (per-chunk
     ``[B, 1, c, e]`` masks from segment ids). close() restores the model's attention implementation."""
     if not flash:
-        monkeypatch.setattr(attention_op, "FLASH_FORWARD", None)
+        monkeypatch.setattr(attention_op, "CPU_FLASH_FORWARD", None)
     plain = load(model_dirs[family])
     streamed, feature, kinds = streamed_copy(model_dirs[family], chunk)
     assert streamed.config._attn_implementation == ATTENTION

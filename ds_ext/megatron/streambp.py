@@ -38,6 +38,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from ds_ext.megatron.attention import GroupedMask, unwrap_gpt
 from ds_ext.streambp.config import StreamBPConfig
 from ds_ext.streambp.layer import LayerAdapter, StreamCall, stream_layer
+from ds_ext.streambp.offload import input_store
 
 
 def _sb(x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,7 @@ def streambp_layers(model, cfg: StreamBPConfig) -> List[TransformerLayer]:
         raise ValueError("StreamBP with megatron DDP needs overlap_grad_reduce=False: each chunk's backward would "
                          "mark the parameters ready again")
     layers = [m for m in unwrap_gpt(model).modules() if isinstance(m, TransformerLayer)]
-    for layer in layers:
-        stream_layer(layer, MegatronLayerAdapter(layer), cfg.chunk_size)
+    store = input_store(model, cfg)  # offload_layer_inputs (CUDA only)
+    for index, layer in enumerate(layers):
+        stream_layer(layer, MegatronLayerAdapter(layer), cfg.chunk_size, store, index)
     return layers

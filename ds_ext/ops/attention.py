@@ -19,11 +19,14 @@ with packed documents, per document overlapping the chunk its earlier keys unmas
 Prefix Grouper's grouped rows (prefix causal; suffixes over the prefix and causally over themselves) and, through
 Prefix Grouper, the megatron core attention.
 
-**Masked fallback.** The kernels are PyTorch's CPU flash kernels (``aten::_scaled_dot_product_flash_attention_for_cpu``
-and its backward, :data:`FLASH_FORWARD` / :data:`FLASH_BACKWARD`). Where they cannot run (not in this build, CUDA,
-non-fp32 inputs) or a mask the parts cannot express is needed (key padding, a grouped chunk), callers run
-:func:`grouped_sdpa` with a boolean mask (:func:`chunk_mask`, :func:`grouped_chunk_mask`): exact too, only slower.
-Each reason is logged once (logger ``ds_ext.ops.attention``, INFO).
+**Kernels.** :func:`ds_ext.ops.attention_kernels.select_kernel` picks the kernel by device, dtype, head dim and
+whether the caller needs a mask the parts cannot express: PyTorch's CPU flash kernel (fp32), CUDA flash (bf16/fp16)
+or CUDA memory-efficient attention (fp32, or where flash does not apply), all behind one ``(out, lse)`` contract.
+Under bf16/fp16 the parts are merged in fp32 (the log-sum-exp merge must not round to low precision) and the merged
+output is cast back once. Where no fused kernel applies, or a mask the parts cannot express is needed (key padding,
+a grouped chunk), callers run :func:`grouped_sdpa` with a boolean mask (:func:`chunk_mask`,
+:func:`grouped_chunk_mask`): exact too, only slower. Each reason is logged once (logger ``ds_ext.ops.attention``,
+INFO).
 
 **Packed documents.** ``segment_ids: [B, T]`` (equal ids = one document; a document is a contiguous run, rows may
 differ) restrict causal attention to the query's own document. :func:`chunk_attention` and
@@ -32,20 +35,15 @@ build a ``T x T`` mask; the masked fallback builds per-chunk ``[B, 1, c, e]`` ma
 """
 from __future__ import annotations
 
-import logging
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
-# The kernel handles (None where this PyTorch build lacks them). Tests set them to None to force the fallback.
-FLASH_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# log_fallback is re-exported: callers with their own masked paths log through it
+from ds_ext.ops.attention_kernels import KERNELS, MASKED_SDPA, Kernel, log_fallback, select_kernel  # noqa: F401
 
 Rows = Optional[Tuple[int, int]]
-_logged_reasons = set()
 
 
 class Part(NamedTuple):
@@ -72,16 +70,18 @@ def lse_merge(out, lse, out_i, lse_i):
 
 
 class MergedAttention(torch.autograd.Function):
-    """``apply(q, scale, spec, *tensors)``: ``spec`` holds per part ``(k_index, v_index, causal, q_rows, kv_rows)``
-    into the distinct K/V ``tensors``; see the module docstring for the algorithm and why backward is exact."""
+    """``apply(q, scale, kernel, spec, *tensors)``: ``kernel`` a :class:`ds_ext.ops.attention_kernels.Kernel`,
+    ``spec`` holds per part ``(k_index, v_index, causal, q_rows, kv_rows)`` into the distinct K/V ``tensors``; see
+    the module docstring for the algorithm and why backward is exact."""
 
     @staticmethod
-    def forward(ctx, q, scale, spec, *tensors):
+    def forward(ctx, q, scale, kernel: Kernel, spec, *tensors):
+        acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) and len(spec) > 1 else None
         out = lse = None
         for ki, vi, causal, q_rows, kv_rows in spec:
             rq, rk = _rows(q_rows), _rows(kv_rows)
-            out_i, lse_i = FLASH_FORWARD(q[:, :, rq], tensors[ki][:, :, rk], tensors[vi][:, :, rk], 0.0, causal,
-                                         scale=scale)
+            out_i, lse_i = kernel.forward(q[:, :, rq], tensors[ki][:, :, rk], tensors[vi][:, :, rk], causal, scale)
+            out_i = out_i if acc is None else out_i.to(acc)
             if q_rows is None:
                 out, lse = lse_merge(out, lse, out_i, lse_i)
                 continue
@@ -89,8 +89,9 @@ class MergedAttention(torch.autograd.Function):
                 out = out_i.new_zeros(q.shape[:3] + out_i.shape[3:])
                 lse = lse_i.new_full(q.shape[:3], float("-inf"))
             out[:, :, rq], lse[:, :, rq] = lse_merge(out[:, :, rq], lse[:, :, rq], out_i, lse_i)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, out, lse, *tensors)
-        ctx.scale, ctx.spec = scale, spec
+        ctx.scale, ctx.kernel, ctx.spec = scale, kernel, spec
         return out
 
     @staticmethod
@@ -101,9 +102,9 @@ class MergedAttention(torch.autograd.Function):
         grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
         for ki, vi, causal, q_rows, kv_rows in ctx.spec:
             rq, rk = _rows(q_rows), _rows(kv_rows)
-            dq_i, dk_i, dv_i = FLASH_BACKWARD(grad_out[:, :, rq], q[:, :, rq], tensors[ki][:, :, rk],
-                                              tensors[vi][:, :, rk], out[:, :, rq], lse[:, :, rq], 0.0, causal,
-                                              scale=ctx.scale)
+            dq_i, dk_i, dv_i = ctx.kernel.backward(grad_out[:, :, rq], q[:, :, rq], tensors[ki][:, :, rk],
+                                                   tensors[vi][:, :, rk], out[:, :, rq], lse[:, :, rq], causal,
+                                                   ctx.scale)
             dq[:, :, rq] += dq_i
             for index, d in ((ki, dk_i), (vi, dv_i)):
                 if grads[index] is None and kv_rows is None:
@@ -112,12 +113,20 @@ class MergedAttention(torch.autograd.Function):
                 if grads[index] is None:
                     grads[index] = torch.zeros_like(tensors[index])
                 grads[index][:, :, rk] += d
-        return (dq, None, None, *grads)
+        return (dq, None, None, None, *grads)
 
 
-def merged_attention(q: torch.Tensor, parts: Sequence[Part], scale: Optional[float] = None) -> torch.Tensor:
-    """Attention of ``q`` over ``parts`` (see :class:`Part`), ``[B, H, Lq, D]``; needs :func:`flash_available`.
+def merged_attention(q: torch.Tensor, parts: Sequence[Part], scale: Optional[float] = None,
+                     kernel: Optional[str] = None) -> torch.Tensor:
+    """Attention of ``q`` over ``parts`` (see :class:`Part`), ``[B, H, Lq, D]``, with the fused kernel ``kernel``
+    (a name from :data:`ds_ext.ops.attention_kernels.KERNELS`; None: :func:`select_kernel`'s choice, which must not be
+    the masked fallback: callers check :func:`select_kernel` first and run their masked path on its reason).
     The same tensor may appear in several parts (e.g. row slices of one K): its gradient is one tensor."""
+    if kernel is None:
+        kernel, reason = select_kernel(q, parts[0].k)
+        if kernel == MASKED_SDPA:
+            raise ValueError(f"merged attention has no fused kernel for these inputs ({reason}); "
+                             "run the caller's masked SDPA path instead")
     tensors: List[torch.Tensor] = []
     index = {}
 
@@ -127,35 +136,11 @@ def merged_attention(q: torch.Tensor, parts: Sequence[Part], scale: Optional[flo
             tensors.append(t)
         return index[id(t)]
     spec = tuple((slot(p.k), slot(p.v), p.causal, p.q_rows, p.kv_rows) for p in parts)
-    return MergedAttention.apply(q, _scale(q, scale), spec, *tensors)
+    return MergedAttention.apply(q, _scale(q, scale), KERNELS[kernel], spec, *tensors)
 
 
 def _scale(q, scale: Optional[float]) -> float:
     return scale if scale is not None else q.shape[-1] ** -0.5
-
-
-def flash_unavailable(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
-    """Why :func:`merged_attention` cannot run on these inputs, or None when it can."""
-    if FLASH_FORWARD is None or FLASH_BACKWARD is None:
-        return "this PyTorch build has no CPU flash attention kernels"
-    if q.device.type != "cpu":
-        return f"inputs on {q.device.type} (the merged path uses PyTorch's CPU flash kernels)"
-    if q.dtype != torch.float32:
-        return f"dtype {q.dtype} (the merged path is fp32: the log-sum-exp merge must not round to low precision)"
-    if q.shape[1] % k.shape[1]:
-        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads"
-    return None
-
-
-def flash_available(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return flash_unavailable(q, k) is None
-
-
-def log_fallback(what: str, reason: str) -> None:
-    """Log once per (what, reason) that ``what`` runs masked SDPA instead of the merged flash path."""
-    if (what, reason) not in _logged_reasons:
-        _logged_reasons.add((what, reason))
-        logger.info("%s: masked SDPA instead of the flash + log-sum-exp path: %s", what, reason)
 
 
 def grouped_sdpa(q, k, v, **kwargs) -> torch.Tensor:
@@ -306,17 +291,17 @@ def chunk_attention(q, k, v, s: int, key_padding_mask: Optional[torch.Tensor] = 
     attention, e.g. a grouped chunk) or ``key_padding_mask`` select masked SDPA instead (with ``block``, on the
     concatenated keys; documents then enter the ``[B, 1, c, s + c]`` chunk mask)."""
     e = k.shape[2] if block is None else s + block[0].shape[2]
-    reason = ("the caller's attention gives a chunk mask" if mask is not None else
-              "a key padding mask is given" if key_padding_mask is not None else flash_unavailable(q, k))
-    if reason is None and segment_ids is not None:
-        outs = [merged_attention(q[rows], _packed_parts(k[rows], v[rows], s, e, spans, block, rows), scale)
+    needs_mask = ("the caller's attention gives a chunk mask" if mask is not None else
+                  "a key padding mask is given" if key_padding_mask is not None else None)
+    kernel, _reason = select_kernel(q, k, needs_mask, what="chunk attention")
+    if kernel != MASKED_SDPA and segment_ids is not None:
+        outs = [merged_attention(q[rows], _packed_parts(k[rows], v[rows], s, e, spans, block, rows), scale, kernel)
                 for rows, spans in _row_groups(segment_ids, e)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
-    if reason is None:
+    if kernel != MASKED_SDPA:
         parts = [Part(k, v, False, kv_rows=(0, s))] if s > 0 else []
         parts.append(Part(k, v, True, kv_rows=(s, e)))
-        return merged_attention(q, parts if block is None else on_block(parts, s, block), scale)
-    log_fallback("chunk attention", reason)
+        return merged_attention(q, parts if block is None else on_block(parts, s, block), scale, kernel)
     if block is not None:
         k, v = torch.cat([k, block[0]], dim=2), torch.cat([v, block[1]], dim=2)
     if mask is None:

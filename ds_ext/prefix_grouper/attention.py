@@ -9,8 +9,9 @@ call of the merged attention op (:func:`ds_ext.ops.attention.merged_attention`) 
 
 merged by log-sum-exp. The prefix K/V are read once per row, never copied; padding rows get 0.
 
-Where the flash path cannot run (CUDA, non-fp32 inputs, no kernels; logged once with the reason) each row runs one
-SDPA with the block mask of :func:`ds_ext.ops.attention.grouped_attention_mask` (exact; ``L x L`` booleans per row,
+The kernel is :func:`ds_ext.ops.attention_kernels.select_kernel`'s (CPU flash in fp32, CUDA flash or
+memory-efficient attention). Where no fused kernel applies (e.g. bf16 on CPU, no kernels; logged once with the
+reason) each row runs one SDPA with the block mask of :func:`ds_ext.ops.attention.grouped_attention_mask` (exact; ``L x L`` booleans per row,
 K/V not repeated). Shapes: ``q: [N, H, L, D]``, ``k, v: [N, Hkv, L, D]``, output ``[N, H, L, D]`` (padding rows:
 unused values).
 """
@@ -20,8 +21,8 @@ from typing import List, Optional
 
 import torch
 
-from ds_ext.ops.attention import (Part, flash_unavailable, grouped_attention_mask, grouped_chunk_mask, grouped_sdpa,
-                                  log_fallback, merged_attention)
+from ds_ext.ops.attention import (MASKED_SDPA, Part, grouped_attention_mask, grouped_chunk_mask, grouped_sdpa,
+                                  merged_attention, select_kernel)
 
 
 def row_parts(k: torch.Tensor, v: torch.Tensor, prefix_len: int, suffix_lens: List[int]) -> List[Part]:
@@ -40,13 +41,12 @@ def row_parts(k: torch.Tensor, v: torch.Tensor, prefix_len: int, suffix_lens: Li
 def prefix_grouped_attention(q, k, v, prefix_lens: List[int], suffix_lens: List[List[int]],
                              segment_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None):
     """Attention in the grouped layout; ``segment_ids: [N, L]`` is needed only by the masked fallback."""
-    reason = flash_unavailable(q, k)
-    if reason is not None:
+    kernel, reason = select_kernel(q, k, what="prefix-grouped attention")
+    if kernel == MASKED_SDPA:
         if segment_ids is None:
             raise ValueError(f"the masked fallback of prefix-grouped attention ({reason}) needs segment_ids")
-        log_fallback("prefix-grouped attention", reason)
         return grouped_sdpa(q, k, v, attn_mask=grouped_attention_mask(segment_ids), scale=scale)
-    rows = [merged_attention(q[n:n + 1], row_parts(k[n:n + 1], v[n:n + 1], p, lens), scale)
+    rows = [merged_attention(q[n:n + 1], row_parts(k[n:n + 1], v[n:n + 1], p, lens), scale, kernel)
             for n, (p, lens) in enumerate(zip(prefix_lens, suffix_lens))]
     return torch.cat(rows, dim=0)
 

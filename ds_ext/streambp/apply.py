@@ -24,6 +24,7 @@ from ds_ext.contract import FeatureBase, Phase
 from ds_ext.streambp.config import StreamBPConfig
 from ds_ext.streambp.hf import HFLayerAdapter, is_hf_decoder_layer, route_attention
 from ds_ext.streambp.layer import LayerAdapter, stream_layer, unstream_layer
+from ds_ext.streambp.offload import LayerInputStore, input_store
 from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
 
 
@@ -83,9 +84,10 @@ def _chunk_head(model: nn.Module, loss) -> List[Callable[[], None]]:
     return [undo]
 
 
-def stream_model(model: nn.Module, cfg: StreamBPConfig) -> StreamBPFeature:
+def stream_model(model: nn.Module, cfg: StreamBPConfig, store: Optional[LayerInputStore] = None) -> StreamBPFeature:
     """Stream every known decoder layer of ``model`` and chunk its LM head + loss (plain models, HF models and
-    ``PipelineModule`` stages alike); returns the feature whose ``close()`` undoes it."""
+    ``PipelineModule`` stages alike); returns the feature whose ``close()`` undoes it. ``store``: the layers' input
+    store (default: :func:`input_store`'s; tests pass a CPU-mode store)."""
     if isinstance(model, PipelineModule) and model.activation_checkpoint_interval > 0:
         raise DsExtConfigError([("ds_ext.streambp.enabled", "got true for a PipelineModule built with "
                                  f"activation_checkpoint_interval={model.activation_checkpoint_interval}: StreamBP "
@@ -94,8 +96,9 @@ def stream_model(model: nn.Module, cfg: StreamBPConfig) -> StreamBPFeature:
     found = [(m, a) for m, a in found if a is not None]
     if not found and not isinstance(model, PipelineModule):  # a pipeline stage may hold no decoder layer
         raise ValueError(f"StreamBP found no decoder layer it knows in {type(model).__name__}")
-    for layer, adapter in found:
-        stream_layer(layer, adapter, cfg.chunk_size)
+    store = store if store is not None else input_store(model, cfg)
+    for index, (layer, adapter) in enumerate(found):
+        stream_layer(layer, adapter, cfg.chunk_size, store, index)
     undo = route_attention(a for _, a in found) + _chunk_head(model, chunked_cross_entropy(cfg.logits_chunk_size))
     return StreamBPFeature(cfg, [m for m, _ in found], undo)
 

@@ -190,7 +190,8 @@ class StreamedLayerFunction(torch.autograd.Function):
     """``y = layer(x)`` with StreamBP's backward. Parameters are reached through the adapter (like reentrant
     checkpointing), so their gradients are accumulated in ``param.grad`` by the inner ``autograd.backward``.
 
-    Saved for backward: ``x`` (and the key padding mask when given); positions, segment ids, the adapter and the
+    Saved for backward: ``x`` (or, with a ``store``, its host copy: :mod:`ds_ext.streambp.offload`) and the key
+    padding mask when given; positions, segment ids, the adapter and the
     chunk-mask function ride on ``ctx`` (shared by every layer of the call, not per layer).
 
     Backward, for ``G = dL/dY``: the roped keys/values ``K, V`` of all ``T`` positions are computed once without a
@@ -210,8 +211,11 @@ class StreamedLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, positions, key_padding_mask, adapter, full_forward, chunk_size, chunk_mask=None,
-                segment_ids=None):
-        ctx.save_for_backward(x, key_padding_mask)
+                segment_ids=None, store=None, layer_index=0):
+        # with a LayerInputStore (offload_layer_inputs) x goes to host memory; the copy overlaps this forward
+        ctx.entry = store.put(x, layer_index) if store is not None else None
+        ctx.store = store
+        ctx.save_for_backward(x if store is None else None, key_padding_mask)
         ctx.positions, ctx.adapter, ctx.chunk_size, ctx.chunk_mask = positions, adapter, chunk_size, chunk_mask
         ctx.segment_ids = segment_ids
         with torch.no_grad():
@@ -223,7 +227,8 @@ class StreamedLayerFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, key_padding_mask = ctx.saved_tensors
         adapter, positions, chunk, mask = ctx.adapter, ctx.positions, ctx.chunk_size, ctx.chunk_mask
-        x = x.detach()
+        # offloaded: fetched back (prefetched while the layer after it ran its backward); prefetches the one before
+        x = ctx.store.get(ctx.entry) if ctx.entry is not None else x.detach()
         params = [p for p in adapter.layer.parameters() if p.requires_grad]
         bounds = chunk_bounds(x.shape[1], chunk)
         k, v = keys_values(adapter, x, positions, bounds)
@@ -233,7 +238,7 @@ class StreamedLayerFunction(torch.autograd.Function):
             _chunk_backward(state, s, e, grad_out[:, s:e])
         set_grad_ready(params, True)
         state.backward_chunk(*bounds[0], grad_out[:, bounds[0][0]:bounds[0][1]])
-        return state.dx, None, None, None, None, None, None, None
+        return state.dx, None, None, None, None, None, None, None, None, None
 
 
 class _BackwardState:
@@ -285,8 +290,11 @@ def _needs_grad(layer: nn.Module, args, kwargs) -> bool:
             or any(p.requires_grad for p in layer.parameters()))
 
 
-def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> None:
+def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int, store=None, layer_index: int = 0) -> None:
     """Give ``layer`` StreamBP's backward; it keeps its own call signature (the adapter reads it).
+
+    ``store``: a :class:`ds_ext.streambp.offload.LayerInputStore` keeping the layer's input in host memory
+    (``layer_index``: the layer's position among the model's streamed layers, which orders the prefetches).
 
     The instance's ``forward`` is replaced, the module stays where it is, so parameter names, state dicts and
     hooks are unchanged; :func:`unstream_layer` undoes it. Without gradients, or when the adapter declines the call
@@ -300,7 +308,7 @@ def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int) -> No
         if call is None:
             return adapter.own_forward(*args, **kwargs)
         y = StreamedLayerFunction.apply(call.x, call.positions, call.key_padding_mask, adapter, call.full,
-                                        chunk_size, call.chunk_mask, call.segment_ids)
+                                        chunk_size, call.chunk_mask, call.segment_ids, store, layer_index)
         return call.output(y)
 
     layer.forward = types.MethodType(forward, layer)
