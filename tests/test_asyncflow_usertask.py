@@ -53,6 +53,7 @@ def test_user_task_through_the_readme_command(tmp_path):
     ledger = json.loads((tmp_path / "ledger" / "ledger_rank0.json").read_text())
     trained = sorted(g[0] for groups in ledger["steps"].values() for g in groups)
     assert trained == list(range(STEPS * 4)), "a prompt index was trained twice or never"
-    # 5 steps x 16 samples each side. Measured once (2026-12-02, 2 CPU cores): 0.047 -> 0.144; the bound asks for
-    # twice the start. Its spread over repeated async runs (thread interleaving varies) is not measured yet.
-    assert out["reward_last5"] > 2 * out["reward_first5"], out
+    # 5 steps x 16 samples each side. Measured over 6 runs (2026-12-02/03, 2 CPU cores): first5 0.047-0.051 (the
+    # random-init policy; spread ~2 %), last5 0.093-0.144 (ratio 1.89x-3.1x: thread interleaving varies the rollout
+    # order). A 1.5x bound sits well under the lowest rise seen and far above the start's own spread.
+    assert out["reward_last5"] > 1.5 * out["reward_first5"], out
