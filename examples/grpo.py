@@ -277,7 +277,9 @@ def main(argv=None):
     if world < trainers or (trainers > 1 and world == trainers):
         raise SystemExit(f"ds_ext.asyncflow.trainer_ranks={trainers} needs at least {trainers + 1} processes "
                          f"(trainers + rollout workers); got {world}: pass --num_procs {trainers + 1}")
-    sync = trainers == 1 and (cfg.max_staleness == 0 or world == 1)
+    # max_staleness 0: in one process, unless only rollout workers generate (trainer_generates false): the sync
+    # baseline then runs on the async layout, the workers generating step V with weights V while the trainer waits
+    sync = trainers == 1 and (world == 1 or (cfg.max_staleness == 0 and cfg.trainer_generates))
     task = task_for(args)
     if sync:
         if rank > 0:

@@ -1,5 +1,7 @@
 """Continuous batching for a rollout worker (``rollout_slots > 0``): a fixed number of sequence slots, refilled the
-moment a response ends, so the decode batch stays full through the long tail of response lengths.
+moment a response ends, so the decode batch stays full through the long tail of response lengths. The reference
+model decodes with :class:`~ds_ext.asyncflow.slots.SlotDecoder`, a transformers policy with
+:class:`~ds_ext.asyncflow.hf_slots.HFSlotDecoder` (same interface).
 
 Loop (one iteration = one decode position for every slot): adopt newer weights (partial rollouts: between any two
 decode steps; otherwise only while no slot is busy) -> fill every free slot with the next pending response; when
@@ -25,6 +27,15 @@ from ds_ext.asyncflow.rewards import RewardError
 from ds_ext.asyncflow.slots import SlotDecoder
 
 
+def make_decoder(model, cfg, generator):
+    """The slot decoder of ``model``: transformers' ``DynamicCache`` for an HF policy
+    (:class:`~ds_ext.asyncflow.hf_slots.HFSlotDecoder`), the reference model's own cache otherwise."""
+    if hasattr(model, "hf"):
+        from ds_ext.asyncflow.hf_slots import HFSlotDecoder  # transformers only when an HF policy is used
+        return HFSlotDecoder(model, cfg.rollout_slots, cfg.temperature, cfg.top_p, generator)
+    return SlotDecoder(model, cfg.rollout_slots, cfg.max_new_tokens + 1, cfg.temperature, generator, cfg.top_p)
+
+
 class _Group:
     def __init__(self, meta, index: int, prompt: torch.Tensor, prefix, version: int, size: int):
         self.meta, self.index, self.prompt, self.prefix, self.version = meta, index, prompt, prefix, version
@@ -40,8 +51,7 @@ class ContinuousBatcher:
     def __init__(self, worker):
         self.w, cfg = worker, worker.cfg
         self.cfg = cfg
-        self.dec = SlotDecoder(worker.model, cfg.rollout_slots, cfg.max_new_tokens + 1, cfg.temperature,
-                               worker.generator)
+        self.dec = make_decoder(worker.model, cfg, worker.generator)
         self.pending: deque = deque()
         self.slot_of: List[Optional[tuple]] = [None] * cfg.rollout_slots
         self.reserved = 0
