@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from ds_ext.asyncflow import runtime
 from ds_ext.asyncflow.rewards import RewardError
-from ds_ext.asyncflow.task import AdditionPrompts, Task, TaskError, build_task
+from ds_ext.asyncflow.task import (EXACT_MATCH, PREFIX_MATCH, AdditionPrompts, ReversePrompts, Task, TaskError,
+                                   build_task)
 from ds_ext.config import load_config_file, parse_ext_config
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 
@@ -52,9 +53,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default="reference",
                    help="'reference' (the reference model), 'hf' (a transformers LlamaForCausalLM of the same size, "
                         "random init) or a local transformers model directory (policy and tokenizer)")
-    p.add_argument("--prompts", default=None, help="JSONL prompts (default: the built-in addition task)")
-    p.add_argument("--reward", default="ds_ext.asyncflow.rewards:exact_match",
-                   help="module:function or file.py:function, fn(prompt, completion, **metadata) -> float")
+    p.add_argument("--prompts", default=None, help="JSONL prompts (default: the built-in task of --task)")
+    p.add_argument("--task", choices=("addition", "reverse"), default="addition",
+                   help="built-in task without --prompts: 'addition' (a+b=) or 'reverse' (the long-tail task: reverse "
+                        "a string of log-uniform length in [2, --reverse_max_len], reward prefix_match)")
+    p.add_argument("--reverse_max_len", type=int, default=256, help="longest string of --task reverse")
+    p.add_argument("--reward", default=None,
+                   help="module:function or file.py:function, fn(prompt, completion, **metadata) -> float (default: "
+                        "ds_ext.asyncflow.rewards:exact_match; prefix_match for --task reverse)")
+    p.add_argument("--sft_batch", type=int, default=64, help="prompts per supervised warm-start step")
     p.add_argument("--peer", action="store_true",
                    help="the peer-comparable setting: HF Llama, prompts 'a+b=' with 2-digit a, b, no instruction")
     p.add_argument("--plot", default="runs/grpo_reward.png")
@@ -70,6 +77,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.peer:
         args.model = "hf"
+    if args.reward is None:
+        args.reward = PREFIX_MATCH if args.task == "reverse" and args.prompts is None else EXACT_MATCH
     return args
 
 
@@ -101,7 +110,9 @@ def task_for(args) -> Task:
     task (the peer setting's 2-digit 'a+b=' prompts with ``--peer``)."""
     if is_model_dir(args.model) and not os.path.isdir(args.model):
         fail(f"--model {args.model}: not 'reference', 'hf' or a directory")
-    if args.prompts is None:
+    if args.prompts is None and args.task == "reverse":
+        prompts = ReversePrompts(max_len=args.reverse_max_len, seed=args.seed)
+    elif args.prompts is None:
         prompts = (AdditionPrompts(min_operand=10, max_operand=99, instruction="", seed=args.seed) if args.peer
                    else AdditionPrompts(seed=args.seed))
     else:
@@ -136,13 +147,17 @@ def build_model(hidden: int, layers: int, state=None, kind: str = "reference") -
 def warm_start_path(args, task: Task) -> str:
     """Where the warm start of this model and task is cached (benchmarks/asyncflow.py reads the --peer one)."""
     p = task.prompts
+    if isinstance(p, ReversePrompts):
+        return (f"{args.sft_cache}.{args.model}.reverse{p.min_len}-{p.max_len}.{args.hidden}x{args.layers}."
+                f"{args.sft_steps}x{args.sft_batch}.{args.seed}")
+    batch = "" if args.sft_batch == 64 else f"x{args.sft_batch}"  # the default keeps the existing cache names
     return (f"{args.sft_cache}.{args.model}.{p.min_operand}-{p.max_operand}.{len(p.instruction)}."
-            f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}")
+            f"{args.hidden}x{args.layers}.{args.sft_steps}{batch}.{args.seed}")
 
 
 def wants_warm_start(args) -> bool:
-    """The built-in addition task on a built-in (random-init) model gets a supervised warm start; a model
-    directory or a user's prompt file starts from the model's own weights."""
+    """The built-in tasks on a built-in (random-init) model get a supervised warm start; a model directory or a
+    user's prompt file starts from the model's own weights."""
     return args.prompts is None and not is_model_dir(args.model) and args.sft_steps > 0
 
 
@@ -156,7 +171,8 @@ def warm_start(args, task: Task) -> Optional[dict]:
     model = build_model(args.hidden, args.layers, kind=args.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(args.sft_steps):
-        x, y = task.sft_batch(list(range(10_000_000 + step * 64, 10_000_000 + (step + 1) * 64)))
+        b = args.sft_batch
+        x, y = task.sft_batch(list(range(10_000_000 + step * b, 10_000_000 + (step + 1) * b)))
         loss = model(x, y)
         opt.zero_grad()
         loss.backward()
