@@ -385,7 +385,8 @@ def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trai
     head = sum(h["reward"] for h in hist[:5]) / max(1, min(5, len(hist)))
     tail = sum(h["reward"] for h in hist[-5:]) / max(1, min(5, len(hist)))
     responses = (args.steps - start) * cfg.groups_per_step * cfg.group_size
-    print(json.dumps({"mode": "sync" if sync else "async", "steps": args.steps, "start_step": start,
+    mode = "sync" if sync or cfg.max_staleness == 0 else "async"  # k = 0 on the async layout is sync too
+    print(json.dumps({"mode": mode, "steps": args.steps, "start_step": start,
                       "reward_first5": head, "reward_last5": tail,
                       "samples_per_s": responses / max(result["seconds"], 1e-9),
                       "trainer_idle_fraction": result["trainer_idle_s"] / max(result["seconds"], 1e-9),
@@ -394,20 +395,33 @@ def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trai
                       "generate_s": sum(r["generate_s"] for r in result["rollout"]),
                       "rollout_wait_s": sum(r["wait_s"] for r in result["rollout"]),
                       "train_loop_s": result["seconds"], "train_busy_s": result["train_busy_s"],
-                      "rank0_trained_groups": len(trained), **rollout_metrics(cfg, result, hist)}))
+                      "rank0_trained_groups": len(trained), **rollout_metrics(cfg, result, hist, sync)}))
 
 
-def rollout_metrics(cfg, result: dict, hist: list) -> dict:
-    """Continuous batching's decode fill (over every rollout worker that ran slots) and the off-policy weights."""
+def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False) -> dict:
+    """Continuous batching's decode fill and response lengths (over every rollout worker that ran slots), the
+    rollout workers' idle fraction (1 - generating time / loop time; async: the rollout processes, not the
+    trainer's own generation) and the off-policy weights."""
     slots = [r for r in result["rollout"] if r.get("decode_steps")]
     out = {"is_weight_mean": sum(h.get("is_weight_mean", 1.0) for h in hist) / max(1, len(hist)),
            "is_truncated_fraction": sum(h.get("is_truncated_fraction", 0.0) for h in hist) / max(1, len(hist)),
            "mean_token_lag": sum(h.get("mean_token_lag", 0.0) for h in hist) / max(1, len(hist))}
     if slots:
-        out["decode_fill_fraction"] = (sum(r["busy_slot_steps"] for r in slots)
-                                       / max(1, sum(r["decode_steps"] for r in slots) * cfg.rollout_slots))
+        steps, busy = sum(r["decode_steps"] for r in slots), sum(r["busy_slot_steps"] for r in slots)
+        tail_steps = sum(r["starved_steps"] + r["drain_steps"] for r in slots)
+        tail_busy = sum(r["tail_busy_slot_steps"] for r in slots)
+        out["decode_fill_fraction"] = busy / max(1, steps * cfg.rollout_slots)
+        # before the tail: decode steps while a group was still there to admit (not starved by admission control)
+        out["decode_fill_before_tail"] = (busy - tail_busy) / max(1, (steps - tail_steps) * cfg.rollout_slots)
         out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
-        out["decode_steps"] = sum(r["decode_steps"] for r in slots)
+        out["decode_steps"] = steps
+        lengths = sorted(n for r in slots for n in r["response_lengths"])
+        if lengths:
+            out["length_p50"] = lengths[len(lengths) // 2]
+            out["length_p99"] = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+    workers = result["rollout"] if sync else result["rollout"][:-1]  # async: the trainer's own worker is last
+    out["rollout_idle_fraction"] = 1 - (sum(r["generate_s"] for r in workers)
+                                        / max(1e-9, result["seconds"] * max(1, len(workers))))
     return out
 
 

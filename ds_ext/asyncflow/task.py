@@ -4,8 +4,8 @@
   with the tokenizer's chat template and ``add_generation_prompt`` -- plus any metadata fields, handed to the reward)
   or :class:`AdditionPrompts` (the built-in example: ``"a+b="`` after an instruction, ``answer`` = the sum, prompt
   ``i`` drawn by a generator seeded with ``i``) or :class:`ReversePrompts` (the long-tail task: reverse a string of
-  log-uniformly random length, so correct responses range from a few tokens to hundreds). Prompt ``i`` of the run is record ``i mod len`` (epochs repeat the
-  file in order); a regenerated group gets the same prompt.
+  log-uniformly random length, so correct responses range from a few tokens to hundreds). Prompt ``i`` of the run is
+  record ``i mod len`` (epochs repeat the file in order); a regenerated group gets the same prompt.
 * Tokenizer: :class:`TextCodec` over a transformers tokenizer (``AutoTokenizer`` of the policy's directory) or the
   reference model's :class:`~ds_ext.models.ByteTokenizer`.
 * Reward: :class:`~ds_ext.asyncflow.rewards.RewardFn` (``module:function`` or a built-in verifier).
