@@ -15,6 +15,14 @@ off) sync and async, and TRL's GRPOTrainer (benchmarks/asyncflow_trl.py: same mo
 batch, lengths, loss) in one process with all the threads. The trainer process generates too whenever the queue has nothing for it. "Ideal" = the sync
 step time over (async generation + training thread-seconds) / threads per step: what perfect packing of the
 measured one-thread work would give; it exceeds 1 because one-thread phases use a core better than two-thread ones.
+Then the long-tail setting (``--longtail_steps``; ``--only_longtail`` runs it alone): ``examples/grpo.py --task
+reverse`` (reverse a string of log-uniform length, correct responses 3 .. 257 tokens, reward prefix_match), G = 8,
+8 prompts per step, every mode decoding with the same continuous-batching engine (``rollout_slots``) from the same
+warm start: sync on the async layout (k = 0, ``trainer_generates`` false: the worker generates step V's batch with
+weights V, then the trainer trains), async (k = ``--longtail_staleness``) on the same processes, and sync in one
+process with all the threads. Printed per run: samples/s, response tokens/s, trainer and rollout idle fractions,
+response length mean/p50/p99, decode-batch fill (overall and before the tail: steps while a group was still there
+to admit), reward of the last 5 steps (after equal samples), staleness.
 TRL runs only when ``trl`` is installed (``pip install -e .[trl]``; not a dependency); otherwise
 ``throughput_ratio_vs_trl`` is absent.
 Prints a table, writes a PNG and prints one JSON object as its last line.
@@ -52,13 +60,16 @@ def parse_args(argv=None):
     p.add_argument("--longtail_slots", type=int, default=16, help="continuous-batching slots of the rollout worker")
     p.add_argument("--longtail_staleness", type=int, default=2, help="k of the long-tail async run")
     p.add_argument("--longtail_max_len", type=int, default=256, help="longest string to reverse")
+    p.add_argument("--longtail_lr", type=float, default=1e-4,
+                   help="AdamW lr of the long-tail setting (small: the response lengths, which set the work per "
+                        "sample, should move little over the run, so samples/s compares like with like)")
     p.add_argument("--longtail_model", choices=("reference", "hf"), default="reference",
                    help="the policy: the reference model (Prefix Grouper on) or a transformers Llama of the same size")
     return p.parse_args(argv)
 
 
 def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int = None, extra=(),
-             asyncflow: dict = None, micro_batch: int = None) -> dict:
+             asyncflow: dict = None, micro_batch: int = None, lr: float = None) -> dict:
     steps = steps or args.steps
     with open(os.path.join(ROOT, "configs", "grpo_async.json")) as f:
         config = json.load(f)
@@ -69,6 +80,8 @@ def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int 
     config["ds_ext"]["asyncflow"].update(asyncflow or {})
     if micro_batch:
         config["train_micro_batch_size_per_gpu"] = micro_batch
+    if lr:
+        config["optimizer"]["params"]["lr"] = lr
     if "--peer" in extra:  # TRL's trainer has no prefix grouping: the peer setting compares plain attention
         config["ds_ext"]["prefix_grouper"]["enabled"] = False
     path = os.path.join(work, f"{name}.json")
@@ -134,12 +147,16 @@ def run_longtail(args, work: str, threads: int) -> dict:
     extra = ("--task", "reverse", "--reverse_max_len", str(args.longtail_max_len), "--sft_steps",
              str(args.longtail_sft_steps), "--sft_batch", "16", "--model", args.longtail_model)
     run = lambda name, k, procs, **kw: run_mode(  # noqa: E731
-        name, k, procs, args, work, args.longtail_steps, extra, dict(flow, **kw), LONGTAIL_GROUPS * LONGTAIL_G)
+        name, k, procs, args, work, args.longtail_steps, extra, dict(flow, **kw), LONGTAIL_GROUPS * LONGTAIL_G,
+        args.longtail_lr)
     out = {"sync": run("longtail_sync", 0, 1 + args.workers),
            "async": run("longtail_async", args.longtail_staleness, 1 + args.workers),
            "sync_1proc": run("longtail_sync_1proc", 0, 1, trainer_generates=True)}
     out["throughput_ratio_async_vs_sync"] = out["async"]["samples_per_s"] / out["sync"]["samples_per_s"]
     out["throughput_ratio_async_vs_sync_1proc"] = out["async"]["samples_per_s"] / out["sync_1proc"]["samples_per_s"]
+    tok = {m: out[m]["response_tokens_per_s"] for m in ("sync", "async", "sync_1proc")}
+    out["token_throughput_ratio_async_vs_sync"] = tok["async"] / tok["sync"]
+    out["token_throughput_ratio_async_vs_sync_1proc"] = tok["async"] / tok["sync_1proc"]
     n = min(5, args.longtail_steps) * LONGTAIL_GROUPS * LONGTAIL_G
     out["reward_stderr"] = stderr(out["sync"]["reward_last5"], n)
     return out
@@ -149,16 +166,20 @@ def print_longtail(lt: dict, args) -> None:
     print(f"\nlong-tail setting (reverse a string of 2..{args.longtail_max_len} characters, reward prefix_match, "
           f"{args.longtail_model} model, G={LONGTAIL_G}, {LONGTAIL_GROUPS} prompts/step, {args.longtail_steps} steps, "
           f"{args.longtail_slots} decode slots, warm start {args.longtail_sft_steps} SFT steps):")
-    print(f"{'run':<12}{'samples/s':>11}{'trainer idle':>14}{'rollout idle':>14}{'len p50':>9}{'len p99':>9}"
+    print(f"{'run':<12}{'samples/s':>11}{'tokens/s':>10}{'trainer idle':>14}{'rollout idle':>14}{'len mean':>10}"
+          f"{'len p50':>9}{'len p99':>9}"
           f"{'fill':>7}{'fill<tail':>11}{'reward last5':>14}{'max lag':>9}")
     for name in ("sync", "async", "sync_1proc"):
         r = lt[name]
-        print(f"{name:<12}{r['samples_per_s']:>11.1f}{r['trainer_idle_fraction']:>14.2f}"
-              f"{r['rollout_idle_fraction']:>14.2f}{r['length_p50']:>9}{r['length_p99']:>9}"
+        print(f"{name:<12}{r['samples_per_s']:>11.1f}{r['response_tokens_per_s']:>10.0f}"
+              f"{r['trainer_idle_fraction']:>14.2f}"
+              f"{r['rollout_idle_fraction']:>14.2f}{r['length_mean']:>10.1f}{r['length_p50']:>9}{r['length_p99']:>9}"
               f"{r['decode_fill_fraction']:>7.2f}{r['decode_fill_before_tail']:>11.2f}{r['reward_last5']:>14.4f}"
               f"{r['max_observed_staleness']:>9}")
     print(f"async / sync {lt['throughput_ratio_async_vs_sync']:.2f} (same {1 + args.workers} processes x 1 thread), "
-          f"async / sync_1proc {lt['throughput_ratio_async_vs_sync_1proc']:.2f}; reward after equal samples: sync "
+          f"async / sync_1proc {lt['throughput_ratio_async_vs_sync_1proc']:.2f}; in response tokens/s "
+          f"{lt['token_throughput_ratio_async_vs_sync']:.2f} and {lt['token_throughput_ratio_async_vs_sync_1proc']:.2f}"
+          f"; reward after equal samples: sync "
           f"{lt['sync']['reward_last5']:.4f}, async {lt['async']['reward_last5']:.4f} (+-{lt['reward_stderr']:.4f}); "
           f"staleness histogram {lt['async']['lag_histogram']}")
 

@@ -417,6 +417,9 @@ def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False) -> dict:
         out["decode_steps"] = steps
         lengths = sorted(n for r in slots for n in r["response_lengths"])
         if lengths:
+            # generation throughput in tokens: every delivered response (trained or generated ahead)
+            out["response_tokens_per_s"] = sum(lengths) / max(result["seconds"], 1e-9)
+            out["length_mean"] = sum(lengths) / len(lengths)
             out["length_p50"] = lengths[len(lengths) // 2]
             out["length_p99"] = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
     workers = result["rollout"] if sync else result["rollout"][:-1]  # async: the trainer's own worker is last
