@@ -234,6 +234,7 @@ def main(argv=None) -> dict:
         res["longtail_throughput_ratio_async_vs_sync"] = lt["throughput_ratio_async_vs_sync"]
         res["length_p50"], res["length_p99"] = lt["async"]["length_p50"], lt["async"]["length_p99"]
         print_longtail(lt, args)
+    res.setdefault("trl_threads", None)  # the peer setting's TRL run (its faster thread count) when trl is installed
     asyncs = [res.get("async"), res.get("peer", {}).get("async"), res.get("longtail", {}).get("async")]
     res["max_observed_staleness"] = max(r["max_observed_staleness"] for r in asyncs if r)  # every async run
     if "sync" in res or "longtail" in res:
