@@ -395,10 +395,11 @@ def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trai
                       "generate_s": sum(r["generate_s"] for r in result["rollout"]),
                       "rollout_wait_s": sum(r["wait_s"] for r in result["rollout"]),
                       "train_loop_s": result["seconds"], "train_busy_s": result["train_busy_s"],
-                      "rank0_trained_groups": len(trained), **rollout_metrics(cfg, result, hist, sync)}))
+                      "rank0_trained_groups": len(trained), **rollout_metrics(cfg, result, hist, sync, start, args.steps)}))
 
 
-def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False) -> dict:
+def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: int = 0,
+                    steps: int = 1 << 62) -> dict:
     """Continuous batching's decode fill and response lengths (over every rollout worker that ran slots), the
     rollout workers' idle fraction (1 - generating time / loop time; async: the rollout processes, not the
     trainer's own generation) and the off-policy weights."""
@@ -407,17 +408,17 @@ def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False) -> dict:
            "is_truncated_fraction": sum(h.get("is_truncated_fraction", 0.0) for h in hist) / max(1, len(hist)),
            "mean_token_lag": sum(h.get("mean_token_lag", 0.0) for h in hist) / max(1, len(hist))}
     if slots:
-        steps, busy = sum(r["decode_steps"] for r in slots), sum(r["busy_slot_steps"] for r in slots)
+        decode, busy = sum(r["decode_steps"] for r in slots), sum(r["busy_slot_steps"] for r in slots)
         tail_steps = sum(r["starved_steps"] + r["drain_steps"] for r in slots)
         tail_busy = sum(r["tail_busy_slot_steps"] for r in slots)
-        out["decode_fill_fraction"] = busy / max(1, steps * cfg.rollout_slots)
+        out["decode_fill_fraction"] = busy / max(1, decode * cfg.rollout_slots)
         # before the tail: decode steps while a group was still there to admit (not starved by admission control)
-        out["decode_fill_before_tail"] = (busy - tail_busy) / max(1, (steps - tail_steps) * cfg.rollout_slots)
+        out["decode_fill_before_tail"] = (busy - tail_busy) / max(1, (decode - tail_steps) * cfg.rollout_slots)
         out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
-        out["decode_steps"] = steps
-        lengths = sorted(n for r in slots for n in r["response_lengths"])
+        out["decode_steps"] = decode
+        # the responses of the trained steps (not the groups an async worker generated ahead of the last step)
+        lengths = sorted(n for r in slots for slot, n in r["response_lengths"] if start <= slot < steps)
         if lengths:
-            # generation throughput in tokens: every delivered response (trained or generated ahead)
             out["response_tokens_per_s"] = sum(lengths) / max(result["seconds"], 1e-9)
             out["length_mean"] = sum(lengths) / len(lengths)
             out["length_p50"] = lengths[len(lengths) // 2]

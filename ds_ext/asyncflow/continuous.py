@@ -15,8 +15,8 @@ Measured (``stats``): ``decode_steps``, ``busy_slot_steps`` (slot-steps doing a 
 (steps with an idle slot because admission control allowed no new group: in sync mode the tail of a step, after its
 last group was reserved), ``drain_steps`` (idle slots because the worker's ``max_groups`` are all reserved),
 ``tail_busy_slot_steps`` (busy slot-steps of starved and drain steps), ``fill_fraction`` = busy slot-steps /
-(decode steps x slots), ``response_lengths`` (every delivered response's length, EOS included); ``generate_s``
-counts prefills and decode steps.
+(decode steps x slots), ``response_lengths`` (``(batch slot, length)`` of every delivered response, EOS
+included); ``generate_s`` counts prefills and decode steps.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ class ContinuousBatcher:
         w.queue.put_group(group.meta.group_id, samples, w.COLUMNS)
         w.stats["groups"] += 1
         w.stats["responses"] += g
-        w.stats["response_lengths"].extend(lengths)
+        w.stats["response_lengths"].extend((group.meta.slot, n) for n in lengths)
 
     def run(self, max_groups: Optional[int] = None) -> dict:
         w, stats = self.w, self.w.stats
