@@ -15,6 +15,14 @@ off) sync and async, and TRL's GRPOTrainer (benchmarks/asyncflow_trl.py: same mo
 batch, lengths, loss) in one process with all the threads. The trainer process generates too whenever the queue has nothing for it. "Ideal" = the sync
 step time over (async generation + training thread-seconds) / threads per step: what perfect packing of the
 measured one-thread work would give; it exceeds 1 because one-thread phases use a core better than two-thread ones.
+Then the long-tail setting (``--longtail_steps``; ``--only_longtail`` runs it alone): ``examples/grpo.py --task
+reverse`` (reverse a string of log-uniform length, correct responses 3 .. 257 tokens, reward prefix_match), G = 8,
+8 prompts per step, every mode decoding with the same continuous-batching engine (``rollout_slots``) from the same
+warm start: sync on the async layout (k = 0, ``trainer_generates`` false: the worker generates step V's batch with
+weights V, then the trainer trains), async (k = ``--longtail_staleness``) on the same processes, and sync in one
+process with all the threads. Printed per run: samples/s, response tokens/s, trainer and rollout idle fractions,
+response length mean/p50/p99, decode-batch fill (overall and before the tail: steps while a group was still there
+to admit), reward of the last 5 steps (after equal samples), staleness.
 TRL runs only when ``trl`` is installed (``pip install -e .[trl]``; not a dependency); otherwise
 ``throughput_ratio_vs_trl`` is absent.
 Prints a table, writes a PNG and prints one JSON object as its last line.
@@ -45,17 +53,35 @@ def parse_args(argv=None):
     p.add_argument("--peer_steps", type=int, default=10, help="GRPO steps of the peer-comparable setting (0: skip)")
     p.add_argument("--peer_sft_steps", type=int, default=400, help="warm-start steps of the peer setting's model")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "asyncflow.png"))
+    p.add_argument("--only_longtail", action="store_true", help="run the long-tail setting only")
+    p.add_argument("--longtail_steps", type=int, default=12, help="GRPO steps of the long-tail setting (0: skip)")
+    p.add_argument("--longtail_sft_steps", type=int, default=300,
+                   help="supervised warm-start steps on the reverse task (cached in runs/; 0: none)")
+    p.add_argument("--longtail_slots", type=int, default=16, help="continuous-batching slots of the rollout worker")
+    p.add_argument("--longtail_staleness", type=int, default=2, help="k of the long-tail async run")
+    p.add_argument("--longtail_max_len", type=int, default=256, help="longest string to reverse")
+    p.add_argument("--longtail_lr", type=float, default=1e-4,
+                   help="AdamW lr of the long-tail setting (small: the response lengths, which set the work per "
+                        "sample, should move little over the run, so samples/s compares like with like)")
+    p.add_argument("--longtail_model", choices=("reference", "hf"), default="reference",
+                   help="the policy: the reference model (Prefix Grouper on) or a transformers Llama of the same size")
     return p.parse_args(argv)
 
 
-def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int = None, extra=()) -> dict:
+def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int = None, extra=(),
+             asyncflow: dict = None, micro_batch: int = None, lr: float = None) -> dict:
     steps = steps or args.steps
     with open(os.path.join(ROOT, "configs", "grpo_async.json")) as f:
         config = json.load(f)
     config.pop("csv_monitor", None)
     config["ds_ext"]["asyncflow"]["max_staleness"] = staleness
-    if "--peer" not in extra:  # continuous batching runs the reference model
+    if "--peer" not in extra:
         config["ds_ext"]["asyncflow"]["rollout_slots"] = args.slots
+    config["ds_ext"]["asyncflow"].update(asyncflow or {})
+    if micro_batch:
+        config["train_micro_batch_size_per_gpu"] = micro_batch
+    if lr:
+        config["optimizer"]["params"]["lr"] = lr
     if "--peer" in extra:  # TRL's trainer has no prefix grouping: the peer setting compares plain attention
         config["ds_ext"]["prefix_grouper"]["enabled"] = False
     path = os.path.join(work, f"{name}.json")
@@ -99,11 +125,63 @@ def run_peer(args, work: str, threads: int) -> dict:
     out = {"sync": run_mode("peer_sync", 0, 1, args, work, args.peer_steps, extra),
            "async": run_mode("peer_async", args.staleness, 1 + args.workers, args, work, args.peer_steps, extra)}
     out["throughput_ratio_async_vs_sync"] = out["async"]["samples_per_s"] / out["sync"]["samples_per_s"]
-    if importlib.util.find_spec("trl") is not None:
-        out["trl"] = run_trl(args, threads)
+    if importlib.util.find_spec("trl") is not None:  # 1 and all threads (2 can be slower than 1): the faster
+        out["trl"] = max((run_trl(args, n) for n in sorted({1, threads})), key=lambda r: r["samples_per_s"])
         out["throughput_ratio_vs_trl"] = out["async"]["samples_per_s"] / out["trl"]["samples_per_s"]
         out["throughput_ratio_sync_vs_trl"] = out["sync"]["samples_per_s"] / out["trl"]["samples_per_s"]
     return out
+
+
+LONGTAIL_GROUPS, LONGTAIL_G = 8, 8
+
+
+def run_longtail(args, work: str, threads: int) -> dict:
+    """The long-tail setting: reverse a string of log-uniform length in [2, --longtail_max_len] (correct responses
+    3 .. max_len + 1 tokens), reward prefix_match, G = 8, 8 prompts per step, responses up to max_len + 32 tokens.
+    Every run decodes with the same continuous-batching engine (``--longtail_slots`` slots) from the same warm start:
+    ``sync`` = the async layout with k = 0 (1 trainer + ``--workers`` rollout processes, 1 thread each; only the
+    workers generate: step V's whole batch with weights V, then the trainer trains), ``async`` = the same processes
+    with k = ``--longtail_staleness``, ``sync_1proc`` = one process with all the threads alternating the phases."""
+    flow = {"group_size": LONGTAIL_G, "groups_per_step": LONGTAIL_GROUPS, "max_new_tokens": args.longtail_max_len + 32,
+            "rollout_slots": args.longtail_slots, "trainer_generates": False}
+    extra = ("--task", "reverse", "--reverse_max_len", str(args.longtail_max_len), "--sft_steps",
+             str(args.longtail_sft_steps), "--sft_batch", "16", "--model", args.longtail_model)
+    run = lambda name, k, procs, **kw: run_mode(  # noqa: E731
+        name, k, procs, args, work, args.longtail_steps, extra, dict(flow, **kw), LONGTAIL_GROUPS * LONGTAIL_G,
+        args.longtail_lr)
+    out = {"sync": run("longtail_sync", 0, 1 + args.workers),
+           "async": run("longtail_async", args.longtail_staleness, 1 + args.workers),
+           "sync_1proc": run("longtail_sync_1proc", 0, 1, trainer_generates=True)}
+    out["throughput_ratio_async_vs_sync"] = out["async"]["samples_per_s"] / out["sync"]["samples_per_s"]
+    out["throughput_ratio_async_vs_sync_1proc"] = out["async"]["samples_per_s"] / out["sync_1proc"]["samples_per_s"]
+    tok = {m: out[m]["response_tokens_per_s"] for m in ("sync", "async", "sync_1proc")}
+    out["token_throughput_ratio_async_vs_sync"] = tok["async"] / tok["sync"]
+    out["token_throughput_ratio_async_vs_sync_1proc"] = tok["async"] / tok["sync_1proc"]
+    n = min(5, args.longtail_steps) * LONGTAIL_GROUPS * LONGTAIL_G
+    out["reward_stderr"] = stderr(out["sync"]["reward_last5"], n)
+    return out
+
+
+def print_longtail(lt: dict, args) -> None:
+    print(f"\nlong-tail setting (reverse a string of 2..{args.longtail_max_len} characters, reward prefix_match, "
+          f"{args.longtail_model} model, G={LONGTAIL_G}, {LONGTAIL_GROUPS} prompts/step, {args.longtail_steps} steps, "
+          f"{args.longtail_slots} decode slots, warm start {args.longtail_sft_steps} SFT steps):")
+    print(f"{'run':<12}{'samples/s':>11}{'tokens/s':>10}{'trainer idle':>14}{'rollout idle':>14}{'len mean':>10}"
+          f"{'len p50':>9}{'len p99':>9}"
+          f"{'fill':>7}{'fill<tail':>11}{'reward last5':>14}{'max lag':>9}")
+    for name in ("sync", "async", "sync_1proc"):
+        r = lt[name]
+        print(f"{name:<12}{r['samples_per_s']:>11.1f}{r['response_tokens_per_s']:>10.0f}"
+              f"{r['trainer_idle_fraction']:>14.2f}"
+              f"{r['rollout_idle_fraction']:>14.2f}{r['length_mean']:>10.1f}{r['length_p50']:>9}{r['length_p99']:>9}"
+              f"{r['decode_fill_fraction']:>7.2f}{r['decode_fill_before_tail']:>11.2f}{r['reward_last5']:>14.4f}"
+              f"{r['max_observed_staleness']:>9}")
+    print(f"async / sync {lt['throughput_ratio_async_vs_sync']:.2f} (same {1 + args.workers} processes x 1 thread), "
+          f"async / sync_1proc {lt['throughput_ratio_async_vs_sync_1proc']:.2f}; in response tokens/s "
+          f"{lt['token_throughput_ratio_async_vs_sync']:.2f} and {lt['token_throughput_ratio_async_vs_sync_1proc']:.2f}"
+          f"; reward after equal samples: sync "
+          f"{lt['sync']['reward_last5']:.4f}, async {lt['async']['reward_last5']:.4f} (+-{lt['reward_stderr']:.4f}); "
+          f"staleness histogram {lt['async']['lag_histogram']}")
 
 
 def stderr(p: float, n: int) -> float:
@@ -150,6 +228,24 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     work = tempfile.mkdtemp(prefix="ds_ext_asyncflow_bench_")
     threads = 1 + args.workers
+    res = {} if args.only_longtail else run_short(args, work, threads)
+    if args.longtail_steps > 0:
+        res["longtail"] = lt = run_longtail(args, work, threads)
+        res["longtail_throughput_ratio_async_vs_sync"] = lt["throughput_ratio_async_vs_sync"]
+        res["length_p50"], res["length_p99"] = lt["async"]["length_p50"], lt["async"]["length_p99"]
+        print_longtail(lt, args)
+    res.setdefault("trl_threads", None)  # the peer setting's TRL run (its faster thread count) when trl is installed
+    asyncs = [res.get("async"), res.get("peer", {}).get("async"), res.get("longtail", {}).get("async")]
+    res["max_observed_staleness"] = max(r["max_observed_staleness"] for r in asyncs if r)  # every async run
+    if "sync" in res or "longtail" in res:
+        plot(res if "sync" in res else dict(res["longtail"], threads_total=threads,
+                                            staleness=args.longtail_staleness), args.out)
+    print(json.dumps(res))
+    return res
+
+
+def run_short(args, work: str, threads: int) -> dict:
+    """The addition setting (8-token responses) and the peer-comparable setting, with their printed tables."""
     sync = run_mode("sync", 0, 1, args, work)
     asyn = run_mode("async", args.staleness, 1 + args.workers, args, work)
     samples = args.steps * 16 * 8
@@ -169,6 +265,7 @@ def main(argv=None) -> dict:
         res["peer"] = peer = run_peer(args, work, threads)
         if "throughput_ratio_vs_trl" in peer:
             res["throughput_ratio_vs_trl"] = peer["throughput_ratio_vs_trl"]
+        res["trl_threads"] = peer["trl"]["threads"] if "trl" in peer else None
     print(f"threads in total: {threads} (sync: 1 process x {threads} threads; async: {1 + args.workers} processes "
           f"x 1 thread)")
     print(f"{'mode':<7}{'samples/s':>11}{'trainer idle':>14}{'generate s':>12}{'reward first5':>15}"
@@ -186,8 +283,6 @@ def main(argv=None) -> dict:
           f"histogram {asyn['lag_histogram']}; TRL: {res['trl']}")
     if args.peer_steps > 0:
         print_peer(res["peer"], args)
-    plot(res, args.out)
-    print(json.dumps(res))
     return res
 
 

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from ds_ext.asyncflow import runtime
 from ds_ext.asyncflow.rewards import RewardError
-from ds_ext.asyncflow.task import AdditionPrompts, Task, TaskError, build_task
+from ds_ext.asyncflow.task import (EXACT_MATCH, PREFIX_MATCH, AdditionPrompts, ReversePrompts, Task, TaskError,
+                                   build_task)
 from ds_ext.config import load_config_file, parse_ext_config
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 
@@ -54,9 +55,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default="reference",
                    help="'reference' (the reference model), 'hf' (a transformers LlamaForCausalLM of the same size, "
                         "random init) or a local transformers model directory (policy and tokenizer)")
-    p.add_argument("--prompts", default=None, help="JSONL prompts (default: the built-in addition task)")
-    p.add_argument("--reward", default="ds_ext.asyncflow.rewards:exact_match",
-                   help="module:function or file.py:function, fn(prompt, completion, **metadata) -> float")
+    p.add_argument("--prompts", default=None, help="JSONL prompts (default: the built-in task of --task)")
+    p.add_argument("--task", choices=("addition", "reverse"), default="addition",
+                   help="built-in task without --prompts: 'addition' (a+b=) or 'reverse' (the long-tail task: reverse "
+                        "a string of log-uniform length in [2, --reverse_max_len], reward prefix_match)")
+    p.add_argument("--reverse_max_len", type=int, default=256, help="longest string of --task reverse")
+    p.add_argument("--reward", default=None,
+                   help="module:function or file.py:function, fn(prompt, completion, **metadata) -> float (default: "
+                        "ds_ext.asyncflow.rewards:exact_match; prefix_match for --task reverse)")
+    p.add_argument("--sft_batch", type=int, default=64, help="prompts per supervised warm-start step")
     p.add_argument("--peer", action="store_true",
                    help="the peer-comparable setting: HF Llama, prompts 'a+b=' with 2-digit a, b, no instruction")
     p.add_argument("--plot", default="runs/grpo_reward.png")
@@ -75,6 +82,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.peer:
         args.model = "hf"
+    if args.reward is None:
+        args.reward = PREFIX_MATCH if args.task == "reverse" and args.prompts is None else EXACT_MATCH
     return args
 
 
@@ -106,7 +115,9 @@ def task_for(args) -> Task:
     task (the peer setting's 2-digit 'a+b=' prompts with ``--peer``)."""
     if is_model_dir(args.model) and not os.path.isdir(args.model):
         fail(f"--model {args.model}: not 'reference', 'hf' or a directory")
-    if args.prompts is None:
+    if args.prompts is None and args.task == "reverse":
+        prompts = ReversePrompts(max_len=args.reverse_max_len, seed=args.seed)
+    elif args.prompts is None:
         prompts = (AdditionPrompts(min_operand=10, max_operand=99, instruction="", seed=args.seed) if args.peer
                    else AdditionPrompts(seed=args.seed))
     else:
@@ -141,13 +152,17 @@ def build_model(hidden: int, layers: int, state=None, kind: str = "reference") -
 def warm_start_path(args, task: Task) -> str:
     """Where the warm start of this model and task is cached (benchmarks/asyncflow.py reads the --peer one)."""
     p = task.prompts
+    if isinstance(p, ReversePrompts):
+        return (f"{args.sft_cache}.{args.model}.reverse{p.min_len}-{p.max_len}.{args.hidden}x{args.layers}."
+                f"{args.sft_steps}x{args.sft_batch}.{args.seed}")
+    batch = "" if args.sft_batch == 64 else f"x{args.sft_batch}"  # the default keeps the existing cache names
     return (f"{args.sft_cache}.{args.model}.{p.min_operand}-{p.max_operand}.{len(p.instruction)}."
-            f"{args.hidden}x{args.layers}.{args.sft_steps}.{args.seed}")
+            f"{args.hidden}x{args.layers}.{args.sft_steps}{batch}.{args.seed}")
 
 
 def wants_warm_start(args) -> bool:
-    """The built-in addition task on a built-in (random-init) model gets a supervised warm start; a model
-    directory or a user's prompt file starts from the model's own weights."""
+    """The built-in tasks on a built-in (random-init) model get a supervised warm start; a model directory or a
+    user's prompt file starts from the model's own weights."""
     return args.prompts is None and not is_model_dir(args.model) and args.sft_steps > 0
 
 
@@ -161,7 +176,8 @@ def warm_start(args, task: Task) -> Optional[dict]:
     model = build_model(args.hidden, args.layers, kind=args.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(args.sft_steps):
-        x, y = task.sft_batch(list(range(10_000_000 + step * 64, 10_000_000 + (step + 1) * 64)))
+        b = args.sft_batch
+        x, y = task.sft_batch(list(range(10_000_000 + step * b, 10_000_000 + (step + 1) * b)))
         loss = model(x, y)
         opt.zero_grad()
         loss.backward()
@@ -291,7 +307,9 @@ def main(argv=None):
     if cfg.rollout_workers is not None and world != trainers + cfg.rollout_workers:
         fail(f"ds_ext.asyncflow.trainer_ranks {trainers} + rollout_workers {cfg.rollout_workers} = "
              f"{trainers + cfg.rollout_workers} processes, but the world size is {world}")
-    sync = trainers == 1 and (cfg.max_staleness == 0 or world == 1)
+    # max_staleness 0: in one process, unless only rollout workers generate (trainer_generates false): the sync
+    # baseline then runs on the async layout, the workers generating step V with weights V while the trainer waits
+    sync = trainers == 1 and (world == 1 or (cfg.max_staleness == 0 and cfg.trainer_generates))
     task = task_for(args)
     if sync:
         if rank > 0:
@@ -385,7 +403,8 @@ def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trai
     head = sum(h["reward"] for h in hist[:5]) / max(1, min(5, len(hist)))
     tail = sum(h["reward"] for h in hist[-5:]) / max(1, min(5, len(hist)))
     responses = (args.steps - start) * cfg.groups_per_step * cfg.group_size
-    print(json.dumps({"mode": "sync" if sync else "async", "steps": args.steps, "start_step": start,
+    mode = "sync" if sync or cfg.max_staleness == 0 else "async"  # k = 0 on the async layout is sync too
+    print(json.dumps({"mode": mode, "steps": args.steps, "start_step": start,
                       "reward_first5": head, "reward_last5": tail,
                       "samples_per_s": responses / max(result["seconds"], 1e-9),
                       "trainer_idle_fraction": result["trainer_idle_s"] / max(result["seconds"], 1e-9),
@@ -397,7 +416,7 @@ def report(args, cfg, sync: bool, result: dict, seconds: float, start: int, trai
                       "rank0_trained_groups": len(trained),
                       "streamed_micro_batches": sum(h.get("streamed_micro_batches", 0) for h in hist),
                       "micro_batches": sum(h.get("micro_batches", 0) for h in hist),
-                      **sync_metrics(result), **rollout_metrics(cfg, result, hist)}))
+                      **sync_metrics(result), **rollout_metrics(cfg, result, hist, sync, start, args.steps)}))
 
 
 def sync_metrics(result: dict) -> dict:
@@ -411,17 +430,34 @@ def sync_metrics(result: dict) -> dict:
             "dropped_partial_groups": result["queue"]["dropped_partial"]}
 
 
-def rollout_metrics(cfg, result: dict, hist: list) -> dict:
-    """Continuous batching's decode fill (over every rollout worker that ran slots) and the off-policy weights."""
+def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: int = 0,
+                    steps: int = 1 << 62) -> dict:
+    """Continuous batching's decode fill and response lengths (over every rollout worker that ran slots), the
+    rollout workers' idle fraction (1 - generating time / loop time; async: the rollout processes, not the
+    trainer's own generation) and the off-policy weights."""
     slots = [r for r in result["rollout"] if r.get("decode_steps")]
     out = {"is_weight_mean": sum(h.get("is_weight_mean", 1.0) for h in hist) / max(1, len(hist)),
            "is_truncated_fraction": sum(h.get("is_truncated_fraction", 0.0) for h in hist) / max(1, len(hist)),
            "mean_token_lag": sum(h.get("mean_token_lag", 0.0) for h in hist) / max(1, len(hist))}
     if slots:
-        out["decode_fill_fraction"] = (sum(r["busy_slot_steps"] for r in slots)
-                                       / max(1, sum(r["decode_steps"] for r in slots) * cfg.rollout_slots))
+        decode, busy = sum(r["decode_steps"] for r in slots), sum(r["busy_slot_steps"] for r in slots)
+        tail_steps = sum(r["starved_steps"] + r["drain_steps"] for r in slots)
+        tail_busy = sum(r["tail_busy_slot_steps"] for r in slots)
+        out["decode_fill_fraction"] = busy / max(1, decode * cfg.rollout_slots)
+        # before the tail: decode steps while a group was still there to admit (not starved by admission control)
+        out["decode_fill_before_tail"] = (busy - tail_busy) / max(1, (decode - tail_steps) * cfg.rollout_slots)
         out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
-        out["decode_steps"] = sum(r["decode_steps"] for r in slots)
+        out["decode_steps"] = decode
+        # the responses of the trained steps (not the groups an async worker generated ahead of the last step)
+        lengths = sorted(n for r in slots for slot, n in r["response_lengths"] if start <= slot < steps)
+        if lengths:
+            out["response_tokens_per_s"] = sum(lengths) / max(result["seconds"], 1e-9)
+            out["length_mean"] = sum(lengths) / len(lengths)
+            out["length_p50"] = lengths[len(lengths) // 2]
+            out["length_p99"] = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+    workers = result["rollout"] if sync else result["rollout"][:-1]  # async: the trainer's own worker is last
+    out["rollout_idle_fraction"] = 1 - (sum(r["generate_s"] for r in workers)
+                                        / max(1e-9, result["seconds"] * max(1, len(workers))))
     return out
 
 

@@ -24,12 +24,12 @@ def sft_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("sft") / "sft.pt"
 
 
-def run_example(tmp_path, sft_cache, staleness: int, procs: int, steps: int = 4) -> dict:
+def run_example(tmp_path, sft_cache, staleness: int, procs: int, steps: int = 4, **flow) -> dict:
     config = json.loads((ROOT / "configs" / "grpo_async.json").read_text())
     config.pop("csv_monitor")
     config["train_micro_batch_size_per_gpu"] = 4 * 4
     config["ds_ext"]["asyncflow"].update(max_staleness=staleness, group_size=4, groups_per_step=4,
-                                         max_new_tokens=4)
+                                         max_new_tokens=4, **flow)
     path = tmp_path / f"grpo_{staleness}.json"
     path.write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--master_port", str(free_port()),
@@ -59,4 +59,15 @@ def test_sync_baseline_has_zero_lag(tmp_path, sft_cache):
     out = run_example(tmp_path, sft_cache, 0, procs=2)
     assert out["mode"] == "sync" and out["max_observed_staleness"] == 0
     assert out["lag_histogram"] == {"0": 16}  # JSON keys are strings
+    assert out["reward_last5"] > 0.0, out
+
+
+def test_sync_on_the_async_layout_only_workers_generate(tmp_path, sft_cache):
+    """k = 0 with trainer_generates false: the rollout worker generates each step's batch (continuous batching)
+    with that step's weights while the trainer waits -- the long-tail benchmark's sync baseline."""
+    out = run_example(tmp_path, sft_cache, 0, procs=2, trainer_generates=False, rollout_slots=4)
+    assert out["mode"] == "sync" and out["lag_histogram"] == {"0": 16}
+    assert out["trainer_idle_fraction"] > 0.0  # the trainer waited on the worker: it did not generate itself
+    assert out["decode_fill_before_tail"] == 1.0 and out["decode_steps"] > 0
+    assert 1 <= out["length_p50"] <= out["length_p99"] <= 4
     assert out["reward_last5"] > 0.0, out

@@ -2,7 +2,7 @@
 2507.01663)."""
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ds_ext.config.base import ExtSection
 
@@ -44,10 +44,29 @@ class AsyncFlowConfig(ExtSection):
     eps_high: float = Field(0.28, ge=0)
     """Upper clip of the ratio (1 + eps_high; DAPO's clip-higher)."""
 
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the rollout: draw from the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (renormalised; the behaviour log-probs are those of this distribution). Below 1 needs
+    ``rollout_slots > 0`` (the slot decoders sample it)."""
+
     rollout_slots: int = Field(0, ge=0)
     """Continuous batching: each rollout worker decodes this many sequence slots with one KV cache and refills a
-    slot from the next pending response the moment one ends (:mod:`ds_ext.asyncflow.continuous`; reference model).
-    0: a worker generates one group at a time (its batch shrinks as its responses end)."""
+    slot from the next pending response the moment one ends (:mod:`ds_ext.asyncflow.continuous`; the reference model
+    or a transformers policy through its ``DynamicCache``). 0: a worker generates one group at a time (its batch
+    shrinks as its responses end)."""
+
+    trainer_generates: bool = True
+    """The trainer's process generates a group itself (one group at a time, with its current weights) whenever the
+    queue has nothing for it to train. ``false``: it only trains, and only the rollout workers generate (with
+    ``max_staleness`` 0 and rollout workers, the synchronous baseline then runs on the same processes: the workers
+    generate step V's batch with weights V while the trainer waits, then the trainer trains)."""
+
+    @model_validator(mode="after")
+    def _top_p_needs_slots(self):
+        if self.top_p < 1.0 and self.rollout_slots == 0:
+            raise ValueError(f"ds_ext.asyncflow.top_p={self.top_p} needs rollout_slots > 0 (continuous batching "
+                             "samples the nucleus; the one-group-at-a-time sampler does not)")
+        return self
 
     partial_rollouts: bool = True
     """New weights reach a rollout worker between decode steps: sequences in flight continue with them (their

@@ -1,5 +1,7 @@
 """Continuous batching for a rollout worker (``rollout_slots > 0``): a fixed number of sequence slots, refilled the
-moment a response ends, so the decode batch stays full through the long tail of response lengths.
+moment a response ends, so the decode batch stays full through the long tail of response lengths. The reference
+model decodes with :class:`~ds_ext.asyncflow.slots.SlotDecoder`, a transformers policy with
+:class:`~ds_ext.asyncflow.hf_slots.HFSlotDecoder` (same interface).
 
 Loop (one iteration = one decode position for every slot): adopt newer weights (partial rollouts: between any two
 decode steps; otherwise only while no slot is busy) -> fill every free slot with the next pending response; when
@@ -10,8 +12,11 @@ control may say no: the step is then *starved*), prefill its prompt once and que
 produced its distribution (a response's first token: the version its group's prefill ran with).
 
 Measured (``stats``): ``decode_steps``, ``busy_slot_steps`` (slot-steps doing a live response), ``starved_steps``
-(steps with an idle slot because admission control allowed no new group), ``drain_steps`` (idle slots because the
-worker's ``max_groups`` are all reserved) and ``fill_fraction`` = busy slot-steps / (decode steps x slots).
+(steps with an idle slot because admission control allowed no new group: in sync mode the tail of a step, after its
+last group was reserved), ``drain_steps`` (idle slots because the worker's ``max_groups`` are all reserved),
+``tail_busy_slot_steps`` (busy slot-steps of starved and drain steps), ``fill_fraction`` = busy slot-steps /
+(decode steps x slots), ``response_lengths`` (``(batch slot, length)`` of every delivered response, EOS
+included); ``generate_s`` counts prefills and decode steps.
 """
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ import torch
 
 from ds_ext.asyncflow.rewards import RewardError
 from ds_ext.asyncflow.slots import SlotDecoder
+
+
+def make_decoder(model, cfg, generator):
+    """The slot decoder of ``model``: transformers' ``DynamicCache`` for an HF policy
+    (:class:`~ds_ext.asyncflow.hf_slots.HFSlotDecoder`), the reference model's own cache otherwise."""
+    if hasattr(model, "hf"):
+        from ds_ext.asyncflow.hf_slots import HFSlotDecoder  # transformers only when an HF policy is used
+        return HFSlotDecoder(model, cfg.rollout_slots, cfg.temperature, cfg.top_p, generator)
+    return SlotDecoder(model, cfg.rollout_slots, cfg.max_new_tokens + 1, cfg.temperature, generator, cfg.top_p)
 
 
 class _Group:
@@ -40,13 +54,13 @@ class ContinuousBatcher:
     def __init__(self, worker):
         self.w, cfg = worker, worker.cfg
         self.cfg = cfg
-        self.dec = SlotDecoder(worker.model, cfg.rollout_slots, cfg.max_new_tokens + 1, cfg.temperature,
-                               worker.generator)
+        self.dec = make_decoder(worker.model, cfg, worker.generator)
         self.pending: deque = deque()
         self.slot_of: List[Optional[tuple]] = [None] * cfg.rollout_slots
         self.reserved = 0
-        for key in ("decode_steps", "busy_slot_steps", "starved_steps", "drain_steps"):
+        for key in ("decode_steps", "busy_slot_steps", "starved_steps", "drain_steps", "tail_busy_slot_steps"):
             worker.stats.setdefault(key, 0)
+        worker.stats.setdefault("response_lengths", [])
 
     def _reserve(self, wait: bool) -> bool:
         w = self.w
@@ -58,7 +72,9 @@ class ContinuousBatcher:
         index = meta.slot * self.cfg.groups_per_step + meta.index_in_slot
         prompt = w.task.prompt_ids(index)
         self.dec.ensure_capacity(len(prompt) + self.cfg.max_new_tokens + 1)
+        t = time.perf_counter()
         group = _Group(meta, index, prompt, self.dec.prefill(prompt), w.version, self.cfg.group_size)
+        w.stats["generate_s"] += time.perf_counter() - t
         self.pending.extend((group, j) for j in range(self.cfg.group_size))
         self.reserved += 1
         return True
@@ -115,6 +131,7 @@ class ContinuousBatcher:
         w.queue.put_group(group.meta.group_id, samples, w.COLUMNS)
         w.stats["groups"] += 1
         w.stats["responses"] += g
+        w.stats["response_lengths"].extend((group.meta.slot, n) for n in lengths)
 
     def run(self, max_groups: Optional[int] = None) -> dict:
         w, stats = self.w, self.w.stats
@@ -133,8 +150,10 @@ class ContinuousBatcher:
             w.stats["generate_s"] += time.perf_counter() - t
             stats["decode_steps"] += 1
             stats["busy_slot_steps"] += busy
-            stats["starved_steps"] += int(state == "starved" and busy < self.cfg.rollout_slots)
-            stats["drain_steps"] += int(state == "drain" and busy < self.cfg.rollout_slots)
+            tail = state != "full" and busy < self.cfg.rollout_slots
+            stats["starved_steps"] += int(tail and state == "starved")
+            stats["drain_steps"] += int(tail and state == "drain")
+            stats["tail_busy_slot_steps"] += busy if tail else 0
             for slot in range(self.cfg.rollout_slots):
                 if self.slot_of[slot] is not None:
                     self._record(slot, int(toks[slot]), float(lps[slot]), w.version)

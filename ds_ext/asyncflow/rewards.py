@@ -18,6 +18,10 @@ Built-in verifiers (``ds_ext.asyncflow.rewards:<name>``), each 1.0 or 0.0:
 * :func:`last_number` -- the last number in the completion (``-12``, ``3.5``, ``1,024``) equals ``answer``
   numerically (rel. tolerance 1e-9);
 * :func:`regex` -- ``re.search(pattern, completion)`` finds a match (``pattern``: a metadata field).
+
+Graded (in [0, 1]): :func:`prefix_match` -- the length of the longest common prefix of the completion and ``answer``
+over the longer of the two (1.0 only for an exact match; a partly right answer earns partial credit, so a policy
+that cannot yet solve a long instance still gets a learning signal).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 BUILTIN_MODULE = __name__
 
@@ -65,6 +69,19 @@ def last_number(prompt: str, completion: str, answer: Any, **_) -> float:
 
 def regex(prompt: str, completion: str, pattern: str, **_) -> float:
     return float(re.search(pattern, completion) is not None)
+
+
+def prefix_match(prompt: str, completion: str, answer: Any, **_) -> float:
+    want = str(answer)
+    longest = max(len(want), len(completion))
+    if longest == 0:
+        return 1.0
+    common = 0
+    for a, b in zip(completion, want):
+        if a != b:
+            break
+        common += 1
+    return common / longest
 
 
 def _import_module(name: str, spec: str):

@@ -45,9 +45,6 @@ class RolloutWorker:
         self.name, self.task, self.cfg = name, task, cfg
         # shared: the trainer's own module (generation between its steps); its train/eval mode is left alone
         self.model = model_factory() if shared else model_factory().eval()
-        if cfg.rollout_slots > 0 and hasattr(self.model, "hf") and not shared:
-            raise ValueError("ds_ext.asyncflow.rollout_slots > 0 (continuous batching) runs the reference model "
-                             "only; set it to 0 for a transformers policy")
         self.version = -1  # nothing adopted yet: the first weights set (version 0 or a resumed step) are taken
         self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
         self._mailbox = None

@@ -162,7 +162,7 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
         local.version = version
         pusher.push(version, module)
 
-    idle = lambda: local.produce_one(timeout=0)  # noqa: E731
+    idle = (lambda: local.produce_one(timeout=0)) if cfg.trainer_generates else None
     if trainer_world > 1:
         feed = ScatteredQueue(queue, 0, trainer_world, replica_of, idle_work=idle)
         trainer = GRPOTrainer(engine, feed, cfg, 0, trainer_world, on_weights=push_all, replicas=replicas)

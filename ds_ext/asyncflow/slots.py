@@ -13,8 +13,11 @@ write position. Call order:
   own cached positions only (key mask), its new token at its own position (RoPE by the slot's position).
 * :meth:`release` ``(slot)``: the slot is free for the next :meth:`admit` (its stale cache is masked out then).
 
-Sampling is ``softmax(logits / temperature)`` with the decoder's generator; the log-prob returned is the behaviour
-log-prob of the sampled token under that distribution. Weights may change between calls (partial rollouts): cached
+Sampling (:func:`sample`) is ``softmax(logits / temperature)``, cut to the top-p nucleus when ``top_p < 1`` (the
+smallest set of most likely tokens whose probability reaches ``top_p``, renormalised), with the decoder's generator;
+``temperature == 0`` is greedy. The log-prob returned is the behaviour log-prob of the sampled token under the
+distribution it was drawn from (the untempered softmax when greedy, as
+:class:`~ds_ext.models.generate.TokenSampler`). Weights may change between calls (partial rollouts): cached
 positions keep the keys/values they were computed with.
 """
 from __future__ import annotations
@@ -65,12 +68,31 @@ def _attend(layer, x, positions, k_cache, v_cache, key_mask, write_at):
     return x + layer.mlp(layer.post_attn_norm(x))
 
 
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``logits [..., V]`` -> (tokens ``[...]``, their behaviour log-probs ``[...]``, fp32); see the module doc."""
+    if temperature == 0:
+        logprobs = torch.log_softmax(logits.float(), -1)
+        tok = logprobs.argmax(-1)
+        return tok, logprobs.gather(-1, tok[..., None]).squeeze(-1)
+    logprobs = torch.log_softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        probs, order = logprobs.exp().sort(-1, descending=True)
+        # keep a token if the mass strictly before it is below top_p (the most likely token is always kept)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), -1)
+    flat = logprobs.reshape(-1, logprobs.shape[-1]).exp()
+    tok = torch.multinomial(flat, 1, generator=generator).view(logprobs.shape[:-1])
+    return tok, logprobs.gather(-1, tok[..., None]).squeeze(-1)
+
+
 class SlotDecoder:
     def __init__(self, model, slots: int, capacity: int, temperature: float = 1.0,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, top_p: float = 1.0):
         cfg = model.cfg
         self.model, self.slots, self.capacity = model, slots, capacity
-        self.temperature, self.generator = temperature, generator
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
         shape = (slots, cfg.num_kv_heads, capacity, cfg.head_dim)
         dtype = next(model.parameters()).dtype
         self.k = [torch.zeros(shape, dtype=dtype) for _ in model.layers]
@@ -91,9 +113,7 @@ class SlotDecoder:
         self.capacity = positions
 
     def _sample(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        logprobs = torch.log_softmax(logits.float() / self.temperature, -1)
-        tok = torch.multinomial(logprobs.exp(), 1, generator=self.generator).squeeze(-1)
-        return tok, logprobs.gather(-1, tok[..., None]).squeeze(-1)
+        return sample(logits, self.temperature, self.top_p, self.generator)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> Prefix:

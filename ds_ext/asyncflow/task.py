@@ -3,8 +3,9 @@
 * Prompts: :class:`JsonlPrompts` (one JSON object per line: ``"prompt"`` text, or ``"messages"`` -- a chat rendered
   with the tokenizer's chat template and ``add_generation_prompt`` -- plus any metadata fields, handed to the reward)
   or :class:`AdditionPrompts` (the built-in example: ``"a+b="`` after an instruction, ``answer`` = the sum, prompt
-  ``i`` drawn by a generator seeded with ``i``). Prompt ``i`` of the run is record ``i mod len`` (epochs repeat the
-  file in order); a regenerated group gets the same prompt.
+  ``i`` drawn by a generator seeded with ``i``) or :class:`ReversePrompts` (the long-tail task: reverse a string of
+  log-uniformly random length, so correct responses range from a few tokens to hundreds). Prompt ``i`` of the run is
+  record ``i mod len`` (epochs repeat the file in order); a regenerated group gets the same prompt.
 * Tokenizer: :class:`TextCodec` over a transformers tokenizer (``AutoTokenizer`` of the policy's directory) or the
   reference model's :class:`~ds_ext.models.ByteTokenizer`.
 * Reward: :class:`~ds_ext.asyncflow.rewards.RewardFn` (``module:function`` or a built-in verifier).
@@ -17,9 +18,10 @@ raises :class:`TaskError` / :class:`~ds_ext.asyncflow.rewards.RewardError`, whic
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -27,6 +29,7 @@ from ds_ext.asyncflow.rewards import RewardError, RewardFn
 
 INSTRUCTION = "You are a careful calculator: add the two numbers, answer with the sum only. "
 EXACT_MATCH = "ds_ext.asyncflow.rewards:exact_match"
+PREFIX_MATCH = "ds_ext.asyncflow.rewards:prefix_match"
 
 
 class TaskError(ValueError):
@@ -152,6 +155,36 @@ class AdditionPrompts:
         return [self.record(0)]  # every record has the same fields
 
 
+@dataclass
+class ReversePrompts:
+    """The long-tail task: ``instruction + s + "="`` for a random lower-case string ``s`` whose length is
+    log-uniform in ``[min_len, max_len]`` (median ~ sqrt(min_len * max_len): most answers are short, a few are
+    hundreds of characters); metadata ``answer`` = ``s`` reversed. Prompt ``i`` is drawn by a generator seeded with
+    ``i``. With the byte tokenizer a correct response is ``len(s) + 1`` tokens (EOS included)."""
+
+    min_len: int = 2
+    max_len: int = 256
+    instruction: str = "reverse: "
+    seed: int = 0
+    alphabet: str = "abcdefghijklmnopqrstuvwxyz"
+
+    def __post_init__(self):
+        if not 1 <= self.min_len <= self.max_len:
+            raise TaskError(f"ReversePrompts: need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+
+    def string(self, index: int) -> str:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        n = int(round(math.exp(rng.uniform(math.log(self.min_len), math.log(self.max_len)))))
+        return "".join(rng.choice(self.alphabet) for _ in range(n))
+
+    def record(self, index: int) -> PromptRecord:
+        s = self.string(index)
+        return PromptRecord(f"{self.instruction}{s}=", {"answer": s[::-1]}, f"reverse#{index}")
+
+    def checked_records(self) -> List[PromptRecord]:
+        return [self.record(0)]
+
+
 class Task:
     """Prompts + tokenizer + reward: what the rollout and the trainer need of a task (see the module docstring)."""
 
@@ -212,5 +245,10 @@ def addition_task(min_operand: int = 0, max_operand: int = 4, instruction: str =
     return build_task(AdditionPrompts(max_operand, min_operand, instruction, seed), EXACT_MATCH, hf_tokenizer)
 
 
-__all__ = ["AdditionPrompts", "JsonlPrompts", "PromptRecord", "RewardError", "Task", "TaskError", "TextCodec",
-           "addition_task", "build_task"]
+def reverse_task(min_len: int = 2, max_len: int = 256, seed: int = 0, hf_tokenizer=None) -> Task:
+    """The long-tail task: :class:`ReversePrompts` scored by :func:`~ds_ext.asyncflow.rewards.prefix_match`."""
+    return build_task(ReversePrompts(min_len, max_len, seed=seed), PREFIX_MATCH, hf_tokenizer)
+
+
+__all__ = ["AdditionPrompts", "JsonlPrompts", "PromptRecord", "ReversePrompts", "RewardError", "Task", "TaskError",
+           "TextCodec", "addition_task", "build_task", "reverse_task"]

@@ -12,7 +12,8 @@ count the micro-batches handed out before the slot's last group completed (``str
 ``micro_batches``; at most ``gas - 1`` per step, the last micro-batch holding the slot's last group). DAPO's
 token-mean (``loss_norm="dapo"``) waits for the whole slot's token total first, so nothing streams under it.
 
-Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]``; the response token
+Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]`` (``L``: the longest
+response of the micro-batch); the response token
 ``j`` of row ``b`` is predicted by the logits at ``P - 1 + j``.
 """
 from __future__ import annotations
@@ -37,8 +38,9 @@ def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
     for i, s in enumerate(samples):
         n = len(s["prompt_ids"])
         prompt[i, p - n:], prompt_mask[i, p - n:] = s["prompt_ids"], True
-    response = torch.stack([s["response_ids"] for s in samples])
     lengths = torch.tensor([s["response_len"] for s in samples])
+    width = max(1, int(lengths.max()))  # responses arrive padded to max_new_tokens: cut to the longest
+    response = torch.stack([s["response_ids"][:width] for s in samples])
     mask = torch.arange(response.shape[1])[None, :] < lengths[:, None]
     firsts = [g["samples"][0]["prompt_ids"] for g in groups]
     group_prompt = torch.full((len(groups), p), PAD)
@@ -48,11 +50,11 @@ def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
     return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "mask": mask,
             "group_prompt": group_prompt, "group_prompt_mask": group_prompt_mask,
             "group_sizes": [len(g["samples"]) for g in groups],
-            "old_logprobs": torch.stack([s["logprobs"] for s in samples]),
+            "old_logprobs": torch.stack([s["logprobs"][:width] for s in samples]),
             "rewards": torch.tensor([float(s["reward"]) for s in samples]),
             "lag_versions": torch.tensor([s["version"] for s in samples]),
-            "token_versions": torch.stack([s.get("token_versions", torch.full((response.shape[1],), s["version"]))
-                                           for s in samples])}
+            "token_versions": torch.stack([s["token_versions"][:width] if "token_versions" in s
+                                           else torch.full((width,), s["version"]) for s in samples])}
 
 
 def response_logprobs(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
