@@ -21,6 +21,32 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture
+def launch_in_process(capsys, monkeypatch):
+    """``launch(argv) -> (exit code, stderr)``: ``ds_ext.launch.main(argv)`` in this process, for the refusals
+    that end before any worker exists (a ``python -m ds_ext.launch`` subprocess cost ~4 s of imports for the same
+    code path; one test keeps the real subprocess for the exit status). Starting workers (torch elastic or
+    DeepSpeed's runner) fails the test instead; the environment the launcher prepares for workers is undone."""
+    import deepspeed.launcher.runner
+    import ds_ext.launch
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError(f"ds-ext started workers although it should have refused: {args}")
+    monkeypatch.setattr(ds_ext.launch, "_run_elastic", no_worker)
+    monkeypatch.setattr(deepspeed.launcher.runner, "main", no_worker)
+
+    def launch(argv):
+        saved = dict(os.environ)
+        capsys.readouterr()
+        try:
+            code = ds_ext.launch.main([str(a) for a in argv])
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return code, capsys.readouterr().err
+    return launch
+
+
 SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
 
 

@@ -53,25 +53,40 @@ BAD_CONFIGS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_bad_config_exits_2_naming_the_path_and_starts_no_worker(case, tmp_path):
+def bad_config(tmp_path, case):
     content, message = BAD_CONFIGS[case]
     cfg = tmp_path / "cfg.json"
     cfg.write_text(content if isinstance(content, str) else json.dumps(content))
+    return cfg, message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_path_and_starts_no_worker(case, tmp_path, launch_in_process):
+    cfg, message = bad_config(tmp_path, case)
     out = tmp_path / "out"
-    proc = run(DS_EXT + ["--config", str(cfg), FLAKY, "--out", str(out)], timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "no worker was started" in proc.stderr
+    code, stderr = launch_in_process(["--config", cfg, FLAKY, "--out", out])
+    assert code == 2, stderr[-2000:]
+    assert message in stderr
+    assert "no worker was started" in stderr
     assert not out.exists(), "a worker ran although the config was refused"
 
 
 @pytest.mark.slow
-def test_config_is_required_and_not_given_twice(tmp_path):
-    assert run(DS_EXT + [FLAKY, "--out", str(tmp_path)], timeout=120).returncode == 2
-    twice = run(DS_EXT + ["--config", "configs/baseline.json", FLAKY, "--deepspeed_config", "x.json"], timeout=120)
-    assert twice.returncode == 2 and "give the config once" in twice.stderr
+def test_a_refusal_is_the_exit_status_of_the_ds_ext_command(tmp_path):
+    """The refusal above through the real command: exit status 2 reaches the shell, the message its stderr."""
+    cfg, message = bad_config(tmp_path, "incompatible")
+    out = tmp_path / "out"
+    proc = run(DS_EXT + ["--config", str(cfg), FLAKY, "--out", str(out)], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "no worker was started" in proc.stderr
+    assert not out.exists(), "a worker ran although the config was refused"
+
+
+def test_config_is_required_and_not_given_twice(tmp_path, launch_in_process):
+    assert launch_in_process([FLAKY, "--out", tmp_path])[0] == 2
+    code, stderr = launch_in_process(["--config", ROOT / "configs" / "baseline.json", FLAKY, "--deepspeed_config",
+                                      "x.json"])
+    assert code == 2 and "give the config once" in stderr
 
 
 @pytest.mark.slow
