@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BASELINE_STEPS, QUICK_TRAIN
 from dist import free_port
 from ds_ext.launch import split_argv
 
@@ -128,16 +129,18 @@ def test_main_job_loss_falls(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    """3 steps + save + resume to 6 steps ends with the same loss as 6 steps straight (data position and optimizer
-    state restored)."""
-    base = DS_EXT + ["--config", "configs/baseline.json", TRAIN, "--eval_interval", "100"] + QUICK
-    straight = summary(run(base + ["--max_steps", "6", "--save_dir", str(tmp_path / "a")]))
-    summary(run(base + ["--max_steps", "3", "--save_dir", str(tmp_path / "b")]))
-    resumed = summary(run(base + ["--max_steps", "6", "--save_dir", str(tmp_path / "b"), "--resume"]))
-    assert resumed["start_step"] == 3 and resumed["steps"] == 3
-    assert resumed["last_loss"] == straight["last_loss"]
-    assert resumed["eval_loss_end"] == straight["eval_loss_end"]
+def test_resume_from_checkpoint_continues_exactly(tmp_path, baseline_run):
+    """6 steps + save + resume to 12 steps ends with the same loss as 12 steps straight (the session's
+    ``baseline_run``, the same command without a checkpoint): data position and optimizer state restored."""
+    base = DS_EXT + ["--config", "configs/baseline.json", TRAIN] + QUICK_TRAIN
+    half = BASELINE_STEPS // 2
+    summary(run(base + ["--max_steps", str(half), "--save_dir", str(tmp_path / "b")]))
+    resumed = summary(run(base + ["--max_steps", str(BASELINE_STEPS), "--save_dir", str(tmp_path / "b"),
+                                  "--resume"]))
+    assert resumed["start_step"] == half and resumed["steps"] == BASELINE_STEPS - half
+    assert baseline_run["steps"] == BASELINE_STEPS and baseline_run["start_step"] == 0
+    assert resumed["last_loss"] == baseline_run["last_loss"]
+    assert resumed["eval_loss_end"] == baseline_run["eval_loss_end"]
 
 
 @pytest.mark.slow
