@@ -1,7 +1,9 @@
 """Shared test setup: CPU accelerator, the venv's bin first on PATH (DeepSpeed's JIT ops rebuild when the ninja
 on PATH changes; one JIT cache per environment for the same reason), and the tests directory importable from
 spawned ranks."""
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -19,6 +21,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def launch_in_process(capsys, monkeypatch):
+    """``launch(argv) -> (exit code, stderr)``: ``ds_ext.launch.main(argv)`` in this process, for the refusals
+    that end before any worker exists (a ``python -m ds_ext.launch`` subprocess cost ~4 s of imports for the same
+    code path; one test keeps the real subprocess for the exit status). Starting workers (torch elastic or
+    DeepSpeed's runner) fails the test instead; the environment the launcher prepares for workers is undone."""
+    import deepspeed.launcher.runner
+    import ds_ext.launch
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError(f"ds-ext started workers although it should have refused: {args}")
+    monkeypatch.setattr(ds_ext.launch, "_run_elastic", no_worker)
+    monkeypatch.setattr(deepspeed.launcher.runner, "main", no_worker)
+
+    def launch(argv):
+        saved = dict(os.environ)
+        capsys.readouterr()
+        try:
+            code = ds_ext.launch.main([str(a) for a in argv])
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return code, capsys.readouterr().err
+    return launch
+
+
+# The reference run of examples/train.py that several subprocess tests compare with (the never-failed run of a
+# kill -9 test, the straight run of a resume test): configs/baseline.json on 2 processes, a 2-layer model, eval only
+# at the end. Each such run costs ~12 s (almost all of it process start), so it is run once per session.
+QUICK_TRAIN = ["--layers", "2", "--hidden", "64", "--seq_len", "64", "--eval_batches", "2", "--eval_interval", "100"]
+BASELINE_STEPS = 12
+
+
+def ds_ext_run(argv, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``ds-ext ARGV`` as a user runs it (a subprocess in the repository root), on a free rendezvous port (not
+    DeepSpeed's fixed 29500, which a previous test's lingering agent may still hold)."""
+    from dist import free_port
+    cmd = [sys.executable, "-m", "ds_ext.launch", "--master_port", str(free_port())] + [str(a) for a in argv]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
+
+
+def run_summary(proc: subprocess.CompletedProcess) -> dict:
+    """Rank 0's JSON summary line of a successful run (the launcher's own log lines may follow it)."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture(scope="session")
+def baseline_run() -> dict:
+    """The summary of ``ds-ext --config configs/baseline.json examples/train.py`` for ``BASELINE_STEPS`` steps
+    with ``QUICK_TRAIN`` (no checkpoint, no journal), computed once per session."""
+    return run_summary(ds_ext_run(["--config", ROOT / "configs" / "baseline.json", ROOT / "examples" / "train.py",
+                                   "--max_steps", BASELINE_STEPS] + QUICK_TRAIN))
 
 
 SHM_BUFFERS = "deepspeed_allreduce_buffer_*"

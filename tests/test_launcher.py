@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BASELINE_STEPS, QUICK_TRAIN
 from dist import free_port
 from ds_ext.launch import split_argv
 
@@ -53,25 +54,40 @@ BAD_CONFIGS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_bad_config_exits_2_naming_the_path_and_starts_no_worker(case, tmp_path):
+def bad_config(tmp_path, case):
     content, message = BAD_CONFIGS[case]
     cfg = tmp_path / "cfg.json"
     cfg.write_text(content if isinstance(content, str) else json.dumps(content))
+    return cfg, message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_path_and_starts_no_worker(case, tmp_path, launch_in_process):
+    cfg, message = bad_config(tmp_path, case)
     out = tmp_path / "out"
-    proc = run(DS_EXT + ["--config", str(cfg), FLAKY, "--out", str(out)], timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "no worker was started" in proc.stderr
+    code, stderr = launch_in_process(["--config", cfg, FLAKY, "--out", out])
+    assert code == 2, stderr[-2000:]
+    assert message in stderr
+    assert "no worker was started" in stderr
     assert not out.exists(), "a worker ran although the config was refused"
 
 
 @pytest.mark.slow
-def test_config_is_required_and_not_given_twice(tmp_path):
-    assert run(DS_EXT + [FLAKY, "--out", str(tmp_path)], timeout=120).returncode == 2
-    twice = run(DS_EXT + ["--config", "configs/baseline.json", FLAKY, "--deepspeed_config", "x.json"], timeout=120)
-    assert twice.returncode == 2 and "give the config once" in twice.stderr
+def test_a_refusal_is_the_exit_status_of_the_ds_ext_command(tmp_path):
+    """The refusal above through the real command: exit status 2 reaches the shell, the message its stderr."""
+    cfg, message = bad_config(tmp_path, "incompatible")
+    out = tmp_path / "out"
+    proc = run(DS_EXT + ["--config", str(cfg), FLAKY, "--out", str(out)], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "no worker was started" in proc.stderr
+    assert not out.exists(), "a worker ran although the config was refused"
+
+
+def test_config_is_required_and_not_given_twice(tmp_path, launch_in_process):
+    assert launch_in_process([FLAKY, "--out", tmp_path])[0] == 2
+    code, stderr = launch_in_process(["--config", ROOT / "configs" / "baseline.json", FLAKY, "--deepspeed_config",
+                                      "x.json"])
+    assert code == 2 and "give the config once" in stderr
 
 
 @pytest.mark.slow
@@ -113,16 +129,18 @@ def test_main_job_loss_falls(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    """3 steps + save + resume to 6 steps ends with the same loss as 6 steps straight (data position and optimizer
-    state restored)."""
-    base = DS_EXT + ["--config", "configs/baseline.json", TRAIN, "--eval_interval", "100"] + QUICK
-    straight = summary(run(base + ["--max_steps", "6", "--save_dir", str(tmp_path / "a")]))
-    summary(run(base + ["--max_steps", "3", "--save_dir", str(tmp_path / "b")]))
-    resumed = summary(run(base + ["--max_steps", "6", "--save_dir", str(tmp_path / "b"), "--resume"]))
-    assert resumed["start_step"] == 3 and resumed["steps"] == 3
-    assert resumed["last_loss"] == straight["last_loss"]
-    assert resumed["eval_loss_end"] == straight["eval_loss_end"]
+def test_resume_from_checkpoint_continues_exactly(tmp_path, baseline_run):
+    """6 steps + save + resume to 12 steps ends with the same loss as 12 steps straight (the session's
+    ``baseline_run``, the same command without a checkpoint): data position and optimizer state restored."""
+    base = DS_EXT + ["--config", "configs/baseline.json", TRAIN] + QUICK_TRAIN
+    half = BASELINE_STEPS // 2
+    summary(run(base + ["--max_steps", str(half), "--save_dir", str(tmp_path / "b")]))
+    resumed = summary(run(base + ["--max_steps", str(BASELINE_STEPS), "--save_dir", str(tmp_path / "b"),
+                                  "--resume"]))
+    assert resumed["start_step"] == half and resumed["steps"] == BASELINE_STEPS - half
+    assert baseline_run["steps"] == BASELINE_STEPS and baseline_run["start_step"] == 0
+    assert resumed["last_loss"] == baseline_run["last_loss"]
+    assert resumed["eval_loss_end"] == baseline_run["eval_loss_end"]
 
 
 @pytest.mark.slow

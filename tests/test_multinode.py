@@ -144,11 +144,10 @@ def test_node_0_hosts_the_rendezvous_whatever_its_hostname_resolves_to():
     (["--num_nodes", "2", "--node_rank", "1"], "needs --master_addr"),
     (["--num_nodes", "2", "--node_rank", "2", "--master_addr", "h0"], "--node_rank 2 is outside 0..1"),
     (["--rdzv_timeout", "0"], "--rdzv_timeout takes an integer >= 1, got '0'")])
-def test_bad_node_flags_exit_2_before_anything_starts(flags, message):
-    proc = subprocess.run([sys.executable, "-m", "ds_ext.launch", "--no_ssh", "--max_restarts", "1"] + flags
-                          + ["--config", "configs/baseline.json", TRAIN], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120, env=host_env())
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+def test_bad_node_flags_exit_2_before_anything_starts(flags, message, launch_in_process):
+    code, stderr = launch_in_process(["--no_ssh", "--max_restarts", "1"] + flags
+                                     + ["--config", ROOT / "configs" / "baseline.json", ROOT / TRAIN])
+    assert code == 2 and message in stderr, stderr[-2000:]
 
 
 def test_slurm_script_runs_the_documented_command(tmp_path):

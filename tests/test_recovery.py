@@ -190,30 +190,22 @@ def test_torn_or_corrupt_journal_resumes_from_the_last_good_step(tmp_path):
             assert_same_state(resumed[r], reference[r], f"{name}: rank {r}")
 
 
-def test_ds_ext_max_restarts_resumes_from_the_journal_by_itself(tmp_path):
+def test_ds_ext_max_restarts_resumes_from_the_journal_by_itself(tmp_path, baseline_run):
     """The user path: ``ds-ext --max_restarts 1`` relaunches after rank 1 is killed in step 7; the engine resumes
-    from the journal at step 6 and ends with exactly the losses of a run that never failed."""
-    import subprocess
-    import sys
+    from the journal at step 6 and ends with exactly the losses of a run that never failed (the session's
+    ``baseline_run``: the same command with configs/baseline.json, i.e. without the journal)."""
     from pathlib import Path
+    from conftest import BASELINE_STEPS, QUICK_TRAIN, ds_ext_run, run_summary
     root = Path(__file__).resolve().parents[1]
     config = json.loads((root / "configs" / "recovery.json").read_text())
     config["ds_ext"]["recovery"].update(journal_dir=str(tmp_path / "journal"), base_interval=4)
     config.pop("csv_monitor")
     (tmp_path / "recovery.json").write_text(json.dumps(config))
-    quick = ["--layers", "2", "--hidden", "64", "--seq_len", "64", "--eval_batches", "2", "--eval_interval", "100",
-             "--max_steps", "12"]
-    launch = [sys.executable, "-m", "ds_ext.launch"]
-    train = str(root / "examples" / "train.py")
-
-    def summary(cmd):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-
-    straight = summary(launch + ["--config", "configs/baseline.json", train] + quick)
-    failed = summary(launch + ["--config", str(tmp_path / "recovery.json"), "--max_restarts", "1", train] + quick
-                     + ["--fault_inject", "1:7"])
+    straight = baseline_run
+    assert straight["steps"] == BASELINE_STEPS == 12
+    failed = run_summary(ds_ext_run(["--config", tmp_path / "recovery.json", "--max_restarts", "1",
+                                     root / "examples" / "train.py", "--max_steps", BASELINE_STEPS] + QUICK_TRAIN
+                                    + ["--fault_inject", "1:7"], timeout=400))
     assert failed["start_step"] == 6 and failed["recovery/resumed_step"] == 6
     assert failed["last_loss"] == straight["last_loss"]
     assert failed["eval_loss_end"] == straight["eval_loss_end"]

@@ -48,13 +48,20 @@ def corpus_files(path: Optional[str] = None) -> List[Path]:
 
 
 def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20) -> torch.Tensor:
-    """Token ids of the whole corpus (documents joined by EOS), at most ``max_bytes`` tokens, as ``int16``."""
-    tok, ids = ByteTokenizer(), []
+    """Token ids of the whole corpus (documents joined by EOS), at most ``max_bytes`` tokens, as ``int16``: the
+    ids :meth:`ByteTokenizer.encode` gives (byte values, then EOS), built from each file's UTF-8 bytes with
+    ``torch.frombuffer`` rather than a Python list of ints (8 M list items took ~1 s in every training process)."""
+    parts, n = [], 0
+    eos = torch.tensor([ByteTokenizer.EOS], dtype=torch.int16)
     for f in corpus_files(path):
-        ids.extend(tok.encode(f.read_text(encoding="utf-8", errors="replace"), eos=True))
-        if len(ids) >= max_bytes:
+        data = bytearray(f.read_text(encoding="utf-8", errors="replace").encode("utf-8"))
+        if data:  # frombuffer refuses an empty buffer
+            parts.append(torch.frombuffer(data, dtype=torch.uint8).to(torch.int16))
+        parts.append(eos)
+        n += len(data) + 1
+        if n >= max_bytes:
             break
-    return torch.tensor(ids[:max_bytes], dtype=torch.int16)
+    return torch.cat(parts)[:max_bytes] if parts else torch.zeros(0, dtype=torch.int16)
 
 
 class TokenWindows(Dataset):
