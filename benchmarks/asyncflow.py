@@ -52,6 +52,11 @@ def parse_args(argv=None):
                         "the decode fill fraction is reported when > 0)")
     p.add_argument("--peer_steps", type=int, default=10, help="GRPO steps of the peer-comparable setting (0: skip)")
     p.add_argument("--peer_sft_steps", type=int, default=400, help="warm-start steps of the peer setting's model")
+    p.add_argument("--only_peer", action="store_true", help="run the peer-comparable setting only")
+    p.add_argument("--peer_repeats", type=int, default=1, help="runs of ours (sync and async) in the peer setting")
+    p.add_argument("--trl_repeats", type=int, default=3,
+                   help="runs of TRL at each thread count (a single run of a peer is not a measurement: its spread "
+                        "is reported and the fastest run is the one compared against)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "asyncflow.png"))
     p.add_argument("--only_longtail", action="store_true", help="run the long-tail setting only")
     p.add_argument("--longtail_steps", type=int, default=12, help="GRPO steps of the long-tail setting (0: skip)")
@@ -120,13 +125,23 @@ def run_trl(args, threads: int) -> dict:
 
 def run_peer(args, work: str, threads: int) -> dict:
     """The peer-comparable setting: HF Llama, 'a+b=' with 2-digit numbers, G=8, 16 prompts, <= 8 new tokens;
-    ours sync and async, and TRL's GRPOTrainer when trl is installed, on the same cores."""
+    ours sync and async (``--peer_repeats`` runs each, the median kept) and TRL's GRPOTrainer when trl is installed
+    (``--trl_repeats`` runs at 1 thread and at all threads; its fastest run is compared against: the peer at its
+    best), on the same cores. ``*_runs`` hold every run's samples/s, so the spread is in the output."""
     extra = ("--peer", "--sft_steps", str(args.peer_sft_steps))
-    out = {"sync": run_mode("peer_sync", 0, 1, args, work, args.peer_steps, extra),
-           "async": run_mode("peer_async", args.staleness, 1 + args.workers, args, work, args.peer_steps, extra)}
+
+    def median_run(name, k, procs):
+        runs = sorted((run_mode(name, k, procs, args, work, args.peer_steps, extra)
+                       for _ in range(max(1, args.peer_repeats))), key=lambda r: r["samples_per_s"])
+        return dict(runs[len(runs) // 2], samples_per_s_runs=[r["samples_per_s"] for r in runs])
+
+    out = {"sync": median_run("peer_sync", 0, 1), "async": median_run("peer_async", args.staleness, 1 + args.workers)}
     out["throughput_ratio_async_vs_sync"] = out["async"]["samples_per_s"] / out["sync"]["samples_per_s"]
     if importlib.util.find_spec("trl") is not None:  # 1 and all threads (2 can be slower than 1): the faster
-        out["trl"] = max((run_trl(args, n) for n in sorted({1, threads})), key=lambda r: r["samples_per_s"])
+        runs = [run_trl(args, n) for n in sorted({1, threads}) for _ in range(max(1, args.trl_repeats))]
+        out["trl"] = dict(max(runs, key=lambda r: r["samples_per_s"]))
+        out["trl"]["samples_per_s_runs"] = {str(n): [r["samples_per_s"] for r in runs if r["threads"] == n]
+                                            for n in sorted({1, threads})}
         out["throughput_ratio_vs_trl"] = out["async"]["samples_per_s"] / out["trl"]["samples_per_s"]
         out["throughput_ratio_sync_vs_trl"] = out["sync"]["samples_per_s"] / out["trl"]["samples_per_s"]
     return out
@@ -220,7 +235,8 @@ def print_peer(peer: dict, args) -> None:
     if "trl" in peer:
         line += (f"; ours async / TRL {peer['throughput_ratio_vs_trl']:.2f}, ours sync / TRL "
                  f"{peer['throughput_ratio_sync_vs_trl']:.2f} (TRL {peer['trl']['trl_version']}, 1 process x "
-                 f"{peer['trl']['threads']} threads)")
+                 f"{peer['trl']['threads']} threads, its fastest run; all runs' samples/s by thread count: "
+                 f"{peer['trl']['samples_per_s_runs']})")
     print(line)
 
 
@@ -228,7 +244,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     work = tempfile.mkdtemp(prefix="ds_ext_asyncflow_bench_")
     threads = 1 + args.workers
-    res = {} if args.only_longtail else run_short(args, work, threads)
+    if args.only_peer:
+        res = {"peer": run_peer(args, work, threads)}
+        print_peer(res["peer"], args)
+        peer = res["peer"]
+        if "trl" in peer:
+            res["throughput_ratio_vs_trl"] = peer["throughput_ratio_vs_trl"]
+        res["trl_threads"] = peer["trl"]["threads"] if "trl" in peer else None
+        args.longtail_steps = 0
+    else:
+        res = {} if args.only_longtail else run_short(args, work, threads)
     if args.longtail_steps > 0:
         res["longtail"] = lt = run_longtail(args, work, threads)
         res["longtail_throughput_ratio_async_vs_sync"] = lt["throughput_ratio_async_vs_sync"]

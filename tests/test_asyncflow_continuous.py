@@ -25,14 +25,12 @@ class TinyCodec:
         return "".join(chr(ord("a") + i) for i in ids)
 
 
-def test_slots_refill_at_once_and_keep_the_policy_logprobs():
+def run_slot_worker(model):
+    """5 groups of 4 through a rollout worker with 3 slots; checks what every slot decoder must give (mixed lengths,
+    the policy's own teacher-forced log-probs, a batch kept full until the drain) and returns (stats, lengths)."""
     cfg = AsyncFlowConfig(group_size=4, groups_per_step=5, max_new_tokens=24, rollout_slots=3, max_staleness=4)
     task = Task(AdditionPrompts(max_operand=999, instruction=""), TinyCodec(),
                 RewardFn("ds_ext.asyncflow.rewards:exact_match"))
-    torch.manual_seed(0)
-    tiny = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                       num_kv_heads=1, max_seq_len=64)
-    model = LlamaForCausalLM(tiny).eval()
     queue = TransferQueue(4, 5, 4)
     worker = RolloutWorker("w", lambda: model, task, cfg, queue, seed=1)
     worker.set_weights(0, {k: v.clone() for k, v in model.state_dict().items()})
@@ -48,10 +46,17 @@ def test_slots_refill_at_once_and_keep_the_policy_logprobs():
     assert (teacher - batch["old_logprobs"])[batch["mask"]].abs().max() < 1e-5
     assert (batch["token_versions"] == 0).all()
     # every step before the drain (the last group reserved) ran all 3 slots: the batch stayed full
-    s = stats
-    assert s["starved_steps"] == 0
-    assert s["busy_slot_steps"] == sum(lengths.tolist()) - 20  # each response's first token comes from the prefill
-    assert s["busy_slot_steps"] >= 3 * (s["decode_steps"] - s["drain_steps"])
+    assert stats["starved_steps"] == 0
+    assert stats["busy_slot_steps"] == sum(lengths.tolist()) - 20  # each response's first token comes from the prefill
+    assert stats["busy_slot_steps"] >= 3 * (stats["decode_steps"] - stats["drain_steps"])
+    return stats, lengths
+
+
+def test_slots_refill_at_once_and_keep_the_policy_logprobs():
+    torch.manual_seed(0)
+    tiny = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                       num_kv_heads=1, max_seq_len=64)
+    s, lengths = run_slot_worker(LlamaForCausalLM(tiny).eval())
     # one group at a time decodes each group until its longest response ends: its fill on the same lengths
     per_group = lengths.view(5, 4)
     one_at_a_time = float((per_group - 1).sum() / (4 * (per_group.max(1).values - 1).sum()))

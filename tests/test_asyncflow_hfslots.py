@@ -10,14 +10,10 @@ import torch
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.hf_policy import HFPolicy
 from ds_ext.asyncflow.hf_slots import HFSlotDecoder
-from ds_ext.asyncflow.queue import TransferQueue
-from ds_ext.asyncflow.rewards import RewardFn
-from ds_ext.asyncflow.rollout import RolloutWorker
 from ds_ext.asyncflow.slots import sample
-from ds_ext.asyncflow.task import AdditionPrompts, Task
-from ds_ext.asyncflow.trainer import collate, response_logprobs
 
 from hf_dirs import make_model_dir, qwen2_config
+from test_asyncflow_continuous import VOCAB, run_slot_worker
 
 
 def _llama_config(vocab_size=320):
@@ -81,43 +77,10 @@ def test_greedy_slots_match_generate_with_refill(tmp_path, family):
     assert dec.width <= max(lengths_p) + max(caps)  # columns no live slot uses are dropped
 
 
-VOCAB, EOS, PAD = 16, 3, 0
-
-
-class TinyCodec:
-    """Ids mod 16, so EOS (1 of 16 tokens) ends responses after ~16 tokens on average: lengths spread widely."""
-    eos_id, pad_id = EOS, PAD
-
-    def encode(self, text, add_special_tokens=True):
-        return [4 + ord(c) % (VOCAB - 4) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(ord("a") + i) for i in ids)
-
-
 def test_rollout_worker_runs_hf_slots_with_policy_logprobs():
     from transformers import LlamaForCausalLM
-    cfg = AsyncFlowConfig(group_size=4, groups_per_step=5, max_new_tokens=24, rollout_slots=3, max_staleness=4)
-    task = Task(AdditionPrompts(max_operand=999, instruction=""), TinyCodec(),
-                RewardFn("ds_ext.asyncflow.rewards:exact_match"))
     torch.manual_seed(0)
-    policy = HFPolicy(LlamaForCausalLM(_llama_config(VOCAB))).eval()
-    queue = TransferQueue(4, 5, 4)
-    worker = RolloutWorker("w", lambda: policy, task, cfg, queue, seed=1)
-    worker.set_weights(0, {k: v.clone() for k, v in policy.state_dict().items()})
-    stats = worker.run(max_groups=5)
-    groups = queue.take("train", 0, 5, timeout=1.0)
-    assert stats["groups"] == 5 and len(groups) == 5
-    batch = collate(groups)
-    lengths = batch["mask"].sum(1)
-    assert len(set(lengths.tolist())) >= 5, lengths  # mixed lengths
-    with torch.no_grad():
-        teacher = response_logprobs(policy, batch)
-    # fp32: the slot cache and the full forward sum the same attention terms in a different order
-    assert (teacher - batch["old_logprobs"])[batch["mask"]].abs().max() < 1e-5
-    assert stats["starved_steps"] == 0
-    assert stats["busy_slot_steps"] == sum(lengths.tolist()) - 20  # each first token comes from the prefill
-    assert stats["busy_slot_steps"] >= 3 * (stats["decode_steps"] - stats["drain_steps"])
+    run_slot_worker(HFPolicy(LlamaForCausalLM(_llama_config(VOCAB))).eval())
 
 
 def test_top_p_draws_from_the_nucleus_and_reports_its_logprobs():
