@@ -58,13 +58,15 @@ class LayerInputStore:
 
     ``device``: where the layers compute (``cuda[:n]``, or ``cpu`` for the bookkeeping-only mode).
     ``log``: ``(event, entry id, layer index)`` tuples, ``event`` one of ``offload``, ``prefetch``, ``fetch``
-    (taken from a prefetch) and ``load`` (copied on demand).
+    (taken from a prefetch) and ``load`` (copied on demand); kept only with ``record`` (default: in the CPU
+    bookkeeping mode), since in training it would grow by several tuples per layer and micro-batch for the whole run.
     """
 
-    def __init__(self, device="cuda"):
+    def __init__(self, device="cuda", record: Optional[bool] = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.record = not self.cuda if record is None else record
         self.log: List[Tuple[str, int, int]] = []
         self._last: Optional[weakref.ref] = None
         self._count = 0
@@ -84,15 +86,19 @@ class LayerInputStore:
         entry = Entry(host, layer_index, prev, self._count)
         self._count += 1
         self._last = weakref.ref(entry)
-        self.log.append(("offload", entry.id, layer_index))
+        self._note("offload", entry.id, layer_index)
         return entry
+
+    def _note(self, event: str, ident: int, layer_index: int) -> None:
+        if self.record:
+            self.log.append((event, ident, layer_index))
 
     def prefetch(self, entry: Entry) -> None:
         """Start copying ``entry`` back to the device (on the side stream); a no-op when under way or consumed."""
         if entry.host is None or entry.device_tensor is not None:
             return
         self._copy_back(entry)
-        self.log.append(("prefetch", entry.id, entry.layer_index))
+        self._note("prefetch", entry.id, entry.layer_index)
 
     def _copy_back(self, entry: Entry) -> None:
         if self.cuda:
@@ -116,7 +122,7 @@ class LayerInputStore:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(entry.ready)
             x.record_stream(current)
-        self.log.append(("fetch" if fetched else "load", entry.id, entry.layer_index))
+        self._note("fetch" if fetched else "load", entry.id, entry.layer_index)
         entry.host = entry.device_tensor = entry.ready = None
         prev = entry.prev() if entry.prev is not None else None
         if prev is not None:
