@@ -7,13 +7,11 @@ rollout workers), Dr.GRPO normalisation (micro-batches stream; DAPO's token-mean
 import csv
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dist import free_port
+from conftest import ds_ext_run
 from ds_ext import launch
 from ds_ext.asyncflow.queue import GroupMeta
 from ds_ext.asyncflow.scatter import balance, group_tokens
@@ -73,11 +71,9 @@ def test_two_trainer_ranks_stream_and_a_dead_workers_groups_are_regenerated(tmp_
     path = _config(tmp_path, trainer_ranks=2, rollout_workers=2, group_size=G, groups_per_step=GROUPS,
                    max_new_tokens=6, loss_norm="dr_grpo", max_staleness=1)
     ledgers = tmp_path / "ledger"
-    cmd = [sys.executable, "-m", "ds_ext.launch", "--master_port", str(free_port()), "--config", str(path),
-           str(ROOT / "examples" / "grpo.py"), "--steps", str(STEPS), "--sft_steps", "0", "--hidden", str(HIDDEN),
-           "--layers", str(LAYERS), "--plot", str(tmp_path / "reward.png"), "--ledger_out", str(ledgers),
-           "--kill_group", "3:1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = ds_ext_run(["--config", path, ROOT / "examples" / "grpo.py", "--steps", STEPS, "--sft_steps", 0,
+                       "--hidden", HIDDEN, "--layers", LAYERS, "--plot", tmp_path / "reward.png",
+                       "--ledger_out", ledgers, "--kill_group", "3:1"])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])

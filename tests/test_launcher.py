@@ -8,30 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASELINE_STEPS, QUICK_TRAIN
-from dist import free_port
+from conftest import BASELINE_STEPS, QUICK_TRAIN, ds_ext_run, run_summary
 from ds_ext.launch import split_argv
 
 ROOT = Path(__file__).resolve().parents[1]
-DS_EXT = [sys.executable, "-m", "ds_ext.launch"]
 TRAIN = str(ROOT / "examples" / "train.py")
 FLAKY = str(ROOT / "tests" / "workers" / "flaky_train.py")
 QUICK = ["--layers", "2", "--hidden", "64", "--seq_len", "64", "--eval_batches", "2"]
-
-
-def run(cmd, timeout=300, **kw):
-    """Run a command; a ``ds-ext`` run gets a free rendezvous port (not DeepSpeed's fixed 29500, which a previous
-    test's lingering agent may still hold)."""
-    if cmd[:len(DS_EXT)] == DS_EXT:
-        cmd = DS_EXT + ["--master_port", str(free_port())] + cmd[len(DS_EXT):]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
-
-
-def summary(proc) -> dict:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # the launcher's own log lines may follow rank 0's summary line
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def test_own_flags_are_taken_only_before_the_script():
@@ -77,7 +60,7 @@ def test_a_refusal_is_the_exit_status_of_the_ds_ext_command(tmp_path):
     """The refusal above through the real command: exit status 2 reaches the shell, the message its stderr."""
     cfg, message = bad_config(tmp_path, "incompatible")
     out = tmp_path / "out"
-    proc = run(DS_EXT + ["--config", str(cfg), FLAKY, "--out", str(out)], timeout=120)
+    proc = ds_ext_run(["--config", str(cfg), FLAKY, "--out", str(out)], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "no worker was started" in proc.stderr
     assert not out.exists(), "a worker ran although the config was refused"
@@ -100,7 +83,7 @@ def test_noloco_config_reaches_outer_steps_on_two_processes(tmp_path):
         cfg.pop(monitor, None)
     path = tmp_path / "noloco.json"
     path.write_text(json.dumps(cfg))
-    s = summary(run(DS_EXT + ["--config", str(path), TRAIN, "--max_steps", "5", "--eval_interval", "5"] + QUICK))
+    s = run_summary(ds_ext_run(["--config", str(path), TRAIN, "--max_steps", "5", "--eval_interval", "5"] + QUICK))
     assert s["steps"] == 5 and s["world_size"] == 2 and s["replicas"] == 2
     assert s["noloco/outer_step"] == 2 and s["noloco/mixed"] == 2, s  # 2 replicas always pair: both steps mixed
     assert s["last_loss"] < s["first_loss"]
@@ -108,7 +91,7 @@ def test_noloco_config_reaches_outer_steps_on_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_streambp_config_runs_five_steps_on_two_processes():
-    s = summary(run(DS_EXT + ["--config", "configs/streambp.json", TRAIN, "--max_steps", "5", "--eval_interval",
+    s = run_summary(ds_ext_run(["--config", "configs/streambp.json", TRAIN, "--max_steps", "5", "--eval_interval",
                               "5"] + QUICK))
     assert s["steps"] == 5 and s["world_size"] == 2 and s["streambp/streamed_layers"] >= 1, s
     assert s["last_loss"] < s["first_loss"]
@@ -120,7 +103,7 @@ def test_main_job_loss_falls(tmp_path):
     cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path), "job_name": "main"}
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
-    s = summary(run(DS_EXT + ["--config", str(path), TRAIN, "--max_steps", "60", "--eval_interval", "30"] + QUICK))
+    s = run_summary(ds_ext_run(["--config", str(path), TRAIN, "--max_steps", "60", "--eval_interval", "30"] + QUICK))
     # Byte-level loss starts near ln(259) = 5.56; 60 steps on code text reliably get well below 3.5.
     assert s["first_loss"] > 5.0 and s["last_loss"] < 3.5
     assert s["eval_loss_end"] < s["eval_loss_start"] - 1.5
@@ -132,10 +115,10 @@ def test_main_job_loss_falls(tmp_path):
 def test_resume_from_checkpoint_continues_exactly(tmp_path, baseline_run):
     """6 steps + save + resume to 12 steps ends with the same loss as 12 steps straight (the session's
     ``baseline_run``, the same command without a checkpoint): data position and optimizer state restored."""
-    base = DS_EXT + ["--config", "configs/baseline.json", TRAIN] + QUICK_TRAIN
+    base = ["--config", "configs/baseline.json", TRAIN] + QUICK_TRAIN
     half = BASELINE_STEPS // 2
-    summary(run(base + ["--max_steps", str(half), "--save_dir", str(tmp_path / "b")]))
-    resumed = summary(run(base + ["--max_steps", str(BASELINE_STEPS), "--save_dir", str(tmp_path / "b"),
+    run_summary(ds_ext_run(base + ["--max_steps", str(half), "--save_dir", str(tmp_path / "b")]))
+    resumed = run_summary(ds_ext_run(base + ["--max_steps", str(BASELINE_STEPS), "--save_dir", str(tmp_path / "b"),
                                   "--resume"]))
     assert resumed["start_step"] == half and resumed["steps"] == BASELINE_STEPS - half
     assert baseline_run["steps"] == BASELINE_STEPS and baseline_run["start_step"] == 0
@@ -145,7 +128,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, baseline_run):
 
 @pytest.mark.slow
 def test_max_restarts_relaunches_after_kill_9(tmp_path):
-    proc = run(DS_EXT + ["--config", "configs/baseline.json", "--max_restarts", "2", FLAKY, "--out", str(tmp_path),
+    proc = ds_ext_run(["--config", "configs/baseline.json", "--max_restarts", "2", FLAKY, "--out", str(tmp_path),
                          "--die_rank", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     started = {p.name for p in tmp_path.glob("started.*")}
@@ -158,7 +141,7 @@ def test_max_restarts_relaunches_after_kill_9(tmp_path):
 
 @pytest.mark.slow
 def test_without_restarts_a_killed_worker_fails_the_job(tmp_path):
-    proc = run(DS_EXT + ["--config", "configs/baseline.json", FLAKY, "--out", str(tmp_path), "--die_rank", "1"])
+    proc = ds_ext_run(["--config", "configs/baseline.json", FLAKY, "--out", str(tmp_path), "--die_rank", "1"])
     assert proc.returncode != 0
     # it failed because rank 1 killed itself after starting (not an import error or a bad path), and no restart ran
     assert (tmp_path / "started.1.0").exists(), proc.stderr[-3000:]
@@ -174,5 +157,5 @@ def test_mpirun_two_processes():
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, TRAIN,
            "--deepspeed_config", "configs/baseline.json", "--max_steps", "3", "--eval_interval", "3"] + QUICK
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    s = summary(proc)
+    s = run_summary(proc)
     assert s["steps"] == 3 and s["world_size"] == 2
