@@ -147,6 +147,15 @@ def run_peer(args, work: str, threads: int) -> dict:
     return out
 
 
+def fold_peer(res: dict, peer: dict) -> dict:
+    """``res`` with the peer setting's results and its top-level keys (ours vs TRL, TRL's faster thread count)."""
+    res["peer"] = peer
+    if "trl" in peer:
+        res["throughput_ratio_vs_trl"] = peer["throughput_ratio_vs_trl"]
+    res["trl_threads"] = peer["trl"]["threads"] if "trl" in peer else None
+    return res
+
+
 LONGTAIL_GROUPS, LONGTAIL_G = 8, 8
 
 
@@ -245,12 +254,8 @@ def main(argv=None) -> dict:
     work = tempfile.mkdtemp(prefix="ds_ext_asyncflow_bench_")
     threads = 1 + args.workers
     if args.only_peer:
-        res = {"peer": run_peer(args, work, threads)}
+        res = fold_peer({}, run_peer(args, work, threads))
         print_peer(res["peer"], args)
-        peer = res["peer"]
-        if "trl" in peer:
-            res["throughput_ratio_vs_trl"] = peer["throughput_ratio_vs_trl"]
-        res["trl_threads"] = peer["trl"]["threads"] if "trl" in peer else None
         args.longtail_steps = 0
     else:
         res = {} if args.only_longtail else run_short(args, work, threads)
@@ -287,10 +292,7 @@ def run_short(args, work: str, threads: int) -> dict:
            "max_observed_staleness": asyn["max_observed_staleness"],
            "trl": "installed" if importlib.util.find_spec("trl") is not None else "not installed"}
     if args.peer_steps > 0:
-        res["peer"] = peer = run_peer(args, work, threads)
-        if "throughput_ratio_vs_trl" in peer:
-            res["throughput_ratio_vs_trl"] = peer["throughput_ratio_vs_trl"]
-        res["trl_threads"] = peer["trl"]["threads"] if "trl" in peer else None
+        fold_peer(res, run_peer(args, work, threads))
     print(f"threads in total: {threads} (sync: 1 process x {threads} threads; async: {1 + args.workers} processes "
           f"x 1 thread)")
     print(f"{'mode':<7}{'samples/s':>11}{'trainer idle':>14}{'generate s':>12}{'reward first5':>15}"

@@ -77,20 +77,19 @@ def split_argv(argv: List[str]):
     return own, runner.parse_args(runner_argv), runner_argv
 
 
-def configured_procs(config_path: str) -> Optional[Tuple[int, str]]:
-    """``(trainer_ranks + rollout_workers, description)`` when the config sets ``ds_ext.asyncflow.rollout_workers``
-    (the config is already validated), else ``None``."""
-    from ds_ext.config import load_config_file, parse_ext_config
-    flow = parse_ext_config(load_config_file(config_path), config_path).asyncflow
+def configured_procs(parsed) -> Optional[Tuple[int, str]]:
+    """``(trainer_ranks + rollout_workers, description)`` when the validated config ``parsed`` (what
+    :func:`ds_ext.config.check_file` returned) sets ``ds_ext.asyncflow.rollout_workers``, else ``None``."""
+    flow = parsed.asyncflow
     if flow.rollout_workers is None:
         return None
     return (flow.trainer_ranks + flow.rollout_workers,
             f"ds_ext.asyncflow.trainer_ranks {flow.trainer_ranks} + rollout_workers {flow.rollout_workers}")
 
 
-def _apply_configured_procs(own: dict, ns, config_path: str) -> Optional[str]:
+def _apply_configured_procs(own: dict, ns, parsed) -> Optional[str]:
     """Fill ``own["num_procs"]`` from the config on a single-node launch; the problem (a message) on a mismatch."""
-    found = configured_procs(config_path)
+    found = configured_procs(parsed)
     if found is None or _is_multi_node(ns):
         return None
     procs, what = found
@@ -252,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from ds_ext.config import DsExtConfigError, check_file
     try:
-        check_file(own["config"])
+        parsed = check_file(own["config"])
     except DsExtConfigError as exc:
         print(exc, file=sys.stderr)
         print("ds-ext: no worker was started", file=sys.stderr)
@@ -263,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = os.path.abspath(own["config"])
     user_argv = ns.user_args + ["--deepspeed_config", config]
     try:
-        problem = _apply_configured_procs(own, ns, config)
+        problem = _apply_configured_procs(own, ns, parsed)
         max_restarts = _own_int(own, "max_restarts", 0, 0)
         rdzv_timeout = _own_int(own, "rdzv_timeout", RDZV_CONNECT_TIMEOUT_S, 1)
     except ValueError as exc:

@@ -10,7 +10,7 @@ import torch
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.hf_policy import HFPolicy
 from ds_ext.asyncflow.hf_slots import HFSlotDecoder
-from ds_ext.asyncflow.slots import sample
+from ds_ext.models.generate import sample
 
 from hf_dirs import make_model_dir, qwen2_config
 from test_asyncflow_continuous import VOCAB, run_slot_worker

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ds_ext_run
 from ds_ext import launch
+from ds_ext.config import check_file
 from ds_ext.asyncflow.queue import GroupMeta
 from ds_ext.asyncflow.scatter import balance, group_tokens
 
@@ -38,7 +39,7 @@ def test_launcher_refuses_a_process_count_that_contradicts_the_config(tmp_path, 
     assert "--num_procs 4" in err and "= 3 processes" in err and "no worker was started" in err, err
     # without --num_procs the config's count is used
     own, ns, _ = launch.split_argv(["--config", str(path), "x.py"])
-    assert launch._apply_configured_procs(own, ns, str(path)) is None and own["num_procs"] == "3"
+    assert launch._apply_configured_procs(own, ns, check_file(path)) is None and own["num_procs"] == "3"
 
 
 def test_a_streamed_micro_batch_splits_over_ranks_by_response_tokens():

@@ -20,7 +20,7 @@ the column), so a response admitted late attends exactly as it would alone. Call
   ignored) and sees only its own new column, so no attention row is empty.
 * :meth:`release` ``(slot)``: the slot is free; its columns are masked.
 
-Sampling (:func:`ds_ext.asyncflow.slots.sample`, shared with the reference decoder): ``softmax(logits /
+Sampling (:func:`ds_ext.models.generate.sample`, shared with the reference decoder): ``softmax(logits /
 temperature)``, cut to the top-p nucleus when ``top_p < 1`` (the smallest set of most likely tokens whose
 probability reaches ``top_p``, renormalised); ``temperature == 0`` is greedy.
 The log-prob returned is the behaviour log-prob of the sampled token under the distribution it was drawn from
@@ -34,7 +34,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ds_ext.asyncflow.slots import Prefix, sample
+from ds_ext.asyncflow.slots import Prefix
+from ds_ext.models.generate import sample
 
 
 def cache_kwarg(model) -> str:

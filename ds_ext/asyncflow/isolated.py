@@ -77,10 +77,23 @@ class _PipeQueue:
 
     def __init__(self, calls, kill_after: Optional[int]):
         self.calls, self.kill_after, self.delivered, self.worker = calls, kill_after, 0, None
+        self.lengths_sent = 0
+
+    def _stats(self):
+        """The worker's stats for the rank (its last word if this process dies), with only the ``response_lengths``
+        added since the previous call: that list grows with the run, so sending it whole on every queue call
+        would serialise the run's history again and again."""
+        stats = dict(self.worker.stats)
+        lengths = stats.pop("response_lengths", None)
+        if lengths is None:
+            return stats, None
+        new = lengths[self.lengths_sent:]
+        self.lengths_sent += len(new)
+        return stats, new
 
     def _call(self, method: str, *args):
         try:
-            self.calls.send_bytes(_pack(("call", method, args, dict(self.worker.stats))))
+            self.calls.send_bytes(_pack(("call", method, args, *self._stats())))
             status, value = _unpack(self.calls.recv_bytes())
         except (EOFError, OSError):
             os._exit(1)  # the rank process is gone
@@ -151,6 +164,7 @@ class IsolatedWorker:
         self.alive = True
         self._lock = threading.Lock()
         self.stats = {"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "weight_copies": 0}
+        self._lengths: list = []  # the child's response_lengths, received in increments
         self._send(("start", name, model_factory, task, cfg, threads, seed))
 
     def _send(self, msg) -> bool:
@@ -183,7 +197,11 @@ class IsolatedWorker:
                 return dict(msg[1], died=False)
             if msg[0] == "error":
                 raise RuntimeError(f"rollout worker {self.name} failed in its generator process:\n{msg[1]}")
-            _, method, args, self.stats = msg
+            _, method, args, stats, new_lengths = msg
+            if new_lengths is not None:  # the child sends only what it added (see _PipeQueue._stats)
+                self._lengths.extend(new_lengths)
+                stats["response_lengths"] = self._lengths
+            self.stats = stats
             try:
                 reply = ("ok", getattr(self.queue, method)(*args))
             except Exception as exc:  # noqa: BLE001 -- the child re-raises it where it called

@@ -13,9 +13,10 @@ write position. Call order:
   own cached positions only (key mask), its new token at its own position (RoPE by the slot's position).
 * :meth:`release` ``(slot)``: the slot is free for the next :meth:`admit` (its stale cache is masked out then).
 
-Sampling (:func:`sample`) is ``softmax(logits / temperature)``, cut to the top-p nucleus when ``top_p < 1`` (the
-smallest set of most likely tokens whose probability reaches ``top_p``, renormalised), with the decoder's generator;
-``temperature == 0`` is greedy. The log-prob returned is the behaviour log-prob of the sampled token under the
+Sampling (:func:`ds_ext.models.generate.sample`, shared with :class:`~ds_ext.models.generate.TokenSampler`) is
+``softmax(logits / temperature)``, cut to the top-p nucleus when ``top_p < 1`` (the smallest set of most likely
+tokens whose probability reaches ``top_p``, renormalised), with the decoder's generator; ``temperature == 0`` is
+greedy. The log-prob returned is the behaviour log-prob of the sampled token under the
 distribution it was drawn from (the untempered softmax when greedy, as
 :class:`~ds_ext.models.generate.TokenSampler`). Weights may change between calls (partial rollouts): cached
 positions keep the keys/values they were computed with.
@@ -27,6 +28,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ds_ext.models.generate import sample
 from ds_ext.models.llama import rope_cos_sin
 from ds_ext.ops.attention import grouped_sdpa
 from ds_ext.ops.rope import apply_rope
@@ -66,25 +68,6 @@ def _attend(layer, x, positions, k_cache, v_cache, key_mask, write_at):
     out = grouped_sdpa(q, k_cache[:, :, :used], v_cache[:, :, :used], attn_mask=visible[:, None])
     x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
     return x + layer.mlp(layer.post_attn_norm(x))
-
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``logits [..., V]`` -> (tokens ``[...]``, their behaviour log-probs ``[...]``, fp32); see the module doc."""
-    if temperature == 0:
-        logprobs = torch.log_softmax(logits.float(), -1)
-        tok = logprobs.argmax(-1)
-        return tok, logprobs.gather(-1, tok[..., None]).squeeze(-1)
-    logprobs = torch.log_softmax(logits.float() / temperature, -1)
-    if top_p < 1.0:
-        probs, order = logprobs.exp().sort(-1, descending=True)
-        # keep a token if the mass strictly before it is below top_p (the most likely token is always kept)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), -1)
-    flat = logprobs.reshape(-1, logprobs.shape[-1]).exp()
-    tok = torch.multinomial(flat, 1, generator=generator).view(logprobs.shape[:-1])
-    return tok, logprobs.gather(-1, tok[..., None]).squeeze(-1)
 
 
 class SlotDecoder:

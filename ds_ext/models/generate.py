@@ -29,6 +29,28 @@ class Generation:
     lengths: torch.Tensor    # [B] int64, EOS included
 
 
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``logits [..., V]`` -> (tokens ``[...]``, their log-probs ``[...]``, fp32): a draw from
+    ``softmax(logits / temperature)`` (argmax at 0), restricted to the nucleus of mass ``top_p`` and renormalised
+    when ``top_p < 1``; the log-prob is that of the distribution the token was drawn from. Shared by
+    :class:`TokenSampler` and the rollout slot decoders (``ds_ext.asyncflow.slots`` / ``hf_slots``)."""
+    if temperature == 0:
+        logprobs = torch.log_softmax(logits.float(), -1)
+        tok = logprobs.argmax(-1)
+        return tok, logprobs.gather(-1, tok[..., None]).squeeze(-1)
+    logprobs = torch.log_softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        probs, order = logprobs.exp().sort(-1, descending=True)
+        # keep a token if the mass strictly before it is below top_p (the most likely token is always kept)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), -1)
+    flat = logprobs.reshape(-1, logprobs.shape[-1]).exp()
+    tok = torch.multinomial(flat, 1, generator=generator).view(logprobs.shape[:-1])
+    return tok, logprobs.gather(-1, tok[..., None]).squeeze(-1)
+
+
 class TokenSampler:
     """The sampling half of a KV-cache loop, shared by the reference model's and transformers' samplers: draw each
     next token from ``softmax(logits / temperature)`` (argmax at 0), record it and its log-prob, pad after EOS."""
@@ -43,11 +65,7 @@ class TokenSampler:
 
     def step(self, logits: torch.Tensor) -> Tuple[torch.Tensor, bool]:
         """``logits: [B, V]`` of the next position -> (tokens ``[B]``, whether every sequence has ended)."""
-        t = self.temperature
-        logprobs = torch.log_softmax(logits.float() / t if t > 0 else logits.float(), -1)
-        tok = (logprobs.argmax(-1) if t == 0 else
-               torch.multinomial(logprobs.exp(), 1, generator=self.generator).squeeze(1))
-        lp = logprobs.gather(1, tok[:, None]).squeeze(1)
+        tok, lp = sample(logits, self.temperature, 1.0, self.generator)
         self.tokens.append(torch.where(self.done, torch.full_like(tok, self.pad_id), tok))
         self.logps.append(torch.where(self.done, torch.zeros_like(lp), lp))
         if self.eos_id is not None:
