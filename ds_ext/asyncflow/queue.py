@@ -29,6 +29,19 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
+def greedy_ranks(sizes: Sequence[int], load: List[int], count: List[int], share: int) -> List[int]:
+    """Token balancing, the one rule of the queue's assignment and the trainer scatter: items in order of size
+    (largest first, ties in the given order), each to the rank with the least ``load`` among ranks holding fewer than
+    ``share`` items (ties to the lower rank). Returns each item's rank; ``load`` and ``count`` are updated."""
+    ranks = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        rank = min((r for r in range(len(load)) if count[r] < share), key=lambda r: (load[r], r))
+        ranks[i] = rank
+        load[rank] += sizes[i]
+        count[rank] += 1
+    return ranks
+
+
 @dataclass
 class GroupMeta:
     """One GRPO group: ``group_size`` rows generated from one prompt by one producer with one policy version."""
@@ -225,12 +238,9 @@ class TransferQueue:
             if g.assigned_rank is not None:
                 load[g.assigned_rank] += g.tokens
                 count[g.assigned_rank] += 1
-        for g in sorted((g for g in groups if g.complete and g.assigned_rank is None), key=lambda g: -g.tokens):
-            open_ranks = [r for r in range(dp_size) if count[r] < share]
-            rank = min(open_ranks, key=lambda r: (load[r], r))
+        new = [g for g in groups if g.complete and g.assigned_rank is None]
+        for g, rank in zip(new, greedy_ranks([g.tokens for g in new], load, count, share)):
             g.assigned_rank = rank
-            load[rank] += g.tokens
-            count[rank] += 1
 
     def _hand_out(self, consumer: str, group: GroupMeta) -> Dict[str, Any]:
         self._consumed[consumer].add(group.group_id)

@@ -25,6 +25,8 @@ from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
+from ds_ext.asyncflow.queue import greedy_ranks
+
 
 def group_tokens(group: dict) -> int:
     return sum(int(s["response_len"]) for s in group["samples"])
@@ -34,11 +36,8 @@ def balance(groups: List[dict], world: int, per_rank: int) -> List[List[dict]]:
     """Split ``world x per_rank`` groups into ``world`` lists of ``per_rank``, balancing response tokens (greedy:
     longest group first, onto the open rank with the fewest tokens; ties to the lower rank)."""
     out: List[List[dict]] = [[] for _ in range(world)]
-    load = [0] * world
-    for g in sorted(groups, key=lambda g: -group_tokens(g)):
-        rank = min((r for r in range(world) if len(out[r]) < per_rank), key=lambda r: (load[r], r))
+    for g, rank in zip(groups, greedy_ranks([group_tokens(g) for g in groups], [0] * world, [0] * world, per_rank)):
         out[rank].append(g)
-        load[rank] += group_tokens(g)
     for lst in out:  # train in slot order within a micro-batch (deterministic collation)
         lst.sort(key=lambda g: g["meta"].index_in_slot)
     return out
