@@ -14,7 +14,7 @@ import pytest
 from dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 16
+STEPS = 32  # 16 steps left the rise inside the per-step noise under CPU contention (see the bound below)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_user_task_through_the_readme_command(tmp_path):
     (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = json.loads((ROOT / "configs" / "grpo_async.json").read_text())
     config.pop("csv_monitor")
-    config["optimizer"]["params"]["lr"] = 1e-2  # a random-init 2-layer model: the rise must show in 16 steps
+    config["optimizer"]["params"]["lr"] = 1e-2  # a random-init 2-layer model: the rise must show in 32 steps
     config["train_micro_batch_size_per_gpu"] = 16
     config["ds_ext"]["asyncflow"].update(group_size=4, groups_per_step=4, max_new_tokens=8, max_staleness=2,
                                          off_policy="decoupled")
@@ -53,7 +53,10 @@ def test_user_task_through_the_readme_command(tmp_path):
     ledger = json.loads((tmp_path / "ledger" / "ledger_rank0.json").read_text())
     trained = sorted(g[0] for groups in ledger["steps"].values() for g in groups)
     assert trained == list(range(STEPS * 4)), "a prompt index was trained twice or never"
-    # 5 steps x 16 samples each side. Measured over 6 runs (2026-12-02/03, 2 CPU cores): first5 0.047-0.051 (the
-    # random-init policy; spread ~2 %), last5 0.093-0.144 (ratio 1.89x-3.1x: thread interleaving varies the rollout
-    # order). A 1.5x bound sits well under the lowest rise seen and far above the start's own spread.
-    assert out["reward_last5"] > 1.5 * out["reward_first5"], out
+    # 5 steps x 16 samples each side; the per-step reward of 16 samples is noisy (0.004-0.17 around 0.05 at the start).
+    # Measured 2026-12-03 on 2 CPU cores: at 16 steps the rise was 2.06x-2.55x alone (8 runs) but 1.37x-2.36x with a
+    # busy process beside the run (8 runs) and 1.27x in one CI run: learning only starts after ~10 steps, and thread
+    # interleaving moves that point. At 32 steps (same wall time, ~25 s: start-up dominates) first5 0.045-0.051 and
+    # last5 0.42-0.69, ratio 9.3x-14x with the busy process (4 runs). A 3x bound is a third of the lowest rise seen
+    # and far above the start's own spread (~10 %).
+    assert out["reward_last5"] > 3 * out["reward_first5"], out
