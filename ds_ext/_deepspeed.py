@@ -31,7 +31,9 @@ INSTANCE_INTERNALS: List[Tuple[str, str]] = []
 # are not in INTERNALS; what (1) relies on (``initialize`` reading the engine classes as module globals at call
 # time) is checked on every call instead: :func:`initialize_with_engines` raises if DeepSpeed built another class.
 
-import functools  # noqa: E402  (Section A's imports stay in Section A)
+import contextlib  # noqa: E402  (Section A's imports stay in Section A)
+import functools  # noqa: E402
+import math  # noqa: E402
 import threading  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
@@ -57,10 +59,13 @@ def install_step_seam(mixin: type) -> type:
     ``DeepSpeedEngine.step()`` and by the pipeline engine's ``OptimizerStep`` instruction alike). The override runs
     the stock method, then ``self.ds_ext_after_model_step()``. ``mixin`` must come before DeepSpeed's engine in the
     MRO of the classes built from it. The override must be a method of the class (DeepSpeed calls it on ``self``);
-    installing it here keeps the private name in this module."""
+    installing it here keeps the private name in this module. When ``self.ds_ext_step_gradient_factor`` is set
+    (a float), this step's gradients are multiplied by it first (:func:`step_gradient_factor`), and it is reset."""
 
     def seam(self, lr_kwargs, *args, **kwargs):
-        getattr(super(mixin, self), _STEP_METHOD)(lr_kwargs, *args, **kwargs)
+        factor, self.ds_ext_step_gradient_factor = self.ds_ext_step_gradient_factor, None
+        with step_gradient_factor(self.optimizer, factor):  # undone before the hooks (the journal reads the scaler)
+            getattr(super(mixin, self), _STEP_METHOD)(lr_kwargs, *args, **kwargs)
         self.ds_ext_after_model_step()
 
     seam.__name__, seam.__qualname__ = _STEP_METHOD, f"{mixin.__qualname__}.{_STEP_METHOD}"
@@ -201,6 +206,44 @@ def set_scaler_state(optimizer, state: Dict[str, Any]) -> None:
     scaler = getattr(optimizer, "loss_scaler", None)
     for k, v in state.items():
         setattr(scaler, k, v)
+
+
+INSTANCE_INTERNALS += [("zero_optimizer", "custom_loss_scaler"), ("loss_scaler", "dynamic")]
+
+
+def can_scale_step_gradients(optimizer) -> bool:
+    """Whether :func:`step_gradient_factor` works on ``optimizer``: ZeRO-1/2 with a static loss scale (fp32 and
+    bf16; fp16's dynamic scaler would fold the factor into its overflow bookkeeping)."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    return (zero_partitions(optimizer) is not None and scaler is not None and not getattr(scaler, "dynamic", True)
+            and not getattr(optimizer, "custom_loss_scaler", True))
+
+
+@contextlib.contextmanager
+def step_gradient_factor(optimizer, factor: Optional[float]):
+    """Within the block, ZeRO-1/2's optimizer step multiplies the step's reduced gradients by ``factor`` before the
+    norm is taken, clipping applied and the update made (``None``: a plain step).
+
+    How: ZeRO's step divides the gradients by the loss scale (``unscale_and_clip_grads``) and reads the norm as
+    ``norm / loss_scale``; the backward passes of the step already ran with the static scale ``s``, so setting the
+    scale to ``s / factor`` for the step alone scales gradient, norm and clipping alike. The scale is restored on
+    leaving the block. Raises ``ValueError`` where :func:`can_scale_step_gradients` is false.
+    """
+    if factor is None:
+        yield
+        return
+    if not can_scale_step_gradients(optimizer):
+        raise ValueError(f"a step gradient factor needs ZeRO stage 1 or 2 with a static loss scale (fp32 or bf16), "
+                         f"not {type(optimizer).__name__}")
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"step gradient factor {factor!r}: must be a finite number > 0")
+    scaler = optimizer.loss_scaler
+    saved = scaler.cur_scale
+    scaler.cur_scale = saved / factor
+    try:
+        yield
+    finally:
+        scaler.cur_scale = saved
 
 
 def engine_counters(engine, micro_step_pending: bool = False) -> Dict[str, int]:

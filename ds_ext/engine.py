@@ -11,7 +11,8 @@ The engines add exactly three things, each marked ``# ds_ext addition:``:
   (both engines reach it through DeepSpeed's per-step method, overridden by ``_deepspeed.install_step_seam``) each
   feature's ``after_optimizer_step(engine)`` runs, ``after_skipped_step(engine)`` for a step skipped on overflow;
   while those run ``engine.ds_ext_in_step`` is True (DeepSpeedEngine.step() has not yet counted the micro-step);
-  any other hook is sent with the public event bus :meth:`~DsExtEngineMixin.ds_ext_notify`;
+  any other hook is sent with the public event bus :meth:`~DsExtEngineMixin.ds_ext_notify`; the same seam applies a
+  one-step gradient factor set by :meth:`~DsExtEngineMixin.ds_ext_scale_step_gradients` (ZeRO-1/2);
   :meth:`~DsExtEngineMixin.ds_ext_close` closes and detaches every feature;
 * ``save_checkpoint`` / ``load_checkpoint`` write each rank's feature ``state_dict()`` (NoLoCo outer weights, ...)
   beside DeepSpeed's files, ``<dir>/<tag>/ds_ext_state_rank<R>.pt``, and give each replica its own directory
@@ -27,6 +28,7 @@ message that names the missing members.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, List
 
@@ -35,7 +37,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from ds_ext._deepspeed import install_step_seam
+from ds_ext._deepspeed import can_scale_step_gradients, install_step_seam
 from ds_ext.config import DsExtConfig
 from ds_ext.contract import HOOKS, Feature, FeatureBase, Phase
 from ds_ext.topology import Topology
@@ -59,6 +61,7 @@ class DsExtEngineMixin:
         self.topology = topology
         self.ds_ext_features: List[Feature] = []  # phase order; read it, change it only through attach/close
         self.ds_ext_in_step = False
+        self.ds_ext_step_gradient_factor = None  # read and reset by the step seam (ds_ext_scale_step_gradients)
         self._ds_ext_started = False
         super().__init__(*args, **kwargs)
 
@@ -108,6 +111,24 @@ class DsExtEngineMixin:
             self.ds_ext_notify("after_optimizer_step" if self.was_step_applied() else "after_skipped_step")
         finally:
             self.ds_ext_in_step = False
+
+    def ds_ext_can_scale_step_gradients(self) -> bool:
+        """Whether :meth:`ds_ext_scale_step_gradients` works on this engine (ZeRO-1/2, static loss scale)."""
+        return can_scale_step_gradients(self.optimizer)
+
+    def ds_ext_scale_step_gradients(self, factor: float) -> None:
+        """Multiply the gradients of the next optimizer step by ``factor`` (> 0) before its norm, clipping and
+        update: for a normaliser known only once the step's micro-batches were all backpropagated (the async
+        trainer streams DAPO micro-batches with an estimated token total, then corrects by estimate / total).
+        Call after the step's last ``backward`` and before its ``step()``; applies to that one step. ZeRO-1/2 with
+        a static loss scale only (``ValueError`` otherwise, raised here rather than inside the step)."""
+        # ds_ext addition: the step seam (``_deepspeed.install_step_seam``) applies and resets it
+        if not self.ds_ext_can_scale_step_gradients():
+            raise ValueError("ds_ext_scale_step_gradients needs ZeRO stage 1 or 2 with a static loss scale (fp32 or "
+                             f"bf16); this engine's optimizer is {type(self.optimizer).__name__}")
+        if not (factor > 0 and math.isfinite(factor)):
+            raise ValueError(f"ds_ext_scale_step_gradients({factor!r}): the factor must be a finite number > 0")
+        self.ds_ext_step_gradient_factor = float(factor)
 
     def ds_ext_notify(self, hook_name: str) -> None:
         """Call ``hook_name(engine)`` on every attached feature, in phase order: the engine's event bus (e.g. the

@@ -155,3 +155,92 @@ def test_local_and_step_weights_are_one_function_with_the_config_defaults(norm):
     step = step_token_weights(mask, norm, N, int(mask.sum()), L_MAX, gas=1, dp=1)
     assert torch.allclose(loss.weights, step, rtol=1e-6, atol=0)  # fp32: one division order vs another
     assert (loss.eps_low, loss.eps_high) == (AsyncFlowConfig().eps_low, AsyncFlowConfig().eps_high) == (0.2, 0.28)
+
+
+def _dapo_step(norm_tokens, factor, stage, bf16, clip):
+    """One ZeRO step of the DAPO loss on 2 ranks x 2 micro-batches (SGD, clipping at ``clip``; lr 1e4 so
+    that the change, read as a difference of parameters, is larger than the parameters' own rounding):
+    token weights with ``norm_tokens`` as the denominator, then ``factor`` applied to the step's gradients
+    (``None``: a plain step). Returns the parameter change and the engine's gradient norm."""
+    import deepspeed
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    gas, dp, micro = 2, 2, 2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas, "gradient_clipping": clip,
+              "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
+              "optimizer": {"type": "SGD", "params": {"lr": 1e4}}, "zero_allow_untested_optimizer": True}
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config)
+    rank = deepspeed.comm.get_rank()
+    x, mask, rewards, noise = batch()
+    with torch.no_grad():
+        lp0 = model_logprobs(engine.module, x)
+    old = lp0.float() + noise[0]
+    adv = group_advantages(rewards, 4)
+    mine = list(range(rank * 4, rank * 4 + 4))
+    for k in range(gas):
+        idx = mine[k * micro:(k + 1) * micro]
+        weights = step_token_weights(mask[idx], "dapo", N, norm_tokens, L_MAX, gas, dp)
+        loss_fn = GRPOTokenLoss(targets=x[idx, 1:], mask=mask[idx], advantages=adv[idx], old_logprobs=old[idx],
+                                eps_low=EPS_LOW, eps_high=EPS_HIGH, weights=weights)
+        logits = engine(x[idx, :-1]).float()
+        lp = torch.log_softmax(logits, -1).gather(-1, x[idx, 1:, None]).squeeze(-1)
+        engine.backward(loss_fn.from_logprobs(lp))
+        if k == gas - 1 and factor is not None:
+            engine.ds_ext_scale_step_gradients(factor)
+        engine.step()
+    change = {n: (p.detach().float() - before[n], before[n].norm()) for n, p in engine.module.named_parameters()}
+    scale = engine.optimizer.loss_scaler.cur_scale
+    return change, float(engine.get_global_grad_norm()), scale
+
+
+CASES = ((1, False, 0.01), (1, False, 100.0), (2, False, 100.0), (1, True, 100.0))  # ZeRO stage, bf16, clip
+
+
+def _dapo_stream_body():
+    out = {}
+    total = int(batch()[1].sum())
+    estimate = N * L_MAX  # the trainer's estimate: responses x max_new_tokens
+    for case in CASES:
+        out[case] = (_dapo_step(total, None, *case), _dapo_step(estimate, estimate / total, *case))
+    return out
+
+
+@pytest.mark.slow
+def test_a_streamed_dapo_step_corrected_at_the_end_is_the_whole_step_dapo_update():
+    """Streamed DAPO: micro-batches weighted by the estimate N x L_MAX, the step's gradient multiplied by
+    estimate / total before the norm, clipping and update, gives the update of weights by the true total."""
+    for result in run_distributed(_dapo_stream_body, world_size=2, timeout=300):
+        for (stage, bf16, clip), ((exact, exact_norm, s0), (streamed, streamed_norm, s1)) in result.items():
+            assert s0 == s1 == 1.0, "the loss scale is restored after the step"
+            # clip 0.01 binds (the update's size is the clip's, so only the norm shows the factor); clip 100 does not
+            assert (exact_norm > clip) == (clip < 1), (exact_norm, clip)
+            # fp32: one extra rounding of the gradient (x factor) and another summation scale -> 1e-6, plus the
+            # change being read as a difference of parameters: one rounding of the parameter (fp32 eps 1.2e-7 x
+            # |p|). bf16: the micro-batch gradients are rounded to bf16 (8-bit mantissa, 2^-8 = 0.4 %) at another
+            # magnitude, and so are the updated parameters (eps 7.8e-3 x |p|) -> 2e-2 and 1e-2.
+            tol, eps = (2e-2, 1e-2) if bf16 else (1e-6, 1.2e-7)
+            assert abs(streamed_norm - exact_norm) <= tol * exact_norm, (stage, bf16)
+            for name, (d, p_norm) in exact.items():
+                assert (streamed[name][0] - d).norm() <= tol * d.norm() + eps * p_norm, (stage, bf16, name)
+
+
+def _zero0_body():
+    import ds_ext
+    from ds_ext.models import LlamaForCausalLM, ModelConfig
+    model = LlamaForCausalLM(ModelConfig(**TINY))
+    config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 0},
+              "optimizer": {"type": "SGD", "params": {"lr": 1.0}}}
+    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config)
+    try:
+        engine.ds_ext_scale_step_gradients(0.5)
+    except ValueError as e:
+        return engine.ds_ext_can_scale_step_gradients(), str(e)
+    return engine.ds_ext_can_scale_step_gradients(), None
+
+
+def test_the_step_gradient_factor_is_refused_outside_zero_1_and_2():
+    can, message = run_distributed(_zero0_body, world_size=1, timeout=120)[0]
+    assert can is False and message is not None and "ZeRO stage 1 or 2" in message, message

@@ -2,7 +2,8 @@
 the launcher's process count from ``asyncflow.rollout_workers``.
 
 The slow test is one real run as a user starts it: ``ds-ext`` (no ``--num_procs``: the config's 2 trainer ranks + 2
-rollout workers), Dr.GRPO normalisation (micro-batches stream; DAPO's token-mean would wait for the whole step), and
+rollout workers), DAPO normalisation (micro-batches stream with an estimated token total, corrected before the
+update: tests/test_asyncflow_grpo.py checks the correction is exact), and
 ``--kill_group`` kills rollout rank 3's generator process while it holds a reservation."""
 import csv
 import importlib.util
@@ -70,7 +71,7 @@ def _csv(tmp_path, name: str) -> list:
 @pytest.mark.slow
 def test_two_trainer_ranks_stream_and_a_dead_workers_groups_are_regenerated(tmp_path):
     path = _config(tmp_path, trainer_ranks=2, rollout_workers=2, group_size=G, groups_per_step=GROUPS,
-                   max_new_tokens=6, loss_norm="dr_grpo", max_staleness=1)
+                   max_new_tokens=6, loss_norm="dapo", max_staleness=1)
     ledgers = tmp_path / "ledger"
     proc = ds_ext_run(["--config", path, ROOT / "examples" / "grpo.py", "--steps", STEPS, "--sft_steps", 0,
                        "--hidden", HIDDEN, "--layers", LAYERS, "--plot", tmp_path / "reward.png",

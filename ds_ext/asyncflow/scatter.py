@@ -4,14 +4,15 @@ talk to the queue.
 
 Two paths, chosen by the trainer's first call of a step (every rank runs the same code, so they agree):
 
-* **Streaming** (``take`` first; GRPO and Dr.GRPO normalisation): each ``take`` of ``n`` groups is one collective
+* **Streaming** (``take`` first; every normalisation on ZeRO-1/2, see :mod:`ds_ext.asyncflow.trainer`): each ``take`` of ``n`` groups is one collective
   micro-batch. Rank 0 takes the next ``n x world`` complete groups of the slot as they arrive (running
   ``idle_work`` -- local generation -- while too few are complete), splits them over the ranks by response tokens
   (greedy, longest group first, to the rank with the fewest tokens among those with fewer than ``n`` groups) and
   scatters them. Every rank then trains that micro-batch while the rollout workers keep generating the rest of the
-  step. ``last_streamed`` says whether the micro-batch was handed out before the step's last group completed.
-* **Whole step** (``slot_tokens`` first; DAPO's token-mean needs the whole step's response-token total before the
-  first micro-batch): rank 0 waits until the slot is complete, splits it by the queue's token balancing
+  step. ``last_streamed`` says whether the micro-batch was handed out before the step's last group completed. A
+  ``slot_tokens`` call after the step's last ``take`` (streamed DAPO's correction) is answered from what rank 0
+  handed out: each rank gets its replica's response-token total (collective).
+* **Whole step** (``slot_tokens`` first; DAPO where the engine cannot correct a streamed step): rank 0 waits until the slot is complete, splits it by the queue's token balancing
   (``dp_size = world``) and scatters each rank its whole share with its replica's token total; later ``take`` calls
   are served from the rank's list. Nothing streams on this path (``last_streamed`` is ``False``).
 
@@ -52,6 +53,8 @@ class ScatteredQueue:
         self.mine: List[dict] = []
         self.replica_tokens = 0
         self.last_streamed = False
+        self.streaming_slot: Optional[int] = None  # the slot handed out micro-batch by micro-batch
+        self.streamed_tokens = [0] * world          # rank 0: response tokens handed to each rank in that slot
 
     def _scatter(self, payload: Optional[list]):
         out = [None]
@@ -79,9 +82,7 @@ class ScatteredQueue:
                 per_rank[r] += more or []
             if any(len(g) < share for g in per_rank):
                 self._wait_a_little()
-        tokens = [sum(group_tokens(g) for g in groups) for groups in per_rank]
-        replica_tokens = [sum(tokens[r] for r in range(self.world) if self.replica_of(r) == self.replica_of(k))
-                          for k in range(self.world)]
+        replica_tokens = self._replica_totals([sum(group_tokens(g) for g in groups) for groups in per_rank])
         return [(per_rank[k], replica_tokens[k]) for k in range(self.world)]
 
     # -- streaming -----------------------------------------------------------------------------------------------
@@ -93,7 +94,14 @@ class ScatteredQueue:
                 self._wait_a_little()
         # the slot is still incomplete now: this micro-batch trains while the step's other groups are generated
         streamed = self.queue.slot_tokens(slot, wait=False) is None
-        return [(groups, streamed) for groups in balance(got, self.world, n)]
+        shares = balance(got, self.world, n)
+        for rank, groups in enumerate(shares):
+            self.streamed_tokens[rank] += sum(group_tokens(g) for g in groups)
+        return [(groups, streamed) for groups in shares]
+
+    def _replica_totals(self, tokens: List[int]) -> List[int]:
+        return [sum(tokens[r] for r in range(self.world) if self.replica_of(r) == self.replica_of(k))
+                for k in range(self.world)]
 
     # -- the queue's consumer interface ------------------------------------------------------------------------
     def take(self, consumer: str, slot: int, max_groups: int, dp_rank: int = 0, dp_size: int = 1,
@@ -101,11 +109,15 @@ class ScatteredQueue:
         if self.slot == slot:  # the whole step was gathered (DAPO): serve from this rank's list
             out, self.mine = self.mine[:max_groups], self.mine[max_groups:]
             return out
+        if self.streaming_slot != slot:
+            self.streaming_slot, self.streamed_tokens = slot, [0] * self.world
         payload = self._gather_micro(slot, max_groups) if self.rank == 0 else None
         groups, self.last_streamed = self._scatter(payload)
         return groups
 
     def slot_tokens(self, slot: int, wait: bool = True, timeout: Optional[float] = None) -> int:
+        if self.streaming_slot == slot:  # after the step's takes: the replica's total of what was handed out
+            return self._scatter(self._replica_totals(self.streamed_tokens) if self.rank == 0 else None)
         self._begin(slot)
         return self.replica_tokens
 

@@ -1,7 +1,7 @@
 """GRPO trainer on a ds_ext DeepSpeed engine, fed by the transfer queue.
 
-Step ``V`` (call order): the slot's response/token totals (DAPO waits for the whole slot's lengths; GRPO and
-Dr.GRPO need only counts known up front) -> for each of the ``gas`` micro-batches: take this rank's next complete
+Step ``V`` (call order): the slot's response/token totals (GRPO and Dr.GRPO need only counts known up front; DAPO
+see below) -> for each of the ``gas`` micro-batches: take this rank's next complete
 groups of slot ``V`` -> advantages per group -> forward (packed with Prefix Grouper when the engine has it, else
 one row per response) -> GRPO token loss with global weights -> ``engine.backward`` / ``engine.step`` -> after the
 last micro-batch, ``finish_slot(V)`` (rank 0) and the new weights go to the rollout workers (``on_weights``).
@@ -9,8 +9,14 @@ last micro-batch, ``finish_slot(V)`` (rank 0) and the new weights go to the roll
 Streaming: a micro-batch is taken as soon as enough complete groups of slot ``V`` exist, so training overlaps the
 rollout of the same step (with several trainer ranks through :mod:`ds_ext.asyncflow.scatter`). The step's metrics
 count the micro-batches handed out before the slot's last group completed (``streamed_micro_batches`` of
-``micro_batches``; at most ``gas - 1`` per step, the last micro-batch holding the slot's last group). DAPO's
-token-mean (``loss_norm="dapo"``) waits for the whole slot's token total first, so nothing streams under it.
+``micro_batches``; at most ``gas - 1`` per step, the last micro-batch holding the slot's last group).
+
+DAPO's token-mean (``loss_norm="dapo"``) divides by the step's response-token total ``T``, known only once the slot's
+last group is complete. Streamed, each micro-batch is weighted with the fixed estimate ``T_est = responses x
+max_new_tokens`` instead, and before the step's update the accumulated gradient is multiplied by ``T_est / T``
+(``engine.ds_ext_scale_step_gradients``: ahead of the norm, clipping and update, so the step is DAPO's exactly, up to
+fp32 rounding). That needs ZeRO-1/2 with a static loss scale; on any other engine (ZeRO-0, fp16's dynamic scale) the
+trainer waits for ``T`` before the first micro-batch, and nothing streams under DAPO.
 
 Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]`` (``L``: the longest
 response of the micro-batch); the response token
@@ -143,8 +149,11 @@ class GRPOTrainer:
 
     def train_step(self, version: int) -> Dict[str, float]:
         cfg = self.cfg
-        step_tokens = self._slot_tokens(version) if cfg.loss_norm == "dapo" else 0
         responses = cfg.groups_per_step * cfg.group_size // self.replicas
+        dapo = cfg.loss_norm == "dapo"
+        stream_dapo = dapo and self.engine.ds_ext_can_scale_step_gradients()
+        # DAPO's denominator: the estimate while streaming (corrected before the update), else the slot's total
+        step_tokens = (responses * cfg.max_new_tokens if stream_dapo else self._slot_tokens(version)) if dapo else 0
         rewards, lags, trained, is_w, token_lags = [], [], [], [], []
         streamed = 0
         for micro in range(self.gas):
@@ -168,6 +177,8 @@ class GRPOTrainer:
             self.engine.backward(loss)
             is_w.append(loss_fn.is_weights(logprobs)[batch["mask"]])
             rewards.append(batch["rewards"])
+            if micro == self.gas - 1 and stream_dapo:  # every group of the slot is in now: T is known
+                self.engine.ds_ext_scale_step_gradients(step_tokens / max(1, self._slot_tokens(version)))
             if micro == self.gas - 1 and self.ledger is not None:
                 self.ledger.set_step(self.engine.global_steps + 1, trained, torch.cat(rewards).mean().item())
             self.engine.step()
