@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from ds_ext.asyncflow.rollout import new_stats
+
 _prestarted = None
 _kill_after: Optional[int] = None
 
@@ -163,7 +165,7 @@ class IsolatedWorker:
         self.queue = queue.rpc_sync() if hasattr(queue, "rpc_sync") else queue
         self.alive = True
         self._lock = threading.Lock()
-        self.stats = {"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "weight_copies": 0}
+        self.stats = new_stats()
         self._lengths: list = []  # the child's response_lengths, received in increments
         self._send(("start", name, model_factory, task, cfg, threads, seed))
 

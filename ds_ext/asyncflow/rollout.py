@@ -27,6 +27,12 @@ from ds_ext.asyncflow.rewards import RewardError
 from ds_ext.asyncflow.task import Task
 from ds_ext.models.generate import generate
 
+
+def new_stats() -> Dict[str, Any]:
+    """A rollout worker's counters at start (the in-process worker, the isolated one's rank-side mirror, and the
+    stand-in for a rank that died all report these keys)."""
+    return {"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "weight_copies": 0}
+
 COLUMNS = ("prompt_ids", "response_ids", "response_len", "logprobs", "token_versions", "reward", "prompt_index")
 
 
@@ -50,7 +56,7 @@ class RolloutWorker:
         self._mailbox = None
         self._lock = threading.Lock()
         self.generator = torch.Generator().manual_seed(seed)
-        self.stats = {"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "weight_copies": 0}
+        self.stats = new_stats()
         self.stop = False
 
     def set_weights(self, version: int, state: Dict[str, torch.Tensor]) -> None:

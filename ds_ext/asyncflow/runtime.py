@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
-from ds_ext.asyncflow.rollout import RolloutWorker
+from ds_ext.asyncflow.rollout import RolloutWorker, new_stats
 from ds_ext.asyncflow.scatter import ScatteredQueue
 from ds_ext.asyncflow.task import Task
 from ds_ext.asyncflow.trainer import GRPOTrainer
@@ -141,8 +141,7 @@ def _stop_workers(pusher: WeightPusher, runs: dict, queue) -> list:
         try:
             stats.append(fut.wait())
         except Exception as exc:  # noqa: BLE001 -- its rank is gone; the run still ended
-            stats.append({"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "died": True,
-                          "error": f"{type(exc).__name__}: {exc}"})
+            stats.append({**new_stats(), "died": True, "error": f"{type(exc).__name__}: {exc}"})
     return stats
 
 
