@@ -212,11 +212,19 @@ INSTANCE_INTERNALS += [("zero_optimizer", "custom_loss_scaler"), ("loss_scaler",
 
 
 def can_scale_step_gradients(optimizer) -> bool:
-    """Whether :func:`step_gradient_factor` works on ``optimizer``: ZeRO-1/2 with a static loss scale (fp32 and
-    bf16; fp16's dynamic scaler would fold the factor into its overflow bookkeeping)."""
+    """Whether :func:`step_gradient_factor` works on ``optimizer``: DeepSpeed's ZeRO-1/2 optimizer with fp32 or bf16
+    parameters (a static loss scale). Not fp16 (its dynamic scaler folds the scale into its overflow bookkeeping,
+    and gradients made smaller by the factor's inverse risk underflow), not a custom loss scaler, not Muon
+    parameters (ZeRO re-multiplies Muon's updates by the loss scale, which would cancel the factor), not
+    ``BF16_Optimizer`` (bf16 with ``grad_accum_dtype`` fp32) or ZeRO-3."""
+    import torch
     scaler = getattr(optimizer, "loss_scaler", None)
-    return (zero_partitions(optimizer) is not None and scaler is not None and not getattr(scaler, "dynamic", True)
-            and not getattr(optimizer, "custom_loss_scaler", True))
+    if zero_partitions(optimizer) is None or scaler is None or getattr(scaler, "dynamic", True):
+        return False
+    params = [p for group in zero_param_groups(optimizer) for p in group]  # ZeRO's low-precision (or fp32) params
+    if getattr(optimizer, "custom_loss_scaler", True) or any(p.dtype == torch.float16 for p in params):
+        return False
+    return not any(getattr(p, "use_muon", False) for p in params)
 
 
 @contextlib.contextmanager
@@ -233,8 +241,8 @@ def step_gradient_factor(optimizer, factor: Optional[float]):
         yield
         return
     if not can_scale_step_gradients(optimizer):
-        raise ValueError(f"a step gradient factor needs ZeRO stage 1 or 2 with a static loss scale (fp32 or bf16), "
-                         f"not {type(optimizer).__name__}")
+        raise ValueError(f"a step gradient factor needs DeepSpeed's ZeRO stage 1 or 2 optimizer on fp32 or bf16 "
+                         f"parameters without Muon, not this {type(optimizer).__name__}")
     if not (factor > 0 and math.isfinite(factor)):
         raise ValueError(f"step gradient factor {factor!r}: must be a finite number > 0")
     scaler = optimizer.loss_scaler

@@ -113,19 +113,20 @@ class DsExtEngineMixin:
             self.ds_ext_in_step = False
 
     def ds_ext_can_scale_step_gradients(self) -> bool:
-        """Whether :meth:`ds_ext_scale_step_gradients` works on this engine (ZeRO-1/2, static loss scale)."""
+        """Whether :meth:`ds_ext_scale_step_gradients` works on this engine (ZeRO-1/2 in fp32 or bf16; see
+        ``ds_ext._deepspeed.can_scale_step_gradients`` for what is excluded)."""
         return can_scale_step_gradients(self.optimizer)
 
     def ds_ext_scale_step_gradients(self, factor: float) -> None:
         """Multiply the gradients of the next optimizer step by ``factor`` (> 0) before its norm, clipping and
         update: for a normaliser known only once the step's micro-batches were all backpropagated (the async
         trainer streams DAPO micro-batches with an estimated token total, then corrects by estimate / total).
-        Call after the step's last ``backward`` and before its ``step()``; applies to that one step. ZeRO-1/2 with
-        a static loss scale only (``ValueError`` otherwise, raised here rather than inside the step)."""
+        Call after the step's last ``backward`` and before its ``step()``; applies to that one step. Where
+        :meth:`ds_ext_can_scale_step_gradients` is false, ``ValueError`` (here rather than inside the step)."""
         # ds_ext addition: the step seam (``_deepspeed.install_step_seam``) applies and resets it
         if not self.ds_ext_can_scale_step_gradients():
-            raise ValueError("ds_ext_scale_step_gradients needs ZeRO stage 1 or 2 with a static loss scale (fp32 or "
-                             f"bf16); this engine's optimizer is {type(self.optimizer).__name__}")
+            raise ValueError("ds_ext_scale_step_gradients needs DeepSpeed's ZeRO stage 1 or 2 optimizer on fp32 or "
+                             f"bf16 parameters without Muon; this engine's optimizer is {type(self.optimizer).__name__}")
         if not (factor > 0 and math.isfinite(factor)):
             raise ValueError(f"ds_ext_scale_step_gradients({factor!r}): the factor must be a finite number > 0")
         self.ds_ext_step_gradient_factor = float(factor)

@@ -11,7 +11,8 @@ Two paths, chosen by the trainer's first call of a step (every rank runs the sam
   scatters them. Every rank then trains that micro-batch while the rollout workers keep generating the rest of the
   step. ``last_streamed`` says whether the micro-batch was handed out before the step's last group completed. A
   ``slot_tokens`` call after the step's last ``take`` (streamed DAPO's correction) is answered from what rank 0
-  handed out: each rank gets its replica's response-token total (collective).
+  handed out: each rank gets its replica's response-token total (collective; called before the step's last
+  ``take`` it would count only the groups handed out so far).
 * **Whole step** (``slot_tokens`` first; DAPO where the engine cannot correct a streamed step): rank 0 waits until the slot is complete, splits it by the queue's token balancing
   (``dp_size = world``) and scatters each rank its whole share with its replica's token total; later ``take`` calls
   are served from the rank's list. Nothing streams on this path (``last_streamed`` is ``False``).

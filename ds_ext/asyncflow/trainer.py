@@ -15,8 +15,9 @@ DAPO's token-mean (``loss_norm="dapo"``) divides by the step's response-token to
 last group is complete. Streamed, each micro-batch is weighted with the fixed estimate ``T_est = responses x
 max_new_tokens`` instead, and before the step's update the accumulated gradient is multiplied by ``T_est / T``
 (``engine.ds_ext_scale_step_gradients``: ahead of the norm, clipping and update, so the step is DAPO's exactly, up to
-fp32 rounding). That needs ZeRO-1/2 with a static loss scale; on any other engine (ZeRO-0, fp16's dynamic scale) the
-trainer waits for ``T`` before the first micro-batch, and nothing streams under DAPO.
+fp32 rounding). That needs ZeRO-1/2 in fp32 or bf16 (``engine.ds_ext_can_scale_step_gradients``) and more than one
+micro-batch per step; otherwise the trainer waits for ``T`` before the first micro-batch (nothing streams under DAPO
+there; with one micro-batch nothing could).
 
 Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]`` (``L``: the longest
 response of the micro-batch); the response token
@@ -151,7 +152,9 @@ class GRPOTrainer:
         cfg = self.cfg
         responses = cfg.groups_per_step * cfg.group_size // self.replicas
         dapo = cfg.loss_norm == "dapo"
-        stream_dapo = dapo and self.engine.ds_ext_can_scale_step_gradients()
+        # an engine built by deepspeed.initialize without ds_ext has no gradient factor: DAPO waits for T there
+        can_scale = getattr(self.engine, "ds_ext_can_scale_step_gradients", lambda: False)
+        stream_dapo = dapo and self.gas > 1 and can_scale()
         # DAPO's denominator: the estimate while streaming (corrected before the update), else the slot's total
         step_tokens = (responses * cfg.max_new_tokens if stream_dapo else self._slot_tokens(version)) if dapo else 0
         rewards, lags, trained, is_w, token_lags = [], [], [], [], []
