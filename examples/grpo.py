@@ -28,12 +28,14 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from ds_ext.asyncflow import runtime
+from ds_ext.asyncflow.continuous import percentile_lengths
 from ds_ext.asyncflow.rewards import RewardError
 from ds_ext.asyncflow.task import (EXACT_MATCH, PREFIX_MATCH, AdditionPrompts, ReversePrompts, Task, TaskError,
                                    build_task)
@@ -458,12 +460,14 @@ def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: in
         out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
         out["decode_steps"] = decode
         # the responses of the trained steps (not the groups an async worker generated ahead of the last step)
-        lengths = sorted(n for r in slots for slot, n in r["response_lengths"] if start <= slot < steps)
+        lengths = Counter()
+        for r in slots:
+            lengths.update(r["response_lengths"].histogram(start, steps))
         if lengths:
-            out["response_tokens_per_s"] = sum(lengths) / max(result["seconds"], 1e-9)
-            out["length_mean"] = sum(lengths) / len(lengths)
-            out["length_p50"] = lengths[len(lengths) // 2]
-            out["length_p99"] = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+            tokens, count = sum(n * c for n, c in lengths.items()), sum(lengths.values())
+            out["response_tokens_per_s"] = tokens / max(result["seconds"], 1e-9)
+            out["length_mean"] = tokens / count
+            out["length_p50"], out["length_p99"] = percentile_lengths(lengths, (0.5, 0.99))
     workers = result["rollout"] if sync else result["rollout"][:-1]  # async: the trainer's own worker is last
     out["rollout_idle_fraction"] = 1 - (sum(r["generate_s"] for r in workers)
                                         / max(1e-9, result["seconds"] * max(1, len(workers))))

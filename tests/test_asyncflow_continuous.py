@@ -1,9 +1,14 @@
 """Continuous batching in a rollout worker: fixed slots with one KV cache, a finished response's slot refilled at
 once; the behaviour log-probs are the policy's own (teacher-forced) and the decode batch stays full while work is
 pending, where one-group-at-a-time decoding idles on the long tail."""
+import random
+from collections import Counter
+
+import pytest
 import torch
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
+from ds_ext.asyncflow.continuous import LengthLog, percentile_lengths
 from ds_ext.asyncflow.queue import TransferQueue
 from ds_ext.asyncflow.rewards import RewardFn
 from ds_ext.asyncflow.rollout import RolloutWorker
@@ -61,3 +66,27 @@ def test_slots_refill_at_once_and_keep_the_policy_logprobs():
     per_group = lengths.view(5, 4)
     one_at_a_time = float((per_group - 1).sum() / (4 * (per_group.max(1).values - 1).sum()))
     assert s["fill_fraction"] > one_at_a_time, (s["fill_fraction"], one_at_a_time)
+
+
+def test_length_log_is_bounded_and_reports_the_trained_slots_exactly():
+    """Per-slot histograms for the newest ``window`` slots, older ones folded: the report over ``[start, stop)``
+    equals the plain sorted list's mean and percentiles, slots generated ahead of ``stop`` are left out, memory stays
+    at ``window`` slots, and the child's increments (take_unsent) rebuild the same log on the rank."""
+    rng = random.Random(0)
+    log, rank_side = LengthLog(window=4, track_unsent=True), LengthLog(window=4)
+    pairs = [(slot, rng.choice([1, 2, 3, 50, 300])) for slot in range(3, 23) for _ in range(rng.randint(1, 9))]
+    for slot, n in pairs:
+        log.add(slot, [n])
+        if rng.random() < 0.3:
+            rank_side.add_pairs(log.take_unsent())
+    rank_side.add_pairs(log.take_unsent())
+    assert len(log.recent) <= 4 and log.folded_max_slot == 18
+    stop = 21  # slots 21 and 22: generated ahead of the run's end, not trained
+    trained = sorted(n for slot, n in pairs if slot < stop)
+    for got in (log.histogram(3, stop), rank_side.histogram(3, stop)):
+        assert got == Counter(trained)
+        assert percentile_lengths(got, (0.5, 0.99)) == [trained[len(trained) // 2],
+                                                        trained[min(len(trained) - 1, int(0.99 * len(trained)))]]
+    with pytest.raises(RuntimeError, match="was folded"):
+        log.histogram(3, 18)
+    assert LengthLog().take_unsent() == []

@@ -15,14 +15,15 @@ Measured (``stats``): ``decode_steps``, ``busy_slot_steps`` (slot-steps doing a 
 (steps with an idle slot because admission control allowed no new group: in sync mode the tail of a step, after its
 last group was reserved), ``drain_steps`` (idle slots because the worker's ``max_groups`` are all reserved),
 ``tail_busy_slot_steps`` (busy slot-steps of starved and drain steps), ``fill_fraction`` = busy slot-steps /
-(decode steps x slots), ``response_lengths`` (``(batch slot, length)`` of every delivered response, EOS
-included); ``generate_s`` counts prefills and decode steps.
+(decode steps x slots), ``response_lengths`` (a :class:`LengthLog`: the length of every delivered response, EOS
+included, by the batch slot it was generated for, in bounded memory); ``generate_s`` counts prefills and decode
+steps.
 """
 from __future__ import annotations
 
 import time
-from collections import deque
-from typing import List, Optional
+from collections import Counter, deque
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +38,79 @@ def make_decoder(model, cfg, generator):
         from ds_ext.asyncflow.hf_slots import HFSlotDecoder  # transformers only when an HF policy is used
         return HFSlotDecoder(model, cfg.rollout_slots, cfg.temperature, cfg.top_p, generator)
     return SlotDecoder(model, cfg.rollout_slots, cfg.max_new_tokens + 1, cfg.temperature, generator, cfg.top_p)
+
+
+class LengthLog:
+    """Response lengths by the batch slot (step) they were generated for, in memory bounded by ``window`` slots.
+
+    The newest ``window`` slots keep a histogram each (``{length: count}``); older ones are folded into one
+    histogram. A report wants the trained slots ``[start, stop)``: the slots a run never trains are those generated
+    ahead of its end (at most ``capacity`` slots past the last one, the newest), so they are always still per-slot;
+    :meth:`histogram` raises if that ever fails. ``track_unsent``: also keep the ``(slot, length)`` pairs added
+    since the last :meth:`take_unsent` (an isolated worker's child sends them up with each queue call).
+    """
+
+    @classmethod
+    def for_config(cls, cfg, track_unsent: bool = False) -> "LengthLog":
+        """A window well past how far a run generates ahead (the queue's capacity: ``max_staleness + 1`` slots)."""
+        return cls(max(64, 2 * (cfg.max_staleness + 2)), track_unsent)
+
+    def __init__(self, window: int = 64, track_unsent: bool = False):
+        self.window = window
+        self.recent: Dict[int, Counter] = {}
+        self.folded: Counter = Counter()
+        self.folded_max_slot = -1
+        self.unsent: Optional[List[Tuple[int, int]]] = [] if track_unsent else None
+
+    def add(self, slot: int, lengths: Iterable[int]) -> None:
+        lengths = [int(n) for n in lengths]
+        self.recent.setdefault(slot, Counter()).update(lengths)
+        if self.unsent is not None:
+            self.unsent.extend((slot, n) for n in lengths)
+        newest = max(self.recent)
+        for old in [k for k in self.recent if k <= newest - self.window]:
+            self.folded.update(self.recent.pop(old))
+            self.folded_max_slot = max(self.folded_max_slot, old)
+
+    def add_pairs(self, pairs: Sequence[Tuple[int, int]]) -> None:
+        by_slot: Dict[int, List[int]] = {}
+        for slot, n in pairs:
+            by_slot.setdefault(slot, []).append(n)
+        for slot in sorted(by_slot):
+            self.add(slot, by_slot[slot])
+
+    def take_unsent(self) -> List[Tuple[int, int]]:
+        if self.unsent is None:
+            return []
+        out, self.unsent = self.unsent, []
+        return out
+
+    def histogram(self, start: int = 0, stop: int = 1 << 62) -> Counter:
+        """``{length: count}`` over the slots in ``[start, stop)`` (the folded slots all count: a run generates no
+        slot before its start)."""
+        if self.folded_max_slot >= stop:
+            raise RuntimeError(f"LengthLog: slot {self.folded_max_slot} >= {stop} was folded (window {self.window} "
+                               "slots is smaller than how far the run generated ahead)")
+        out = Counter(self.folded)
+        for slot, counts in self.recent.items():
+            if start <= slot < stop:
+                out.update(counts)
+        return out
+
+
+def percentile_lengths(histogram: Counter, fractions: Sequence[float]) -> List[int]:
+    """The lengths at ``sorted_lengths[min(n - 1, int(f * n))]`` for each fraction ``f``, from a histogram
+    ``{length: count}`` with ``n`` entries in all (> 0)."""
+    n = sum(histogram.values())
+    out = []
+    for f in fractions:
+        target, seen = min(n - 1, int(f * n)), 0
+        for length in sorted(histogram):
+            seen += histogram[length]
+            if target < seen:
+                out.append(length)
+                break
+    return out
 
 
 class _Group:
@@ -60,7 +134,7 @@ class ContinuousBatcher:
         self.reserved = 0
         for key in ("decode_steps", "busy_slot_steps", "starved_steps", "drain_steps", "tail_busy_slot_steps"):
             worker.stats.setdefault(key, 0)
-        worker.stats.setdefault("response_lengths", [])
+        worker.stats.setdefault("response_lengths", LengthLog.for_config(cfg))
 
     def _reserve(self, wait: bool) -> bool:
         w = self.w
@@ -131,7 +205,7 @@ class ContinuousBatcher:
         w.queue.put_group(group.meta.group_id, samples, w.COLUMNS)
         w.stats["groups"] += 1
         w.stats["responses"] += g
-        w.stats["response_lengths"].extend((group.meta.slot, n) for n in lengths)
+        w.stats["response_lengths"].add(group.meta.slot, lengths)
 
     def run(self, max_groups: Optional[int] = None) -> dict:
         w, stats = self.w, self.w.stats

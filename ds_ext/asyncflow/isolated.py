@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ds_ext.asyncflow.continuous import LengthLog
 from ds_ext.asyncflow.rollout import new_stats
 
 _prestarted = None
@@ -79,19 +80,14 @@ class _PipeQueue:
 
     def __init__(self, calls, kill_after: Optional[int]):
         self.calls, self.kill_after, self.delivered, self.worker = calls, kill_after, 0, None
-        self.lengths_sent = 0
 
     def _stats(self):
-        """The worker's stats for the rank (its last word if this process dies), with only the ``response_lengths``
-        added since the previous call: that list grows with the run, so sending it whole on every queue call
-        would serialise the run's history again and again."""
+        """The worker's stats for the rank (its last word if this process dies), with only the response lengths
+        added since the previous call (the rank keeps its own :class:`LengthLog` of them): sending the log whole
+        on every queue call would serialise up to ``window`` slots' histograms each time."""
         stats = dict(self.worker.stats)
         lengths = stats.pop("response_lengths", None)
-        if lengths is None:
-            return stats, None
-        new = lengths[self.lengths_sent:]
-        self.lengths_sent += len(new)
-        return stats, new
+        return stats, (None if lengths is None else lengths.take_unsent())
 
     def _call(self, method: str, *args):
         try:
@@ -140,6 +136,8 @@ def _child_main(calls, control, inherited, kill_after) -> None:
     _, name, factory, task, cfg, threads, seed = _read(control)
     queue = _PipeQueue(calls, kill_after)
     worker = RolloutWorker(name, factory, task, cfg, queue, threads, seed)
+    # continuous batching fills it, _PipeQueue._stats drains its increments
+    worker.stats["response_lengths"] = LengthLog.for_config(cfg, track_unsent=True)
     queue.worker = worker
     first = _read(control)  # the initial weights: nothing is generated before them
     assert first[0] == "weights", first[0]
@@ -166,7 +164,7 @@ class IsolatedWorker:
         self.alive = True
         self._lock = threading.Lock()
         self.stats = new_stats()
-        self._lengths: list = []  # the child's response_lengths, received in increments
+        self._lengths = LengthLog.for_config(cfg)  # the child's response lengths, received in increments
         self._send(("start", name, model_factory, task, cfg, threads, seed))
 
     def _send(self, msg) -> bool:
@@ -201,7 +199,7 @@ class IsolatedWorker:
                 raise RuntimeError(f"rollout worker {self.name} failed in its generator process:\n{msg[1]}")
             _, method, args, stats, new_lengths = msg
             if new_lengths is not None:  # the child sends only what it added (see _PipeQueue._stats)
-                self._lengths.extend(new_lengths)
+                self._lengths.add_pairs(new_lengths)
                 stats["response_lengths"] = self._lengths
             self.stats = stats
             try:

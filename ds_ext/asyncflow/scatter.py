@@ -4,18 +4,20 @@ talk to the queue.
 
 Two paths, chosen by the trainer's first call of a step (every rank runs the same code, so they agree):
 
-* **Streaming** (``take`` first; every normalisation on ZeRO-1/2, see :mod:`ds_ext.asyncflow.trainer`): each ``take`` of ``n`` groups is one collective
-  micro-batch. Rank 0 takes the next ``n x world`` complete groups of the slot as they arrive (running
-  ``idle_work`` -- local generation -- while too few are complete), splits them over the ranks by response tokens
-  (greedy, longest group first, to the rank with the fewest tokens among those with fewer than ``n`` groups) and
-  scatters them. Every rank then trains that micro-batch while the rollout workers keep generating the rest of the
-  step. ``last_streamed`` says whether the micro-batch was handed out before the step's last group completed. A
-  ``slot_tokens`` call after the step's last ``take`` (streamed DAPO's correction) is answered from what rank 0
-  handed out: each rank gets its replica's response-token total (collective; called before the step's last
-  ``take`` it would count only the groups handed out so far).
-* **Whole step** (``slot_tokens`` first; DAPO where the engine cannot correct a streamed step): rank 0 waits until the slot is complete, splits it by the queue's token balancing
-  (``dp_size = world``) and scatters each rank its whole share with its replica's token total; later ``take`` calls
-  are served from the rank's list. Nothing streams on this path (``last_streamed`` is ``False``).
+* **Streaming** (``take`` first; every normalisation where the engine can correct DAPO's total, see
+  :mod:`ds_ext.asyncflow.trainer`): each ``take`` of ``n`` groups is one collective micro-batch. Rank 0 takes the
+  next ``n x world`` complete groups of the slot as they arrive (running ``idle_work`` -- local generation -- while
+  too few are complete), splits them over the ranks by response tokens (greedy, longest group first, to the rank
+  with the fewest tokens among those with fewer than ``n`` groups) and scatters them. Every rank then trains that
+  micro-batch while the rollout workers keep generating the rest of the step. ``last_streamed`` says whether the
+  micro-batch was handed out before the step's last group completed. A ``slot_tokens`` call after the step's last
+  ``take`` (streamed DAPO's correction) is answered from what rank 0 handed out: each rank gets its replica's
+  response-token total (collective; called before the step's last ``take`` it would count only the groups handed
+  out so far).
+* **Whole step** (``slot_tokens`` first; DAPO where the engine cannot correct a streamed step): rank 0 waits until
+  the slot is complete, splits it by the queue's token balancing (``dp_size = world``) and scatters each rank its
+  whole share with its replica's token total; later ``take`` calls are served from the rank's list. Nothing streams
+  on this path (``last_streamed`` is ``False``).
 
 :class:`ScatteredQueue` has the queue's consumer interface (``take``, ``slot_tokens``, ``finish_slot``), so
 :class:`~ds_ext.asyncflow.trainer.GRPOTrainer` runs unchanged on top of it.
