@@ -378,7 +378,7 @@ def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, s
 
     t = time.perf_counter()
     if sync:
-        result = runtime.run_sync(engine, factory, task, cfg, args.steps, progress)
+        result = runtime.run_sync(engine, factory, task, cfg, args.steps, progress, start)
     else:
         topo = engine.topology
         result = runtime.run_async_trainer(engine, factory, task, cfg, args.steps,

@@ -71,3 +71,26 @@ def test_sync_on_the_async_layout_only_workers_generate(tmp_path, sft_cache):
     assert out["decode_fill_before_tail"] == 1.0 and out["decode_steps"] > 0
     assert 1 <= out["length_p50"] <= out["length_p99"] <= 4
     assert out["reward_last5"] > 0.0, out
+
+
+def test_sync_run_resumed_from_the_journal_continues_at_the_next_prompt(tmp_path):
+    """One process (the sync baseline) with the journal: 3 steps, then the same command with --steps 6 resumes at
+    step 4 and trains slots 3-5. (The sync path used to restart its queue at slot 0: steps 4-9, prompts 0-11 twice.)"""
+    config = json.loads((ROOT / "configs" / "grpo_async.json").read_text())
+    config.pop("csv_monitor")
+    config["train_micro_batch_size_per_gpu"] = 16
+    config["ds_ext"]["asyncflow"].update(max_staleness=1, group_size=4, groups_per_step=4, max_new_tokens=4)
+    config["ds_ext"]["recovery"] = {"enabled": True, "journal_dir": str(tmp_path / "journal")}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    for steps in (3, 6):
+        cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", "1", "--master_port", str(free_port()),
+               "--config", str(tmp_path / "cfg.json"), str(ROOT / "examples" / "grpo.py"), "--steps", str(steps),
+               "--sft_steps", "0", "--hidden", "32", "--layers", "1", "--ledger_out", str(tmp_path / "ledger"),
+               "--plot", str(tmp_path / "reward.png")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        assert out["mode"] == "sync" and out["start_step"] == steps - 3, out
+    ledger = json.loads((tmp_path / "ledger" / "ledger_rank0.json").read_text())
+    assert sorted(map(int, ledger["steps"])) == [1, 2, 3, 4, 5, 6]
+    assert sorted(g[0] for groups in ledger["steps"].values() for g in groups) == list(range(24))

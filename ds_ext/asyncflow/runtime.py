@@ -49,21 +49,23 @@ def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None],
 
 
 def run_sync(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, steps: int,
-             progress=None) -> Dict[str, Any]:
-    """The synchronous baseline in this process (all its threads in each phase)."""
-    queue = TransferQueue(cfg.group_size, cfg.groups_per_step, max_staleness=0, lease_s=cfg.lease_s)
-    worker = RolloutWorker("sync", model_factory, task, cfg, queue)
-    worker.set_weights(0, clone_state(engine.module))
+             progress=None, start: int = 0) -> Dict[str, Any]:
+    """The synchronous baseline in this process (all its threads in each phase): steps ``start .. steps - 1``
+    (``start`` > 0 after a journal resume: the queue starts at that slot, so no prompt is trained twice)."""
+    queue = TransferQueue(cfg.group_size, cfg.groups_per_step, max_staleness=0, lease_s=cfg.lease_s,
+                          start_slot=start)
+    worker = RolloutWorker("sync", model_factory, task, cfg, queue, seed=1000 * start)
+    worker.set_weights(start, clone_state(engine.module))
     trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(v, clone_state(m)))
 
     def produce(version):
         if cfg.rollout_slots > 0:  # the step's whole batch through the continuous-batching slots, weights V
             worker.run(max_groups=cfg.groups_per_step)
-        while worker.stats["groups"] < (version + 1) * cfg.groups_per_step:
+        while worker.stats["groups"] < (version + 1 - start) * cfg.groups_per_step:
             worker.produce_one(timeout=5)
 
     t = time.perf_counter()
-    history = _step_loop(trainer, steps, produce, progress)
+    history = _step_loop(trainer, steps, produce, progress, start)
     seconds = time.perf_counter() - t
     return {"history": history, "seconds": seconds, "trainer_idle_s": 0.0,
             "train_busy_s": seconds - worker.stats["generate_s"] - worker.stats["wait_s"],
