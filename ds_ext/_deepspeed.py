@@ -227,24 +227,31 @@ def can_scale_step_gradients(optimizer) -> bool:
     return not any(getattr(p, "use_muon", False) for p in params)
 
 
+def check_step_gradient_factor(optimizer, factor: float) -> float:
+    """``factor`` as a float when :func:`step_gradient_factor` can apply it on ``optimizer``; ``ValueError`` naming
+    what is wrong otherwise (checked once, when the factor is set, not inside the step)."""
+    if not can_scale_step_gradients(optimizer):
+        raise ValueError("a step gradient factor needs DeepSpeed's ZeRO stage 1 or 2 optimizer on fp32 or bf16 "
+                         f"parameters without Muon; this engine's optimizer is {type(optimizer).__name__}")
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"step gradient factor {factor!r}: must be a finite number > 0")
+    return float(factor)
+
+
 @contextlib.contextmanager
 def step_gradient_factor(optimizer, factor: Optional[float]):
     """Within the block, ZeRO-1/2's optimizer step multiplies the step's reduced gradients by ``factor`` before the
-    norm is taken, clipping applied and the update made (``None``: a plain step).
+    norm is taken, clipping applied and the update made (``None``: a plain step). ``factor`` was checked by
+    :func:`check_step_gradient_factor`.
 
     How: ZeRO's step divides the gradients by the loss scale (``unscale_and_clip_grads``) and reads the norm as
     ``norm / loss_scale``; the backward passes of the step already ran with the static scale ``s``, so setting the
     scale to ``s / factor`` for the step alone scales gradient, norm and clipping alike. The scale is restored on
-    leaving the block. Raises ``ValueError`` where :func:`can_scale_step_gradients` is false.
+    leaving the block.
     """
     if factor is None:
         yield
         return
-    if not can_scale_step_gradients(optimizer):
-        raise ValueError(f"a step gradient factor needs DeepSpeed's ZeRO stage 1 or 2 optimizer on fp32 or bf16 "
-                         f"parameters without Muon, not this {type(optimizer).__name__}")
-    if not (factor > 0 and math.isfinite(factor)):
-        raise ValueError(f"step gradient factor {factor!r}: must be a finite number > 0")
     scaler = optimizer.loss_scaler
     saved = scaler.cur_scale
     scaler.cur_scale = saved / factor

@@ -28,7 +28,6 @@ message that names the missing members.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Dict, List
 
@@ -37,7 +36,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from ds_ext._deepspeed import can_scale_step_gradients, install_step_seam
+from ds_ext._deepspeed import can_scale_step_gradients, check_step_gradient_factor, install_step_seam
 from ds_ext.config import DsExtConfig
 from ds_ext.contract import HOOKS, Feature, FeatureBase, Phase
 from ds_ext.topology import Topology
@@ -124,12 +123,7 @@ class DsExtEngineMixin:
         Call after the step's last ``backward`` and before its ``step()``; applies to that one step. Where
         :meth:`ds_ext_can_scale_step_gradients` is false, ``ValueError`` (here rather than inside the step)."""
         # ds_ext addition: the step seam (``_deepspeed.install_step_seam``) applies and resets it
-        if not self.ds_ext_can_scale_step_gradients():
-            raise ValueError("ds_ext_scale_step_gradients needs DeepSpeed's ZeRO stage 1 or 2 optimizer on fp32 or "
-                             f"bf16 parameters without Muon; this engine's optimizer is {type(self.optimizer).__name__}")
-        if not (factor > 0 and math.isfinite(factor)):
-            raise ValueError(f"ds_ext_scale_step_gradients({factor!r}): the factor must be a finite number > 0")
-        self.ds_ext_step_gradient_factor = float(factor)
+        self.ds_ext_step_gradient_factor = check_step_gradient_factor(self.optimizer, factor)
 
     def ds_ext_notify(self, hook_name: str) -> None:
         """Call ``hook_name(engine)`` on every attached feature, in phase order: the engine's event bus (e.g. the

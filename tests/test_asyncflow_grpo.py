@@ -234,8 +234,9 @@ def _refusal_body():
     # fp16 (also refused) cannot be built on DeepSpeed's CPU accelerator ("Type fp16 is not supported")
     for stage in (0, 1):
         model = LlamaForCausalLM(ModelConfig(**TINY))
-        config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
-                  "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zero_optimization": {"stage": stage}}
+        config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
+                  "zero_allow_untested_optimizer": True, "optimizer": {"type": "SGD", "params": {"lr": 1.0}},
+                  "zero_optimization": {"stage": stage}}
         engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=config)
         if stage == 1:
             out["zero1"] = engine.ds_ext_can_scale_step_gradients()

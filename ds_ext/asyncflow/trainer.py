@@ -108,6 +108,10 @@ class GRPOTrainer:
         # Prefix Grouper on the engine: encode each group's shared prompt once
         features = {f.name: f for f in getattr(engine, "ds_ext_features", [])}
         self.grouped = "prefix_grouper" in features
+        # DAPO streams where the engine can correct the step's gradient by the true token total (an engine built by
+        # deepspeed.initialize without ds_ext cannot) and a step has several micro-batches
+        can_scale = getattr(engine, "ds_ext_can_scale_step_gradients", lambda: False)
+        self.stream_dapo = cfg.loss_norm == "dapo" and self.gas > 1 and can_scale()
         self.ledger = features.get("asyncflow")  # journals which prompts each step trained
 
     def _take(self, version: int, n: int) -> List[dict]:
@@ -151,12 +155,10 @@ class GRPOTrainer:
     def train_step(self, version: int) -> Dict[str, float]:
         cfg = self.cfg
         responses = cfg.groups_per_step * cfg.group_size // self.replicas
-        dapo = cfg.loss_norm == "dapo"
-        # an engine built by deepspeed.initialize without ds_ext has no gradient factor: DAPO waits for T there
-        can_scale = getattr(self.engine, "ds_ext_can_scale_step_gradients", lambda: False)
-        stream_dapo = dapo and self.gas > 1 and can_scale()
+        stream_dapo = self.stream_dapo
         # DAPO's denominator: the estimate while streaming (corrected before the update), else the slot's total
-        step_tokens = (responses * cfg.max_new_tokens if stream_dapo else self._slot_tokens(version)) if dapo else 0
+        step_tokens = ((responses * cfg.max_new_tokens if stream_dapo else self._slot_tokens(version))
+                       if cfg.loss_norm == "dapo" else 0)
         rewards, lags, trained, is_w, token_lags = [], [], [], [], []
         streamed = 0
         for micro in range(self.gas):

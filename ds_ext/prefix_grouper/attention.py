@@ -11,8 +11,8 @@ merged by log-sum-exp. The prefix K/V are read once per row, never copied; paddi
 
 The kernel is :func:`ds_ext.ops.attention_kernels.select_kernel`'s (CPU flash in fp32, CUDA flash or
 memory-efficient attention). Where no fused kernel applies (e.g. bf16 on CPU, no kernels; logged once with the
-reason) each row runs one SDPA with the block mask of :func:`ds_ext.ops.attention.grouped_attention_mask` (exact; ``L x L`` booleans per row,
-K/V not repeated). Shapes: ``q: [N, H, L, D]``, ``k, v: [N, Hkv, L, D]``, output ``[N, H, L, D]`` (padding rows:
+reason) each row runs one SDPA with the block mask of :func:`ds_ext.ops.attention.grouped_attention_mask`
+(exact; ``L x L`` booleans per row, K/V not repeated). Shapes: ``q: [N, H, L, D]``, ``k, v: [N, Hkv, L, D]``, output ``[N, H, L, D]`` (padding rows:
 unused values).
 """
 from __future__ import annotations
