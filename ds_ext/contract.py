@@ -21,6 +21,12 @@ Call order of the hooks (the engine runs them, in phase order, for every attache
 * ``journal_payload() -> dict | None``: the feature's state change of the step that just ended (called by the
   journal during ``after_optimizer_step``, so the journal's phase is last and the payload is the step's final
   state); ``journal_replay(payload)`` re-applies one such payload on resume, in step order.
+* ``journal_export`` (an :class:`ExportRule`) and ``export_replayer(meta, engine, global_rank)``: how the journal
+  exporter (``python -m ds_ext.recovery export``, which has no live job: no peers, no model code) treats the
+  feature's payloads. ``REPLAY``: the classmethod ``export_replayer`` builds a replay-only object (``journal_replay``,
+  ``load_state_dict``, ``close``) on the exporter's engine; ``SKIP``: the payloads do not change the weights, or
+  their effect is already in the journaled partitions; ``REFUSE`` (the default): a journal holding the feature's
+  payload cannot be exported.
 * ``state_dict()`` / ``load_state_dict(sd)``: per-rank state saved beside DeepSpeed's checkpoint.
 * ``metrics() -> dict[str, float]``: reported as ``<name>/<key>``.
 * ``close()``: finish background work and remove **every** hook and patch the feature installed; the model then
@@ -44,6 +50,14 @@ class Phase(enum.IntEnum):
     JOURNAL = 3   # records the step's final state (the recovery journal): always last
 
 
+class ExportRule(str, enum.Enum):
+    """How the journal exporter treats a feature's journal payloads (see the module docstring)."""
+
+    REPLAY = "replay"   # rebuilt for export by the feature's export_replayer and replayed in step order
+    SKIP = "skip"       # the payload does not change the weights, or its effect is already in the partitions
+    REFUSE = "refuse"   # needs the live job: a journal holding such a payload cannot be exported
+
+
 HOOKS = ("start", "after_optimizer_step", "after_skipped_step", "after_load_checkpoint", "after_state_lost")
 
 
@@ -54,6 +68,7 @@ class Feature(Protocol):
     name: str
     phase: Phase
     state_from_peer: bool
+    journal_export: ExportRule
 
     def start(self, engine) -> None: ...
 
@@ -86,6 +101,16 @@ class FeatureBase:
     # Whether state_dict() may be copied from a live peer that holds the same shard (checkpoint-free recovery
     # copies these when it rebuilds a rank); False for state that belongs to this rank alone (its journal).
     state_from_peer: bool = True
+    # How the journal exporter treats this feature's journal payloads (a feature without payloads never meets it).
+    journal_export: ExportRule = ExportRule.REFUSE
+
+    @classmethod
+    def export_replayer(cls, meta: Dict[str, Any], engine, global_rank: int):
+        """For ``journal_export = REPLAY``: a replay-only object (``journal_replay(payload)``,
+        ``load_state_dict(sd)``, ``close()``) working on the exporter's ``engine`` (a stock DeepSpeed engine of a
+        parameters-only module with the run's config; no peers), for global rank ``global_rank`` of the run whose
+        ``EXPORT.bin`` is ``meta`` (:mod:`ds_ext.recovery.meta`); ``None`` when the run had the feature off."""
+        raise NotImplementedError(f"{cls.__name__} declares journal_export=REPLAY but no export_replayer")
 
     def start(self, engine) -> None:
         pass

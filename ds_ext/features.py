@@ -7,17 +7,24 @@ and, once all are attached, started in phase order by :meth:`DsExtEngineMixin.ds
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
-from ds_ext.asyncflow.ledger import apply_asyncflow
-from ds_ext.checkfree.feature import apply_checkfree
+from ds_ext.asyncflow.ledger import SampleLedger, apply_asyncflow
+from ds_ext.checkfree.feature import CheckFreeFeature, apply_checkfree
 from ds_ext.config import DsExtConfig
 from ds_ext.contract import Feature
-from ds_ext.noloco.feature import apply_noloco
-from ds_ext.prefix_grouper.apply import apply_prefix_grouper
-from ds_ext.recovery.feature import apply_recovery
-from ds_ext.streambp.apply import apply_streambp
+from ds_ext.noloco.feature import NoLoCoFeature, apply_noloco
+from ds_ext.prefix_grouper.apply import PrefixGrouperFeature, apply_prefix_grouper
+from ds_ext.recovery.feature import RecoveryFeature, apply_recovery
+from ds_ext.streambp.apply import StreamBPFeature, apply_streambp
 from ds_ext.topology import Topology
+
+
+def feature_types() -> Dict[str, type]:
+    """Every built-in feature class by its ``name`` (the key of its journal payloads): the journal exporter asks each
+    one how its payloads are exported (``journal_export``, ``export_replayer``; :mod:`ds_ext.contract`)."""
+    return {cls.name: cls for cls in (StreamBPFeature, PrefixGrouperFeature, NoLoCoFeature, SampleLedger,
+                                      CheckFreeFeature, RecoveryFeature)}
 
 
 def build_features(engine, ext: DsExtConfig, topology: Topology) -> List[Feature]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
-from ds_ext.contract import FeatureBase, Phase
+from ds_ext.contract import ExportRule, FeatureBase, Phase
 from ds_ext.topology import Topology
 
 
@@ -31,6 +31,7 @@ class SampleLedger(FeatureBase):
     name = "asyncflow"
     phase = Phase.STEP
     state_from_peer = False
+    journal_export = ExportRule.SKIP  # which prompts were trained: no weight depends on the record
 
     def __init__(self):
         self.steps: Dict[int, List[List[int]]] = {}

@@ -31,9 +31,43 @@ from ds_ext import _deepspeed as ds
 from ds_ext.checkfree.config import CheckpointFreeConfig
 from ds_ext.checkfree.rank_state import RankState, recv_obj, send_obj, wait_all
 from ds_ext.checkfree.rules import NEIGHBOURS, PARTNER, PEER, Rebuild, failures_at, neighbour_average, plan_rebuilds
-from ds_ext.contract import FeatureBase, Phase
+from ds_ext.contract import ExportRule, FeatureBase, Phase
 
 log = logging.getLogger("ds_ext.checkfree")
+
+
+class LrScaling:
+    """``lr_scale`` x the scheduled learning rate for the steps of a stage rebuilt from its neighbours (``scaled``),
+    applied by a step pre-hook on the inner optimizer and undone by its post-hook. The live feature and the
+    exporter's replay (:meth:`CheckFreeFeature.export_replayer`) use the same hooks, so a replayed step of a rebuilt
+    stage uses exactly the learning rate the training step used."""
+
+    def __init__(self, inner, lr_scale: float):
+        self.lr_scale, self.scaled = lr_scale, False
+        self._saved_lr: list = []
+        self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step)]
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self._saved_lr = [g["lr"] for g in optimizer.param_groups]
+        if self.scaled:
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.lr_scale
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        for g, lr in zip(optimizer.param_groups, self._saved_lr):
+            g["lr"] = lr
+
+    # the replay-only interface of the exporter: a journal base's state_dict and each step's payload
+    def journal_replay(self, payload: dict) -> None:
+        self.scaled = bool(payload["lr_scaled"])
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.scaled = bool(sd["lr_scaled"])
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 class CheckFreeFeature(FeatureBase):
@@ -43,6 +77,10 @@ class CheckFreeFeature(FeatureBase):
     name = "checkpoint_free"
     phase = Phase.REBUILD
     state_from_peer = False  # a peer copy carries this feature's state in its own payload ("checkpoint_free")
+    # Replayed at export: a stage rebuilt from its neighbours trains at lr_scale x the learning rate (lr_scaled in
+    # the payload), which the replayed steps must apply too. The rest (stage gradient norm, end-stage replicas)
+    # does not change the weights: the rebuilt weights themselves are in the rebuilt rank's new journal base.
+    journal_export = ExportRule.REPLAY
 
     def __init__(self, cfg: CheckpointFreeConfig, engine, topology, rank: int, group):
         self.cfg, self.engine, self.topology, self.rank, self.group = cfg, engine, topology, rank, group
@@ -50,27 +88,25 @@ class CheckFreeFeature(FeatureBase):
         self.pipelined = topology.pipeline_stages > 1
         self.state = RankState(engine, cfg.layer_class if self.pipelined else None)
         self.grad_norm, self._sq = 0.0, 0.0
-        self.lr_scaled = False
+        self.lr = LrScaling(self.state.inner, cfg.lr_scale)
         self.end_replicas: Dict[str, torch.Tensor] = {}  # neighbouring end stages' non-layer params (CheckFree+)
         self.counters = {"failures": 0, PEER: 0, NEIGHBOURS: 0, PARTNER: 0, "rebuild_s": 0.0}
         self._journal: Optional[dict] = None
-        self._saved_lr: list = []
-        self._hooks = [self.state.inner.register_step_pre_hook(self._pre_step),
-                       self.state.inner.register_step_post_hook(self._post_step)]
+        self._hooks = [self.state.inner.register_step_pre_hook(self._pre_step)]
+
+    @property
+    def lr_scaled(self) -> bool:
+        return self.lr.scaled
+
+    @lr_scaled.setter
+    def lr_scaled(self, value: bool) -> None:
+        self.lr.scaled = value
 
     # -- optimizer hooks ---------------------------------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self.pipelined:  # only a neighbour rebuild reads the stage norm
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             self._sq += float(sum(g.double().pow(2).sum() for g in grads)) if grads else 0.0
-        self._saved_lr = [g["lr"] for g in optimizer.param_groups]
-        if self.lr_scaled:
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * self.cfg.lr_scale
-
-    def _post_step(self, optimizer, args, kwargs) -> None:
-        for g, lr in zip(optimizer.param_groups, self._saved_lr):
-            g["lr"] = lr
 
     # -- per step ----------------------------------------------------------------------------------------------
     def after_optimizer_step(self, engine) -> None:
@@ -187,6 +223,16 @@ class CheckFreeFeature(FeatureBase):
             self.end_replicas.update(p["own_ends"])
 
     # -- state -------------------------------------------------------------------------------------------------
+    @classmethod
+    def export_replayer(cls, meta: dict, engine, global_rank: int) -> Optional[LrScaling]:
+        """The lr scaling of rebuilt stages at export (:class:`LrScaling` on the exporter's inner optimizer);
+        ``None`` when the run had checkpoint-free recovery off."""
+        section = ((meta.get("ds_ext") or {}).get("recovery") or {}).get("checkpoint_free") or {}
+        if not section.get("enabled"):
+            return None
+        lr_scale = CheckpointFreeConfig.model_validate(section).lr_scale
+        return LrScaling(ds.zero_inner_optimizer(engine.optimizer), lr_scale)
+
     def journal_payload(self) -> Optional[dict]:
         payload, self._journal = self._journal, None
         return payload
@@ -222,6 +268,7 @@ class CheckFreeFeature(FeatureBase):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.lr.close()
         self.state.close()
 
 

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from ds_ext.contract import FeatureBase, Phase
+from ds_ext.contract import ExportRule, FeatureBase, Phase
 from ds_ext.noloco.accounting import CommAccounting, deepspeed_accounting
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.noloco.gossip import ShardExchange, partner_of
@@ -51,6 +51,8 @@ class NoLoCoFeature(FeatureBase):
 
     name = "noloco"
     phase = Phase.STEP
+    # Replayed at export: an outer step changes the weights; its payload holds what came from the peers.
+    journal_export = ExportRule.REPLAY
 
     def __init__(self, cfg: NoLoCoConfig, topology: Topology, rank: int, shards, peer_group,
                  accounting: Optional[CommAccounting] = None):
@@ -100,6 +102,16 @@ class NoLoCoFeature(FeatureBase):
             diloco_update(weights, delta / self.topology.num_replicas, self.state, self.cfg.lr, self.cfg.momentum)
         self.shards.write(weights)
         self.outer_step += 1
+
+    @classmethod
+    def export_replayer(cls, meta: dict, engine, global_rank: int) -> Optional["NoLoCoFeature"]:
+        """The feature on the exporter's engine with no peer group: its outer steps run from the journaled payloads
+        (:meth:`journal_replay`); ``None`` when the run had NoLoCo off."""
+        section = (meta.get("ds_ext") or {}).get("noloco") or {}
+        if not section.get("enabled"):
+            return None
+        return cls(NoLoCoConfig.model_validate(section), Topology(**meta["topology"]), global_rank,
+                   FP32Shards(engine), peer_group=None)
 
     def journal_payload(self):
         """What the outer step of this optimizer step received (the partner's shard, or DiLoCo's all-reduced

@@ -1,12 +1,16 @@
-"""``python -m ds_ext.recovery export JOURNAL_DIR OUT [--tag TAG]``: a standard DeepSpeed checkpoint of the newest
+"""``python -m ds_ext.recovery export JOURNAL_DIR OUT [--tag TAG] [--step N]``: a standard DeepSpeed checkpoint of the newest
 step all ranks' journals reach (see :mod:`ds_ext.recovery.export`). ``python -m ds_ext.recovery export JOURNAL_DIR
 --hf DIR [--replica R] [--tokenizer DIR]``: an HF model directory of replica R (:mod:`ds_ext.recovery.export_hf`).
 ``python -m ds_ext.recovery inspect JOURNAL_DIR``: each rank's bases, records, newest reachable step and any
-damage."""
+damage.
+
+Feature payloads in the journal are replayed or passed over as each built-in feature declares
+(:func:`ds_ext.features.feature_types`, :class:`ds_ext.contract.ExportRule`)."""
 import argparse
 import os
 import sys
 
+from ds_ext.features import feature_types
 from ds_ext.recovery import journal
 from ds_ext.recovery.export import export, journal_ranks
 from ds_ext.recovery.export_hf import export_hf
@@ -30,6 +34,8 @@ def main(argv=None) -> int:
     e.add_argument("journal_dir")
     e.add_argument("out", nargs="?", default=None, help="DeepSpeed checkpoint directory")
     e.add_argument("--tag", default=None, help="checkpoint tag (default global_step<N>)")
+    e.add_argument("--step", type=int, default=None,
+                   help="the step to export (default: the newest every rank's journal reaches)")
     e.add_argument("--hf", default=None, metavar="DIR", help="write an HF model directory (save_pretrained format)")
     e.add_argument("--replica", type=int, default=0, help="with --hf: the NoLoCo/DiLoCo replica to export")
     e.add_argument("--tokenizer", default=None, help="with --hf: tokenizer directory (default: the run's)")
@@ -42,10 +48,10 @@ def main(argv=None) -> int:
     if args.out is None and args.hf is None:
         p.error("export needs OUT (a DeepSpeed checkpoint) or --hf DIR")
     if args.hf is not None:
-        step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer)
+        step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer, args.step, feature_types())
         print(f"wrote HF model {args.hf} (replica {args.replica}, step {step})")
     if args.out is not None:
-        tag = export(args.journal_dir, args.out, args.tag)
+        tag = export(args.journal_dir, args.out, args.tag, args.step, feature_types())
         print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, tag)}")
     return 0
 

@@ -8,15 +8,22 @@ stock DeepSpeed engine with the same config (so ZeRO partitions identically), lo
 resume does (:func:`ds_ext.recovery.resume.replay_journal`), and calls ``save_checkpoint(OUT, tag)``. The result
 loads with ``engine.load_checkpoint`` and DeepSpeed's ``zero_to_fp32``. No model code is needed. Not covered:
 pipeline-engine journals and journals of several NoLoCo replicas.
+
+Feature payloads in the records are handled as each feature declares through the contract
+(:class:`ds_ext.contract.ExportRule`; the classes come from ``feature_types``, name -> class, which the CLI takes
+from :func:`ds_ext.features.feature_types`): ``REPLAY`` ones are replayed by the feature's ``export_replayer``
+(NoLoCo's outer steps, CheckFree's learning-rate scaling of rebuilt stages), ``SKIP`` ones are passed over, and any
+other payload stops the export before anything is written (:func:`check_payloads`), naming the feature.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
+from ds_ext.contract import ExportRule
 from ds_ext.recovery import journal, records
 from ds_ext.recovery.meta import read_export_meta
 from ds_ext.recovery.resume import replay_journal
@@ -51,23 +58,82 @@ def journal_ranks(journal_dir: str) -> List[str]:
     return [os.path.join(journal_dir, d) for d in dirs]
 
 
-def newest_common_step(rank_dirs: List[str]) -> int:
+def export_step(rank_dirs: List[str], step: Optional[int] = None,
+                feature_types: Optional[Dict[str, type]] = None) -> int:
+    """The step to export: ``step``, or the newest every rank of ``rank_dirs`` reaches; refuses (``SystemExit``) a
+    step some rank cannot reconstruct, and a journal holding a payload the exporter cannot replay
+    (:func:`check_payloads`)."""
     scans = [journal.scan(d) for d in rank_dirs]
     for s in scans:
         for damage in s.damage:
             print(f"ds_ext.recovery export: {damage} (not used)")
-    target = min(s.newest_reachable() for s in scans)
-    if target < 0:
+    newest = min(s.newest_reachable() for s in scans)
+    if newest < 0:
         raise SystemExit(f"ds_ext.recovery export: some rank in {os.path.dirname(rank_dirs[0])} has no usable base")
+    target = newest if step is None else step
+    for s in scans:
+        try:
+            s.plan(target)
+        except ValueError:
+            raise SystemExit(f"ds_ext.recovery export: --step {target}: {s.rank_dir} reaches steps "
+                             f"{min(s.bases, default=-1)}..{s.newest_reachable()} only (bases {sorted(s.bases)}); "
+                             f"every rank reaches step {newest}") from None
+    check_payloads(scans, target, feature_types or {})
     return target
 
 
-def replayed_engine(rank: int, rank_dirs: List[str], target: int, port: int,
-                    features: Optional[Callable] = None):
+def check_payloads(scans: List[journal.JournalScan], target: int, feature_types: Dict[str, type]) -> None:
+    """Refuse (``SystemExit``) before anything runs when a record to replay up to ``target`` holds a payload of a
+    feature whose class (``feature_types[name]``) does not declare ``journal_export`` REPLAY or SKIP."""
+    for s in scans:
+        for step in s.plan(target)[1]:
+            for name in s.load_commit(step).state["features"]:
+                rule = getattr(feature_types.get(name), "journal_export", None)
+                if rule in (ExportRule.REPLAY, ExportRule.SKIP):
+                    continue
+                why = (f"feature {name!r} declares journal_export={rule.value}" if rule is not None else
+                       f"no known feature is named {name!r}; a feature of your own needs journal_export = "
+                       "ExportRule.REPLAY (with export_replayer) or SKIP, passed in feature_types")
+                raise SystemExit(f"ds_ext.recovery export: {s.rank_dir}: step {step} holds {name!r} data, which "
+                                 f"the exporter cannot replay ({why}). Export a step before it with --step, or "
+                                 "resume the job with that feature on and save there (save_checkpoint, --save_hf)")
+
+
+class _Skipped:
+    """Stands for a feature declaring ``journal_export = SKIP``: its payloads and base state are passed over."""
+
+    def journal_replay(self, payload) -> None:
+        pass
+
+    def load_state_dict(self, sd) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def export_features(meta: Dict, engine, global_rank: int, feature_types: Dict[str, type]) -> Dict[str, object]:
+    """Name -> replay-only object for every feature class of ``feature_types`` whose payloads the exporter handles
+    (the run's features as the contract declares them): ``export_replayer(meta, engine, global_rank)`` for REPLAY
+    (left out when the run had the feature off), a pass-over for SKIP."""
+    out: Dict[str, object] = {}
+    for name, cls in feature_types.items():
+        if cls.journal_export == ExportRule.SKIP:
+            out[name] = _Skipped()
+        elif cls.journal_export == ExportRule.REPLAY:
+            replayer = cls.export_replayer(meta, engine, global_rank)
+            if replayer is not None:
+                out[name] = replayer
+    return out
+
+
+def replayed_engine(rank: int, rank_dirs: List[str], target: int, port: int, global_rank: int = None,
+                    feature_types: Optional[Dict[str, type]] = None):
     """Local rank ``rank`` of one exporter group (one process per journal of ``rank_dirs``, gloo, CPU): a
     parameters-only module under the journal's names, a stock DeepSpeed engine with the run's config (so ZeRO
-    partitions identically) and the journal replayed into it up to ``target``. ``features(meta, engine)`` gives the
-    features whose payloads are replayed too (NoLoCo's outer steps). Returns ``(engine, module)``."""
+    partitions identically) and the journal replayed into it up to ``target``, the features' payloads as they
+    declare (:func:`export_features`; ``global_rank``: the run's rank of this journal, default ``rank``). Returns
+    ``(engine, module)``."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(rank_dirs)),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
@@ -77,14 +143,19 @@ def replayed_engine(rank: int, rank_dirs: List[str], target: int, port: int,
     params = dict(module.named_parameters())
     groups = [{"params": [params[n] for n in names], **hyper} for names, hyper in zip(meta["groups"], meta["hyper"])]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=meta["ds_config"])
-    replay_journal(ZeroPartitionState(engine), journal.scan(rank_dirs[rank]), target,
-                   features(meta, engine) if features is not None else None)
+    features = export_features(meta, engine, rank if global_rank is None else global_rank, feature_types or {})
+    replay_journal(ZeroPartitionState(engine), journal.scan(rank_dirs[rank]), target, features,
+                   cannot_replay="the run had that feature on? the exporter rebuilds only what the journal's "
+                   "EXPORT.bin enables")
+    for feature in features.values():
+        feature.close()
     return engine, module
 
 
-def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: str, port: int) -> None:
+def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: str, port: int,
+                 feature_types: Dict[str, type]) -> None:
     import deepspeed
-    engine, _ = replayed_engine(rank, rank_dirs, target, port)
+    engine, _ = replayed_engine(rank, rank_dirs, target, port, feature_types=feature_types)
     engine.save_checkpoint(out, tag=tag)
     deepspeed.comm.barrier()
 
@@ -96,8 +167,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def export(journal_dir: str, out: str, tag: str = None) -> str:
-    """Write the checkpoint; returns its tag. Refuses journals it cannot express as one DeepSpeed checkpoint."""
+def export(journal_dir: str, out: str, tag: str = None, step: int = None,
+           feature_types: Optional[Dict[str, type]] = None) -> str:
+    """Write the checkpoint of ``step`` (default: the newest every rank reaches); returns its tag. Refuses journals
+    it cannot express as one DeepSpeed checkpoint. ``feature_types``: see the module docstring (none: a journal
+    holding any feature payload is refused)."""
     import torch.multiprocessing as mp
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
@@ -105,8 +179,8 @@ def export(journal_dir: str, out: str, tag: str = None) -> str:
         raise SystemExit("ds_ext.recovery export: only journals of one data-parallel ZeRO group are supported "
                          f"(this one: pipeline={meta['pipeline']}, ZeRO group of {meta['dp_world_size']} of "
                          f"{len(rank_dirs)} ranks); resume the job instead and call save_checkpoint")
-    target = newest_common_step(rank_dirs)
+    target = export_step(rank_dirs, step, feature_types)
     tag = tag or f"global_step{target}"
-    mp.start_processes(_export_rank, args=(rank_dirs, out, target, tag, _free_port()),
+    mp.start_processes(_export_rank, args=(rank_dirs, out, target, tag, _free_port(), feature_types or {}),
                        nprocs=len(rank_dirs), start_method="spawn")
     return tag

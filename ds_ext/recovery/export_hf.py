@@ -6,8 +6,9 @@ What it needs is in the journal (:mod:`ds_ext.recovery.meta`, written by runs of
 the HF config (no model directory needed) and the tokenizer directory (``--tokenizer DIR`` overrides it, e.g. when
 the directory moved). Replica R is global ranks ``R * ranks_per_replica ...`` (the topology's layout); one local
 process per rank of that replica (gloo, CPU) builds a parameters-only module and a stock DeepSpeed engine with the
-run's config, loads base + records exactly as a resume does (:func:`ds_ext.recovery.resume.replay_journal`; NoLoCo /
-DiLoCo outer steps are replayed from their recorded payloads, no partner needed), assembles each parameter's fp32
+run's config, loads base + records exactly as a resume does (:func:`ds_ext.recovery.resume.replay_journal`; feature
+payloads as each feature declares, :func:`ds_ext.recovery.export.export_features`: NoLoCo / DiLoCo outer steps from
+their recorded payloads, no partner needed; CheckFree's learning-rate scaling of rebuilt stages), assembles each parameter's fp32
 master from the ZeRO partitions (:func:`ds_ext.models.hf.gather_fp32_state`); the exporting process writes the
 directory.
 Pipeline-engine journals (``ds_ext.models.hf_pipeline.HFPipelineModule`` records the same HF meta): each stage's
@@ -17,52 +18,40 @@ data-parallel ranks are replayed as their own ZeRO group and the stages' paramet
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
-from ds_ext.recovery.export import _free_port, journal_ranks, newest_common_step, replayed_engine
+from ds_ext.recovery.export import _free_port, export_step, journal_ranks, replayed_engine
 from ds_ext.recovery.meta import read_export_meta
 
 
-def replayed_features(meta: Dict[str, Any], engine, global_rank: int) -> Dict[str, Any]:
-    """The features whose journal payloads change the weights, rebuilt for replay only (no network)."""
-    noloco = (meta.get("ds_ext") or {}).get("noloco") or {}
-    if not noloco.get("enabled"):
-        return {}
-    from ds_ext.noloco.config import NoLoCoConfig
-    from ds_ext.noloco.feature import FP32Shards, NoLoCoFeature
-    from ds_ext.topology import Topology
-    topology = Topology(**meta["topology"])
-    return {"noloco": NoLoCoFeature(NoLoCoConfig.model_validate(noloco), topology, global_rank, FP32Shards(engine),
-                                    peer_group=None)}
-
-
-def _export_rank(rank: int, rank_dirs: List[str], first: int, state_out: str, target: int, port: int) -> None:
+def _export_rank(rank: int, rank_dirs: List[str], first: int, state_out: str, target: int, port: int,
+                 feature_types: Dict[str, type]) -> None:
     """One rank of one ZeRO group (``rank_dirs``; global ranks ``first + rank``): replay its journal to ``target``
     and, on the group's rank 0, save the gathered fp32 state (parameter names as the run's module has them)."""
     import deepspeed
     import torch
     from ds_ext.models.hf import gather_fp32_state
-    _, module = replayed_engine(rank, rank_dirs, target, port,
-                                lambda meta, engine: replayed_features(meta, engine, first + rank))
+    _, module = replayed_engine(rank, rank_dirs, target, port, first + rank, feature_types)
     state = gather_fp32_state(module)
     if rank == 0:
         torch.save(state, state_out)
     deepspeed.comm.barrier()
 
 
-def _replayed_state(rank_dirs: List[str], first: int, target: int) -> Dict[str, Any]:
+def _replayed_state(rank_dirs: List[str], first: int, target: int, feature_types: Dict[str, type]) -> Dict[str, Any]:
     """The fp32 state of one ZeRO group's module at ``target`` (one local process per rank, gloo)."""
     import tempfile
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "state.pt")
-        mp.start_processes(_export_rank, args=(rank_dirs, first, path, target, _free_port()),
+        mp.start_processes(_export_rank, args=(rank_dirs, first, path, target, _free_port(), feature_types),
                            nprocs=len(rank_dirs), start_method="spawn")
         return torch.load(path, weights_only=True)
 
 
-def _replica_state(rank_dirs: List[str], meta: Dict[str, Any], replica: int, target: int) -> Dict[str, Any]:
+def _replica_state(rank_dirs: List[str], meta: Dict[str, Any], replica: int, target: int,
+                   feature_types: Dict[str, type]) -> Dict[str, Any]:
     """HF parameter name -> fp32 weight of replica ``replica``. Without a pipeline its ranks are one ZeRO group;
     with one, each stage's data-parallel ranks are replayed as their own group and the stages' parameters are
     mapped to HF names by :func:`ds_ext.models.hf_pipeline.pipeline_state_to_hf`."""
@@ -70,18 +59,20 @@ def _replica_state(rank_dirs: List[str], meta: Dict[str, Any], replica: int, tar
     topology = Topology(**meta["topology"])
     if not meta["pipeline"]:
         first = replica * topology.ranks_per_replica
-        return _replayed_state(rank_dirs[first:first + topology.ranks_per_replica], first, target)
+        return _replayed_state(rank_dirs[first:first + topology.ranks_per_replica], first, target, feature_types)
     from ds_ext.models.hf_pipeline import pipeline_state_to_hf
     merged: Dict[str, Any] = {}
     for stage in range(topology.pipeline_stages):
         ranks = [topology.rank_of(replica, stage, d) for d in range(topology.data_parallel_size)]
-        merged.update(_replayed_state([rank_dirs[r] for r in ranks], ranks[0], target))
+        merged.update(_replayed_state([rank_dirs[r] for r in ranks], ranks[0], target, feature_types))
     config = meta["hf"]["config"]
     return pipeline_state_to_hf(merged, config["num_hidden_layers"], bool(config.get("tie_word_embeddings")))
 
 
-def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str = None) -> int:
-    """Write replica ``replica``'s HF model directory to ``out``; returns the step exported."""
+def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str = None, step: int = None,
+              feature_types: Optional[Dict[str, type]] = None) -> int:
+    """Write replica ``replica``'s HF model directory of ``step`` (default: the newest its ranks reach) to ``out``;
+    returns the step exported. ``feature_types``: as :func:`ds_ext.recovery.export.export`'s."""
     from ds_ext.models.hf import load_tokenizer, save_hf_state
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
@@ -101,7 +92,7 @@ def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str =
         raise SystemExit(f"ds_ext.recovery export --hf: the run's tokenizer directory {tokenizer_dir} is gone; "
                          "pass --tokenizer DIR")
     first = replica * topo["ranks_per_replica"]
-    target = newest_common_step(rank_dirs[first:first + topo["ranks_per_replica"]])
-    state = _replica_state(rank_dirs, meta, replica, target)
+    target = export_step(rank_dirs[first:first + topo["ranks_per_replica"]], step, feature_types)
+    state = _replica_state(rank_dirs, meta, replica, target, feature_types or {})
     save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
     return target

@@ -326,13 +326,20 @@ class JournalScan:
             return rec
         raise RecordError(path, 0, "empty base file")
 
-    def load_record(self, step: int) -> Record:
-        """The step's commit frame, with ``state["grads"]`` filled from its gradient frames."""
+    def load_commit(self, step: int) -> Record:
+        """The step's commit frame alone (applied flag, step state, feature payloads; no gradients)."""
         where = self.records[step]
         with open(where.path, "rb") as f:
             size = f.seek(0, 2)
             f.seek(where.commit_offset)
-            commit = records.read_frame(f, where.path, where.commit_offset, size)
+            return records.read_frame(f, where.path, where.commit_offset, size)
+
+    def load_record(self, step: int) -> Record:
+        """The step's commit frame, with ``state["grads"]`` filled from its gradient frames."""
+        where = self.records[step]
+        commit = self.load_commit(step)
+        with open(where.path, "rb") as f:
+            size = f.seek(0, 2)
             grads = {}
             for group, offset in sorted(where.grads.items()):
                 f.seek(offset)

@@ -47,12 +47,14 @@ __all__ = ["JournalLifecycle", "RecoveryError", "agree_on_step", "rank_dir", "re
 
 
 def replay_journal(state: JournaledState, scanned: journal.JournalScan, target: int,
-                   features: Optional[Dict[str, Any]] = None, refresh: bool = True) -> None:
+                   features: Optional[Dict[str, Any]] = None, refresh: bool = True,
+                   cannot_replay: str = "is that feature on?") -> None:
     """Load the newest base at or before ``target`` into ``state`` (and the base's feature states into
     ``features[name].load_state_dict``), then replay the records up to ``target`` in step order: the gradients
     through ``state.replay``, each feature payload through ``features[name].journal_replay``, then the step state.
     ``refresh``: refresh the model's params from the master tensors at the end (collective); else the caller does,
-    together with ranks that are rebuilt."""
+    together with ranks that are rebuilt. ``cannot_replay``: what the error for a payload of a feature not in
+    ``features`` tells the user to do."""
     features = features or {}
     base_step, steps = scanned.plan(target)
     base = scanned.load_base(base_step).state
@@ -67,7 +69,7 @@ def replay_journal(state: JournaledState, scanned: journal.JournalScan, target: 
         for name, payload in rec["features"].items():
             if name not in features:
                 raise RecoveryError(f"{scanned.rank_dir}: step {step} holds {name!r} data, which this run cannot "
-                                    "replay (is that feature on?)")
+                                    f"replay ({cannot_replay})")
             features[name].journal_replay(payload)
         state.restore_step_state(rec["state"])
     if refresh:
