@@ -118,6 +118,28 @@ def test_check_cli_exit_codes(tmp_path, repo_root):
     assert 'ds_ext.topology.ranks_per_replica: got "two"' in res.stderr
 
 
+def test_an_enabled_monitor_without_its_package_is_refused_and_one_with_it_passes(tmp_path, capsys):
+    """DeepSpeed imports a monitor's package only inside the engine on rank 0 (wandb: ``import wandb``); the check
+    finds it missing before anything starts. wandb is not installed here, tensorboard is (a dependency of the
+    test environment); csv needs nothing; a disabled monitor is never asked for."""
+    import importlib.util
+    from ds_ext.config.__main__ import main
+    assert importlib.util.find_spec("wandb") is None and importlib.util.find_spec("tensorboard") is not None
+    bad, good = tmp_path / "wandb.json", tmp_path / "tb.json"
+    bad.write_text(json.dumps({"wandb": {"enabled": True, "project": "p"}, "comet": {"enabled": False}}))
+    good.write_text(json.dumps({"tensorboard": {"enabled": True, "output_path": str(tmp_path / "tb")},
+                                "csv_monitor": {"enabled": True}, "wandb": {"enabled": False}}))
+    with pytest.raises(DsExtConfigError) as info:
+        check_file(bad)
+    assert [p for p, _ in info.value.problems] == ["wandb.enabled"]
+    assert main(["check", str(bad), str(good)]) == 2
+    err = capsys.readouterr()
+    assert f"{good}: ok" in err.out and str(bad) in err.err
+    assert "the wandb monitor is on but its package 'wandb' is not installed: pip install wandb, or set " \
+           "wandb.enabled to false" in err.err
+    assert not (tmp_path / "tb").exists()  # checking creates nothing
+
+
 # -- megatron configs: a "megatron" section next to "ds_ext", no DeepSpeed keys -----------------------------------
 
 def test_megatron_config_with_a_journal_passes_check(repo_root):

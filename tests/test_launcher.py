@@ -34,6 +34,8 @@ BAD_CONFIGS = {
                      "ds_ext.topology.ranks_per_replica: got 0"),
     "incompatible": ({"zero_optimization": {"stage": 2}, "ds_ext": {"topology": {"pipeline_stages": 2}}},
                      "ds_ext.topology.pipeline_stages: got 2 with zero_optimization.stage=2"),
+    # wandb is not installed in the test environment (test_config checks that premise)
+    "monitor_missing": ({"wandb": {"enabled": True}}, "wandb.enabled: the wandb monitor is on but its package"),
 }
 
 

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError
 
 from ds_ext.config import megatron as megatron_rules
 from ds_ext.config.base import DsExtConfigError, ExtSection
+from ds_ext.config.monitors import monitor_problems
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.prefix_grouper.config import PrefixGrouperConfig
@@ -296,8 +297,12 @@ def parse_megatron_config(config: Dict[str, Any], source: str = "config") -> DsE
 
 def check_file(path: Union[str, os.PathLike]) -> DsExtConfig:
     """Load and validate a config file: a DeepSpeed config, or a megatron config (a top-level ``"megatron"``
-    section) by the megatron rules. The ``ds-ext`` launcher runs this before any worker starts."""
+    section) by the megatron rules, and DeepSpeed's enabled monitors against the installed packages
+    (:func:`ds_ext.config.monitors.monitor_problems`). The ``ds-ext`` launcher runs this before any worker starts."""
     config, source = load_config_file(path), os.fspath(path)
     if megatron_rules.is_megatron_config(config):
         return parse_megatron_config(config, source)
+    problems = monitor_problems(config)
+    if problems:
+        raise DsExtConfigError(problems, source)
     return parse_ext_config(config, source)
