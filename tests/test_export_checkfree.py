@@ -84,7 +84,39 @@ def test_checkfree_journals_export_the_runs_own_weights(tmp_path):
             _assert_exported(out, ranks[0]["snapshots"][step], f"{stages} stages, step {step}")
 
 
-def test_a_payload_the_exporter_cannot_replay_stops_the_export_naming_the_feature(tmp_path):
-    """A journal whose record holds the payload of a feature the exporter does not know (a user's own feature)
-    exits before any process starts, naming the feature, the step and what to do."""
-    pytest.skip("TODO")
+def _journal_with_payload(rank_dir, name: str) -> None:
+    """A one-rank journal (base at step 0, records 1 and 2; record 2 holds a payload of feature ``name``) and its
+    EXPORT.bin, written by the journal's own writer: enough for the exporter's checks, which run before any
+    engine exists."""
+    from ds_ext.recovery import journal
+    from ds_ext.recovery.meta import write_export_meta
+    writer = journal.JournalWriter(str(rank_dir), {"test": 1})
+    writer.submit_base(0, {"fp32": {}})
+    writer.start_segment(1)
+    writer.append(1, {"applied": True, "groups": [], "state": {}, "features": {}})
+    writer.append(2, {"applied": True, "groups": [], "state": {}, "features": {name: {"x": 1}}})
+    writer.close()
+    write_export_meta(str(rank_dir), {"pipeline": False, "dp_world_size": 1, "hf": None, "topology": None})
+
+
+def test_a_payload_the_exporter_cannot_replay_stops_the_export_naming_the_feature(tmp_path, capsys):
+    """A record holding the payload of a feature the exporter cannot replay (no feature of that name; a feature
+    declaring the contract's default REFUSE) stops the export with exit 2 before any process starts, naming the
+    rank, the step, the feature and what to do; a step before the payload passes the checks."""
+    from ds_ext.contract import FeatureBase
+    from ds_ext.recovery.__main__ import main
+    from ds_ext.recovery.export import export_step
+    _journal_with_payload(tmp_path / "journal" / "rank00000", "mine")
+    out = tmp_path / "ckpt"
+    assert main(["export", str(tmp_path / "journal"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "rank00000: step 2 holds 'mine' data, which the exporter cannot replay (no known feature is named " \
+           "'mine'" in err, err
+    assert "Export a step before it with --step, or resume the job with that feature on" in err
+    assert not out.exists()
+
+    class Mine(FeatureBase):
+        name = "mine"
+    with pytest.raises(SystemExit, match="declares journal_export=refuse"):
+        export_step([str(tmp_path / "journal" / "rank00000")], None, {"mine": Mine})
+    assert export_step([str(tmp_path / "journal" / "rank00000")], 1, {}) == 1  # before the payload: allowed

@@ -47,12 +47,18 @@ def main(argv=None) -> int:
         return 0
     if args.out is None and args.hf is None:
         p.error("export needs OUT (a DeepSpeed checkpoint) or --hf DIR")
-    if args.hf is not None:
-        step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer, args.step, feature_types())
-        print(f"wrote HF model {args.hf} (replica {args.replica}, step {step})")
-    if args.out is not None:
-        tag = export(args.journal_dir, args.out, args.tag, args.step, feature_types())
-        print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, tag)}")
+    try:
+        if args.hf is not None:
+            step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer, args.step, feature_types())
+            print(f"wrote HF model {args.hf} (replica {args.replica}, step {step})")
+        if args.out is not None:
+            tag = export(args.journal_dir, args.out, args.tag, args.step, feature_types())
+            print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, tag)}")
+    except SystemExit as refused:  # the exporter's refusals (a message): bad input, exit 2 as every ds_ext CLI
+        if not isinstance(refused.code, str):
+            raise
+        print(refused.code, file=sys.stderr)
+        return 2
     return 0
 
 
