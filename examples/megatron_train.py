@@ -63,7 +63,7 @@ def load_settings(path: str):
 def init_distributed():
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
         os.environ.setdefault(key, value)
-    from ds_ext.models.data import threads_per_process
+    from ds_ext.data.corpus import threads_per_process
     torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))))
     # ds_ext's start-up: restart-safe under torch elastic (each restart round meets under its own store prefix)
     from ds_ext.distributed import init_distributed as ds_ext_init
@@ -75,7 +75,7 @@ def init_distributed():
 def batches(settings, rank: int, world: int, start_batch: int = 0):
     """Endless ``(input_ids, labels)`` micro-batches ``[mbs, seq]`` of this rank's data shard, from ``start_batch``
     on (a resumed run continues the same sequence)."""
-    from ds_ext.models.data import TokenWindows, load_corpus, sharded_batches
+    from ds_ext.data.corpus import TokenWindows, load_corpus, sharded_batches
     windows = TokenWindows(load_corpus(max_bytes=1 << 20), settings["seq_length"])
     return sharded_batches(windows, settings["micro_batch_size"], (rank, world), seed=settings["seed"],
                            start_batch=start_batch)
