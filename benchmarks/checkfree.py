@@ -76,7 +76,7 @@ class Batches:
     """Corpus windows by (iteration, micro-batch): every method sees the same data per iteration."""
 
     def __init__(self, args):
-        from ds_ext.models.data import load_corpus
+        from ds_ext.data.corpus import load_corpus
         self.tokens, self.args = load_corpus(max_bytes=4 << 20), args
 
     def get(self, key: int, micro: int):

@@ -92,6 +92,11 @@ class DsExtEngineMixin:
                 self.ds_ext_features.remove(feature)  # a feature that failed to start is not attached
                 raise
 
+    def ds_ext_feature(self, cls: type):
+        """The attached feature that is a ``cls`` (e.g. ``PrefixGrouperFeature``), or None: features are found by
+        type, never by name."""
+        return next((f for f in self.ds_ext_features if isinstance(f, cls)), None)
+
     def ds_ext_start(self) -> None:
         """Start every attached feature once, in phase order (collective: ``ds_ext.features`` calls it on every rank
         after attaching the built-in features). Features attached later start in :meth:`attach_feature`."""

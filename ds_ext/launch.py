@@ -13,7 +13,7 @@
    * ``--max_restarts K`` (K > 0): torch.distributed.elastic (``torch.distributed.run``) starts the local workers
      and restarts the whole local group up to K times when one fails; per node with ``--no_ssh --node_rank R
      --num_nodes N --master_addr ADDR`` (one ``ds-ext`` on every node, see "Several nodes" below).
-   * otherwise DeepSpeed's own runner (``deepspeed.launcher.runner.main``): local processes, or multi-node through
+   * otherwise DeepSpeed's own runner (its ``main``, through :mod:`ds_ext._deepspeed_launcher`): local processes, or multi-node through
      a hostfile and ``--launcher pdsh|openmpi|mpich|slurm|...``.
    On a machine without GPUs the local default is 2 processes (``--num_gpus``/``--num_procs``).
 
@@ -37,6 +37,8 @@ import os
 import socket
 import sys
 from typing import List, Optional, Tuple
+
+from ds_ext._deepspeed_launcher import forward_env_prefixes, hostfile_pool, parse_runner_args, run_runner
 
 OWN_FLAGS = {"--config": "config", "--num_procs": "num_procs", "--max_restarts": "max_restarts",
              "--rdzv_timeout": "rdzv_timeout"}
@@ -67,14 +69,12 @@ def split_argv(argv: List[str]):
 
     Own flags are taken only before the user script, so the script may have a ``--config`` of its own.
     """
-    from deepspeed.launcher import runner
-
     _, tentative = _strip_own(argv)
-    script = runner.parse_args(tentative).user_script
+    script = parse_runner_args(tentative).user_script
     cut = argv.index(script)
     own, prefix = _strip_own(argv[:cut])
     runner_argv = prefix + argv[cut:]
-    return own, runner.parse_args(runner_argv), runner_argv
+    return own, parse_runner_args(runner_argv), runner_argv
 
 
 def configured_procs(parsed) -> Optional[Tuple[int, str]]:
@@ -146,15 +146,9 @@ def _worker_env(nprocs: Optional[int]) -> None:
 
 
 # What ``_worker_env`` sets, forwarded to the other nodes' workers. DeepSpeed's runner forwards only variables whose
-# names start with one of ``runner.EXPORT_ENVS`` (PYTHON*, UCX*, ...). Without TORCH_EXTENSIONS_DIR a remote rank
+# names start with one of its export prefixes (PYTHON*, UCX*, ...). Without TORCH_EXTENSIONS_DIR a remote rank
 # built its JIT comm op in ~/.cache instead, and waited forever on a build lock that a killed run had left there.
 RUNNER_EXPORTS = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
-
-
-def _export_worker_env(runner) -> None:
-    """Add ``RUNNER_EXPORTS`` to the DeepSpeed runner's export prefixes (it reads the list when it builds the
-    pdsh/mpirun/srun command)."""
-    runner.EXPORT_ENVS = list(runner.EXPORT_ENVS) + [v for v in RUNNER_EXPORTS if v not in runner.EXPORT_ENVS]
 
 
 def _check_nodes(ns) -> Optional[str]:
@@ -234,8 +228,7 @@ def _run_elastic(ns, nprocs: int, max_restarts: int, user_argv: List[str], rdzv_
 
 
 def _is_multi_node(ns) -> bool:
-    from deepspeed.launcher.runner import fetch_hostfile
-    pool = fetch_hostfile(ns.hostfile) or {}
+    pool = hostfile_pool(ns.hostfile)
     return len(pool) > 1 or ns.force_multi or ns.num_nodes > 1
 
 
@@ -285,14 +278,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"ds-ext: {problem}", file=sys.stderr)
             return 2
         return _run_elastic(ns, nprocs or 1, max_restarts, user_argv, rdzv_timeout)
-    from deepspeed.launcher import runner
     if _is_multi_node(ns):
-        _export_worker_env(runner)
+        forward_env_prefixes(list(RUNNER_EXPORTS))
     cut = runner_argv.index(ns.user_script)
     prefix = runner_argv[:cut]
     if nprocs and ns.num_gpus < 0 and not ns.include and not _is_multi_node(ns):
         prefix += ["--num_gpus", str(nprocs)]
-    runner.main(prefix + [ns.user_script] + user_argv)
+    run_runner(prefix + [ns.user_script] + user_argv)
     return 0
 
 

@@ -63,7 +63,7 @@ def load_settings(path: str):
 def init_distributed():
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
         os.environ.setdefault(key, value)
-    from ds_ext.models.data import threads_per_process
+    from ds_ext.data.corpus import threads_per_process
     torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))))
     # ds_ext's start-up: restart-safe under torch elastic (each restart round meets under its own store prefix)
     from ds_ext.distributed import init_distributed as ds_ext_init
@@ -75,7 +75,7 @@ def init_distributed():
 def batches(settings, rank: int, world: int, start_batch: int = 0):
     """Endless ``(input_ids, labels)`` micro-batches ``[mbs, seq]`` of this rank's data shard, from ``start_batch``
     on (a resumed run continues the same sequence)."""
-    from ds_ext.models.data import TokenWindows, load_corpus, sharded_batches
+    from ds_ext.data.corpus import TokenWindows, load_corpus, sharded_batches
     windows = TokenWindows(load_corpus(max_bytes=1 << 20), settings["seq_length"])
     return sharded_batches(windows, settings["micro_batch_size"], (rank, world), seed=settings["seed"],
                            start_batch=start_batch)
@@ -127,7 +127,7 @@ def loss_of(ddp, ext, settings, input_ids, labels):
 
 
 def train(args) -> dict:
-    from ds_ext.megatron import cpu_shims, journal_for
+    from ds_ext.megatron import MegatronJournal, MegatronRunner, cpu_shims
     from megatron.core.distributed import finalize_model_grads
     settings, ext = load_settings(args.config)
     if args.journal_dir:
@@ -142,40 +142,35 @@ def train(args) -> dict:
     with cpu_shims():
         model, ddp, opt, noloco = build(settings, ext, rank)
         finalize = noloco.finalize_model_grads_func if noloco else finalize_model_grads
-        journal = journal_for(opt, [ddp], ext.recovery, noloco=noloco)  # resumes here if a journal exists
+        # the features, driven through the Feature contract in phase order: NoLoCo's outer step, then the journal
+        journal = MegatronJournal(opt, [ddp], ext.recovery) if ext.recovery.active else None
+        runner = MegatronRunner([noloco, journal])
+        done = runner.start()  # the journal resumes here (and replays NoLoCo's outer steps) if it exists
         if noloco is not None:
             noloco.count_collectives()
-        done = journal.step if journal else 0
         if rank == 0 and done:
             print(f"resumed from the journal after step {done}", flush=True)
         data = batches(settings, rank, world, start_batch=done)
         for step in range(done + 1, steps + 1):
-            if journal:
-                journal.before_forward()
             if kill == (rank, step):
                 os.kill(os.getpid(), 9)
             input_ids, labels = next(data)
             ddp.zero_grad_buffer()
             opt.zero_grad()
-            loss = loss_of(ddp, ext, settings, input_ids, labels)
+            loss = loss_of(ddp, ext, settings, input_ids, labels)  # the journal's pre-hook waits for step-1's frames
             loss.backward()
             finalize([ddp])
             opt.step()
-            if noloco is not None:
-                noloco.after_step()
-            if journal:
-                journal.commit(step)
+            runner.after_step()
             losses.append(loss.item())
             if rank == 0 and (step % args.log_every == 0 or step == 1):
                 print(f"step {step:4d}  loss {loss.item():.4f}  ({time.time() - start:.1f} s)", flush=True)
-    if journal:
-        journal.close()
     summary = {"first_loss": sum(losses[:5]) / len(losses[:5]), "last_loss": sum(losses[-5:]) / len(losses[-5:]),
                "steps": steps, "resumed_after": done, "world": world, "seconds": round(time.time() - start, 2),
                "features": {k: getattr(ext, k).enabled for k in ("noloco", "streambp", "prefix_grouper")}}
     if noloco is not None:
-        summary["cross_replica_collectives"] = noloco.metrics()["cross_replica_collectives"]
-        noloco.close()
+        summary["cross_replica_collectives"] = runner.metrics()["noloco/cross_replica_collectives"]
+    runner.close()
     if rank == 0:
         print(json.dumps(summary), flush=True)
     dist.barrier()

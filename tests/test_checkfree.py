@@ -87,7 +87,7 @@ def ds_config(stage: int, ext: dict, gas: int = 1) -> dict:
 
 def text_batch(index: int, step: int, micro: int = 0, batch: int = 2):
     """A learnable batch: windows of the shipped corpus, chosen by (index, step, micro) only."""
-    from ds_ext.models.data import load_corpus
+    from ds_ext.data.corpus import load_corpus
     tokens = load_corpus(max_bytes=1 << 16)
     g = torch.Generator().manual_seed(index * 100003 + step * 101 + micro)
     starts = torch.randint(0, tokens.numel() - 17, (batch,), generator=g)

@@ -185,78 +185,37 @@ def test_megatron_config_refuses_deepspeed_keys(tmp_path):
     assert path == "zero_optimization" and 'holds only "megatron" and "ds_ext"' in message
 
 
-# -- the README against the code ---------------------------------------------------------------------------------
+# -- the docs against the code ----------------------------------------------------------------------------------
 
-REQUIRED = object()  # a field without a default (the README writes "required")
-
-
-def _section_of(annotation):
-    """The ExtSection class ``annotation`` is, the item class of a ``List[ExtSection]``, or None; any other shape
-    holding an ExtSection fails here, so a new nesting form cannot slip past the walk."""
-    from typing import get_args, get_origin
-    from ds_ext.config.base import ExtSection
-    if isinstance(annotation, type) and issubclass(annotation, ExtSection):
-        return annotation, False
-    args = get_args(annotation)
-    if get_origin(annotation) is list and len(args) == 1 and isinstance(args[0], type) \
-            and issubclass(args[0], ExtSection):
-        return args[0], True
-    assert not any(isinstance(a, type) and issubclass(a, ExtSection) for a in args), \
-        f"the README walk does not know the field shape {annotation}"
-    return None, False
+def test_config_reference_page_is_generated_from_the_models(repo_root):
+    """docs/config.md is ``python -m ds_ext.config docs``'s output: a field added, removed or re-documented in a
+    model without regenerating the page fails here."""
+    from ds_ext.config.reference import render
+    page = (repo_root / "docs" / "config.md").read_text(encoding="utf-8")
+    assert page == render(), "docs/config.md is stale: run `python -m ds_ext.config docs > docs/config.md`"
 
 
-def model_keys(model=DsExtConfig, prefix="ds_ext") -> dict:
-    """JSON path -> default of every leaf field, walking nested sections (``a.b``) and lists of sections: the list
-    itself is a key, and its items' fields are ``key[].field``."""
-    keys = {}
-    for name, field in model.model_fields.items():
-        key = f"{prefix}.{name}"
-        section, is_list = _section_of(field.annotation)
-        if section is not None and not is_list:
-            keys.update(model_keys(section, key))
-            continue
-        keys[key] = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
-        if is_list:
-            keys.update(model_keys(section, key + "[]"))
-    return keys
+def test_every_config_key_is_documented_with_type_and_default():
+    from ds_ext.config import DsExtConfig
+    from ds_ext.config.reference import rows
+    table = list(rows(DsExtConfig))
+    assert len(table) >= 50, "the walk lost sections"
+    assert [key for key, _, _, meaning in table if not meaning] == [], "config fields without a docstring"
+    by_key = {key: (kind, default) for key, kind, default, _ in table}
+    # values read back from the models themselves: bounds, nullability, literals, list items, required fields
+    assert by_key["ds_ext.noloco.inner_steps"] == ("int >= 1", "`50`")
+    assert by_key["ds_ext.noloco.outer_momentum"] == ("float >= 0 and < 1 or null", "`null`")
+    assert by_key["ds_ext.noloco.mode"] == ('`"noloco"` or `"diloco"`', '`"noloco"`')
+    assert by_key["ds_ext.recovery.checkpoint_free.inject.at[].step"][1] == "required"
+    assert by_key["ds_ext.recovery.checkpoint_free.inject.at"] == ("list of objects", "`[]`")
 
 
-def readme_config_rows(readme: str) -> dict:
-    """JSON path -> documented default, from the README's config table (``| key | type | default | meaning |``)."""
+def test_shipped_config_list_is_the_configs_directory_and_each_passes_check(repo_root):
     import re
-    rows = {}
-    for line in readme.splitlines():
-        if not line.startswith("| `ds_ext."):
-            continue
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        assert len(cells) == 4, f"README config row without 4 cells: {line}"
-        key, default = cells[0].strip("`"), cells[2]
-        assert key not in rows, f"README documents {key} twice"
-        rows[key] = REQUIRED if default == "required" else json.loads(default.strip("`"))
-    return rows
-
-
-def _same(a, b) -> bool:
-    # True == 1 in Python: a bool documented as a number (or the reverse) must not pass
-    return a == b and isinstance(a, bool) == isinstance(b, bool)
-
-
-def test_readme_config_table_matches_the_models(repo_root):
-    documented = readme_config_rows((repo_root / "README.md").read_text(encoding="utf-8"))
-    fields = model_keys()
-    assert sorted(set(fields) - set(documented)) == [], "model fields missing from the README's config table"
-    assert sorted(set(documented) - set(fields)) == [], \
-        "README config keys that no model has"
-    wrong = {k: (documented[k], fields[k]) for k in set(documented) & set(fields) if not _same(documented[k], fields[k])}
-    assert wrong == {}, "README default != model default (documented, model)"
-
-
-def test_readme_shipped_config_list_is_the_configs_directory_and_each_passes_check(repo_root):
-    import re
-    readme = (repo_root / "README.md").read_text(encoding="utf-8")
+    readme = (repo_root / "docs" / "configs.md").read_text(encoding="utf-8")
     start = readme.index("Shipped configs")
-    paragraph = readme[start:readme.index("\n\n", start)]
+    end = readme.find("\n\n", start)
+    paragraph = readme[start:end if end >= 0 else len(readme)]
     listed = set(re.findall(r"`([\w.-]+\.json)`", paragraph))
     files = sorted(f.name for f in (repo_root / "configs").glob("*.json"))
     assert sorted(listed) == files

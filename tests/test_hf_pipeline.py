@@ -227,7 +227,7 @@ def test_two_stage_hf_pipeline_with_streambp_gives_the_unpipelined_gradients(tmp
 # -- CheckFree: a stage rank killed (kill -9, its disk gone), rebuilt from its neighbour at relaunch ------------------
 def text_batch(step: int, micro: int, batch: int = 2, length: int = 32):
     """A learnable batch ``((input_ids, position_ids), labels)``: windows of the shipped corpus (bytes < 300)."""
-    from ds_ext.models.data import load_corpus
+    from ds_ext.data.corpus import load_corpus
     tokens = load_corpus(max_bytes=1 << 16)
     g = torch.Generator().manual_seed(step * 101 + micro)
     starts = torch.randint(0, tokens.numel() - length, (batch,), generator=g).tolist()

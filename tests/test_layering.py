@@ -294,3 +294,22 @@ def test_every_module_imports_on_its_own():
     failures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not failures, "modules that fail to import in a fresh interpreter:\n" + "\n".join(
         f"--- {name}\n{msg}" for name, msg in failures.items())
+
+
+def test_every_import_goes_down_the_layers():
+    """``ds_ext.layers.LAYERS`` is the layer order; every import edge (module-level and lazy) goes to the same or a
+    lower layer, and no feature package imports another."""
+    from ds_ext.layers import upward_edges
+    bad = upward_edges(import_edges(module_files()))
+    assert bad == [], "imports against ds_ext.layers.LAYERS:\n" + "\n".join(bad)
+
+
+def test_the_layer_check_can_fail():
+    from ds_ext.layers import layer_of, upward_edges
+    assert layer_of("ds_ext.noloco.config") < layer_of("ds_ext.contract") < layer_of("ds_ext.noloco.feature")
+    assert layer_of("ds_ext") > layer_of("ds_ext.engine")
+    edges = {"ds_ext.models.llama": {"ds_ext.streambp.layer": "llama.py:1"},
+             "ds_ext.noloco.feature": {"ds_ext.recovery.journal": "f.py:2", "ds_ext.recovery.config": "f.py:3"}}
+    assert upward_edges(edges) == [
+        "ds_ext.models.llama -> ds_ext.streambp.layer (llama.py:1): layer models imports layer features",
+        "ds_ext.noloco.feature -> ds_ext.recovery.journal (f.py:2): a feature imports another feature"]

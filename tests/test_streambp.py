@@ -12,7 +12,7 @@ from ds_ext.ops.attention import chunk_attention, chunk_mask
 from ds_ext.streambp.apply import stream_model
 from ds_ext.streambp.config import StreamBPConfig
 from ds_ext.streambp.layer import stream_layer
-from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
+from ds_ext.ops.chunked_loss import TokenCrossEntropy, chunked_lm_loss
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
 # fp32: chunked sums reorder additions; the project's exactness bar for fp32 is a relative error of 1e-5.
@@ -154,7 +154,7 @@ def test_chunked_cross_entropy_matches_full_logits(chunk, scale):
 
 def test_logits_chunk_is_capped_in_bytes(monkeypatch):
     """A large vocabulary shortens the logits chunk to the byte cap (here 2 x 50 x 4 bytes x 3 positions)."""
-    import ds_ext.streambp.loss as loss_mod
+    import ds_ext.ops.chunked_loss as loss_mod
     monkeypatch.setattr(loss_mod, "MAX_LOGITS_CHUNK_BYTES", 2 * 50 * 4 * 3)
     seen = []
 

@@ -29,9 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ds_ext.models.generate import sample
-from ds_ext.models.llama import rope_cos_sin
 from ds_ext.ops.attention import grouped_sdpa
-from ds_ext.ops.rope import apply_rope
 
 
 @dataclass
@@ -46,15 +44,10 @@ def _attend(layer, x, positions, k_cache, v_cache, key_mask, write_at):
     """One decoder layer on ``x: [B, t, C]`` at absolute ``positions [B, t]``; writes the new keys/values into the
     caches ``[B, Hkv, L, D]`` at ``write_at [B]`` .. ``+ t`` (``t > 1`` only with ``B == 1``) and attends to every
     unmasked cached position at or before each query's own."""
-    attn, cfg = layer.attn, layer.attn.cfg
+    attn = layer.attn
     b, t, _ = x.shape
-    d = cfg.head_dim
     h = layer.input_norm(x)
-    q = attn.q_proj(h).view(b, t, -1, d).transpose(1, 2)
-    k = attn.k_proj(h).view(b, t, -1, d).transpose(1, 2)
-    v = attn.v_proj(h).view(b, t, -1, d).transpose(1, 2)
-    cos, sin = rope_cos_sin(positions, d, cfg.rope_theta, x.dtype)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.project_qkv(h, positions)  # the model's own projection + RoPE (one copy)
     if t == 1:
         rows = torch.arange(b)
         k_cache[rows, :, write_at] = k[:, :, 0]

@@ -13,7 +13,10 @@ class ExtSection(DeepSpeedConfigModel):
     """DeepSpeed's config model (pydantic, ``extra="forbid"``, docstring per field) with JSON-strict types: a string
     is not silently read as a number."""
 
-    model_config = ConfigDict(**{**DeepSpeedConfigModel.model_config, "strict": True})
+    # use_attribute_docstrings: each field's docstring becomes its description, from which docs/config.md is
+    # generated (ds_ext.config.reference).
+    model_config = ConfigDict(**{**DeepSpeedConfigModel.model_config, "strict": True,
+                                 "use_attribute_docstrings": True})
 
 
 class DsExtConfigError(ValueError):

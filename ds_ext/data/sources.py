@@ -8,7 +8,7 @@ object per line (blank lines skipped) in one of three forms, recognised by their
 * ``{"messages": [{"role": str, "content": str}, ...]}``: rendered by the tokenizer's chat template, loss on the
   assistant turns only (at least one is needed).
 
-Any other file with a suffix in :data:`ds_ext.models.data.TEXT_SUFFIXES` is one ``text`` document. A line that is not
+Any other file with a suffix in :data:`ds_ext.data.corpus.TEXT_SUFFIXES` is one ``text`` document. A line that is not
 a JSON object, has none of the known keys or a value of the wrong type is a :class:`DataError` naming the file, the
 line, the field (a JSON path such as ``messages[2].content``) and what is allowed; nothing is skipped silently.
 """
@@ -19,13 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from ds_ext.models.data import TEXT_SUFFIXES, corpus_files
+from ds_ext.data.corpus import TEXT_SUFFIXES, DataError, corpus_files
 
 FORMS = "'text', 'prompt' + 'completion', or 'messages'"
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names file, line and field."""
 
 
 @dataclass(frozen=True)
@@ -37,18 +33,7 @@ class Example:
 
 def data_files(path: Optional[str]) -> List[Path]:
     """The files under ``path``; ``None``: the reference model's default corpus (the standard library's modules)."""
-    if path is None:
-        return corpus_files(None)
-    root = Path(path)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise DataError(f"--data {path}: no such file or directory")
-    suffixes = TEXT_SUFFIXES + (".jsonl",)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
-    if not files:
-        raise DataError(f"--data {path}: no data files ({', '.join(suffixes)}) under it")
-    return files
+    return corpus_files(path, TEXT_SUFFIXES + (".jsonl",), "data files")
 
 
 def _string(value, where: str, field: str) -> str:

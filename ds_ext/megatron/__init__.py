@@ -10,6 +10,8 @@ No fork of megatron-core and no patch at import time; each feature attaches thro
   distributed optimizer; :func:`noloco_setup` returns the replica-only ``finalize_model_grads_func`` and the
   ``after_step()`` outer step on the optimizer's fp32 shards (``noloco.py``).
 * Recovery journal: :func:`journal_for` journals the distributed optimizer's shards per step (``journal.py``).
+* :class:`MegatronRunner` drives NoLoCo and the journal (both :class:`ds_ext.contract.Feature`) in phase order, as
+  the DeepSpeed engine drives its features (``runner.py``).
 * CPU: :func:`cpu_shims` lets megatron's DDP, optimizer and RoPE run without CUDA, inside a ``with`` block only.
 
 The block is parsed by :func:`parse_ds_ext` with the DeepSpeed path's models and the megatron rules of
@@ -23,9 +25,10 @@ from ds_ext.megatron.attention import GroupedMask, PrefixGroupedCoreAttention, g
 from ds_ext.megatron.journal import MegatronJournal, journal_for
 from ds_ext.megatron.model import layer_spec, parse_ds_ext, tiny_gpt, tiny_transformer_config
 from ds_ext.megatron.noloco import MegatronNoLoCo, noloco_setup, replica_groups
+from ds_ext.megatron.runner import MegatronRunner
 from ds_ext.megatron.shims import cpu_shims
 from ds_ext.megatron.streambp import streambp_layers
 
 __all__ = ["GroupedMask", "PrefixGroupedCoreAttention", "grouped_forward", "layer_spec", "parse_ds_ext", "tiny_gpt",
-           "tiny_transformer_config", "MegatronJournal", "journal_for", "MegatronNoLoCo", "noloco_setup", "replica_groups", "cpu_shims",
+           "tiny_transformer_config", "MegatronJournal", "journal_for", "MegatronNoLoCo", "MegatronRunner", "noloco_setup", "replica_groups", "cpu_shims",
            "streambp_layers"]

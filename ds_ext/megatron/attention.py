@@ -38,7 +38,7 @@ from ds_ext.prefix_grouper.layout import GroupedBatch
 @dataclass
 class GroupedMask:
     """The ``attention_mask`` of a grouped batch: tells the core attention the row layout and gives StreamBP its
-    chunk masks (the :class:`ds_ext.streambp.layer.ChunkMasked` protocol)."""
+    chunk masks (the :class:`ds_ext.ops.stream.ChunkMasked` protocol)."""
 
     batch: GroupedBatch
 

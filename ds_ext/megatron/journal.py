@@ -17,7 +17,10 @@ Resume (:meth:`MegatronJournal.resume`, collective over ``group``, default every
 inside the data-parallel group. The result is bit-identical to a run that never stopped (tested with kill -9 on 2
 processes). Checkpoint-free recovery (``ds_ext.recovery.checkpoint_free``) is not supported here and refused.
 
-Call order per step (the example does this)::
+The journal is a :class:`ds_ext.contract.Feature` (phase ``JOURNAL``, last):
+:class:`ds_ext.megatron.runner.MegatronRunner` starts it (resume, then a forward pre-hook that waits for the frames)
+and commits every step through ``after_optimizer_step``, journaling every other feature the runner holds.
+Driven by hand (:func:`journal_for`), the call order per step is::
 
     journal.before_forward()                     # the previous step's frames are in the OS (a kill loses nothing)
     loss.backward(); finalize_model_grads(...); optimizer.step()   # pre-hook queues the gradient frames
@@ -33,6 +36,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ds_ext.contract import FeatureBase, Phase
 from ds_ext.recovery.config import RecoveryConfig
 from ds_ext.recovery.resume import JournalLifecycle
 from ds_ext.state.megatron import MegatronPartitionState
@@ -47,7 +51,7 @@ def refuse_checkpoint_free(cfg: RecoveryConfig) -> None:
                          "alone. Set ds_ext.recovery.checkpoint_free.enabled to false")
 
 
-class MegatronJournal:
+class MegatronJournal(FeatureBase):
     """One rank's journal of a megatron ``DistributedOptimizer`` (or ``ChainedOptimizer`` of them).
 
     Args:
@@ -58,9 +62,12 @@ class MegatronJournal:
         scheduler: optional LR scheduler with ``state_dict``/``load_state_dict`` (megatron's
             ``OptimizerParamScheduler``), journaled with every step.
         noloco: optional :class:`ds_ext.megatron.noloco.MegatronNoLoCo` whose outer steps are journaled (through
-            its ``journal_payload``/``journal_replay`` and ``state_dict``/``load_state_dict``).
+            its ``journal_payload``/``journal_replay`` and ``state_dict``/``load_state_dict``); under a runner,
+            every other feature the runner holds is journaled instead.
         group: the ranks that agree on the resume step (default: every rank).
     """
+
+    name, phase, state_from_peer = "recovery", Phase.JOURNAL, False
 
     def __init__(self, optimizer, model_chunks: List[torch.nn.Module], cfg: RecoveryConfig,
                  rank: Optional[int] = None, scheduler=None, noloco=None, group=None):
@@ -68,6 +75,7 @@ class MegatronJournal:
             raise ValueError("ds_ext.recovery is off: set ds_ext.recovery.journal_dir")
         refuse_checkpoint_free(cfg)
         self.cfg, self.scheduler, self.noloco = cfg, scheduler, noloco
+        self.model_chunks, self._others, self._hook = model_chunks, None, None
         self.rank = dist.get_rank() if rank is None else rank
         self.state = MegatronPartitionState(optimizer, model_chunks, scheduler)
         self.journal = JournalLifecycle(cfg, self.state, self.rank, group if group is not None else dist.group.WORLD,
@@ -75,7 +83,21 @@ class MegatronJournal:
         self.dir, self.layout = self.journal.dir, self.journal.layout
 
     def _features(self) -> Dict[str, Any]:
+        if self._others is not None:
+            return self._others
         return {"noloco": self.noloco} if self.noloco is not None else {}
+
+    # -- the Feature contract (MegatronRunner) ---------------------------------------------------------------
+    def start(self, engine) -> None:
+        """Journal every other feature of ``engine`` (a runner), resume (collective), and wait for the previous
+        step's frames before each forward of the first model chunk."""
+        self._others = {f.name: f for f in engine.ds_ext_features if f is not self}
+        self.resume()
+        self._hook = self.model_chunks[0].register_forward_pre_hook(lambda module, args: self.before_forward())
+
+    def after_optimizer_step(self, engine) -> None:
+        """The contract's step hook: commit the next step (phase JOURNAL: after every other feature's hook)."""
+        self.commit(self.state.steps + 1)
 
     @property
     def step(self) -> int:
@@ -114,7 +136,10 @@ class MegatronJournal:
         return self.journal.metrics()
 
     def close(self) -> None:
-        """Write everything queued, stop the writer and remove the capture hooks. Idempotent."""
+        """Write everything queued, stop the writer and remove the capture and forward hooks. Idempotent."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self.journal.close()
 
 

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ds_ext.contract import FeatureBase, Phase
 from ds_ext.noloco.accounting import CommAccounting
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.noloco.feature import NoLoCoFeature, sync_replicas
@@ -101,8 +102,9 @@ def install_megatron_accounting(accounting: CommAccounting) -> CommAccounting:
                                (pgb, "dist_reduce_scatter_func", "reduce_scatter_tensor")])
 
 
-class MegatronNoLoCo:
-    """What :func:`noloco_setup` returns: the grad-sync function for megatron and the outer-step hook.
+class MegatronNoLoCo(FeatureBase):
+    """What :func:`noloco_setup` returns: the grad-sync function for megatron and the outer-step hook, a
+    :class:`ds_ext.contract.Feature` (phase ``STEP``) that :class:`ds_ext.megatron.runner.MegatronRunner` drives.
 
     Contract: :meth:`finalize_model_grads_func` after the backward of the last micro-batch and before
     ``optimizer.step()`` (megatron's schedules call it through ``config.finalize_model_grads_func``);
@@ -110,8 +112,14 @@ class MegatronNoLoCo:
     (:attr:`steps`); a journal resume sets it with :meth:`restore_steps`.
     """
 
+    name, phase = "noloco", Phase.STEP
+
     def __init__(self, feature: NoLoCoFeature, groups: ReplicaGroups, accounting: Optional[CommAccounting]):
         self.feature, self.groups, self.accounting = feature, groups, accounting
+
+    def after_optimizer_step(self, engine) -> None:
+        """The contract's step hook: :meth:`after_step`."""
+        self.after_step()
 
     @property
     def steps(self) -> int:

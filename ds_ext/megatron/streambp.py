@@ -37,7 +37,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ds_ext.megatron.attention import GroupedMask, unwrap_gpt
 from ds_ext.streambp.config import StreamBPConfig
-from ds_ext.streambp.layer import LayerAdapter, StreamCall, stream_layer
+from ds_ext.ops.stream import LayerAdapter, StreamCall
+from ds_ext.streambp.layer import stream_layer
 from ds_ext.streambp.offload import input_store
 
 

@@ -17,9 +17,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ds_ext.models.llama import LlamaForCausalLM, rope_cos_sin
+from ds_ext.models.llama import LlamaForCausalLM
 from ds_ext.ops.attention import grouped_sdpa
-from ds_ext.ops.rope import apply_rope
 
 
 @dataclass
@@ -80,15 +79,10 @@ class TokenSampler:
 
 def _layer_step(layer, x, positions, cache: Optional[Tuple[torch.Tensor, torch.Tensor]], key_mask):
     """One decoder layer on new positions ``x: [B, t, C]`` given the cached keys/values; returns (out, cache)."""
-    attn, cfg = layer.attn, layer.attn.cfg
+    attn = layer.attn
     b, t, _ = x.shape
     h = layer.input_norm(x)
-    d = cfg.head_dim
-    q = attn.q_proj(h).view(b, t, -1, d).transpose(1, 2)
-    k = attn.k_proj(h).view(b, t, -1, d).transpose(1, 2)
-    v = attn.v_proj(h).view(b, t, -1, d).transpose(1, 2)
-    cos, sin = rope_cos_sin(positions, d, cfg.rope_theta, x.dtype)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.project_qkv(h, positions)  # the model's own projection + RoPE (one copy)
     if cache is not None:
         k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
     total = k.shape[2]

@@ -10,7 +10,7 @@ hub names are refused, the machine may have no internet.
 None) -> mean token loss``. It runs ``hf.model`` for the final hidden states (``attention_mask=None``: packed rows
 are recognised by transformers from ``position_ids`` that restart at 0 at every document, so a token attends only to
 its own document) and the LM head + cross-entropy ``logits_chunk_size`` positions at a time
-(:func:`ds_ext.streambp.loss.chunked_lm_loss`; full ``[B, T, V]`` logits never exist). Labels are unshifted (HF's
+(:func:`ds_ext.ops.chunked_loss.chunked_lm_loss`; full ``[B, T, V]`` logits never exist). Labels are unshifted (HF's
 convention): position t is scored on ``labels[:, t + 1]``, -100 = no loss. ``set_lm_loss(fn)`` is the seam StreamBP
 uses to put its own chunked head in (the same seam as the reference model's). Without labels it returns logits.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ds_ext.ops.losses import shift_labels
-from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
+from ds_ext.ops.chunked_loss import TokenCrossEntropy, chunked_lm_loss
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # config.json "model_type" values trained here
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")

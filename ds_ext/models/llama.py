@@ -20,7 +20,7 @@ from torch import nn
 from ds_ext.ops.attention import grouped_sdpa
 from ds_ext.ops.losses import IGNORE_INDEX
 from ds_ext.ops.rope import apply_rope
-from ds_ext.streambp.layer import LayerAdapter, StreamCall, chunk_mask_of
+from ds_ext.ops.stream import LayerAdapter, StreamCall, chunk_mask_of
 
 
 @dataclass
@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
 class ReferenceLayerAdapter(LayerAdapter):
     """StreamBP's adapter for :class:`DecoderLayer` (and its pipeline form): calls
     ``layer(x, position_ids=None, key_padding_mask=None, attention_fn=None)``, positions default to ``0..T-1``; a
-    per-call ``attention_fn`` must give chunk masks (:class:`ds_ext.streambp.layer.ChunkMasked`)."""
+    per-call ``attention_fn`` must give chunk masks (:class:`ds_ext.ops.stream.ChunkMasked`)."""
 
     def own_forward(self, x, position_ids=None, key_padding_mask=None, attention_fn=None):
         position_ids = self.default_positions(x) if position_ids is None else position_ids

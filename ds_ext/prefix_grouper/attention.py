@@ -53,7 +53,7 @@ def prefix_grouped_attention(q, k, v, prefix_lens: List[int], suffix_lens: List[
 
 class GroupedAttention:
     """The reference model's per-call ``attention_fn`` for one grouped batch: ``fn(q, k, v, key_padding_mask)``.
-    Gives StreamBP its chunk masks (:meth:`chunk_mask`, the :class:`ds_ext.streambp.layer.ChunkMasked` protocol)."""
+    Gives StreamBP its chunk masks (:meth:`chunk_mask`, the :class:`ds_ext.ops.stream.ChunkMasked` protocol)."""
 
     def __init__(self, batch):
         self.batch = batch

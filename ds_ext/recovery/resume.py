@@ -60,7 +60,7 @@ def replay_journal(state: JournaledState, scanned: journal.JournalScan, target: 
     base = scanned.load_base(base_step).state
     state.restore(base)
     for name, sd in base.get("features", {}).items():
-        if name in features and hasattr(features[name], "load_state_dict"):
+        if name in features:
             features[name].load_state_dict(sd)
     for step in steps:
         rec = scanned.load_record(step).state
@@ -196,16 +196,14 @@ class JournalLifecycle:
             self.submit_base(step)
 
     def _payloads(self) -> Dict[str, Any]:
-        payloads = {name: f.journal_payload() for name, f in self.features().items()
-                    if hasattr(f, "journal_payload")}
+        payloads = {name: f.journal_payload() for name, f in self.features().items()}
         return {k: v for k, v in payloads.items() if v is not None}
 
     def submit_base(self, step: int) -> None:
         """A base of the current state at ``step``, written in the background; records after it start a segment."""
         base = self.state.snapshot()
         # cloned: the base is written in the background while the features keep updating their tensors
-        base["features"] = clone_tree({name: f.state_dict() for name, f in self.features().items()
-                                       if hasattr(f, "state_dict")})
+        base["features"] = clone_tree({name: f.state_dict() for name, f in self.features().items()})
         self.writer.submit_base(step, base)
         self.writer.start_segment(step + 1)
 

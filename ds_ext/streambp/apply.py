@@ -5,7 +5,7 @@ model's layers, :class:`ds_ext.models.llama.DecoderLayer`) or an HF Llama/Qwen2-
 structure; each is given the streamed backward in place (:func:`ds_ext.streambp.layer.stream_layer`); HF layers'
 config is switched to StreamBP's packed-document attention (:func:`ds_ext.streambp.hf.route_attention`: no
 ``T x T`` mask). The LM head
-and loss go through :func:`ds_ext.streambp.loss.chunked_lm_loss` via the model's own seam: ``set_lm_loss(fn)`` (the
+and loss go through :func:`ds_ext.ops.chunked_loss.chunked_lm_loss` via the model's own seam: ``set_lm_loss(fn)`` (the
 reference model); for a ``PipelineModule`` whose last stage has a head with an ``emit_hidden`` flag (the reference
 pipeline's ``HeadPipe``, the HF pipeline's heads), the head emits hidden states and the module's ``loss_fn`` applies
 the head in chunks (on ``head.loss_labels(labels)`` when the head defines it); HF
@@ -23,9 +23,10 @@ from ds_ext.config import DsExtConfigError
 from ds_ext.contract import FeatureBase, Phase
 from ds_ext.streambp.config import StreamBPConfig
 from ds_ext.streambp.hf import HFLayerAdapter, is_hf_decoder_layer, route_attention
-from ds_ext.streambp.layer import LayerAdapter, stream_layer, unstream_layer
+from ds_ext.ops.stream import LayerAdapter
+from ds_ext.streambp.layer import stream_layer, unstream_layer
 from ds_ext.streambp.offload import LayerInputStore, input_store
-from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
+from ds_ext.ops.chunked_loss import TokenCrossEntropy, chunked_lm_loss
 
 
 def layer_adapter(module: nn.Module) -> Optional[LayerAdapter]:

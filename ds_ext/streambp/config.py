@@ -16,7 +16,7 @@ class StreamBPConfig(ExtSection):
 
     logits_chunk_size: int = Field(256, ge=1)
     """Positions per chunk of the LM head + loss (logits memory B x chunk x vocab instead of B x T x vocab); capped
-    so that one chunk's fp32 logits stay within 16 MiB (``ds_ext.streambp.loss.MAX_LOGITS_CHUNK_BYTES``)."""
+    so that one chunk's fp32 logits stay within 16 MiB (``ds_ext.ops.chunked_loss.MAX_LOGITS_CHUNK_BYTES``)."""
 
     offload_layer_inputs: bool = False
     """Keep each streamed layer's stored input in pinned host memory and prefetch it during backward

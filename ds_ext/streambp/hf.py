@@ -20,7 +20,7 @@ SDPA call per document). Both derive the documents as HF does: ``find_packed_seq
 only when no 2-D attention mask is given and no KV cache is used (:func:`mask_and_segments`), so a streamed
 model computes what the unstreamed HF model computes on every input. Calls this path does not cover (a KV cache
 with queries shorter than keys, a caller's 4-D mask) go to transformers' own SDPA mask and attention. The
-backward chunks get the same ``segment_ids`` (:class:`~ds_ext.streambp.layer.StreamCall`).
+backward chunks get the same ``segment_ids`` (:class:`~ds_ext.ops.stream.StreamCall`).
 
 The LM head: :func:`causal_lm_loss` runs ``model.model`` for hidden states and the final norm, head + token
 cross-entropy in chunks, shifted as HF's ``ForCausalLMLoss`` does (position t predicts token t + 1, mean over
@@ -38,8 +38,8 @@ from ds_ext.config import DsExtConfigError
 from ds_ext.ops.attention import packed_attention
 from ds_ext.ops.losses import shift_labels
 from ds_ext.ops.rope import apply_rope
-from ds_ext.streambp.layer import LayerAdapter, StreamCall
-from ds_ext.streambp.loss import TokenCrossEntropy, chunked_lm_loss
+from ds_ext.ops.stream import LayerAdapter, StreamCall
+from ds_ext.ops.chunked_loss import TokenCrossEntropy, chunked_lm_loss
 
 ATTENTION = "ds_ext_streambp"
 """The name StreamBP's attention (and mask) function is registered under in transformers."""
@@ -249,7 +249,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """HF causal-LM loss with the final norm, head and cross-entropy in chunks: ``model.model`` gives the hidden
     states ``[B, T, C]`` before its final norm (without a KV cache, which would keep every layer's keys and values),
-    and :func:`ds_ext.streambp.loss.chunked_lm_loss` applies that norm, the head and the loss chunk by chunk (no
+    and :func:`ds_ext.ops.chunked_loss.chunked_lm_loss` applies that norm, the head and the loss chunk by chunk (no
     full-length normed copy or norm activations are kept); labels are shifted like HF (``labels[:, 1:]``, -100
     ignored). Packed rows: ``position_ids`` restarting per document, no ``attention_mask``, and -100 at each
     document's first label (as ``DataCollatorWithFlattening`` does), so no position is scored on the next

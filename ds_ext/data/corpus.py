@@ -31,19 +31,29 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def corpus_files(path: Optional[str] = None) -> List[Path]:
-    """The files of the corpus: ``path`` (a file, or a directory searched recursively for text files), or by
-    default the standard library's top-level modules."""
+class DataError(ValueError):
+    """Training data that cannot be used; the message names file, line and field."""
+
+
+class MissingData(DataError, FileNotFoundError):
+    """``--data`` names nothing that exists."""
+
+
+def corpus_files(path: Optional[str] = None, suffixes: Tuple[str, ...] = TEXT_SUFFIXES,
+                 kind: str = "text files") -> List[Path]:
+    """The files of the corpus: ``path`` (a file, or a directory searched recursively, in sorted order, for files
+    with one of ``suffixes``), or by default the standard library's top-level modules. The one corpus walk of both
+    data paths (this byte-level corpus and :func:`ds_ext.data.sources.data_files`)."""
     if path is None:
         return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     root = Path(path)
     if root.is_file():
         return [root]
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {path}: no such file or directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        raise MissingData(f"--data {path}: no such file or directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
     if not files:
-        raise ValueError(f"--data {path}: no text files ({', '.join(TEXT_SUFFIXES)}) under it")
+        raise DataError(f"--data {path}: no {kind} ({', '.join(suffixes)}) under it")
     return files
 
 
