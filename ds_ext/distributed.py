@@ -9,6 +9,7 @@ gives each round its own keys. Everywhere else this defers to ``deepspeed.init_d
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import deepspeed
@@ -37,3 +38,12 @@ def init_distributed(dist_init_required=None, distributed_port=None) -> None:
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=dist_init_required, **kwargs)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it; bound on ``host`` only, never on all interfaces): for a
+    rendezvous store started right after, e.g. the exporter's processes or a test's ranks."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+

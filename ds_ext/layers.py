@@ -29,7 +29,8 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("applications", ("ds_ext.asyncflow", "ds_ext.grpo", "ds_ext.tools")),
     # what wires features into engines and processes
     ("integration", ("ds_ext.engine", "ds_ext.features", "ds_ext.megatron", "ds_ext.launch")),
-    ("api", ("ds_ext",)),
+    # the package's face, and every command-line entry point (nothing imports a __main__)
+    ("api", ("ds_ext", "ds_ext.*.__main__")),
 ]
 FEATURE_LAYER = "features"
 

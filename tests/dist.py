@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import tempfile
 import time
 import traceback
 
 import torch
+
+from ds_ext.distributed import free_port  # noqa: F401 (tests import it from here)
 
 PRELOAD = ["torch", "deepspeed", "ds_ext", "ds_ext.models", "dist",
            # imported lazily by deepspeed.initialize / init_distributed (see the module docstring)
@@ -50,12 +51,6 @@ def _rank_context():
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     return _context
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, body, args, world_size: int, port: int, out_dir: str, env: dict, closing_barrier: bool):

@@ -105,7 +105,7 @@ def test_a_payload_the_exporter_cannot_replay_stops_the_export_naming_the_featur
     rank, the step, the feature and what to do; a step before the payload passes the checks."""
     from ds_ext.contract import FeatureBase
     from ds_ext.recovery.__main__ import main
-    from ds_ext.recovery.export import export_step
+    from ds_ext.tools.export import export_step
     _journal_with_payload(tmp_path / "journal" / "rank00000", "mine")
     out = tmp_path / "ckpt"
     assert main(["export", str(tmp_path / "journal"), str(out)]) == 2

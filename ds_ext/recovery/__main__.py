@@ -1,6 +1,6 @@
 """``python -m ds_ext.recovery export JOURNAL_DIR OUT [--tag TAG] [--step N]``: a standard DeepSpeed checkpoint of the newest
-step all ranks' journals reach (see :mod:`ds_ext.recovery.export`). ``python -m ds_ext.recovery export JOURNAL_DIR
---hf DIR [--replica R] [--tokenizer DIR]``: an HF model directory of replica R (:mod:`ds_ext.recovery.export_hf`).
+step all ranks' journals reach (see :mod:`ds_ext.tools.export`). ``python -m ds_ext.recovery export JOURNAL_DIR
+--hf DIR [--replica R] [--tokenizer DIR]``: an HF model directory of replica R (:mod:`ds_ext.tools.export_hf`).
 ``python -m ds_ext.recovery inspect JOURNAL_DIR``: each rank's bases, records, newest reachable step and any
 damage.
 
@@ -12,8 +12,8 @@ import sys
 
 from ds_ext.features import feature_types
 from ds_ext.recovery import journal
-from ds_ext.recovery.export import export, journal_ranks
-from ds_ext.recovery.export_hf import export_hf
+from ds_ext.tools.export import export, journal_ranks
+from ds_ext.tools.export_hf import export_hf
 
 
 def inspect(journal_dir: str) -> None:

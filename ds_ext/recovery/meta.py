@@ -1,4 +1,4 @@
-"""``EXPORT.bin``: what the exporter (:mod:`ds_ext.recovery.export`) needs besides a DeepSpeed journal, written once
+"""``EXPORT.bin``: what the exporter (:mod:`ds_ext.tools.export`) needs besides a DeepSpeed journal, written once
 into each rank's journal directory when the journal starts (one frame, :mod:`ds_ext.recovery.records`).
 
 Contents: the DeepSpeed config (without the ``ds_ext`` block), parameter names in ZeRO's group order, their shapes

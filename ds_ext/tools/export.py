@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ds_ext.contract import ExportRule
+from ds_ext.distributed import free_port
 from ds_ext.recovery import journal, records
 from ds_ext.recovery.meta import read_export_meta
 from ds_ext.recovery.resume import replay_journal
@@ -160,13 +161,6 @@ def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: st
     deepspeed.comm.barrier()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def export(journal_dir: str, out: str, tag: str = None, step: int = None,
            feature_types: Optional[Dict[str, type]] = None) -> str:
     """Write the checkpoint of ``step`` (default: the newest every rank reaches); returns its tag. Refuses journals
@@ -181,6 +175,6 @@ def export(journal_dir: str, out: str, tag: str = None, step: int = None,
                          f"{len(rank_dirs)} ranks); resume the job instead and call save_checkpoint")
     target = export_step(rank_dirs, step, feature_types)
     tag = tag or f"global_step{target}"
-    mp.start_processes(_export_rank, args=(rank_dirs, out, target, tag, _free_port(), feature_types or {}),
+    mp.start_processes(_export_rank, args=(rank_dirs, out, target, tag, free_port(), feature_types or {}),
                        nprocs=len(rank_dirs), start_method="spawn")
     return tag

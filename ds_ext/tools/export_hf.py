@@ -7,7 +7,7 @@ the HF config (no model directory needed) and the tokenizer directory (``--token
 the directory moved). Replica R is global ranks ``R * ranks_per_replica ...`` (the topology's layout); one local
 process per rank of that replica (gloo, CPU) builds a parameters-only module and a stock DeepSpeed engine with the
 run's config, loads base + records exactly as a resume does (:func:`ds_ext.recovery.resume.replay_journal`; feature
-payloads as each feature declares, :func:`ds_ext.recovery.export.export_features`: NoLoCo / DiLoCo outer steps from
+payloads as each feature declares, :func:`ds_ext.tools.export.export_features`: NoLoCo / DiLoCo outer steps from
 their recorded payloads, no partner needed; CheckFree's learning-rate scaling of rebuilt stages), assembles each parameter's fp32
 master from the ZeRO partitions (:func:`ds_ext.models.hf.gather_fp32_state`); the exporting process writes the
 directory.
@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-from ds_ext.recovery.export import _free_port, export_step, journal_ranks, replayed_engine
+from ds_ext.distributed import free_port
+from ds_ext.tools.export import export_step, journal_ranks, replayed_engine
 from ds_ext.recovery.meta import read_export_meta
 
 
@@ -45,7 +46,7 @@ def _replayed_state(rank_dirs: List[str], first: int, target: int, feature_types
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "state.pt")
-        mp.start_processes(_export_rank, args=(rank_dirs, first, path, target, _free_port(), feature_types),
+        mp.start_processes(_export_rank, args=(rank_dirs, first, path, target, free_port(), feature_types),
                            nprocs=len(rank_dirs), start_method="spawn")
         return torch.load(path, weights_only=True)
 
@@ -72,7 +73,7 @@ def _replica_state(rank_dirs: List[str], meta: Dict[str, Any], replica: int, tar
 def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str = None, step: int = None,
               feature_types: Optional[Dict[str, type]] = None) -> int:
     """Write replica ``replica``'s HF model directory of ``step`` (default: the newest its ranks reach) to ``out``;
-    returns the step exported. ``feature_types``: as :func:`ds_ext.recovery.export.export`'s."""
+    returns the step exported. ``feature_types``: as :func:`ds_ext.tools.export.export`'s."""
     from ds_ext.models.hf import load_tokenizer, save_hf_state
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
