@@ -210,7 +210,10 @@ class ContinuousBatcher:
     def run(self, max_groups: Optional[int] = None) -> dict:
         w, stats = self.w, self.w.stats
         while not w.stop:
-            if self.cfg.partial_rollouts or not bool(self.dec.busy.any()):
+            # partial_rollouts false: new weights only between groups -- no response decoding and none of a
+            # reserved group still waiting for a slot (its prompt was prefilled with the old weights), so every
+            # token of a group has the group's one version
+            if self.cfg.partial_rollouts or not (bool(self.dec.busy.any()) or self.pending):
                 w._adopt_weights()
             state = self._fill(max_groups)
             busy = int(self.dec.busy.sum())
