@@ -202,7 +202,9 @@ class ContinuousBatcher:
         samples = [{"prompt_ids": group.prompt, "response_ids": resp[j], "response_len": lengths[j],
                     "logprobs": logp[j], "token_versions": versions[j], "reward": rewards[j],
                     "prompt_index": group.index, "version": int(versions[j, 0])} for j in range(g)]
-        w.queue.put_group(group.meta.group_id, samples, w.COLUMNS)
+        if w.queue.put_group(group.meta.group_id, samples, w.COLUMNS) is False:  # its lease expired: discarded
+            w.stats["late_discarded"] = w.stats.get("late_discarded", 0) + 1
+            return
         w.stats["groups"] += 1
         w.stats["responses"] += g
         w.stats["response_lengths"].add(group.meta.slot, lengths)
