@@ -362,7 +362,12 @@ def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, s
     trainers = cfg.trainer_ranks
     state = state if state is not None else warm_start(args, task)
     engine = trainer_engine(args, ds_config, state, rank, trainers)
-    start = engine.global_steps  # > 0 when the journal resumed the engine
+    # > 0 when the journal resumed the engine; a batch takes ppo_epochs x mini_batches optimizer steps
+    updates = cfg.ppo_epochs * cfg.mini_batches
+    start, partial = divmod(engine.global_steps, updates)
+    if partial:
+        raise SystemExit(f"grpo: the journal resumed at optimizer step {engine.global_steps}, inside a batch of "
+                         f"{updates} updates (ppo_epochs x mini_batches): a batch cannot be resumed half-trained")
     if start >= args.steps and rank == 0:
         print(f"grpo: the journal already reached step {start} >= --steps {args.steps}: nothing to train (remove "
               "ds_ext.recovery.journal_dir to start over, or raise --steps)", flush=True)

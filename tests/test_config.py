@@ -192,7 +192,7 @@ def test_config_reference_page_is_generated_from_the_models(repo_root):
     model without regenerating the page fails here."""
     from ds_ext.config.reference import render
     page = (repo_root / "docs" / "config.md").read_text(encoding="utf-8")
-    assert page == render(), "docs/config.md is stale: run `python -m ds_ext.config docs > docs/config.md`"
+    assert page == render(), "docs/config.md is stale: run `python -m ds_ext.config docs`"
 
 
 def test_every_config_key_is_documented_with_type_and_default():

@@ -74,18 +74,34 @@ class AsyncFlowConfig(ExtSection):
     behaviour log-prob; ``max_staleness`` bounds the oldest token of a trained sample. ``false``: weights are
     adopted between groups only (every token of a group has one version)."""
 
-    off_policy: Literal["none", "tis", "decoupled"] = "none"
-    """Off-policy correction of the token loss (stale or partial rollouts; see :mod:`ds_ext.asyncflow.grpo`):
-    ``none`` -- PPO clip of pi_theta / pi_behav; ``tis`` -- truncated importance sampling, the policy gradient
-    weighted by min(pi_theta / pi_behav, is_cap), no ratio clip; ``decoupled`` -- decoupled PPO: clip of
-    pi_theta / pi_prox (pi_prox = the trainer's weights at the start of the step) times
-    min(pi_prox / pi_behav, is_cap)."""
+    off_policy: Literal["none", "tis", "mask", "decoupled"] = "none"
+    """Off-policy correction of the token loss (stale or partial rollouts; see :mod:`ds_ext.asyncflow.grpo` and
+    ``docs/grpo.md``): ``none`` -- PPO clip of pi_theta / pi_behav; ``tis`` -- truncated importance sampling, the
+    policy gradient weighted by min(pi_theta / pi_behav, is_cap), no ratio clip; ``mask`` -- the same weight
+    pi_theta / pi_behav, tokens above ``is_cap`` dropped; ``decoupled`` -- decoupled PPO (AReaL): clip of
+    pi_theta / pi_prox (pi_prox = the trainer's weights before this batch's first update, log-probs computed once)
+    times pi_prox / pi_behav, tokens above ``is_cap`` dropped. ``decoupled`` needs ``ppo_epochs`` or
+    ``mini_batches`` > 1 to differ from ``mask``."""
+
+    is_level: Literal["token", "sequence"] = "token"
+    """The importance weight of ``tis`` / ``mask`` / ``decoupled`` per token, or per response (the product of its
+    tokens' ratios, applied to every token; ``mask`` then drops the whole response)."""
 
     is_cap: float = Field(2.0, gt=0)
-    """C: the importance weight's truncation of ``tis`` and ``decoupled``."""
+    """C: the importance weight's truncation (``tis``) or mask threshold (``mask``, ``decoupled``)."""
+
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each batch (step's groups): the batch is taken whole, then updated ``ppo_epochs x mini_batches``
+    times (one optimizer step each). 1 with ``mini_batches`` 1: one update per batch, streamed as groups arrive."""
+
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer steps per pass over a batch: each takes ``groups_per_step / mini_batches`` groups (in
+    ``gradient_accumulation_steps`` micro-batches), its loss normalised over those groups."""
 
     kl_coef: float = Field(0.0, ge=0)
-    """beta of the k3 KL to the frozen initial policy (0: no reference model)."""
+    """beta of the k3 KL to the frozen initial policy: > 0 builds the reference once, a frozen copy of the trainer's
+    initial module on every trainer rank (replicated like the policy's parameters under ZeRO-1/2; ZeRO-3 is refused
+    when the trainer is built). 0: no reference model."""
 
     trainer_ranks: int = Field(1, ge=1)
     """Processes that train (the first ``trainer_ranks`` ranks; one DeepSpeed engine over them, laid out by

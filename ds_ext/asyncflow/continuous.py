@@ -202,7 +202,9 @@ class ContinuousBatcher:
         samples = [{"prompt_ids": group.prompt, "response_ids": resp[j], "response_len": lengths[j],
                     "logprobs": logp[j], "token_versions": versions[j], "reward": rewards[j],
                     "prompt_index": group.index, "version": int(versions[j, 0])} for j in range(g)]
-        w.queue.put_group(group.meta.group_id, samples, w.COLUMNS)
+        if w.queue.put_group(group.meta.group_id, samples, w.COLUMNS) is False:  # its lease expired: discarded
+            w.stats["late_discarded"] = w.stats.get("late_discarded", 0) + 1
+            return
         w.stats["groups"] += 1
         w.stats["responses"] += g
         w.stats["response_lengths"].add(group.meta.slot, lengths)
@@ -210,7 +212,10 @@ class ContinuousBatcher:
     def run(self, max_groups: Optional[int] = None) -> dict:
         w, stats = self.w, self.w.stats
         while not w.stop:
-            if self.cfg.partial_rollouts or not bool(self.dec.busy.any()):
+            # partial_rollouts false: new weights only between groups -- no response decoding and none of a
+            # reserved group still waiting for a slot (its prompt was prefilled with the old weights), so every
+            # token of a group has the group's one version
+            if self.cfg.partial_rollouts or not (bool(self.dec.busy.any()) or self.pending):
                 w._adopt_weights()
             state = self._fill(max_groups)
             busy = int(self.dec.busy.sum())

@@ -105,9 +105,10 @@ class _PipeQueue:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die holding this reservation
         return meta
 
-    def put_group(self, group_id: int, samples, required) -> None:
-        self._call("put_group", group_id, samples, required)
+    def put_group(self, group_id: int, samples, required) -> bool:
+        delivered = self._call("put_group", group_id, samples, required)
         self.delivered += 1
+        return delivered
 
     def fail(self, message: str) -> None:
         self._call("fail", message)

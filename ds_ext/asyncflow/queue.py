@@ -14,7 +14,9 @@ rollout of slot V waits for the weights of step V, i.e. synchronous). Reservatio
 
 Faults: a group whose producer died (``producer_died``) or whose lease expired before it completed is dropped whole,
 counted, and its reservation goes back to the pool, so another producer regenerates the same prompt for the same
-slot: no half group is ever handed out, and no slot stays short.
+slot: no half group is ever handed out, and no slot stays short. A slow producer that delivers a group after its
+lease expired is not an error: :meth:`TransferQueue.put_group` discards the group, counts it (``late_discarded``)
+and returns ``False``; the producer goes on with its next reservation.
 
 Consumers get only complete groups (every sample has every required column), each exactly once per consumer task;
 ``take`` with ``dp_rank/dp_size`` gives each data-parallel rank ``groups_per_step / dp_size`` groups of the slot,
@@ -69,6 +71,7 @@ class QueueStats:
     completed: int = 0
     consumed: int = 0
     dropped_partial: int = 0
+    late_discarded: int = 0  # groups delivered after their lease expired (already re-queued): discarded
     lag_histogram: Counter = field(default_factory=Counter)
 
 
@@ -177,11 +180,20 @@ class TransferQueue:
             self.stats.completed += 1
             self._cv.notify_all()
 
-    def put_group(self, group_id: int, samples: Sequence[Dict[str, Any]], required: Sequence[str]) -> None:
-        """All samples of a group at once, then :meth:`complete` (one call: one RPC from a remote producer)."""
-        for i, columns in enumerate(samples):
-            self.put(group_id, i, columns)
-        self.complete(group_id, required)
+    def put_group(self, group_id: int, samples: Sequence[Dict[str, Any]], required: Sequence[str]) -> bool:
+        """All samples of a group at once, then :meth:`complete` (one call: one RPC from a remote producer).
+        Returns ``False`` -- the group discarded and counted (``late_discarded``), the producer in good standing --
+        when its lease expired before it arrived (a slow producer: the reservation went back to the pool and
+        another producer regenerates that prompt for that slot)."""
+        with self._cv:
+            self._expire_leases()
+            if group_id not in self._groups:
+                self.stats.late_discarded += 1
+                return False
+            for i, columns in enumerate(samples):
+                self.put(group_id, i, columns)
+            self.complete(group_id, required)
+            return True
 
     def producer_died(self, producer: str) -> int:
         """Drop every incomplete group of ``producer`` (their reservations return to the pool); returns how many."""
@@ -285,5 +297,6 @@ class TransferQueue:
         with self._cv:
             return {"reserved": self.stats.reserved, "completed": self.stats.completed,
                     "consumed": self.stats.consumed, "dropped_partial": self.stats.dropped_partial,
+                    "late_discarded": self.stats.late_discarded,
                     "lag_histogram": dict(self.stats.lag_histogram), "train_slot": self._train_slot,
                     "max_lag": max(self.stats.lag_histogram, default=0)}

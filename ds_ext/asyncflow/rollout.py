@@ -31,7 +31,7 @@ from ds_ext.models.generate import generate
 def new_stats() -> Dict[str, Any]:
     """A rollout worker's counters at start (the in-process worker, the isolated one's rank-side mirror, and the
     stand-in for a rank that died all report these keys)."""
-    return {"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "weight_copies": 0}
+    return {"groups": 0, "responses": 0, "generate_s": 0.0, "wait_s": 0.0, "weight_copies": 0, "late_discarded": 0}
 
 COLUMNS = ("prompt_ids", "response_ids", "response_len", "logprobs", "token_versions", "reward", "prompt_index")
 
@@ -117,7 +117,9 @@ class RolloutWorker:
         # the oldest token of the group is at least the reservation's version (weights only move forward), so the
         # queue's admission bound on the reservation bounds every token
         assert all(int(s["token_versions"][0]) >= meta.version for s in samples)
-        self.queue.put_group(meta.group_id, samples, COLUMNS)
+        if self.queue.put_group(meta.group_id, samples, COLUMNS) is False:  # its lease expired: discarded
+            self.stats["late_discarded"] += 1
+            return True
         self.stats["groups"] += 1
         self.stats["responses"] += len(samples)
         return True

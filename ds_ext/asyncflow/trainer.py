@@ -19,6 +19,17 @@ fp32 rounding). That needs ZeRO-1/2 in fp32 or bf16 (``engine.ds_ext_can_scale_s
 micro-batch per step; otherwise the trainer waits for ``T`` before the first micro-batch (nothing streams under DAPO
 there; with one micro-batch nothing could).
 
+Several updates per batch (``ppo_epochs`` or ``mini_batches`` > 1) and ``advantage_scale="batch"`` take the
+rank's whole share of the step first (nothing streams): the advantages (the batch std over every trainer rank of the
+replica, one all-reduce), for ``decoupled`` the proximal log-probs (one forward per micro-batch under the weights
+before the first update) and for ``kl_coef > 0`` the reference's are computed once; then ``ppo_epochs`` passes,
+each of ``mini_batches`` optimizer steps over consecutive ``1 / mini_batches`` of the share (``gas`` micro-batches
+each), the loss normalised over that mini-batch on every rank (DAPO's token total: one all-reduce).
+
+Log-probs are those of the rollout's sampling distribution (temperature, top_p:
+:func:`ds_ext.asyncflow.grpo.sampling_logprobs`), the policy's and the reference's alike. The step's metrics carry
+the sampler-trainer mismatch (:func:`ds_ext.asyncflow.grpo.mismatch_metrics`) at each sample's first forward.
+
 Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]`` (``L``: the longest
 response of the micro-batch); the response token
 ``j`` of row ``b`` is predicted by the logits at ``P - 1 + j``.
@@ -28,10 +39,17 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List, Optional
 
-import torch
+import copy
 
+import torch
+import torch.distributed as dist
+
+from ds_ext._deepspeed import engine_config_dict, engine_data_parallel_group
 from ds_ext.asyncflow.config import AsyncFlowConfig
-from ds_ext.asyncflow.grpo import GRPOTokenLoss, group_advantages, step_token_weights
+from ds_ext.asyncflow.ledger import SampleLedger
+from ds_ext.asyncflow.grpo import (GRPOTokenLoss, group_advantages, mismatch_metrics, sampling_logprobs,
+                                   step_token_weights)
+from ds_ext.prefix_grouper.apply import PrefixGrouperFeature
 
 
 PAD = 0  # prompt padding: masked everywhere, so any id of the vocabulary (0 is in every vocabulary)
@@ -64,24 +82,44 @@ def collate(groups: List[dict]) -> Dict[str, torch.Tensor]:
                                            else torch.full((width,), s["version"]) for s in samples])}
 
 
-def response_logprobs(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-probs ``[B, L]`` of the response tokens under ``model`` (one row per response)."""
+def response_logprobs(model, batch: Dict[str, torch.Tensor], temperature: float = 1.0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs ``[B, L]`` of the response tokens under ``model``'s sampling distribution (one row per response)."""
     ids = torch.cat([batch["prompt"], batch["response"]], 1)
     keys = torch.cat([batch["prompt_mask"], torch.ones_like(batch["mask"])], 1)
     positions = (keys.long().cumsum(1) - 1).clamp(min=0)
     logits = model(ids, position_ids=positions, key_padding_mask=keys)
     p, length = batch["prompt"].shape[1], batch["response"].shape[1]
-    picked = logits[:, p - 1: p - 1 + length].float()
-    return torch.log_softmax(picked, -1).gather(-1, batch["response"][..., None]).squeeze(-1)
+    return sampling_logprobs(logits[:, p - 1: p - 1 + length], batch["response"], temperature, top_p)
 
 
-def grouped_response_logprobs(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+def grouped_response_logprobs(engine, batch: Dict[str, torch.Tensor], temperature: float = 1.0,
+                              top_p: float = 1.0) -> torch.Tensor:
     """The same ``[B, L]`` log-probs with Prefix Grouper: each group's prompt is encoded once and its responses
     attend to it (the engine takes a packed :class:`GroupedBatch`)."""
     from ds_ext.prefix_grouper.layout import pack
     packed = pack(batch["group_prompt"], batch["group_prompt_mask"], batch["response"], batch["mask"],
                   batch["group_sizes"], pad_id=PAD)
-    return packed.completion_logprobs(engine(packed), batch["response"])
+    logits = engine(packed)
+    picked = logits[packed.row_of_response[:, None], packed.predictor_index]  # [R, L, V]
+    return sampling_logprobs(picked, batch["response"], temperature, top_p)
+
+
+def frozen_reference(engine) -> torch.nn.Module:
+    """The KL reference: a frozen copy of the engine's module as it is now (the initial policy), on this rank.
+    Under ZeRO-1/2 every rank holds the whole module, so the copy is replicated as the policy's parameters are;
+    ZeRO-3 (partitioned parameters: a copy would hold empty placeholders) is refused."""
+    try:
+        stage = int(engine_config_dict(engine).get("zero_optimization", {}).get("stage", 0))
+    except AttributeError:  # not a DeepSpeed engine (a plain module in a test): nothing is partitioned
+        stage = 0
+    if stage == 3:
+        raise ValueError("ds_ext.asyncflow.kl_coef > 0 with zero_optimization.stage 3: the frozen reference model "
+                         "is a copy of the module, which ZeRO-3 partitions; use stage 0-2 or kl_coef 0")
+    ref = copy.deepcopy(engine.module).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
 
 class GRPOTrainer:
@@ -99,20 +137,25 @@ class GRPOTrainer:
         self.idle_work = idle_work
         self.gas = engine.gradient_accumulation_steps()
         share = cfg.groups_per_step // dp_size
-        if share * dp_size != cfg.groups_per_step or share % self.gas:
+        if share * dp_size != cfg.groups_per_step or share % (self.gas * cfg.mini_batches):
             raise ValueError(f"groups_per_step={cfg.groups_per_step} must split evenly over {dp_size} data-parallel "
-                             f"ranks x {self.gas} micro-batches")
-        self.groups_per_micro = share // self.gas
+                             f"ranks x {cfg.mini_batches} mini-batches x {self.gas} micro-batches")
+        self.groups_per_micro = share // (self.gas * cfg.mini_batches)
+        # the whole share first: several updates per batch, or the step's reward std before the first micro-batch
+        self.whole_batch = cfg.ppo_epochs * cfg.mini_batches > 1 or cfg.advantage_scale == "batch"
+        if cfg.kl_coef > 0 and self.ref_model is None:
+            self.ref_model = frozen_reference(engine)
         self.idle_s = 0.0       # waiting on the queue (including time spent on idle_work)
         self.idle_work_s = 0.0  # of which spent in idle_work
         # Prefix Grouper on the engine: encode each group's shared prompt once
-        features = {f.name: f for f in getattr(engine, "ds_ext_features", [])}
-        self.grouped = "prefix_grouper" in features
+        # features found by type (engine.ds_ext_feature); an engine built without ds_ext has none
+        find = getattr(engine, "ds_ext_feature", lambda cls: None)
+        self.grouped = find(PrefixGrouperFeature) is not None
         # DAPO streams where the engine can correct the step's gradient by the true token total (an engine built by
         # deepspeed.initialize without ds_ext cannot) and a step has several micro-batches
         can_scale = getattr(engine, "ds_ext_can_scale_step_gradients", lambda: False)
         self.stream_dapo = cfg.loss_norm == "dapo" and self.gas > 1 and can_scale()
-        self.ledger = features.get("asyncflow")  # journals which prompts each step trained
+        self.ledger = find(SampleLedger)  # journals which prompts each step trained
 
     def _take(self, version: int, n: int) -> List[dict]:
         got: List[dict] = []
@@ -152,14 +195,123 @@ class GRPOTrainer:
             return known
         return self.queue.slot_tokens(version, wait=False) is None
 
+    # -- shared pieces ------------------------------------------------------------------------------------------
+    def _logprobs(self, batch) -> torch.Tensor:
+        fn = grouped_response_logprobs if self.grouped else response_logprobs
+        return fn(self.engine, batch, self.cfg.temperature, self.cfg.top_p)
+
+    def _ref_logprobs(self, batch) -> Optional[torch.Tensor]:
+        if self.cfg.kl_coef <= 0:
+            return None
+        with torch.no_grad():
+            return response_logprobs(self.ref_model, batch, self.cfg.temperature, self.cfg.top_p)
+
+    def _all_sum(self, values: List[float]) -> List[float]:
+        """Sum over the trainer ranks that average gradients (the replica's data-parallel group)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.dp_size // self.replicas > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t, group=engine_data_parallel_group(self.engine))
+        return t.tolist()
+
+    def _advantages(self, batches: List[dict]) -> List[torch.Tensor]:
+        """Per micro-batch advantages; ``batch`` scale: centred per group, divided by the unbiased std of every
+        reward of the step (all micro-batches, all ranks of the replica; two all-reduces: mean, then squares)."""
+        cfg = self.cfg
+        if cfg.advantage_scale != "batch":
+            return [group_advantages(b["rewards"], cfg.group_size, cfg.advantage_scale) for b in batches]
+        r = torch.cat([b["rewards"] for b in batches]).double()
+        n, total = self._all_sum([r.numel(), float(r.sum())])
+        (squares,) = self._all_sum([float(((r - total / n) ** 2).sum())])
+        std = (squares / max(1.0, n - 1)) ** 0.5
+        out = []
+        for b in batches:
+            centred = group_advantages(b["rewards"], cfg.group_size, "none")
+            out.append((centred.double() / (std + 1e-6)).float())
+        return out
+
+    def _loss_fn(self, batch, adv, weights, ref, prox=None) -> GRPOTokenLoss:
+        cfg = self.cfg
+        return GRPOTokenLoss(targets=batch["response"], mask=batch["mask"], advantages=adv,
+                             old_logprobs=batch["old_logprobs"], ref_logprobs=ref, eps_low=cfg.eps_low,
+                             eps_high=cfg.eps_high, kl_coef=cfg.kl_coef, weights=weights,
+                             off_policy=cfg.off_policy, is_cap=cfg.is_cap, prox_logprobs=prox,
+                             is_level=cfg.is_level)
+
     def train_step(self, version: int) -> Dict[str, float]:
+        if self.whole_batch:
+            return self._train_whole_batch(version)
+        return self._train_streamed(version)
+
+    def _finish(self, version: int, rewards, lags, is_w, token_lags, mismatch, streamed: int) -> Dict[str, float]:
+        cfg = self.cfg
+        if self.dp_rank == 0:
+            self.queue.finish_slot(version)
+        if self.on_weights is not None:
+            self.on_weights(version + 1, self.engine.module)
+        r, lag, w, tok_lag = torch.cat(rewards), torch.cat(lags), torch.cat(is_w), torch.cat(token_lags)
+        if int(lag.max()) > cfg.max_staleness:  # the queue's admission control guarantees this: a bug if not
+            raise RuntimeError(f"step {version}: a sample's oldest token is {int(lag.max())} versions old > "
+                               f"max_staleness {cfg.max_staleness}")
+        tokens = sum(m["tokens"] for m in mismatch)
+        per_token = lambda key: sum(m[key] * m["tokens"] for m in mismatch) / max(1, tokens)
+        return {"reward": r.mean().item(), "max_lag": int(lag.max()), "mean_lag": lag.float().mean().item(),
+                "streamed_micro_batches": streamed, "micro_batches": self.gas,
+                "updates": cfg.ppo_epochs * cfg.mini_batches,
+                "mean_token_lag": tok_lag.float().mean().item() if tok_lag.numel() else 0.0,
+                "logprob_abs_diff": per_token("logprob_abs_diff"), "mismatch_kl": per_token("mismatch_kl"),
+                "is_weight_mean": w.mean().item() if w.numel() else 1.0,
+                "is_weight_max": w.max().item() if w.numel() else 1.0,
+                # tis: weights truncated at the cap; mask / decoupled: tokens dropped (weight 0)
+                "is_truncated_fraction": ((w >= cfg.is_cap) if cfg.off_policy == "tis" else (w == 0)).float()
+                .mean().item() if w.numel() and cfg.off_policy != "none" else 0.0}
+
+    def _train_whole_batch(self, version: int) -> Dict[str, float]:
+        """``ppo_epochs`` passes of ``mini_batches`` optimizer steps over the rank's whole share (module docstring)."""
+        cfg = self.cfg
+        self._slot_tokens(version)  # the slot is complete (a ScatteredQueue then hands each rank its whole share)
+        groups = self._take(version, self.groups_per_micro * self.gas * cfg.mini_batches)
+        k = self.groups_per_micro
+        batches = [collate(groups[i * k:(i + 1) * k]) for i in range(self.gas * cfg.mini_batches)]
+        advs = self._advantages(batches)
+        refs = [self._ref_logprobs(b) for b in batches]
+        prox = [None] * len(batches)
+        if cfg.off_policy == "decoupled":  # pi_prox: the weights before this batch's first update, computed once
+            with torch.no_grad():
+                prox = [self._logprobs(b).float() for b in batches]
+        responses = cfg.groups_per_step * cfg.group_size // (self.replicas * cfg.mini_batches)
+        mb_tokens = self._all_sum([sum(int(b["mask"].sum()) for b in batches[m * self.gas:(m + 1) * self.gas])
+                                   for m in range(cfg.mini_batches)])
+        trained = [[g["samples"][0]["prompt_index"], g["meta"].version] for g in groups]
+        is_w, mismatch = [], []
+        for epoch in range(cfg.ppo_epochs):
+            for m in range(cfg.mini_batches):
+                for j in range(self.gas):
+                    i = m * self.gas + j
+                    b = batches[i]
+                    weights = step_token_weights(b["mask"], cfg.loss_norm, responses, int(mb_tokens[m]),
+                                                 cfg.max_new_tokens, self.gas, self.dp_size // self.replicas)
+                    loss_fn = self._loss_fn(b, advs[i], weights, refs[i], prox[i])
+                    logprobs = self._logprobs(b)
+                    self.engine.backward(loss_fn.from_logprobs(logprobs))
+                    if epoch == 0:  # each sample's first forward
+                        mismatch.append(mismatch_metrics(logprobs, b["old_logprobs"], b["mask"]))
+                        is_w.append(loss_fn.is_weights(logprobs)[b["mask"]])
+                    last = epoch == cfg.ppo_epochs - 1 and m == cfg.mini_batches - 1 and j == self.gas - 1
+                    if last and self.ledger is not None:
+                        rewards = torch.cat([x["rewards"] for x in batches])
+                        self.ledger.set_step(self.engine.global_steps + 1, trained, rewards.mean().item())
+                    self.engine.step()
+        return self._finish(version, [b["rewards"] for b in batches], [version - b["lag_versions"] for b in batches],
+                            is_w, [version - b["token_versions"][b["mask"]] for b in batches], mismatch, 0)
+
+    def _train_streamed(self, version: int) -> Dict[str, float]:
         cfg = self.cfg
         responses = cfg.groups_per_step * cfg.group_size // self.replicas
         stream_dapo = self.stream_dapo
         # DAPO's denominator: the estimate while streaming (corrected before the update), else the slot's total
         step_tokens = ((responses * cfg.max_new_tokens if stream_dapo else self._slot_tokens(version))
                        if cfg.loss_norm == "dapo" else 0)
-        rewards, lags, trained, is_w, token_lags = [], [], [], [], []
+        rewards, lags, trained, is_w, token_lags, mismatch = [], [], [], [], [], []
         streamed = 0
         for micro in range(self.gas):
             groups = self._take(version, self.groups_per_micro)
@@ -169,18 +321,12 @@ class GRPOTrainer:
             adv = group_advantages(batch["rewards"], cfg.group_size, cfg.advantage_scale)
             weights = step_token_weights(batch["mask"], cfg.loss_norm, responses, step_tokens, cfg.max_new_tokens,
                                          self.gas, self.dp_size // self.replicas)
-            ref = None
-            if cfg.kl_coef > 0:
-                with torch.no_grad():
-                    ref = response_logprobs(self.ref_model, batch)
-            loss_fn = GRPOTokenLoss(targets=batch["response"], mask=batch["mask"], advantages=adv,
-                                    old_logprobs=batch["old_logprobs"], ref_logprobs=ref, eps_low=cfg.eps_low,
-                                    eps_high=cfg.eps_high, kl_coef=cfg.kl_coef, weights=weights,
-                                    off_policy=cfg.off_policy, is_cap=cfg.is_cap)
-            logprobs = (grouped_response_logprobs if self.grouped else response_logprobs)(self.engine, batch)
+            loss_fn = self._loss_fn(batch, adv, weights, self._ref_logprobs(batch))
+            logprobs = self._logprobs(batch)
             loss = loss_fn.from_logprobs(logprobs)
             self.engine.backward(loss)
             is_w.append(loss_fn.is_weights(logprobs)[batch["mask"]])
+            mismatch.append(mismatch_metrics(logprobs, batch["old_logprobs"], batch["mask"]))
             rewards.append(batch["rewards"])
             if micro == self.gas - 1 and stream_dapo:  # every group of the slot is in now: T is known
                 self.engine.ds_ext_scale_step_gradients(step_tokens / max(1, self._slot_tokens(version)))
@@ -189,18 +335,4 @@ class GRPOTrainer:
             self.engine.step()
             lags.append(version - batch["lag_versions"])
             token_lags.append(version - batch["token_versions"][batch["mask"]])
-        if self.dp_rank == 0:
-            self.queue.finish_slot(version)
-        if self.on_weights is not None:
-            self.on_weights(version + 1, self.engine.module)
-        r, lag, w, tok_lag = torch.cat(rewards), torch.cat(lags), torch.cat(is_w), torch.cat(token_lags)
-        if int(lag.max()) > cfg.max_staleness:  # the queue's admission control guarantees this: a bug if not
-            raise RuntimeError(f"step {version}: a sample's oldest token is {int(lag.max())} versions old > "
-                               f"max_staleness {cfg.max_staleness}")
-        return {"reward": r.mean().item(), "max_lag": int(lag.max()), "mean_lag": lag.float().mean().item(),
-                "streamed_micro_batches": streamed, "micro_batches": self.gas,
-                "mean_token_lag": tok_lag.float().mean().item() if tok_lag.numel() else 0.0,
-                "is_weight_mean": w.mean().item() if w.numel() else 1.0,
-                "is_weight_max": w.max().item() if w.numel() else 1.0,
-                "is_truncated_fraction": (w >= cfg.is_cap).float().mean().item()
-                if w.numel() and cfg.off_policy != "none" else 0.0}
+        return self._finish(version, rewards, lags, is_w, token_lags, mismatch, streamed)
