@@ -18,9 +18,17 @@ CONFIGS = ["configs/megatron_noloco.json", "configs/megatron_grouped.json", "con
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_megatron_configs_parse(repo_root, path):
+    """Each megatron config parses by the megatron rules to the feature switches and values it sets."""
+    import json
     from ds_ext.megatron.model import parse_ds_ext
     ext = parse_ds_ext(str(repo_root / path))
-    assert ext.noloco.enabled and ext.streambp.enabled
+    block = json.loads((repo_root / path).read_text())["ds_ext"]
+    for section, keys in block.items():
+        for key, value in keys.items():
+            if not isinstance(value, dict):
+                assert getattr(getattr(ext, section), key) == value, f"{path}: ds_ext.{section}.{key}"
+    assert ext.noloco.enabled and ext.streambp.enabled  # all three ship these on
+    assert ext.prefix_grouper.enabled == ("grouped" in path) and ext.recovery.active == ("recovery" in path)
 
 
 def test_parse_ds_ext_refuses_what_megatron_would_ignore(tmp_path):

@@ -11,7 +11,7 @@ from ds_ext.models.llama import ReferenceLayerAdapter
 from ds_ext.ops.attention import chunk_attention, chunk_mask
 from ds_ext.streambp.apply import stream_model
 from ds_ext.streambp.config import StreamBPConfig
-from ds_ext.streambp.layer import stream_layer
+from ds_ext.streambp.layer import stream_layer, streamed_calls
 from ds_ext.ops.chunked_loss import TokenCrossEntropy, chunked_lm_loss
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
@@ -272,6 +272,8 @@ def _zero_body(stage: int):
             engine.backward(engine(x[:, :-1], x[:, 1:]))
             engine.step()
         deltas[mode] = flat_params(engine.module) - before
+        if mode == "streambp":  # how many calls of each layer ran the streamed function (a fallback would be 0)
+            deltas["streamed_calls"] = [streamed_calls(layer) for layer in engine.module.layers]
     return deltas
 
 
@@ -280,6 +282,7 @@ def test_streambp_under_zero_matches_stock_deepspeed(stage):
     """2 processes, ZeRO-1/2, SGD (so the weight change is lr x the reduced gradient): StreamBP's update equals
     stock DeepSpeed's. Under ZeRO-2 a gradient reduced twice would trip DeepSpeed's own assertion."""
     for r in run_distributed(_zero_body, world_size=2, args=(stage,)):
+        assert r["streamed_calls"] == [2] * TINY["num_layers"]  # both micro-batches streamed in every layer
         assert rel_err(r["streambp"], r["stock"]) <= FP32_RTOL
 
 

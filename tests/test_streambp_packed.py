@@ -17,6 +17,7 @@ from ds_ext.config import DsExtConfigError
 from ds_ext.ops.losses import IGNORE_INDEX
 from ds_ext.streambp.apply import stream_model
 from ds_ext.streambp.config import StreamBPConfig
+from ds_ext.streambp.layer import streamed_calls
 
 transformers = pytest.importorskip("transformers", reason="transformers is the optional [hf] extra")
 from ds_ext.streambp.hf import ATTENTION, causal_lm_loss, streambp_refusal  # noqa: E402
@@ -98,6 +99,8 @@ def test_packing_is_exact(model_dirs, streamed):
 
     logits, loss_a, loss_c, grads = run(ids)
     logits2, loss_a2, loss_c2, grads2 = run(other)
+    if streamed:  # the streamed function ran in every layer for each of run()'s 3 forwards, in both runs
+        assert [streamed_calls(layer) for layer in model.model.layers] == [6] * len(model.model.layers)
     for a, z in (spans[0], spans[2]):
         assert rel_err(logits2[0, a:z], logits[0, a:z]) <= FP32_RTOL
     assert rel_err(logits2[0, 9:20], logits[0, 9:20]) > 0.01  # B's change is visible in B

@@ -46,6 +46,7 @@ from ds_ext.ops.attention import chunk_attention
 from ds_ext.ops.stream import LayerAdapter
 
 _STREAMED = "_ds_ext_streamed"
+_CALLS = "_ds_ext_streamed_calls"
 
 
 def chunk_output(adapter: LayerAdapter, xc, q, k, v, s: int, e: int, key_padding_mask: Optional[torch.Tensor],
@@ -219,6 +220,7 @@ def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int, store
             return adapter.own_forward(*args, **kwargs)
         y = StreamedLayerFunction.apply(call.x, call.positions, call.key_padding_mask, adapter, call.full,
                                         chunk_size, call.chunk_mask, call.segment_ids, store, layer_index)
+        self.__dict__[_CALLS] = self.__dict__.get(_CALLS, 0) + 1
         return call.output(y)
 
     layer.forward = types.MethodType(forward, layer)
@@ -229,9 +231,16 @@ def is_streamed(layer: nn.Module) -> bool:
     return layer.__dict__.get(_STREAMED, False)
 
 
+def streamed_calls(layer: nn.Module) -> int:
+    """How many forward calls of ``layer`` ran StreamBP's streamed function (not the layer's own forward): what a
+    test checks so that a silent fallback (the adapter declining every call) cannot pass as streaming."""
+    return layer.__dict__.get(_CALLS, 0)
+
+
 def unstream_layer(layer: nn.Module) -> None:
     """Restore the layer's own forward (a no-op on a layer that is not streamed)."""
     if not is_streamed(layer):
         return
     layer.__dict__.pop("forward", None)
     layer.__dict__.pop(_STREAMED, None)
+    layer.__dict__.pop(_CALLS, None)
