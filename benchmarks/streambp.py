@@ -5,7 +5,7 @@
     python benchmarks/streambp.py --model reference    # the reference model grid (none / checkpointing / StreamBP)
     python benchmarks/streambp.py --device cuda --lengths 32768,65536 --full_logits_lengths 32768,65536 \
         --budget_length 65536                          # the GPU grid: bf16, plus streambp_offload (exit 2 without CUDA)
-    python benchmarks/streambp.py --smoke --plot /tmp/s.png   # CI size: T 256 and 512, full logits at 256 only
+    python benchmarks/streambp.py --smoke --plot /tmp/s.png   # CI size: every mode at T=512 only
 
 Models (random init, built in process, batch 1, fp32, random tokens):
 * ``qwen2`` (default): ``transformers.Qwen2ForCausalLM`` from a ``Qwen2Config``: hidden 256, 4 layers, 4 query /
@@ -116,7 +116,7 @@ MODELS = {
 }
 MODES = {"qwen2": ("none", "checkpointing", "alst", "streambp"), "reference": ("none", "checkpointing", "streambp")}
 BASELINE = {"qwen2": "alst", "reference": "checkpointing"}
-SMOKE = {"lengths": "256,512", "full_logits_lengths": "256", "budget_length": 256, "streambp_only_lengths": "",
+SMOKE = {"lengths": "512", "full_logits_lengths": "512", "budget_length": 512, "streambp_only_lengths": "",
          "chunk_size": 128, "logits_chunk_size": 64, "grad_length": 128}
 
 
