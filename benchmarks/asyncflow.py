@@ -2,7 +2,7 @@
 
     python benchmarks/asyncflow.py                 # CPU default: 40 GRPO steps per mode, ~3 min
     python benchmarks/asyncflow.py --steps 80 --workers 1
-    python benchmarks/asyncflow.py --smoke --out /tmp/af.png --sft_cache /tmp/sft.pt   # CI size: 3 steps, no peer/long tail
+    python benchmarks/asyncflow.py --smoke --out /tmp/af.png --sft_cache /tmp/sft.pt   # CI size: 2 steps, no peer/long tail
 
 Both modes run ``examples/grpo.py`` through ``ds-ext`` on the addition task (reference model, Prefix Grouper on,
 G = 8, 16 prompts per step, responses of at most 8 tokens, DAPO normalisation), from the same supervised warm
@@ -71,7 +71,7 @@ from _keys import parse_with_smoke  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_CACHE = os.path.join(ROOT, "runs", "grpo_sft.pt")  # examples/grpo.py --sft_cache: warm starts shared by all modes
-SMOKE = {"steps": 3, "peer_steps": 0, "longtail_steps": 0, "sft_steps": 10}
+SMOKE = {"steps": 2, "peer_steps": 0, "longtail_steps": 0, "sft_steps": 10}
 
 
 def parse_args(argv=None):

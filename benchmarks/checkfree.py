@@ -2,7 +2,7 @@
 
     python benchmarks/checkfree.py                  # CPU default: 4 processes (4 stages), 5 runs, ~6 min
     python benchmarks/checkfree.py --steps 400 --rates 0.05 0.16 0.33
-    python benchmarks/checkfree.py --smoke --out /tmp/cf.png   # CI size: 24 steps, hidden 32, one rate
+    python benchmarks/checkfree.py --smoke --out /tmp/cf.png   # CI size: 16 steps, hidden 32, one rate
 
 Model: the reference Llama-style decoder (``--layers`` layers, ``--hidden`` wide, vocabulary 259) as a 4-stage
 DeepSpeed ``PipelineEngine`` on 4 gloo processes, ZeRO-1, AdamW, windows of the shipped corpus. Every stage of
@@ -55,7 +55,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _keys import parse_with_smoke  # noqa: E402
 
-SMOKE = {"steps": 24, "hidden": 32, "layers": 4, "seq_len": 16, "micro": 2, "rates": [0.33], "nominal_step_s": 900.0,
+SMOKE = {"steps": 16, "hidden": 32, "layers": 4, "seq_len": 16, "micro": 2, "rates": [0.33], "nominal_step_s": 900.0,
          "ckpt_every": 4}
 STAGES = 4
 

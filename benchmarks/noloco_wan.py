@@ -2,7 +2,7 @@
 
     sudo python benchmarks/noloco_wan.py                          # quick default, < 15 min on 2 cores
     sudo python benchmarks/noloco_wan.py --layouts 2x2 --rates 100 --steps 300
-    sudo python benchmarks/noloco_wan.py --smoke --out /tmp/wan.png   # CI size: 4x1 at 100 Mbit/s, 10 steps
+    sudo python benchmarks/noloco_wan.py --smoke --out /tmp/wan.png   # CI size: 2x2 at 100 Mbit/s, 10 steps
 
 Hosts are Linux network namespaces on this machine joined by a bridge, every host link shaped with ``tc tbf`` to
 the given rate in both directions (:mod:`wan_hosts`; the kernel here has ``tbf`` but no ``netem``, so no added
@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "benchmarks", "noloco_worker.py")
 LAYOUTS = {"2x2": (2, 2), "4x1": (4, 1)}
 MODES = ("ddp", "diloco", "noloco")
-SMOKE = {"layouts": "4x1", "rates": "100", "steps": 10, "eval_interval": 5, "inner_steps": 5, "cap_s": 30.0,
+SMOKE = {"layouts": "2x2", "rates": "100", "steps": 10, "eval_interval": 5, "inner_steps": 5, "cap_s": 30.0,
          "hidden": 32, "layers": 1, "seq_len": 32}
 
 
