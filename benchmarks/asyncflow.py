@@ -2,6 +2,7 @@
 
     python benchmarks/asyncflow.py                 # CPU default: 40 GRPO steps per mode, ~3 min
     python benchmarks/asyncflow.py --steps 80 --workers 1
+    python benchmarks/asyncflow.py --smoke --out /tmp/af.png --sft_cache /tmp/sft.pt   # CI size: 2 steps, no peer/long tail
 
 Both modes run ``examples/grpo.py`` through ``ds-ext`` on the addition task (reference model, Prefix Grouper on,
 G = 8, 16 prompts per step, responses of at most 8 tokens, DAPO normalisation), from the same supervised warm
@@ -26,6 +27,33 @@ to admit), reward of the last 5 steps (after equal samples), staleness.
 TRL runs only when ``trl`` is installed (``pip install -e .[trl]``; not a dependency); otherwise
 ``throughput_ratio_vs_trl`` is absent.
 Prints a table, writes a PNG and prints one JSON object as its last line.
+
+Last-line JSON keys:
+- `max_observed_staleness`: the largest staleness any async run trained with
+- `trl_threads`: TRL's faster thread count in the peer setting; null without TRL or the peer setting
+- `sync`: the sync run's summary (examples/grpo.py's JSON) (without --only_peer) (without --only_longtail)
+- `async`: the async run's summary (without --only_peer) (without --only_longtail)
+- `threads_total`: threads of every mode, 1 + --workers (without --only_peer) (without --only_longtail)
+- `processes_sync`: 1 (without --only_peer) (without --only_longtail)
+- `processes_async`: 1 + --workers (without --only_peer) (without --only_longtail)
+- `staleness`: --staleness (without --only_peer) (without --only_longtail)
+- `steps`: --steps (without --only_peer) (without --only_longtail)
+- `samples`: responses per mode, steps x 16 x 8 (without --only_peer) (without --only_longtail)
+- `throughput_ratio_async_vs_sync`: async / sync samples per second (without --only_peer) (without --only_longtail)
+- `throughput_ratio_ideal_overlap`: the sync step time over the perfectly packed async one (without --only_peer)
+  (without --only_longtail)
+- `reward_sync`: the sync run's mean reward of its last 5 steps (without --only_peer) (without --only_longtail)
+- `reward_async`: the same for async (without --only_peer) (without --only_longtail)
+- `reward_stderr`: the binomial standard error of those rewards (without --only_peer) (without --only_longtail)
+- `trl`: "installed" or "not installed" (without --only_peer) (without --only_longtail)
+- `decode_fill_fraction`: {sync, async} decode-batch fill with continuous batching (with --slots)
+- `peer`: the peer-comparable setting's runs (without --peer_steps 0) (without --only_longtail)
+- `throughput_ratio_vs_trl`: ours async / TRL's fastest, peer setting; only when trl is installed (without --peer_steps 0)
+- `longtail`: the long-tail setting's runs (without --longtail_steps 0) (without --only_peer)
+- `longtail_throughput_ratio_async_vs_sync`: long-tail async / sync samples per second
+  (without --longtail_steps 0) (without --only_peer)
+- `length_p50`: median response length of the long-tail async run (without --longtail_steps 0) (without --only_peer)
+- `length_p99`: its 99th percentile (without --longtail_steps 0) (without --only_peer)
 """
 from __future__ import annotations
 
@@ -38,8 +66,12 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_CACHE = os.path.join(ROOT, "runs", "grpo_sft.pt")  # examples/grpo.py --sft_cache: warm starts shared by all modes
+SMOKE = {"steps": 2, "peer_steps": 0, "longtail_steps": 0, "sft_steps": 10}
 
 
 def parse_args(argv=None):
@@ -70,7 +102,10 @@ def parse_args(argv=None):
                         "sample, should move little over the run, so samples/s compares like with like)")
     p.add_argument("--longtail_model", choices=("reference", "hf"), default="reference",
                    help="the policy: the reference model (Prefix Grouper on) or a transformers Llama of the same size")
-    return p.parse_args(argv)
+    p.add_argument("--sft_cache", default=SFT_CACHE, help="examples/grpo.py --sft_cache (warm starts)")
+    p.add_argument("--sft_steps", type=int, default=None,
+                   help="warm-start steps of the addition setting (default: examples/grpo.py's)")
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int = None, extra=(),
@@ -94,8 +129,8 @@ def run_mode(name: str, staleness: int, procs: int, args, work: str, steps: int 
         json.dump(config, f)
     cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(procs), "--config", path,
            os.path.join(ROOT, "examples", "grpo.py"), "--steps", str(steps),
-           "--sft_cache", SFT_CACHE, "--plot", os.path.join(work, f"{name}.png"),
-           *extra]
+           "--sft_cache", args.sft_cache, "--plot", os.path.join(work, f"{name}.png"),
+           *(["--sft_steps", str(args.sft_steps)] if args.sft_steps and "--sft_steps" not in extra else []), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -108,7 +143,7 @@ def peer_warm_start_path(args) -> str:
     grpo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grpo)
     peer = grpo.parse_args(["--deepspeed_config", "unused", "--peer", "--sft_steps", str(args.peer_sft_steps),
-                            "--sft_cache", SFT_CACHE])
+                            "--sft_cache", args.sft_cache])
     return grpo.warm_start_path(peer, grpo.task_for(peer))
 
 

@@ -8,10 +8,26 @@ The same transformers ``LlamaForCausalLM`` (size, warm-start weights), the same 
 ours), G = 8, 16 prompts per step, at most 8 new tokens, temperature 1, DAPO loss with clip-higher (0.2 / 0.28),
 no KL, AdamW lr 3e-4, one process with ``--threads`` torch threads (the whole budget). Prints one JSON line:
 samples per second over ``trainer.train()`` and the mean reward of the first / last 5 steps.
+
+    python benchmarks/asyncflow_trl.py --smoke   # CI size: 2 steps, hidden 32, 1 layer, no warm start
+
+Without ``trl`` installed it prints ``{"skipped": "trl is not installed ..."}`` and exits 0.
+
+Last-line JSON keys:
+- `skipped`: why nothing ran (trl is not installed); then the only key
+- `mode`: "trl"
+- `trl_version`: TRL's version
+- `steps`: --steps
+- `threads`: --threads
+- `seconds`: wall time of trainer.train()
+- `samples_per_s`: steps x 128 / seconds
+- `reward_first5`: mean reward of the first 5 steps
+- `reward_last5`: mean reward of the last 5 steps
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -22,6 +38,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
+SMOKE = {"steps": 2, "hidden": 32, "layers": 1}
+NO_TRL = "trl is not installed (an optional extra: pip install -e .[trl])"
 
 
 def parse_args(argv=None):
@@ -32,11 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--sft_state", default=None, help="warm-start state of examples/grpo.py --peer (HFPolicy keys)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if importlib.util.find_spec("trl") is None:
+        print(json.dumps({"skipped": NO_TRL}))
+        return {"skipped": NO_TRL}
     torch.set_num_threads(args.threads)
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer

@@ -2,6 +2,7 @@
 
     python benchmarks/checkfree.py                  # CPU default: 4 processes (4 stages), 5 runs, ~6 min
     python benchmarks/checkfree.py --steps 400 --rates 0.05 0.16 0.33
+    python benchmarks/checkfree.py --smoke --out /tmp/cf.png   # CI size: 16 steps, hidden 32, one rate
 
 Model: the reference Llama-style decoder (``--layers`` layers, ``--hidden`` wide, vocabulary 259) as a 4-stage
 DeepSpeed ``PipelineEngine`` on 4 gloo processes, ZeRO-1, AdamW, windows of the shipped corpus. Every stage of
@@ -22,6 +23,19 @@ processes, which both would pay for a replaced node (so the checkpoint baseline 
 the failure-free run's smoothed training loss (EMA 0.1) at ``--target_at`` of its steps; time to target is when a
 run's smoothed loss first reaches it. Theory for the time ratio, if a rebuild cost nothing in loss:
 ``S / (S + F * ckpt_every / 2)`` with ``F`` the expected failures in ``S`` steps. Table, PNG, last line JSON.
+
+Last-line JSON keys:
+- `rows`: one row per run (method, rate, failures, iterations, wall / to-target / save-load / rebuild seconds, eval loss)
+- `target_loss`: the failure-free run's smoothed loss at --target_at of its steps
+- `params`: model parameters (all stages)
+- `steps`: --steps
+- `ckpt_every`: --ckpt_every
+- `nominal_step_s`: --nominal_step_s
+- `loss_gap_vs_no_failure`: CheckFree eval loss / failure-free eval loss - 1, at the highest rate
+- `time_ratio_vs_checkpoint_restart`: CheckFree / checkpoint-restart time to the loss target, at the highest rate
+- `time_ratio_theory`: S / (S + F * ckpt_every / 2)
+- `high_rate_per_hour`: the highest --rates
+- `versions`: torch and deepspeed versions
 """
 from __future__ import annotations
 
@@ -38,6 +52,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
+SMOKE = {"steps": 16, "hidden": 32, "layers": 4, "seq_len": 16, "micro": 2, "rates": [0.33], "nominal_step_s": 900.0,
+         "ckpt_every": 4}
 STAGES = 4
 
 
@@ -56,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--target_at", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "checkfree.png"))
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def ds_config(args, method: str, rate: float) -> dict:

@@ -5,6 +5,7 @@ and a latency-bandwidth model of one synchronisation for 8..1024 workers.
     python benchmarks/noloco.py --steps 100 --inner_steps 25 --layouts 2x2
     python benchmarks/noloco.py --steps 3000 --eval_interval 250 --layouts 2x2 --modes noloco   # ~26 min
     python benchmarks/noloco.py --steps 8000 --eval_interval 500 --layouts 4x1 --modes noloco   # ~67 min
+    python benchmarks/noloco.py --smoke --plot /tmp/noloco.png   # CI size: 16 steps, DDP and NoLoCo 2x2
 
 Runs (each through the real ``ds-ext`` launcher, 4 gloo processes, ZeRO-1, the reference model on the default
 corpus, the same seed, micro-batch and steps, so equal tokens):
@@ -16,6 +17,21 @@ included), so "cross replica" means what would cross between hosts if each repli
 ``ds_ext.noloco.count_collectives`` off: the worker's counter already sees every call, and a second one would wrap
 each call twice in the NoLoCo runs only. Wire bytes use the ring model
 (all-reduce 2(n-1)/n of the payload). Prints a table, writes a PNG, and prints one JSON object as its last line.
+
+Last-line JSON keys:
+- `benchmark`: "noloco"
+- `steps`: optimizer steps of every run
+- `schedule`: the inner LR schedule
+- `inner_steps`: H
+- `world`: processes per run
+- `loss_ratio_vs_ddp`: the worst NoLoCo run's eval loss / DDP's
+- `loss_ratio_diloco_vs_ddp`: the worst DiLoCo run's eval loss / DDP's; null without a diloco run
+- `bytes_ratio_vs_ddp`: DDP's cross-replica bytes per step / NoLoCo's (the smallest over layouts)
+- `global_collectives`: collectives over all ranks in the NoLoCo runs (0 expected)
+- `diloco_global_collectives`: the same in the DiLoCo runs
+- `projected_sync_speedup_1024`: ring all-reduce / gossip seconds for one sync at 1024 workers (the model above)
+- `runs`: every run's eval loss, bytes, collectives, seconds and eval curve
+- `plot`: the PNG written, relative to the repository root
 """
 from __future__ import annotations
 
@@ -27,6 +43,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "benchmarks", "noloco_worker.py")
 WORLD = 4
@@ -34,6 +53,8 @@ WORLD = 4
 MODEL_BYTES = 4e9
 LATENCY_S = 0.1
 BANDWIDTH_BPS = 1e9 / 8
+SMOKE = {"steps": 16, "inner_steps": 4, "eval_interval": 8, "eval_batches": 2, "seq_len": 32, "layouts": "2x2",
+         "modes": "noloco"}
 
 
 def ring_allreduce_seconds(n: int, size: float = MODEL_BYTES) -> float:
@@ -154,7 +175,7 @@ def main(argv=None) -> dict:
                    help="inner LR schedule for every run: the baseline config's warm-up then constant, or cosine to "
                         "lr/10 over --steps (the NoLoCo reference's; at 1000 steps it widened the gap to DDP)")
     p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "results", "noloco.png"))
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, SMOKE)
     modes = args.modes.split(",")
     if "noloco" not in modes or not set(modes) <= {"diloco", "noloco"}:
         p.error(f"--modes {args.modes!r}: give noloco, optionally with diloco (comma separated)")

@@ -2,6 +2,7 @@
 
     sudo python benchmarks/noloco_wan.py                          # quick default, < 15 min on 2 cores
     sudo python benchmarks/noloco_wan.py --layouts 2x2 --rates 100 --steps 300
+    sudo python benchmarks/noloco_wan.py --smoke --out /tmp/wan.png   # CI size: 2x2 at 100 Mbit/s, 10 steps
 
 Hosts are Linux network namespaces on this machine joined by a bridge, every host link shaped with ``tc tbf`` to
 the given rate in both directions (:mod:`wan_hosts`; the kernel here has ``tbf`` but no ``netem``, so no added
@@ -14,6 +15,23 @@ wall-clock (start-up excluded) at the first eval at or below it; a run is stoppe
 as "not reached" (speed-ups against it are lower bounds, marked ``>``). Bytes per link: the hosts' ``tx_bytes``.
 Nothing is sent outside the namespaces (link-local addresses, no route out). Table, PNG (loss vs wall-clock per
 rate), JSON last line. Skips cleanly (exit 0, JSON with ``skipped``) without root, iproute2/tc or namespaces.
+
+Last-line JSON keys:
+- `skipped`: why nothing ran (no root, iproute2/tc or namespaces); then the only key
+- `partial`: true when --modes is not all of ddp,diloco,noloco; then only `runs` follows (with --modes)
+- `runs`: {layout/mode@rate: time to target} of a partial run (with --modes)
+- `layouts`: the layouts run (without --modes)
+- `rates_mbit`: the link rates (without --modes)
+- `summary`: {layout/mode@rate: time_to_target, speedup_vs_ddp, lower_bound}; null times: target not reached
+  (without --modes)
+- `speedup_vs_ddp_100mbit`: DDP / NoLoCo time to target at 100 Mbit/s (first layout); null when NoLoCo did not
+  reach it (with --rates 100)
+- `speedup_vs_ddp_100mbit_lower_bound`: true when DDP did not reach the target (its cap counted) (with --rates 100)
+- `speedup_vs_diloco_100mbit`: DiLoCo / NoLoCo time to target at 100 Mbit/s; null when NoLoCo did not reach it
+  (with --rates 100)
+- `loss_ratio_vs_ddp`: NoLoCo / DDP eval loss at the fastest rate, at the last step both reached; null when
+  neither evaluated (without --modes)
+- `loss_ratio_at_step`: that step (without --modes)
 """
 from __future__ import annotations
 
@@ -27,12 +45,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wan_hosts  # noqa: E402
+from _keys import parse_with_smoke  # noqa: E402
 from noloco import run_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "benchmarks", "noloco_worker.py")
 LAYOUTS = {"2x2": (2, 2), "4x1": (4, 1)}
 MODES = ("ddp", "diloco", "noloco")
+SMOKE = {"layouts": "2x2", "rates": "100", "steps": 10, "eval_interval": 5, "inner_steps": 5, "cap_s": 30.0,
+         "hidden": 32, "layers": 1, "seq_len": 32}
 
 
 def parse_args(argv=None):
@@ -51,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--port", type=int, default=29740)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "noloco_wan.png"))
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def worker_env(rank: int, world: int, per_host: int, net, args) -> dict:

@@ -1,4 +1,5 @@
-"""One rank of a ``benchmarks/noloco.py`` run: examples/train.py's model, data and loop, plus a communication
+"""One rank of a ``benchmarks/noloco.py`` (and ``noloco_wan.py``) run, not a benchmark itself (it prints no JSON;
+the bench tier runs it through theirs): examples/train.py's model, data and loop, plus a communication
 counter (installed here, not by the feature) that classifies every call by the benchmark's replica layout (also for
 the DDP baseline, whose groups span that layout). Writes ``<out>/rank<R>.json``: train losses, eval curve, seconds,
 counters."""

@@ -3,6 +3,7 @@
     python benchmarks/prefix_grouper.py            # CPU default: P in {256,1024,4096} x S in {64,256} x G in {4,8,16}
     python benchmarks/prefix_grouper.py --quick    # headline point and a 4-point grid
     python benchmarks/prefix_grouper.py --device cuda --quick   # the same on a GPU in bf16 (exit 2 without CUDA)
+    python benchmarks/prefix_grouper.py --smoke --plot /tmp/pg.png   # CI size: the one point P=128, S=32, G=4
 
 Model: the ds_ext reference model with its default size (4 layers, hidden 128, 4 / 2 heads, byte vocabulary), fp32,
 one group (1 prompt of P tokens, G responses of S tokens), GRPO-style loss ``sum(logp(response) * advantage)``.
@@ -15,6 +16,19 @@ P^2/2 + G(SP + S^2/2)). Headline point P=1024, S=128, G=16. Prints a table, writ
 ``--device cuda``: the model in bf16 on the GPU (grouped attention through the CUDA flash kernel), memory = the
 caching allocator's ``max_memory_allocated`` growth over the step, times after ``torch.cuda.synchronize``; the
 gradient error stays an fp32 CPU measurement. Without a visible CUDA device it exits with status 2 and says so.
+
+Last-line JSON keys:
+- `benchmark`: "prefix_grouper"
+- `device`: cpu or cuda
+- `device_name`: the device measured on
+- `headline`: the headline point {P, S, G}
+- `speedup`: baseline time / grouped time at the headline point
+- `theoretical_speedup`: the FLOP ratio at the headline point
+- `fraction_of_theory`: speedup / theoretical_speedup
+- `memory_ratio`: baseline peak memory / grouped peak memory at the headline point
+- `max_grad_rel_err`: max relative gradient error of grouped vs baseline over all parameters (fp32, CPU)
+- `rows`: every measured point (P, S, G, times, speed-ups, bytes)
+- `plot`: the PNG written, relative to the repository root
 """
 from __future__ import annotations
 
@@ -29,8 +43,12 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADLINE = (1024, 128, 16)
+SMOKE = {"headline": [128, 32, 4], "no_grid": True}
 
 
 def model_config():
@@ -153,7 +171,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: bf16 on the GPU, memory from torch.cuda.max_memory_allocated")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--headline", type=int, nargs=3, default=list(HEADLINE), metavar=("P", "S", "G"),
+                    help="the headline point (default 1024 128 16)")
+    ap.add_argument("--no_grid", action="store_true", help="measure the headline point only")
+    args = parse_with_smoke(ap, argv, SMOKE)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device cuda: no CUDA device is visible (torch {torch.__version__}, "
                  f"torch.cuda.is_available() is False); run it on a GPU machine (scripts/gpu_check.sh)")
@@ -166,7 +187,8 @@ def main(argv=None) -> dict:
                                  "prefix_grouper_cuda.png" if args.device == "cuda" else "prefix_grouper.png")
     grid = ([(p, 64, g) for p in (256, 1024) for g in (4, 16)] if args.quick else
             [(p, s, g) for p in (256, 1024, 4096) for s in (64, 256) for g in (4, 8, 16)])
-    points = [HEADLINE] + [x for x in grid if x != HEADLINE]
+    headline = tuple(args.headline)
+    points = [headline] + ([] if args.no_grid else [x for x in grid if x != headline])
     rows = []
     print(f"{'P':>5}{'S':>5}{'G':>4}{'base s':>9}{'grouped s':>11}{'speedup':>9}{'theory':>8}{'share':>7}"
           f"{'base MiB':>10}{'grp MiB':>9}{'mem ratio':>10}")
@@ -182,15 +204,15 @@ def main(argv=None) -> dict:
               f"{row['baseline_bytes'] / 2**20:>10.0f}{row['grouped_bytes'] / 2**20:>9.0f}{row['memory_ratio']:>10.2f}",
               flush=True)
     head = rows[0]
-    err = grad_error(*HEADLINE)
-    print(f"\nheadline P={HEADLINE[0]} S={HEADLINE[1]} G={HEADLINE[2]}: {head['speedup']:.2f}x of "
+    err = grad_error(*headline)
+    print(f"\nheadline P={headline[0]} S={headline[1]} G={headline[2]}: {head['speedup']:.2f}x of "
           f"{head['theoretical_speedup']:.2f}x theoretical ({head['speedup'] / head['theoretical_speedup']:.0%}); "
           f"memory {head['memory_ratio']:.2f}x lower; max grad rel err {err:.2e}")
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     label = torch.cuda.get_device_name() + ", bf16" if args.device == "cuda" else "2 CPU threads"
     plot(rows, args.plot, label)
     result = {"benchmark": "prefix_grouper", "device": args.device, "device_name": label,
-              "headline": dict(zip("PSG", HEADLINE)), "speedup": head["speedup"],
+              "headline": dict(zip("PSG", headline)), "speedup": head["speedup"],
               "theoretical_speedup": head["theoretical_speedup"],
               "fraction_of_theory": head["speedup"] / head["theoretical_speedup"],
               "memory_ratio": head["memory_ratio"], "max_grad_rel_err": err, "rows": rows,

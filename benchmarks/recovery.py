@@ -2,6 +2,7 @@
 
     python benchmarks/recovery.py                      # CPU default: 2 processes, ZeRO-2, 81 steps per mode, ~90 s
     python benchmarks/recovery.py --hidden 512 --rounds 10 --journal_dir /local_nvme/bench
+    python benchmarks/recovery.py --smoke --out /tmp/recovery.png   # CI size: hidden 64, 2 layers, 51 steps
 
 Model: the reference Llama-style decoder (``--hidden``/``--layers``, vocabulary 259, sequence ``--seq_len``), fp32,
 AdamW (torch), ZeRO-``--stage`` over ``--world`` gloo processes on this machine, random tokens.
@@ -20,6 +21,30 @@ with ``os.sync()``, timed with that block: every mode pays for writing its own d
 none for another mode's. Theory: the journal writes 4 bytes per parameter per step (the fp32 gradient
 partitions of all ranks) plus 12 bytes per parameter per base; its step cost is a clone of the gradient partition.
 Prints a table, writes a PNG and prints one JSON object as its last line.
+
+Last-line JSON keys:
+- `mean_step_s`: mean step time (s) per mode, {mode: seconds}; a step ends when its slowest rank ends
+- `overhead_pct`: the journal's step-time overhead over stock DeepSpeed, % (median of paired blocks)
+- `overhead_pct_of_means`: the same from the ratio of overall mean step times, %
+- `overhead_pct_ckpt_every_step`: save_checkpoint after every step, % over stock (paired blocks)
+- `overhead_pct_ckpt_every_50`: save_checkpoint every 50 steps, % over stock (paired blocks)
+- `bytes_per_param_per_step`: journal bytes written per parameter per step (all ranks, bases included)
+- `bytes_per_param_per_step_theory`: 4 + 12 / base_interval
+- `ckpt_bytes_per_param`: bytes of one DeepSpeed checkpoint per parameter
+- `resume_s`: journal resume time (scan + base + replay; slowest rank), from the journal lifecycle's metrics
+- `load_checkpoint_s`: DeepSpeed load_checkpoint time of the newest checkpoint (slowest rank)
+- `lost_steps`: steps trained minus the step the journal resumed at (0 expected)
+- `lost_steps_ckpt_every_50`: steps trained minus the newest every-50 checkpoint's step
+- `journal_writer`: rank 0's journal writer metrics over the run (records, bytes, write/fsync/wait seconds)
+- `steps`: optimizer steps trained per mode (1 warm-up + rounds x block)
+- `params`: model parameters
+- `world`: processes
+- `zero_stage`: ZeRO stage
+- `regain_s_ckpt_every_50`: load_checkpoint + redoing this run's lost steps (s)
+- `regain_s_ckpt_every_50_expected`: load_checkpoint + redoing 24.5 steps, the average loss (s)
+- `resume_time_ratio_vs_load`: resume_s / regain_s_ckpt_every_50_expected
+- `resume_time_ratio_vs_load_raw`: resume_s / load_checkpoint_s
+- `versions`: torch and deepspeed versions
 """
 from __future__ import annotations
 
@@ -35,8 +60,13 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("none", "journal", "ckpt_every_step", "ckpt_every_50")
+# --smoke: 51 steps per mode, so that the every-50 checkpoint exists
+SMOKE = {"hidden": 64, "layers": 2, "seq_len": 32, "micro": 2, "block": 10, "rounds": 5, "base_interval": 10}
 
 
 def parse_args(argv=None):
@@ -53,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--fsync", default="interval", choices=("always", "interval", "never"))
     p.add_argument("--journal_dir", default=None, help="where journal and checkpoints go (default: a temp dir)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recovery.png"))
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def ds_config(args, journal_dir=None) -> dict:
@@ -134,7 +164,7 @@ def worker(rank: int, args, work: str, port: int, result_dir: str) -> None:
     engines["journal"].ds_ext_close()
     deepspeed.comm.barrier()
     resumed = build(args, journal_dir)
-    rec = recovery_of(resumed)
+    resume = recovery_of(resumed).metrics()  # the journal lifecycle's own account of its resume (public API)
     loader = build(args)
     t = time.perf_counter()
     path, _ = loader.load_checkpoint(os.path.join(work, "ckpt_every_step"))  # same files as every 50, newest
@@ -142,8 +172,8 @@ def worker(rank: int, args, work: str, port: int, result_dir: str) -> None:
     with open(os.path.join(work, "ckpt_every_50", "latest")) as f:
         ckpt50_step = int(f.read().strip().replace("global_step", ""))
     n_params = sum(p.numel() for p in resumed.module.parameters())
-    out = {"times": times, "trained": trained, "journal": journal_metrics, "resumed_step": rec.resumed_step,
-           "resume_s": rec.resume_s, "load_s": load_s, "ckpt50_step": ckpt50_step, "n_params": n_params}
+    out = {"times": times, "trained": trained, "journal": journal_metrics, "resumed_step": resume["resumed_step"],
+           "resume_s": resume["resume_s"], "load_s": load_s, "ckpt50_step": ckpt50_step, "n_params": n_params}
     torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
     deepspeed.comm.barrier()
 

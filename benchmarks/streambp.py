@@ -5,6 +5,7 @@
     python benchmarks/streambp.py --model reference    # the reference model grid (none / checkpointing / StreamBP)
     python benchmarks/streambp.py --device cuda --lengths 32768,65536 --full_logits_lengths 32768,65536 \
         --budget_length 65536                          # the GPU grid: bf16, plus streambp_offload (exit 2 without CUDA)
+    python benchmarks/streambp.py --smoke --plot /tmp/s.png   # CI size: every mode at T=512 only
 
 Models (random init, built in process, batch 1, fp32, random tokens):
 * ``qwen2`` (default): ``transformers.Qwen2ForCausalLM`` from a ``Qwen2Config``: hidden 256, 4 layers, 4 query /
@@ -41,6 +42,52 @@ theoretical bytes per token (:func:`theory_bytes_per_token`).
 peak fits and a linear extrapolation from StreamBP's two longest points. Gradient error: max relative error over
 all parameters of each mode vs plain autograd at ``--grad_length``. Prints a table, writes a PNG and prints one JSON
 object as its last line.
+
+Which command gives which keys: every command gives the unconditional keys below; the default model (qwen2, the
+default grid ``python benchmarks/streambp.py``) adds the ALST keys (``*_vs_alst``); ``--model reference`` adds
+``max_seq_ratio_vs_checkpointing`` and the other checkpointing-budget keys instead; ``--device cuda`` adds the
+offload keys. The ``time_ratio_vs_checkpointing`` group needs a length in both ``--lengths`` and
+``--full_logits_lengths`` (true of every documented grid).
+
+Last-line JSON keys:
+- `benchmark`: "streambp"
+- `device`: cpu or cuda
+- `device_name`: the device measured on
+- `dtype`: float32 on CPU, bfloat16 on CUDA
+- `model_name`: qwen2 or reference
+- `model`: the model's sizes
+- `chunk_size`: StreamBP's chunk (tokens)
+- `logits_chunk_size`: StreamBP's logits chunk and ALST's loss shard (tokens)
+- `max_grad_rel_err`: StreamBP's max relative gradient error vs plain autograd (fp32, CPU, at --grad_length)
+- `grad_rel_err`: the same for every mode, {mode: error}
+- `rows`: every measured (mode, length): seconds, peak_bytes, stored_bytes (or error)
+- `plot`: the PNG written, relative to the repository root
+- `time_ratio_vs_checkpointing`: StreamBP time / checkpointing time at time_ratio_length
+- `time_ratio_length`: the longest length measured for both checkpointing and StreamBP
+- `memory_ratio_at_longest`: checkpointing peak / StreamBP peak at time_ratio_length
+- `theory_memory_ratio`: the same from theory_bytes_per_token
+- `max_seq_ratio_vs_checkpointing`: longest measured StreamBP length within checkpointing's peak at
+  --budget_length, over --budget_length (with --model reference)
+- `max_seq_ratio_extrapolated`: the same, extrapolated linearly from StreamBP's two longest points
+  (with --model reference)
+- `checkpointing_grad_rel_err`: checkpointing's max relative gradient error (with --model reference)
+- `max_seq_ratio_vs_alst`: StreamBP's extrapolated longest length within ALST's peak at --budget_length, over
+  --budget_length (without --model reference)
+- `max_seq_ratio_vs_alst_measured`: the same, longest measured length (without --model reference)
+- `budget_bytes`: ALST's peak at --budget_length (without --model reference)
+- `budget_length`: --budget_length (without --model reference)
+- `time_ratio_vs_alst`: StreamBP time / ALST time at --budget_length; null when either did not run there
+  (without --model reference)
+- `working_set_ratio_vs_alst`: StreamBP working set / ALST's at --budget_length; null when either did not run
+  there (without --model reference)
+- `activation_ratio_vs_alst`: StreamBP peak / ALST peak per length, {length: ratio} (without --model reference)
+- `working_set_slope_ratio_vs_alst`: StreamBP's working-set growth per token over ALST's between the two longest
+  lengths; null with fewer than two (without --model reference)
+- `theory_working_set_bytes_per_token`: theory per mode, {mode: bytes} (without --model reference)
+- `alst_grad_rel_err`: ALST's max relative gradient error (without --model reference)
+- `offload_max_seq_measured`: longest measured streambp_offload length within the budget (with --device cuda)
+- `offload_max_seq_ratio_vs_baseline`: streambp_offload's extrapolated longest length over --budget_length
+  (with --device cuda)
 """
 from __future__ import annotations
 
@@ -57,6 +104,9 @@ from typing import Optional
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
     "qwen2": dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
@@ -66,6 +116,8 @@ MODELS = {
 }
 MODES = {"qwen2": ("none", "checkpointing", "alst", "streambp"), "reference": ("none", "checkpointing", "streambp")}
 BASELINE = {"qwen2": "alst", "reference": "checkpointing"}
+SMOKE = {"lengths": "512", "full_logits_lengths": "512", "budget_length": 512, "streambp_only_lengths": "",
+         "chunk_size": 128, "logits_chunk_size": 64, "grad_length": 128}
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -396,7 +448,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: peak memory from torch.cuda.max_memory_allocated, times after synchronize")
     p.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, SMOKE)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda: no CUDA device is visible (torch {torch.__version__}, "
                 f"torch.cuda.is_available() is False); run it on a GPU machine (scripts/gpu_check.sh)")
