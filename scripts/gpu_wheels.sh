@@ -14,10 +14,16 @@
 # CUDA code, so it is no substitute either.
 #
 # Usage (repository root, network to PyPI):  bash scripts/gpu_wheels.sh      (~1 min; .whl/ is git-ignored, ~15 MB)
+# PYTHON=/path/to/python picks the interpreter that runs pip (default: .venv/bin/python, else python3); it needs
+# pip only: pydantic's version comes from it when it has pydantic (else PYDANTIC_VERSION / PYDANTIC_CORE_VERSION,
+# default the pair tested here), DeepSpeed's wheel builds in pip's build isolation when it lacks setuptools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+"$PY" -m pip --version >/dev/null || { echo "gpu_wheels: $PY has no pip (set PYTHON=)" >&2; exit 2; }
 DEST=.whl
 mkdir -p "$DEST"
 
@@ -31,14 +37,17 @@ fetch() {  # binary wheels for CPython 3.12 on x86-64 Linux, exactly the pinned 
 }
 
 # pydantic: the version pinned here, and the pydantic-core it requires (exact pin in pydantic's metadata)
-PYDANTIC=$("$PY" -c "import pydantic; print(pydantic.VERSION)")
-CORE=$("$PY" -c "import pydantic_core; print(pydantic_core.__version__)")
+PYDANTIC=${PYDANTIC_VERSION:-$("$PY" -c "import pydantic; print(pydantic.VERSION)" 2>/dev/null || echo 2.14.4)}
+CORE=${PYDANTIC_CORE_VERSION:-$("$PY" -c "import pydantic_core; print(pydantic_core.__version__)" 2>/dev/null \
+  || echo 2.50.5)}
 fetch "pydantic==$PYDANTIC" "pydantic-core==$CORE" annotated-types typing-inspection hjson "megatron-core==0.16.1"
 
-# DeepSpeed: sdist only; its setup.py imports torch (this venv's CPU torch) and builds no op (DS_BUILD_OPS=0),
-# so the wheel is pure Python and JIT-builds its ops on the GPU machine as on any other.
+# DeepSpeed: sdist only; its setup.py imports torch if it can (and works without) and builds no op
+# (DS_BUILD_OPS=0), so the wheel is pure Python and JIT-builds its ops on the GPU machine as on any other.
 if ! ls "$DEST"/deepspeed-0.19.8-*.whl >/dev/null 2>&1; then
-  DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" deepspeed==0.19.8
+  isolation=--no-build-isolation
+  "$PY" -c "import setuptools, wheel" 2>/dev/null || isolation=
+  DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps $isolation -w "$DEST" deepspeed==0.19.8
 fi
 
 # one version of each package: two would stop the install there

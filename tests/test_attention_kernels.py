@@ -2,7 +2,7 @@
 
 The CUDA wrappers are checked on CPU with stand-ins for the aten handles that follow the CUDA ops' signatures and
 layouts (flash: nine outputs, contiguous lse, None cumulative lengths; efficient: no grouped heads, lse padded to 32
-rows): the merge over parts must be exact against autograd of the textbook formula. ``-m cuda`` runs the real
+rows, out and gradients in ``[B, L, H, D]`` memory, backward reading ``out`` with the kernel's row stride ``H * D``): the merge over parts must be exact against autograd of the textbook formula. ``-m cuda`` runs the real
 kernels on a GPU.
 """
 import logging
@@ -106,7 +106,19 @@ def fake_efficient_forward(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is
     rows = q.shape[2]
     padded = torch.full(lse.shape[:2] + (-(-rows // 32) * 32,), float("nan"))
     padded[:, :, :rows] = lse
-    return out, padded, torch.empty((), dtype=torch.long), torch.empty((), dtype=torch.long)
+    return _bmhk(out), padded, torch.empty((), dtype=torch.long), torch.empty((), dtype=torch.long)
+
+
+def _bmhk(t):
+    """``[B, H, L, D]`` in ``[B, L, H, D]`` memory: the layout the efficient kernels write (meta: permute 0,2,1,3)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def kernel_read_out(out):
+    """``out`` as the efficient backward kernel reads it: batch and head strides from the tensor, row stride
+    ``H * D`` assumed (``o_strideM()``). A wrongly laid out ``out`` reads other heads' rows or past its storage."""
+    b, h, n, d = out.shape
+    return out.as_strided(out.shape, (out.stride(0), out.stride(1), h * d, 1), out.storage_offset())
 
 
 def fake_efficient_backward(grad_out, q, k, v, attn_bias, out, lse, seed, offset, dropout_p, grad_input_mask,
@@ -115,8 +127,8 @@ def fake_efficient_backward(grad_out, q, k, v, attn_bias, out, lse, seed, offset
     assert attn_bias is None and k.shape[1] == q.shape[1] and list(grad_input_mask) == [True, True, True, False]
     assert lse.shape[2] % 32 == 0 and lse.shape[2] >= rows
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, k, v, out, lse[:, :, :rows], 0.0, is_causal, scale=scale)
-    return (*grads, None)
+        grad_out, q, k, v, kernel_read_out(out), lse[:, :, :rows], 0.0, is_causal, scale=scale)
+    return (*[_bmhk(g) for g in grads], None)
 
 
 @pytest.fixture

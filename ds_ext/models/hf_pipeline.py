@@ -34,6 +34,7 @@ Names: :func:`pipeline_to_hf_key` / :func:`pipeline_state_to_hf` map pipeline pa
 """
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -76,7 +77,10 @@ class StageInputs:
 def _mask(config, hidden: torch.Tensor, position_ids: torch.Tensor, sliding: bool):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     make = create_sliding_window_causal_mask if sliding else create_causal_mask
-    return make(config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+    # the KV-cache argument is `past_key_values` up to transformers 5.19 and `cache` later: ask the function
+    cache_kw = "cache" if "cache" in inspect.signature(make).parameters else "past_key_values"
+    return make(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
+                **{cache_kw: None})
 
 
 def is_sliding_layer(config, index: int) -> bool:

@@ -25,7 +25,9 @@ arguments (philox seed/offset) are never read; they get empty tensors of the for
 Normalisation per kernel: the CPU kernel's ``lse`` is a transposed ``[B, L, H]`` buffer (used as is); the flash op
 returns nine values (``out, lse`` kept; its ``cum_seq_q/k`` are None for dense inputs and go back as None); the
 efficient op returns ``lse`` padded to a multiple of 32 query rows (sliced to ``L``; backward pads the merged
-``lse`` again, as its kernel indexes it with that stride).
+``lse`` again, as its kernel indexes it with that stride) and its backward kernel reads ``out`` with row stride
+``H * D`` (:func:`efficient_out_layout` gives the merged ``out`` that layout). Every wrapper is checked against the
+ops' meta registrations and schemas, live and for torch 2.11 (``tests/test_attention_meta.py``).
 
 The kernel handles are module attributes (None where this PyTorch build lacks them), so tests can replace them with
 CPU functions that follow the CUDA ops' signatures and layouts.
@@ -184,13 +186,26 @@ def _efficient_forward(q, k, v, causal, scale):
     return out, lse[:, :, :q.shape[2]]
 
 
+def efficient_out_layout(out: torch.Tensor) -> torch.Tensor:
+    """``out [B, H, L, Dv]`` in the memory layout the efficient backward kernel reads: it takes the batch and head
+    strides from the tensor but assumes the row stride is ``H * Dv`` (``o_strideM()`` in PyTorch's
+    ``mem_eff_attention/kernel_backward.h``: rows of all heads interleaved, ``[B, L, H, Dv]`` memory, as its forward
+    writes it). A merged ``out`` (built by the log-sum-exp merge, or sliced from a zero buffer) is ``[B, H, L, Dv]``
+    contiguous, row stride ``Dv``: passed as is, the kernel reads other heads' rows and past the buffer's end."""
+    b, h, n, d = out.shape
+    if out.stride(3) == 1 and (n <= 1 or out.stride(2) == h * d):
+        return out
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _efficient_backward(grad_out, q, k, v, out, lse, causal, scale):
     h, rows = q.shape[1], q.shape[2]
     padded = lse.new_zeros(lse.shape[:2] + (-(-rows // LSE_ALIGN) * LSE_ALIGN,))
     padded[:, :, :rows] = lse
     seed, offset = _no_rng(q.device)
-    dq, dk, dv, _ = CUDA_EFFICIENT_BACKWARD(grad_out, q, _expand_heads(k, h), _expand_heads(v, h), None, out, padded,
-                                            seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
+    dq, dk, dv, _ = CUDA_EFFICIENT_BACKWARD(grad_out, q, _expand_heads(k, h), _expand_heads(v, h), None,
+                                            efficient_out_layout(out), padded, seed, offset, 0.0,
+                                            [True, True, True, False], causal, scale=scale)
     return dq, _sum_heads(dk, k.shape[1]), _sum_heads(dv, v.shape[1])
 
 
