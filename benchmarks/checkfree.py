@@ -17,10 +17,11 @@ same failures for every method (drawn from ``--seed`` and the iteration number):
 * ``checkpoint``: stock DeepSpeed ``save_checkpoint`` every ``--ckpt_every`` steps; a failure rolls every stage
   back with ``load_checkpoint`` and the lost steps are trained again.
 
-``--swap`` (CheckFree+, ``recovery.checkpoint_free.swap_end_stages``; quick CPU default: 60 steps, 4 layers of 64,
-~5 min): failures at the reference code's per-iteration stage-failure probabilities for 5, 10 and 33 %/h
-(``--iteration_rates`` 0.0009 0.002 0.01, its 500M model) times ``--failure_scale`` (default 10, so a 60-step toy
-run sees failures; 1 = the reference's rates); with 4 stages every stage is an end-side one. Runs ``none`` and
+``--swap`` (CheckFree+, ``recovery.checkpoint_free.swap_end_stages``; quick CPU default: 150 steps, 4 layers of 64,
+~4 min): failures at the reference code's per-iteration stage-failure probabilities for 5, 10 and 33 %/h
+(``--iteration_rates`` 0.0009 0.002 0.01, its 500M model) times ``--failure_scale`` (default 2, so a 150-step toy
+run sees failures; 1 = the reference's rates; much higher makes two neighbouring stages fail in one step, which no
+checkpoint-free method can rebuild); with 4 stages every stage is an end-side one. Runs ``none`` and
 ``none_swap`` (failure-free, plain vs swapped schedule), then per rate ``checkfree_plus`` (swap on: a lost stage is
 a copy of its partner), ``checkfree`` (no swap) and ``checkpoint``.
 
@@ -65,8 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--swap", action="store_true", help="CheckFree+ runs (see the module docstring)")
     p.add_argument("--iteration_rates", type=float, nargs="+", default=[0.0009, 0.002, 0.01],
                    help="--swap: per-iteration stage failure probabilities (reference: 5, 10, 33 %%/h)")
-    p.add_argument("--failure_scale", type=float, default=10.0, help="--swap: multiplies --iteration_rates")
-    p.add_argument("--steps", type=int, default=60 if swap else 400)
+    p.add_argument("--failure_scale", type=float, default=2.0, help="--swap: multiplies --iteration_rates")
+    p.add_argument("--steps", type=int, default=150 if swap else 400)
     p.add_argument("--hidden", type=int, default=64 if swap else 128)
     p.add_argument("--layers", type=int, default=4 if swap else 8)
     p.add_argument("--seq_len", type=int, default=32 if swap else 64)
