@@ -296,7 +296,8 @@ def swap_main(args) -> dict:
                      for r in runs}
     print_table(res)
     print(f"CheckFree+ / checkpoint restart time to target at p={mid:.4f}: "
-          f"{res['checkfree_plus_time_ratio_vs_ckpt']:.3f}; vs CheckFree {res['checkfree_plus_time_ratio_vs_checkfree']:.3f}; "
+          f"{res['checkfree_plus_time_ratio_vs_ckpt']:.3f}; "
+          f"vs CheckFree {res['checkfree_plus_time_ratio_vs_checkfree']:.3f}; "
           f"eval loss vs no failure at p={high:.4f}: {res['end_stage_recovery_loss_ratio']:.4f} (CheckFree "
           f"{res['checkfree_end_stage_loss_ratio']:.4f}); failure-free swap throughput ratio "
           f"{res['swap_cost_throughput_ratio']:.3f}, eval loss ratio {res['swap_failure_free_loss_ratio']:.4f}")
