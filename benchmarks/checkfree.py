@@ -18,6 +18,14 @@ same failures for every method (drawn from ``--seed`` and the iteration number):
 * ``checkpoint``: stock DeepSpeed ``save_checkpoint`` every ``--ckpt_every`` steps; a failure rolls every stage
   back with ``load_checkpoint`` and the lost steps are trained again.
 
+``--swap`` (CheckFree+, ``recovery.checkpoint_free.swap_end_stages``; quick CPU default: 150 steps, 4 layers of 64,
+~4 min): failures at the reference code's per-iteration stage-failure probabilities for 5, 10 and 33 %/h
+(``--iteration_rates`` 0.0009 0.002 0.01, its 500M model) times ``--failure_scale`` (default 2, so a 150-step toy
+run sees failures; 1 = the reference's rates; much higher makes two neighbouring stages fail in one step, which no
+checkpoint-free method can rebuild); with 4 stages every stage is an end-side one. Runs ``none`` and
+``none_swap`` (failure-free, plain vs swapped schedule), then per rate ``checkfree_plus`` (swap on: a lost stage is
+a copy of its partner), ``checkfree`` (no swap) and ``checkpoint``.
+
 Wall-clock counts everything each method does (saves, loads, rebuilds, redone steps) but not relaunching
 processes, which both would pay for a replaced node (so the checkpoint baseline is favoured). The loss target is
 the failure-free run's smoothed training loss (EMA 0.1) at ``--target_at`` of its steps; time to target is when a
@@ -36,6 +44,18 @@ Last-line JSON keys:
 - `time_ratio_theory`: S / (S + F * ckpt_every / 2)
 - `high_rate_per_hour`: the highest --rates
 - `versions`: torch and deepspeed versions
+- `swap`: true (with --swap)
+- `iteration_rates`: the per-iteration failure probabilities run, after --failure_scale (with --swap)
+- `failure_scale`: --failure_scale (with --swap)
+- `checkfree_plus_time_ratio_vs_ckpt`: CheckFree+ / checkpoint-restart time to target at the middle rate (the
+  paper: <= 0.88 at 5-10 %/h) (with --swap)
+- `checkfree_plus_time_ratio_vs_checkfree`: CheckFree+ / CheckFree (no swap) time to target, middle rate (with --swap)
+- `checkfree_plus_time_ratio_vs_ckpt_by_rate`: the same ratio at each rate (with --swap)
+- `end_stage_recovery_loss_ratio`: CheckFree+ eval loss at the highest rate / failure-free eval loss, equal steps
+  (with --swap)
+- `checkfree_end_stage_loss_ratio`: the same for CheckFree without the swap (with --swap)
+- `swap_cost_throughput_ratio`: failure-free steps/s with the swapped schedule / with DeepSpeed's (with --swap)
+- `swap_failure_free_loss_ratio`: failure-free eval loss with the swapped schedule / without (with --swap)
 """
 from __future__ import annotations
 
@@ -61,12 +81,17 @@ STAGES = 4
 
 
 def parse_args(argv=None):
+    swap = "--swap" in (sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--swap", action="store_true", help="CheckFree+ runs (see the module docstring)")
+    p.add_argument("--iteration_rates", type=float, nargs="+", default=[0.0009, 0.002, 0.01],
+                   help="--swap: per-iteration stage failure probabilities (reference: 5, 10, 33 %%/h)")
+    p.add_argument("--failure_scale", type=float, default=2.0, help="--swap: multiplies --iteration_rates")
+    p.add_argument("--steps", type=int, default=150 if swap else 400)
+    p.add_argument("--hidden", type=int, default=64 if swap else 128)
+    p.add_argument("--layers", type=int, default=4 if swap else 8)
+    p.add_argument("--seq_len", type=int, default=32 if swap else 64)
+    p.add_argument("--micro", type=int, default=2 if swap else 4)
     p.add_argument("--gas", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--rates", type=float, nargs="+", default=[0.10, 0.33], help="stage failures per hour")
@@ -80,9 +105,12 @@ def parse_args(argv=None):
 
 def ds_config(args, method: str, rate: float) -> dict:
     ext = {"topology": {"pipeline_stages": STAGES}}
-    if method == "checkfree":
+    if method in ("checkfree", "checkfree_plus"):
         ext["recovery"] = {"checkpoint_free": {"enabled": True, "replicate_ends_interval": 10, "inject": {
             "stage_failure_rate_per_hour": rate, "nominal_step_time_s": args.nominal_step_s, "seed": args.seed}}}
+    if method in ("checkfree_plus", "none_swap"):
+        ext.setdefault("recovery", {"checkpoint_free": {"enabled": True}})
+        ext["recovery"]["checkpoint_free"]["swap_end_stages"] = True
     return {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": args.gas,
             "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
             "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}},
@@ -142,7 +170,7 @@ def worker(rank: int, args, method: str, rate: float, work: str, port: int, resu
     eval_loss = sum(float(engine.eval_batch(iter([data.get(-1 - k, m) for m in range(args.gas)])))
                     for k in range(16)) / 16
     metrics = engine.ds_ext_metrics()
-    if method == "checkfree":
+    if method.startswith("checkfree"):
         failures = [int(m) for m in [metrics.get("checkpoint_free/failures", 0)]]
     out = {"log": log, "eval_loss": eval_loss, "failures": failures, "iterations": iteration, "io_s": io_s,
            "metrics": metrics, "params": sum(p.numel() for p in engine.module.parameters())}
@@ -252,9 +280,57 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def swap_main(args) -> dict:
+    """--swap: CheckFree+ vs CheckFree vs checkpoint restart, and the failure-free cost of the swap."""
+    args.nominal_step_s = 3600.0  # rate "per hour" = per-step probability for a one-hour step
+    rates = [p * args.failure_scale for p in args.iteration_rates]
+    args.rates = rates
+    runs = [run(args, "none", 0.0), run(args, "none_swap", 0.0)]
+    for rate in rates:
+        for method in ("checkfree_plus", "checkfree", "checkpoint"):
+            runs.append(run(args, method, rate))
+            print(f"done {method} @ p={rate:.4f}/iteration: {runs[-1]['failures']} failures, "
+                  f"{runs[-1]['log'][-1][0]:.1f} s", flush=True)
+    res = summarise(args, [r for r in runs if r["method"] != "none_swap"])
+    by = {(r["method"], r["rate"]): r for r in runs}
+    rows = {(x["method"], x["rate_per_hour"]): x for x in summarise(args, runs)["rows"]}
+    mid, high = rates[len(rates) // 2], rates[-1]
+
+    def ratio(a, b):
+        return rows[a]["time_to_target_s"] / rows[b]["time_to_target_s"]
+
+    def steps_per_s(r):
+        return len(r["log"]) / r["log"][-1][0]
+    res.update({
+        "swap": True, "iteration_rates": rates, "failure_scale": args.failure_scale,
+        "checkfree_plus_time_ratio_vs_ckpt": ratio(("checkfree_plus", mid), ("checkpoint", mid)),
+        "checkfree_plus_time_ratio_vs_checkfree": ratio(("checkfree_plus", mid), ("checkfree", mid)),
+        "checkfree_plus_time_ratio_vs_ckpt_by_rate": {str(r): ratio(("checkfree_plus", r), ("checkpoint", r))
+                                                      for r in rates},
+        "end_stage_recovery_loss_ratio": by[("checkfree_plus", high)]["eval_loss"] / by[("none", 0.0)]["eval_loss"],
+        "checkfree_end_stage_loss_ratio": by[("checkfree", high)]["eval_loss"] / by[("none", 0.0)]["eval_loss"],
+        "swap_cost_throughput_ratio": steps_per_s(by[("none_swap", 0.0)]) / steps_per_s(by[("none", 0.0)]),
+        "swap_failure_free_loss_ratio": by[("none_swap", 0.0)]["eval_loss"] / by[("none", 0.0)]["eval_loss"]})
+    res["rows"] = list(rows.values())
+    res["curves"] = {f"{r['method']}@{r['rate']}": [(round(t, 3), s, round(l, 4)) for t, s, l in r["log"]]
+                     for r in runs}
+    print_table(res)
+    print(f"CheckFree+ / checkpoint restart time to target at p={mid:.4f}: "
+          f"{res['checkfree_plus_time_ratio_vs_ckpt']:.3f}; "
+          f"vs CheckFree {res['checkfree_plus_time_ratio_vs_checkfree']:.3f}; "
+          f"eval loss vs no failure at p={high:.4f}: {res['end_stage_recovery_loss_ratio']:.4f} (CheckFree "
+          f"{res['checkfree_end_stage_loss_ratio']:.4f}); failure-free swap throughput ratio "
+          f"{res['swap_cost_throughput_ratio']:.3f}, eval loss ratio {res['swap_failure_free_loss_ratio']:.4f}")
+    plot(res, args.out.replace(".png", "_swap.png"))
+    print(json.dumps({k: v for k, v in res.items() if k != "curves"}))
+    return res
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    if args.swap:
+        return swap_main(args)
     runs = [run(args, "none", 0.0)]
     for rate in args.rates:
         for method in ("checkfree", "checkpoint"):

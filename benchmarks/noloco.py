@@ -18,20 +18,30 @@ included), so "cross replica" means what would cross between hosts if each repli
 each call twice in the NoLoCo runs only. Wire bytes use the ring model
 (all-reduce 2(n-1)/n of the payload). Prints a table, writes a PNG, and prints one JSON object as its last line.
 
+``--routing`` (``ds_ext.noloco.random_routing``; quick CPU default: 60 steps, H=10, 4 layers of 64, ~2 min): 2
+replicas x 2 pipeline stages, routed vs unrouted NoLoCo vs DDP (one replica, 2 stages x 2 ZeRO ranks), equal steps
+(benchmarks/noloco_routing.py).
+
 Last-line JSON keys:
-- `benchmark`: "noloco"
+- `benchmark`: "noloco", or "noloco_routing" with --routing
 - `steps`: optimizer steps of every run
-- `schedule`: the inner LR schedule
+- `schedule`: the inner LR schedule (without --routing)
 - `inner_steps`: H
 - `world`: processes per run
-- `loss_ratio_vs_ddp`: the worst NoLoCo run's eval loss / DDP's
-- `loss_ratio_diloco_vs_ddp`: the worst DiLoCo run's eval loss / DDP's; null without a diloco run
-- `bytes_ratio_vs_ddp`: DDP's cross-replica bytes per step / NoLoCo's (the smallest over layouts)
-- `global_collectives`: collectives over all ranks in the NoLoCo runs (0 expected)
-- `diloco_global_collectives`: the same in the DiLoCo runs
-- `projected_sync_speedup_1024`: ring all-reduce / gossip seconds for one sync at 1024 workers (the model above)
+- `loss_ratio_vs_ddp`: the worst NoLoCo run's eval loss / DDP's (without --routing)
+- `loss_ratio_diloco_vs_ddp`: the worst DiLoCo run's eval loss / DDP's; null without a diloco run (without --routing)
+- `bytes_ratio_vs_ddp`: DDP's cross-replica bytes per step / NoLoCo's (the smallest over layouts) (without --routing)
+- `global_collectives`: collectives over all ranks in the NoLoCo runs (0 expected) (without --routing)
+- `diloco_global_collectives`: the same in the DiLoCo runs (without --routing)
+- `projected_sync_speedup_1024`: ring all-reduce / gossip seconds for one sync at 1024 workers (the model above) (without --routing)
 - `runs`: every run's eval loss, bytes, collectives, seconds and eval curve
-- `plot`: the PNG written, relative to the repository root
+- `plot`: the PNG written, relative to the repository root (without --routing)
+- `routing_loss_ratio_vs_ddp`: routed NoLoCo eval loss / DDP eval loss, equal steps (with --routing)
+- `noloco_loss_ratio_vs_ddp`: unrouted NoLoCo eval loss / DDP eval loss, equal steps (with --routing)
+- `routing_replica_distance_ratio`: mean replica weight distance, routed / unrouted NoLoCo (< 1 expected: the
+  routing mixes the replicas between outer steps) (with --routing)
+- `routing_throughput_ratio`: routed / unrouted NoLoCo steps per second (with --routing)
+- `ddp_steps_per_s`: DDP's steps per second (with --routing)
 """
 from __future__ import annotations
 
@@ -162,12 +172,21 @@ def print_tables(rows: list, ddp: dict, args) -> None:
 
 
 def main(argv=None) -> dict:
+    routing = "--routing" in (sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--inner_steps", type=int, default=50)
+    p.add_argument("--routing", action="store_true", help="random pipeline routing runs (see the docstring)")
+    p.add_argument("--steps", type=int, default=60 if routing else 300)
+    p.add_argument("--inner_steps", type=int, default=10 if routing else 50)
     p.add_argument("--eval_interval", type=int, default=50)
     p.add_argument("--eval_batches", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--seq_len", type=int, default=32 if routing else 128)
+    p.add_argument("--hidden", type=int, default=64, help="--routing: model width")
+    p.add_argument("--layers", type=int, default=4, help="--routing: decoder layers")
+    p.add_argument("--micro", type=int, default=2, help="--routing: micro-batch size")
+    p.add_argument("--gas", type=int, default=2, help="--routing: micro-batches per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="--routing: AdamW learning rate")
+    p.add_argument("--distance_every", type=int, default=5, help="--routing: replica distance sampling")
+    p.add_argument("--seed", type=int, default=0, help="--routing: shared routing seed")
     p.add_argument("--layouts", default="2x2,4x1", help="replicas x ranks-per-replica, comma separated")
     p.add_argument("--modes", default="diloco,noloco", help="replica modes to run beside DDP, comma separated")
     p.add_argument("--port", type=int, default=29533)
@@ -176,6 +195,13 @@ def main(argv=None) -> dict:
                         "lr/10 over --steps (the NoLoCo reference's; at 1000 steps it widened the gap to DDP)")
     p.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "results", "noloco.png"))
     args = parse_with_smoke(p, argv, SMOKE)
+    if args.routing:
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        sys.path.insert(0, ROOT)
+        from noloco_routing import routing_main
+        result = {"benchmark": "noloco_routing", "world": WORLD, **routing_main(args)}
+        print(json.dumps(result))
+        return result
     modes = args.modes.split(",")
     if "noloco" not in modes or not set(modes) <= {"diloco", "noloco"}:
         p.error(f"--modes {args.modes!r}: give noloco, optionally with diloco (comma separated)")

@@ -321,3 +321,116 @@ def set_grad_ready(params, ready: bool) -> None:
     """
     for p in params:
         p.ds_grad_is_ready = ready
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Section D: ds_ext's own pipeline schedule on PipelineEngine (CheckFree+ swaps, NoLoCo routing)
+# ---------------------------------------------------------------------------------------------------------------
+# PipelineEngine.train_batch runs ``self._exec_schedule(self._train_schedule())``: a PipeSchedule yields lists of
+# instructions, each looked up in the class's ``_INSTRUCTION_MAP``. When a ds_ext schedule is set on the engine
+# (``engine.ds_ext_pipeline_schedule``), :func:`install_schedule_seam` makes ``_train_schedule`` yield one ds_ext
+# instruction (the step's forward and backward of every micro-batch, run by the schedule object) and then DeepSpeed's
+# own ReduceTiedGrads, ReduceGrads and OptimizerStep, so gradient reduction, the optimizer step, the step seam and
+# the loss aggregation stay stock. The schedule runs a stage's layers through DeepSpeed's engine forward (its backward
+# hooks, ZeRO's backward prologue/epilogue) with the stage's ``forward_funcs`` narrowed to the part it runs.
+from deepspeed.runtime.engine import DeepSpeedEngine as _DeepSpeedEngine  # noqa: E402
+from deepspeed.runtime.pipe import schedule as _pipe_schedule  # noqa: E402
+from deepspeed.runtime.pipe.engine import PipelineEngine as _PipelineEngine  # noqa: E402
+
+INTERNALS += [("deepspeed.runtime.pipe.engine.PipelineEngine", name) for name in (
+    "_train_schedule", "_INSTRUCTION_MAP", "_exec_schedule", "_next_batch", "_backward_prologue_per_tensor")]
+INSTANCE_INTERNALS += [("pipeline_engine", name) for name in ("total_loss", "_running_engine_backward",
+                                                               "using_bf16_optimizer")]
+
+
+class RunDsExtSchedule(_pipe_schedule.PipeInstruction):
+    """The forward and backward of every micro-batch of the step, run by the engine's ds_ext schedule."""
+
+
+class DsExtTrainSchedule(_pipe_schedule.PipeSchedule):
+    def steps(self):
+        yield [RunDsExtSchedule()]
+        yield [_pipe_schedule.ReduceTiedGrads(), _pipe_schedule.ReduceGrads(), _pipe_schedule.OptimizerStep()]
+
+    def num_pipe_buffers(self):
+        return 1  # DeepSpeed's buffers stay unused: the ds_ext schedule keeps its own activations
+
+
+def install_schedule_seam(cls: type) -> type:
+    """Class decorator for the ds_ext pipeline engine: ``_train_schedule`` yields :class:`DsExtTrainSchedule` when
+    ``self.ds_ext_pipeline_schedule`` is set (stock otherwise; eval_batch is never changed: evaluation keeps the
+    fixed path), and the last stage's per-tensor backward hook stops dividing by the accumulation steps while the
+    schedule backpropagates a received gradient (DeepSpeed assumes the last stage only ever backpropagates its loss;
+    under a ds_ext schedule it may also run body layers whose output gradient arrives already scaled)."""
+
+    def _train_schedule(self):
+        if getattr(self, "ds_ext_pipeline_schedule", None) is None:
+            return super(cls, self)._train_schedule()
+        return DsExtTrainSchedule(micro_batches=self.gradient_accumulation_steps(), stages=self.num_stages,
+                                  stage_id=self.stage_id)
+
+    def _run(self):
+        self.ds_ext_pipeline_schedule.run_step(self)
+
+    def _backward_prologue_per_tensor(self, grad):
+        if getattr(self, "ds_ext_raw_tensor_backward", False):
+            return grad
+        return super(cls, self)._backward_prologue_per_tensor(grad)
+
+    for fn in (_train_schedule, _backward_prologue_per_tensor):
+        fn.__qualname__ = f"{cls.__qualname__}.{fn.__name__}"
+        setattr(cls, fn.__name__, fn)
+    setattr(cls, "_INSTRUCTION_MAP", {**_PipelineEngine._INSTRUCTION_MAP, RunDsExtSchedule: _run})
+    return cls
+
+
+def pipeline_next_batch(engine):
+    """The next ``(inputs, labels)`` of the engine's data iterator (what a first or last stage loads)."""
+    return engine._next_batch()
+
+
+def pipeline_forward(engine, funcs: Sequence[Callable], inputs):
+    """Run ``funcs`` (some of this stage's layers) on ``inputs`` through DeepSpeed's engine forward (its backward
+    hooks), with the PipelineModule's ``forward_funcs`` narrowed to ``funcs`` for the call."""
+    module = engine.module
+    saved = module.forward_funcs
+    module.forward_funcs = list(funcs)
+    try:
+        return _DeepSpeedEngine.forward(engine, inputs)
+    finally:
+        module.forward_funcs = saved
+
+
+def pipeline_loss_backward(engine, loss) -> None:
+    """The last stage's backward of a micro-batch loss, as DeepSpeed's pipeline runs it (scaled by 1/gas)."""
+    _DeepSpeedEngine.backward(engine, loss)
+
+
+def pipeline_tensor_backward(engine, outputs: Sequence, grads: Sequence) -> None:
+    """Backpropagate received output gradients (already scaled), as DeepSpeed's pipeline does on a non-last stage."""
+    import torch
+    engine._running_engine_backward = True
+    engine.ds_ext_raw_tensor_backward = True
+    try:
+        torch.autograd.backward(list(outputs), list(grads))
+    finally:
+        engine._running_engine_backward = False
+        engine.ds_ext_raw_tensor_backward = False
+
+
+def pipeline_add_loss(engine, loss) -> None:
+    """Count a micro-batch loss in the step's loss (the last stage's ``total_loss``, averaged by train_batch)."""
+    loss = loss.detach()
+    engine.total_loss = loss.clone() if engine.total_loss is None else engine.total_loss + loss
+
+
+def pipeline_check_schedulable(engine) -> None:
+    """``ValueError`` when a ds_ext schedule cannot run this pipeline: activation checkpointing (its checkpointed
+    ranges are computed for the whole stage) or the BF16 optimizer (its gradient bookkeeping is per pipeline
+    instruction)."""
+    if engine.module.activation_checkpoint_interval > 0:
+        raise ValueError("a ds_ext pipeline schedule runs a stage's layers in parts: build the PipelineModule with "
+                         "activation_checkpoint_interval=0")
+    if getattr(engine, "using_bf16_optimizer", False):
+        raise ValueError("a ds_ext pipeline schedule needs fp32/fp16 or ZeRO-1 bf16; DeepSpeed's BF16_Optimizer "
+                         "(bf16 with grad_accum_dtype fp32 and ZeRO 0) is not supported")

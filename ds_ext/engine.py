@@ -36,7 +36,8 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from ds_ext._deepspeed import can_scale_step_gradients, check_step_gradient_factor, install_step_seam
+from ds_ext._deepspeed import (can_scale_step_gradients, check_step_gradient_factor, install_schedule_seam,
+                               install_step_seam, pipeline_check_schedulable)
 from ds_ext.config import DsExtConfig
 from ds_ext.contract import HOOKS, Feature, FeatureBase, Phase
 from ds_ext.topology import Topology
@@ -208,6 +209,23 @@ class DsExtEngine(DsExtEngineMixin, DeepSpeedEngine):
     """``DeepSpeedEngine`` with the ds_ext seams (see the module docstring)."""
 
 
+@install_schedule_seam
 class DsExtPipelineEngine(DsExtEngineMixin, PipelineEngine):
-    """``PipelineEngine`` with the ds_ext seams. Its instruction map stays the stock one: the ``OptimizerStep``
-    instruction calls DeepSpeed's per-step method on ``self``, which resolves to the mixin's override."""
+    """``PipelineEngine`` with the ds_ext seams. The ``OptimizerStep`` instruction calls DeepSpeed's per-step method
+    on ``self``, which resolves to the mixin's override. ds_ext addition: with a pipeline schedule set
+    (:meth:`ds_ext_set_pipeline_schedule`, by CheckFree+ or NoLoCo routing) ``train_batch`` runs the step's
+    micro-batches through that schedule, then DeepSpeed's own gradient reduction and optimizer step
+    (``_deepspeed.install_schedule_seam``); ``eval_batch`` always keeps DeepSpeed's fixed path."""
+
+    ds_ext_pipeline_schedule = None
+
+    def ds_ext_set_pipeline_schedule(self, schedule) -> None:
+        """Run training steps through ``schedule`` (an object with ``run_step(engine)``; ``None``: DeepSpeed's own
+        schedule again). One schedule at a time: ``ValueError`` if another is set."""
+        if schedule is not None:
+            current = self.ds_ext_pipeline_schedule
+            if current is not None and current is not schedule:
+                raise ValueError(f"a pipeline schedule is already set ({type(current).__name__}); "
+                                 f"{type(schedule).__name__} cannot be combined with it")
+            pipeline_check_schedulable(self)
+        self.ds_ext_pipeline_schedule = schedule

@@ -18,8 +18,8 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("base", ("ds_ext._deepspeed", "ds_ext._deepspeed_launcher", "ds_ext.config.base", "ds_ext.distributed", "ds_ext.ops", "ds_ext.layers")),
     # each feature's section model, and the whole "ds_ext" block built from them
     ("config", ("ds_ext.*.config", "ds_ext.config")),
-    # the feature contract, the replica x stage x ZeRO layout, a rank's partition state
-    ("core", ("ds_ext.contract", "ds_ext.topology", "ds_ext.state")),
+    # the feature contract, the replica x stage x ZeRO layout, a rank's partition state, the pipeline schedules
+    ("core", ("ds_ext.contract", "ds_ext.topology", "ds_ext.state", "ds_ext.pipeline")),
     # models (reference and HF) and the data path
     ("models", ("ds_ext.models", "ds_ext.data")),
     # the features attached to an engine through the contract

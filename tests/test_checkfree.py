@@ -254,7 +254,8 @@ def test_end_stages_are_rebuilt_from_their_partner_and_its_replica_of_the_embedd
 
 # -- kill -9 with the disk gone: relaunch rebuilds from live ranks -----------------------------------------------------
 def _journaled_body(layout, journal_dir, steps, kill=None):
-    """``layout="noloco"``: 2 NoLoCo replicas x 1 rank (plain model); ``"pipeline"``: 4 stages (PipelineEngine).
+    """``layout="noloco"``: 2 NoLoCo replicas x 1 rank (plain model); ``"pipeline"``: 4 stages (PipelineEngine);
+    ``"pipeline_swap"``: the same with CheckFree+'s swapped end stages.
     Both ZeRO-1, journaled, checkpoint-free on. The victim dies with SIGKILL at the start of step ``kill[1]``."""
     import deepspeed
     import ds_ext
@@ -262,7 +263,8 @@ def _journaled_body(layout, journal_dir, steps, kill=None):
     deepspeed.init_distributed(dist_backend="gloo")
     rank = int(os.environ["RANK"])
     ext = {"recovery": {"journal_dir": journal_dir, "base_interval": 3,
-                        "checkpoint_free": {"enabled": True, "replicate_ends_interval": 1}}}
+                        "checkpoint_free": {"enabled": True, "replicate_ends_interval": 1,
+                                            "swap_end_stages": layout == "pipeline_swap"}}}
     ext.update({"noloco": {"enabled": True, "inner_steps": 4, "ranks_per_replica": 1}} if layout == "noloco"
                else {"topology": {"pipeline_stages": 4}})
     cfg = ds_config(1, ext, gas=2)
@@ -291,14 +293,18 @@ def _journaled_body(layout, journal_dir, steps, kill=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,victim,kind", [("noloco", 1, "peer"), ("pipeline", 2, "neighbours")])
+@pytest.mark.parametrize("layout,victim,kind", [("noloco", 1, "peer"), ("pipeline", 2, "neighbours"),
+                                                 ("pipeline_swap", 0, "partner"), ("pipeline_swap", 3, "partner")])
 def test_kill_9_with_its_journal_deleted_is_rebuilt_from_live_ranks_at_relaunch(layout, victim, kind, tmp_path):
     """The victim is killed at step 6 and its journal directory deleted (the node's disk is gone). The relaunch
     resumes every other rank from its journal at step 5 (no lost step) and rebuilds the victim without any
-    checkpoint: a copy of the other NoLoCo replica, or the CheckFree average of pipeline stages 1 and 3."""
+    checkpoint: a copy of the other NoLoCo replica, the CheckFree average of pipeline stages 1 and 3, or (CheckFree+,
+    swapped end stages) the first or last stage copied from its partner stage and the partner's replica of its
+    embedding or head; every swapped step after the rebuild trains on."""
     import shutil
     from ds_ext.recovery.journal import rank_dir
     world, steps, kill_step = (2, 8, 6) if layout == "noloco" else (4, 8, 6)
+    swap = layout == "pipeline_swap"
     journal_dir = str(tmp_path / "journal")
     run_distributed(_journaled_body, world, args=(layout, journal_dir, steps, (victim, kill_step)), timeout=400,
                     may_die=tuple(range(world)), group_dies_with=True)
@@ -307,12 +313,23 @@ def test_kill_9_with_its_journal_deleted_is_rebuilt_from_live_ranks_at_relaunch(
     # A pipeline runs in lockstep: everyone stopped at step 5. A NoLoCo replica does not wait for a dead partner
     # (its exchange times out), so the survivor may have gone further; the rebuilt replica joins it there.
     survivor_step = resumed[0]["start"]
-    assert survivor_step == kill_step - 1 if layout == "pipeline" else survivor_step >= kill_step - 1
+    assert survivor_step == kill_step - 1 if layout != "noloco" else survivor_step >= kill_step - 1
     for rank in range(world):
         assert resumed[rank]["start"] == survivor_step, f"rank {rank} resumed at {resumed[rank]['start']}"
         assert resumed[rank]["metrics"]["recovery/resumed_step"] == survivor_step
         assert all(torch.isfinite(w).all() for w in resumed[rank]["weights"].values())
     assert resumed[victim]["metrics"][f"checkpoint_free/{kind}"] == 1
+    if swap:  # the relaunch trained 6 more steps through the swapped schedule (2 micro-batches, one swapped, each)
+        assert resumed[victim]["metrics"]["checkpoint_free/schedule_steps"] == steps + 3 - survivor_step
+        assert resumed[victim]["metrics"]["checkpoint_free/swapped_micro_batches"] == steps + 3 - survivor_step
+        partner = 1 if victim == 0 else 2
+        shared = [n for n in resumed[partner]["at_start"] if n.split(".", 1)[1] in
+                  {k.split(".", 1)[1] for k in resumed[victim]["at_start"]} and "embed" not in n and "head" not in n
+                  and "norm.weight" != n.split(".", 1)[1]]
+        assert shared, "the partner must share the victim's layer structure"
+        for name in shared:  # a plain copy of the partner's layer, by local layer position (one layer per stage)
+            mine = next(k for k in resumed[victim]["at_start"] if k.split(".", 1)[1] == name.split(".", 1)[1])
+            assert torch.equal(resumed[victim]["at_start"][mine], resumed[partner]["at_start"][name]), name
     if layout == "noloco":  # the copy is bit-exact: both replicas start the resumed run from rank 0's state
         for name, w in resumed[0]["at_start"].items():
             assert torch.equal(w, resumed[victim]["at_start"][name]), name

@@ -68,6 +68,13 @@ class CheckpointFreeConfig(ExtSection):
     """Every this many steps the first stage copies its non-layer parts (embedding) to stage 1 and the last stage
     its (final norm, LM head) to the stage before it (CheckFree+), so that a lost end stage can be rebuilt."""
 
+    swap_end_stages: bool = False
+    """CheckFree+'s out-of-order micro-batches: on odd micro-batches the two stages at each end of the pipeline run
+    their layers in swapped order (stage 1's before stage 0's, stage S-1's before stage S-2's; the embedding and
+    the head stay first and last), so each learns its partner's role and a lost stage 0, 1, S-2 or S-1 is rebuilt
+    by a plain copy of its partner (plus the neighbour's replica of the embedding or head). Needs a PipelineModule
+    of >= 4 stages; costs two extra activation hops per odd micro-batch at each end."""
+
     layer_class: Optional[str] = None
     """Class name of the repeated transformer layer (the layers matched between stages). ``null``: taken from the
     PipelineModule's ``partition_method="type:<Class>"``."""

@@ -29,9 +29,12 @@ import torch.distributed as dist
 
 from ds_ext import _deepspeed as ds
 from ds_ext.checkfree.config import CheckpointFreeConfig
-from ds_ext.checkfree.rank_state import RankState, recv_obj, send_obj, wait_all
+from ds_ext.checkfree.rank_state import RankState, recv_obj, repeated_layer_class, send_obj, wait_all
 from ds_ext.checkfree.rules import NEIGHBOURS, PARTNER, PEER, Rebuild, failures_at, neighbour_average, plan_rebuilds
+from ds_ext.config.base import DsExtConfigError
 from ds_ext.contract import ExportRule, FeatureBase, Phase
+from ds_ext.pipeline.paths import MIN_SWAP_STAGES
+from ds_ext.pipeline.schedule import SwapEndStagesSchedule, build_group
 
 log = logging.getLogger("ds_ext.checkfree")
 
@@ -93,6 +96,7 @@ class CheckFreeFeature(FeatureBase):
         self.counters = {"failures": 0, PEER: 0, NEIGHBOURS: 0, PARTNER: 0, "rebuild_s": 0.0}
         self._journal: Optional[dict] = None
         self._hooks = [self.state.inner.register_step_pre_hook(self._pre_step)]
+        self.schedule: Optional[SwapEndStagesSchedule] = None  # CheckFree+ (swap_end_stages), set by apply_checkfree
 
     @property
     def lr_scaled(self) -> bool:
@@ -171,7 +175,8 @@ class CheckFreeFeature(FeatureBase):
         # refresh to this rebuild): bring the module's params up to date before they are sent (collective per
         # ZeRO group, like the refresh below).
         self.state.refresh()
-        plans = plan_rebuilds(self.topology, set(lost), shards_identical_in_replica=self.state.zero is None)
+        plans = plan_rebuilds(self.topology, set(lost), shards_identical_in_replica=self.state.zero is None,
+                              swap_end_stages=self.cfg.swap_end_stages)
         handles = []
         for plan in plans:
             if self.rank in plan.sources:
@@ -254,8 +259,9 @@ class CheckFreeFeature(FeatureBase):
         self.counters.update(sd.get("counters", {}))
 
     def metrics(self) -> Dict[str, float]:
-        return {**{k: float(v) for k, v in self.counters.items()}, "grad_norm": self.grad_norm,
-                "lr_scaled": float(self.lr_scaled)}
+        out = {**{k: float(v) for k, v in self.counters.items()}, "grad_norm": self.grad_norm,
+               "lr_scaled": float(self.lr_scaled)}
+        return {**out, **(self.schedule.metrics() if self.schedule is not None else {})}
 
     def start(self, engine=None) -> None:
         """Collective, before the journal's resume: the end stages send their first replicas, so an end stage
@@ -264,15 +270,34 @@ class CheckFreeFeature(FeatureBase):
             self.replicate_ends()
 
     def close(self) -> None:
-        """Remove the optimizer hooks. Idempotent."""
+        """Remove the optimizer hooks and the swap schedule. Idempotent."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self.lr.close()
+        if self.schedule is not None and self.engine.ds_ext_pipeline_schedule is self.schedule:
+            self.engine.ds_ext_set_pipeline_schedule(None)
+        self.schedule = None
         self.state.close()
 
 
 def apply_checkfree(engine, cfg: CheckpointFreeConfig, topology) -> CheckFreeFeature:
     """Checkpoint-free recovery for a ds_ext engine, prepared but not attached (all ranks). Its rebuilds and
-    replicas travel on the world group: a lost rank may be any rank."""
-    return CheckFreeFeature(cfg, engine, topology, dist.get_rank(), dist.group.WORLD)
+    replicas travel on the world group: a lost rank may be any rank. With ``swap_end_stages`` the engine's training
+    steps run through :class:`SwapEndStagesSchedule` (its p2p group is built here, collectively)."""
+    feature = CheckFreeFeature(cfg, engine, topology, dist.get_rank(), dist.group.WORLD)
+    if cfg.swap_end_stages:
+        key = "ds_ext.recovery.checkpoint_free.swap_end_stages"
+        if not ds.is_pipeline(engine) or topology.pipeline_stages < MIN_SWAP_STAGES:
+            feature.close()
+            raise DsExtConfigError([(key, f"true needs a PipelineModule of >= {MIN_SWAP_STAGES} stages (the two "
+                                          "stages at each end swap; fewer would overlap); this run has "
+                                          f"{topology.pipeline_stages} (ds_ext.topology.pipeline_stages)")])
+        layer_class = cfg.layer_class or repeated_layer_class(engine.module)
+        feature.schedule = SwapEndStagesSchedule(topology, feature.rank, build_group(topology), layer_class)
+        try:
+            engine.ds_ext_set_pipeline_schedule(feature.schedule)
+        except ValueError as exc:
+            feature.close()
+            raise DsExtConfigError([(key, str(exc))]) from None
+    return feature

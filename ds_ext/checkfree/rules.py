@@ -45,18 +45,35 @@ class Rebuild:
     sources: Tuple[int, ...]
 
 
-def plan_rebuilds(topology, lost: Set[int], shards_identical_in_replica: bool) -> List[Rebuild]:
+def plan_rebuilds(topology, lost: Set[int], shards_identical_in_replica: bool,
+                  swap_end_stages: bool = False) -> List[Rebuild]:
     """Choose a source for every lost rank: a live peer holding the same shard (another replica at the same stage
     and data index, or with ZeRO-0 any data-parallel rank of the stage), else the neighbouring stages of its
-    replica. Raises ``ValueError`` naming the rank when neither exists."""
+    replica. With ``swap_end_stages`` (CheckFree+) stages 1 and S-2 are rebuilt by a plain copy of their partner
+    (stage 0, S-1), which trained in their position on every odd micro-batch. Raises ``ValueError`` naming the rank
+    when no source exists."""
     plans = []
     for rank in sorted(lost):
         peer = _live_peer(topology, rank, lost, shards_identical_in_replica)
         if peer is not None:
             plans.append(Rebuild(rank, PEER, (peer,)))
             continue
+        partner = swap_partner(topology, rank) if swap_end_stages else None
+        if partner is not None and partner not in lost:
+            plans.append(Rebuild(rank, PARTNER, (partner,)))
+            continue
         plans.append(_neighbour_plan(topology, rank, lost))
     return plans
+
+
+def swap_partner(topology, rank: int) -> Optional[int]:
+    """The rank whose stage swaps execution order with ``rank``'s under CheckFree+ (0<->1, S-2<->S-1), or None."""
+    replica, stage, data = topology.coords(rank)
+    last = topology.pipeline_stages - 1
+    pairs = {0: 1, 1: 0, last - 1: last, last: last - 1}
+    if topology.pipeline_stages < 4 or stage not in pairs:
+        return None
+    return topology.rank_of(replica, pairs[stage], data)
 
 
 def _live_peer(topology, rank: int, lost: Set[int], identical: bool) -> Optional[int]:

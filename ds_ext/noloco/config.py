@@ -41,6 +41,13 @@ class NoLoCoConfig(ExtSection):
     seed: int = 0
     """Shared seed of the random pairing; all ranks derive the same pairs from it and the outer-step number."""
 
+    random_routing: bool = False
+    """NoLoCo's random pipeline routing (pipelines only, >= 2 replicas x >= 2 stages): at every stage boundary a
+    micro-batch's activations go from stage k of replica r to stage k+1 of replica ``perm[r]``, the permutation
+    drawn per (step, micro-batch, k) from ``seed`` (every rank draws the same: no coordination message); gradients
+    return along the same path, evaluation keeps the fixed path. Mixes the replicas between outer steps; costs the
+    cross-replica activation traffic and a GPipe-order schedule (all forwards, then all backwards)."""
+
     count_collectives: bool = False
     """Count this rank's communication by kind and span (``noloco/calls/<kind>/<span>``, ``.../bytes/...``,
     ``sent_bytes``, ``cross_replica_collectives`` metrics: the check that NoLoCo makes no collective across

@@ -18,11 +18,14 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from ds_ext import _deepspeed as ds
+from ds_ext.config.base import DsExtConfigError
 from ds_ext.contract import ExportRule, FeatureBase, Phase
 from ds_ext.noloco.accounting import CommAccounting, deepspeed_accounting
 from ds_ext.noloco.config import NoLoCoConfig
 from ds_ext.noloco.gossip import ShardExchange, partner_of
 from ds_ext.noloco.outer import OuterState, diloco_pseudo_gradient, diloco_update, noloco_update
+from ds_ext.pipeline.schedule import RandomRoutingSchedule, build_group
 from ds_ext.state.partition import EngineShards
 from ds_ext.topology import Topology
 
@@ -65,6 +68,8 @@ class NoLoCoFeature(FeatureBase):
         self.outer_step = 0
         self.counters = {"mixed": 0, "sat_out": 0, "skipped": 0, "bytes_sent": 0}
         self._step_payload = None  # what the last outer step received, for the journal
+        self.schedule: Optional[RandomRoutingSchedule] = None  # random_routing: set by apply_noloco
+        self.engine = None
 
     def after_optimizer_step(self, engine) -> None:
         if self.count_step(engine.global_steps):
@@ -147,6 +152,8 @@ class NoLoCoFeature(FeatureBase):
 
     def metrics(self) -> Dict[str, float]:
         out = {"outer_step": self.outer_step, **self.counters}
+        if self.schedule is not None:
+            out.update(self.schedule.metrics())
         if self.accounting is not None:
             out.update(self.accounting.summary())
         return out
@@ -161,9 +168,14 @@ class NoLoCoFeature(FeatureBase):
         self.counters.update(sd.get("counters", {}))
 
     def close(self) -> None:
-        """Remove the collective accounting's wrappers (the only patch NoLoCo installs). Idempotent."""
+        """Remove the collective accounting's wrappers and the routing schedule (NoLoCo's only patches).
+        Idempotent."""
         if self.accounting is not None:
             self.accounting.uninstall()
+        if self.schedule is not None and self.engine is not None and \
+                self.engine.ds_ext_pipeline_schedule is self.schedule:
+            self.engine.ds_ext_set_pipeline_schedule(None)
+        self.schedule = None
 
 
 def sync_replicas(shards, topology: Topology, rank: int, peer_group) -> None:
@@ -187,6 +199,24 @@ def apply_noloco(engine, cfg: NoLoCoConfig, topology: Topology) -> NoLoCoFeature
     sync_replicas(shards, topology, rank, peer_group)
     accounting = deepspeed_accounting(rank, lambda r: topology.coords(r)[0]) if cfg.count_collectives else None
     feature = NoLoCoFeature(cfg, topology, rank, shards, peer_group, accounting)
+    if cfg.random_routing:
+        _route(feature, engine, cfg, topology, rank)
     log.info("ds_ext::noloco built: mode=%s H=%d lr=%.3g momentum=%.3g replicas=%d count_collectives=%s",
              cfg.mode, cfg.inner_steps, cfg.lr, cfg.momentum, topology.num_replicas, cfg.count_collectives)
     return feature
+
+
+def _route(feature: NoLoCoFeature, engine, cfg: NoLoCoConfig, topology: Topology, rank: int) -> None:
+    """Set the random-routing schedule on the pipeline engine (its p2p group is built here, collectively)."""
+    key = "ds_ext.noloco.random_routing"
+    if not ds.is_pipeline(engine) or topology.pipeline_stages < 2 or topology.num_replicas < 2:
+        feature.close()
+        raise DsExtConfigError([(key, "true needs a PipelineModule of >= 2 stages and >= 2 replicas; this run has "
+                                      f"{topology.pipeline_stages} stage(s) x {topology.num_replicas} replica(s)")])
+    feature.engine = engine
+    feature.schedule = RandomRoutingSchedule(topology, rank, build_group(topology), cfg.seed)
+    try:
+        engine.ds_ext_set_pipeline_schedule(feature.schedule)
+    except ValueError as exc:
+        feature.close()
+        raise DsExtConfigError([(key, str(exc))]) from None
