@@ -157,7 +157,7 @@ def test_build_datasets_order_is_deterministic_sharded_and_resumable(tmp_path, t
         assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
     other = next(sharded_batches(train, 2, (1, 2), seed=3))
     assert not torch.equal(other[0], first[0][0])  # the other data shard reads other rows
-    with pytest.raises(DataError, match="packed rows of --seq_len 32; training needs at least"):
+    with pytest.raises(DataError, match="rows of --seq_len 32; training needs at least"):
         build_datasets(str(tmp_path / "d"), tokenizer, seq_len=32, min_rows=len(train.rows))
 
 

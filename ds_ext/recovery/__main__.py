@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     e.add_argument("--hf", default=None, metavar="DIR", help="write an HF model directory (save_pretrained format)")
     e.add_argument("--replica", type=int, default=0, help="with --hf: the NoLoCo/DiLoCo replica to export")
     e.add_argument("--tokenizer", default=None, help="with --hf: tokenizer directory (default: the run's)")
+    e.add_argument("--step", type=int, default=None, help="with --hf: the step to export (default: the newest)")
     i = sub.add_parser("inspect", help="what each rank's journal can reconstruct")
     i.add_argument("journal_dir")
     args = p.parse_args(argv)
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     if args.out is None and args.hf is None:
         p.error("export needs OUT (a DeepSpeed checkpoint) or --hf DIR")
     if args.hf is not None:
-        step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer)
+        step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer, args.step)
         print(f"wrote HF model {args.hf} (replica {args.replica}, step {step})")
     if args.out is not None:
         tag = export(args.journal_dir, args.out, args.tag)

@@ -80,8 +80,9 @@ def _replica_state(rank_dirs: List[str], meta: Dict[str, Any], replica: int, tar
     return pipeline_state_to_hf(merged, config["num_hidden_layers"], bool(config.get("tie_word_embeddings")))
 
 
-def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str = None) -> int:
-    """Write replica ``replica``'s HF model directory to ``out``; returns the step exported."""
+def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str = None, step: int = None) -> int:
+    """Write replica ``replica``'s HF model directory to ``out`` at ``step`` (default: the newest step its ranks'
+    journals reach; an older one needs its base still kept, ``keep_bases``); returns the step exported."""
     from ds_ext.models.hf import load_tokenizer, save_hf_state
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
@@ -102,6 +103,10 @@ def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str =
                          "pass --tokenizer DIR")
     first = replica * topo["ranks_per_replica"]
     target = newest_common_step(rank_dirs[first:first + topo["ranks_per_replica"]])
+    if step is not None:
+        if not 0 <= step <= target:
+            raise SystemExit(f"ds_ext.recovery export --hf: --step {step}: this journal reaches steps up to {target}")
+        target = step
     state = _replica_state(rank_dirs, meta, replica, target)
     save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
     return target
