@@ -369,8 +369,8 @@ def test_ds_ext_bf16_two_stage_pipeline_streambp_on_4096_token_packed_rows(tmp_p
     documents (each row holds many documents: the chunks cross document boundaries), with the journal and
     CheckFree: stage 1 fails after step 4 (memory and disk wiped) and is rebuilt from its partner stage 0 and the
     replica of its norm and head. The loss still falls; the ``--save_hf`` output (gathered from both stages) loads with ``from_pretrained``; ``export --hf`` of
-    the pipeline journal (each stage replayed, names mapped to HF) gives the fp32 masters whose bf16 rounding is
-    exactly the bf16 weights ``--save_hf`` wrote."""
+    the pipeline journal (each stage replayed, names mapped to HF) gives exactly the weights ``--save_hf`` wrote:
+    the fp32 masters (each stage's gathered from its bf16 optimizer), not their bf16 copies."""
     from transformers import AutoModelForCausalLM
     model = make_model_dir(tmp_path / "model", qwen2_config(max_position_embeddings=4096))
     data = e2e_data(tmp_path / "data")
@@ -394,5 +394,8 @@ def test_ds_ext_bf16_two_stage_pipeline_streambp_on_4096_token_packed_rows(tmp_p
     export(tmp_path / "j_pipe", tmp_path / "pipe_export")
     saved, exported = weights(tmp_path / "pipe_hf"), weights(tmp_path / "pipe_export")
     assert saved.keys() == exported.keys()
-    for name in saved:  # the engine's bf16 weights are its fp32 masters rounded to nearest (DeepSpeed's bf16 copy)
-        assert torch.equal(exported[name].to(torch.bfloat16).float(), saved[name]), name
+    assert json.loads((tmp_path / "pipe_hf" / "config.json").read_text())["dtype"] == "float32"
+    for name in saved:
+        assert torch.equal(exported[name], saved[name]), name
+    head = saved["lm_head.weight"]
+    assert not torch.equal(head, head.to(torch.bfloat16).float())  # masters, not the bf16 copies
