@@ -234,7 +234,7 @@ def build_hf(args, ds_config: dict, topology):
     micro = int(ds_config.get("train_micro_batch_size_per_gpu", 1))
     shards = topology.data_shard(deepspeed.comm.get_rank())[1]
     train_set, eval_set = build_datasets(args.data, tokenizer, args.seq_len, micro * shards, eval_path=args.eval_data,
-                                         packing=not args.no_packing)
+                                         packing=not args.no_packing, eval_min_rows=micro)
     if topology.pipeline_stages > 1:
         meta = hf_export_meta(hf.config, os.path.abspath(args.model), tokenizer_dir)
         model = hf_pipeline_module(hf, topology, meta)

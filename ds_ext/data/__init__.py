@@ -18,18 +18,21 @@ def pack_examples(path: str, tokenizer, seq_len: int, packing: bool = True) -> t
 
 
 def build_datasets(path: str, tokenizer, seq_len: int, min_rows: int, eval_fraction: float = 0.05,
-                   eval_path: Optional[str] = None, packing: bool = True) -> Tuple[PackedRows, PackedRows]:
+                   eval_path: Optional[str] = None, packing: bool = True,
+                   eval_min_rows: Optional[int] = None) -> Tuple[PackedRows, PackedRows]:
     """Train and eval rows. Without ``eval_path`` the eval rows are the last ``max(min_rows, eval_fraction)`` of
     the packed data (file order); with it, all of ``path`` trains and ``eval_path`` (same formats) is the eval set.
-    ``min_rows``: rows one micro-batch of every data shard needs; fewer (train or eval) is a :class:`DataError`."""
+    ``min_rows``: rows one micro-batch of every data shard needs; ``eval_min_rows`` (default ``min_rows``): rows
+    the eval set needs (every rank evaluates all of it: one micro-batch). Fewer is a :class:`DataError`."""
     rows = pack_examples(path, tokenizer, seq_len, packing)
     if eval_path is not None:
         held = pack_examples(eval_path, tokenizer, seq_len, packing)
-        for flag, where, n, need in (("--data", path, len(rows), min_rows), ("--eval_data", eval_path, len(held),
-                                                                              min_rows)):
+        eval_min_rows = min_rows if eval_min_rows is None else eval_min_rows
+        for flag, where, n, need, what in (("--data", path, len(rows), min_rows, "one micro-batch per data shard"),
+                                           ("--eval_data", eval_path, len(held), eval_min_rows, "one micro-batch")):
             if n < need:
-                raise DataError(f"{flag} {where}: {n} rows of --seq_len {seq_len}; at least {need} are needed (one "
-                                "micro-batch per data shard): more data or a shorter --seq_len")
+                raise DataError(f"{flag} {where}: {n} rows of --seq_len {seq_len}; at least {need} are needed "
+                                f"({what}): more data or a shorter --seq_len")
         return PackedRows(rows), PackedRows(held)
     n_eval = max(min_rows, int(len(rows) * eval_fraction))
     if len(rows) - n_eval < min_rows:
