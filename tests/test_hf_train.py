@@ -358,7 +358,7 @@ def test_bad_input_exits_2_before_training_writing_nothing(tmp_path, model_dir, 
     proc = ds_ext_run(["--num_procs", "2", "--config", tmp_path / "bad.json",
                        Path(__file__).resolve().parents[1] / "examples" / "train.py"] + args)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and out.count(message) == 1, (proc.returncode, message, out[-3000:])
+    assert proc.returncode == 2 and out.count(message) == 1, (proc.returncode, message, out[-3000:])
     assert not (tmp_path / "out").exists() and not journal.exists() and not (tmp_path / "csv").exists()
 
 
