@@ -35,9 +35,8 @@ from tqdm import tqdm
 import ds_ext
 from ds_ext.config import load_config_file
 from ds_ext.data import DataError, build_datasets
-from ds_ext.models import (LlamaForCausalLM, ModelConfig, llama_pipeline, load_corpus, sharded_batches,
-                           threads_per_process, train_eval_split)
-from ds_ext.models.data import TokenWindows
+from ds_ext.models import (LlamaForCausalLM, ModelConfig, TokenWindows, llama_pipeline, load_corpus,
+                           sharded_batches, threads_per_process, train_eval_split)
 from ds_ext.models.hf import (HFCausalLM, HFModelError, check_seq_len, gather_fp32_state, hf_export_meta,
                               load_hf_model, load_tokenizer, save_hf_state)
 from ds_ext.train_flags import (FlagError, checkpoint_dir, override_config, rotate_checkpoints, run_name,
