@@ -25,8 +25,8 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     # the features attached to an engine through the contract
     ("features", ("ds_ext.streambp", "ds_ext.prefix_grouper", "ds_ext.noloco", "ds_ext.checkfree",
                   "ds_ext.recovery")),
-    # applications built from features and models: async GRPO, the exporters
-    ("applications", ("ds_ext.asyncflow", "ds_ext.grpo", "ds_ext.tools")),
+    # applications built from features and models: async GRPO, the exporters, the training script's flags
+    ("applications", ("ds_ext.asyncflow", "ds_ext.grpo", "ds_ext.tools", "ds_ext.train_flags")),
     # what wires features into engines and processes
     ("integration", ("ds_ext.engine", "ds_ext.features", "ds_ext.megatron", "ds_ext.launch")),
     # the package's face, and every command-line entry point (nothing imports a __main__)

@@ -7,7 +7,9 @@ every document is -100, so after the shift the last token of one document never 
 
 Greedy, in order (deterministic, no sorting): a document goes into the current row if it fits, else the row is
 closed with padding (one document of pad tokens, no loss) and a new row starts. A document longer than ``seq_len``
-is cut into ``seq_len`` pieces, each packed as a document of its own.
+is cut into ``seq_len`` pieces, each packed as a document of its own. ``packing=False`` (``--no_packing``): every
+piece gets a row of its own (one document per row, padded), as without packing in HF's SFTTrainer; a long
+document is still cut into ``seq_len`` pieces rather than truncated, so no data is dropped.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def pieces(docs: Iterable[Doc], seq_len: int) -> Iterable[Doc]:
                 yield ids[s:s + seq_len], labels[s:s + seq_len]
 
 
-def pack(docs: Iterable[Doc], seq_len: int, pad_id: int) -> torch.Tensor:
+def pack(docs: Iterable[Doc], seq_len: int, pad_id: int, packing: bool = True) -> torch.Tensor:
     """Rows ``[N, 3, seq_len]`` int64: input_ids, labels, position_ids (module docstring)."""
     rows: List[torch.Tensor] = []
     row: List[Tuple[List[int], List[int]]] = []
@@ -45,7 +47,7 @@ def pack(docs: Iterable[Doc], seq_len: int, pad_id: int) -> torch.Tensor:
         row, used = [], 0
 
     for ids, labels in pieces(docs, seq_len):
-        if used + len(ids) > seq_len:
+        if used + len(ids) > seq_len or not packing:
             close()
         row.append((ids, labels))
         used += len(ids)

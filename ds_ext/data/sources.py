@@ -9,8 +9,9 @@ object per line (blank lines skipped) in one of three forms, recognised by their
   assistant turns only (at least one is needed).
 
 Any other file with a suffix in :data:`ds_ext.data.corpus.TEXT_SUFFIXES` is one ``text`` document. A line that is not
-a JSON object, has none of the known keys or a value of the wrong type is a :class:`DataError` naming the file, the
-line, the field (a JSON path such as ``messages[2].content``) and what is allowed; nothing is skipped silently.
+a JSON object, has none of the known keys, keys of two forms (e.g. ``text`` and ``prompt``) or a value of the wrong
+type is a :class:`DataError` naming the file, the line, the field (a JSON path such as ``messages[2].content``) and
+what is allowed; so is an empty file (no text, or no JSON line). Nothing is skipped silently.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from ds_ext.data.corpus import TEXT_SUFFIXES, DataError, corpus_files
 
 FORMS = "'text', 'prompt' + 'completion', or 'messages'"
+FORM_KEYS = {"text": {"text"}, "prompt_completion": {"prompt", "completion"}, "messages": {"messages"}}
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ def parse_line(obj: Any, where: str) -> Example:
     """One JSONL object -> an :class:`Example` (see the module docstring for the forms)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with {FORMS}, got {type(obj).__name__}")
+    forms = [name for name, keys in FORM_KEYS.items() if keys & obj.keys()]
+    if len(forms) > 1:
+        found = ", ".join(repr(k) for k in sorted(set().union(*(FORM_KEYS[f] for f in forms)) & obj.keys()))
+        raise DataError(f"{where}: fields of {len(forms)} forms ({found}); a line holds exactly one of {FORMS}")
     if "messages" in obj:
         return Example("messages", {"messages": _messages(obj["messages"], where)}, where)
     if "prompt" in obj or "completion" in obj:
@@ -95,9 +101,15 @@ def read_examples(path: Optional[str]) -> List[Example]:
     out: List[Example] = []
     for f in data_files(path):
         if f.suffix == ".jsonl":
-            out.extend(read_jsonl(f))
+            lines = list(read_jsonl(f))
+            if not lines:
+                raise DataError(f"{f}: empty file (no JSON line); a .jsonl file holds one object per line")
+            out.extend(lines)
         else:
-            out.append(Example("text", {"text": f.read_text(encoding="utf-8", errors="replace")}, str(f)))
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                raise DataError(f"{f}: empty file (no text); a text file is one document")
+            out.append(Example("text", {"text": text}, str(f)))
     if not out:
         raise DataError(f"--data {path}: no examples")
     return out

@@ -134,16 +134,27 @@ def load_hf_model(path: str, init: str = "pretrained", dtype: Optional[torch.dty
     return model
 
 
-def load_tokenizer(path: str, config=None):
-    """``AutoTokenizer`` from the local directory ``path`` (the model dir or ``--tokenizer DIR``)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(path: str, config=None, flag: str = "--tokenizer"):
+    """``AutoTokenizer`` from the local directory ``path``; ``flag`` names where it came from in messages
+    (``--tokenizer``, or ``--model`` when the model directory's own tokenizer is used)."""
     from transformers import AutoTokenizer
+    hint = "; pass --tokenizer DIR" if flag != "--tokenizer" else ""
     if not Path(path).is_dir():
-        raise HFModelError(f"--tokenizer {path}: not a directory (a local tokenizer directory is needed; nothing is "
-                           "downloaded)")
+        raise HFModelError(f"{flag} {path}: not a directory (a local tokenizer directory is needed; nothing is "
+                           f"downloaded){hint}")
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise HFModelError(f"{flag} {path}: no tokenizer files in this directory (none of "
+                           f"{', '.join(TOKENIZER_FILES)}){hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
-        raise HFModelError(f"no tokenizer could be loaded from {path} ({e}); pass --tokenizer DIR") from e
+        # transformers' text lists every backend it tried (sentencepiece, tiktoken, ...): its first line is enough
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise HFModelError(f"{flag} {path}: transformers cannot load the tokenizer in this directory: {first}"
+                           f"{hint}") from e
     if config is not None:
         check_tokenizer(tokenizer, config, path)
     return tokenizer

@@ -312,16 +312,19 @@ def pipeline_state_to_hf(state: Mapping[str, torch.Tensor], num_layers: int,
 
 def gather_hf_state_dict(module: PipelineModule, topology, num_layers: int, tie_word_embeddings: bool,
                          replica: int = 0, dst: int = 0) -> Optional[Dict[str, torch.Tensor]]:
-    """The whole model's HF-named state dict (CPU tensors, the module's dtype) on global rank ``dst``; None on the
-    other ranks. Collective over the world group: every rank calls it; the ranks of replica ``replica`` with data
-    index 0 (one per stage) contribute their stage's parameters (``topology``: the ds_ext Topology the module was
-    built with). Raises on ``dst`` if a parameter is missing, naming it."""
+    """The whole model's HF-named state dict (CPU fp32 tensors) on global rank ``dst``; None on the other ranks.
+    Collective over the world group: every rank calls it. Each rank first assembles its stage's fp32 master weights
+    (:func:`ds_ext.models.hf.gather_fp32_state`: DeepSpeed's ``safe_get_full_fp32_param`` over the stage's
+    data-parallel group, ZeRO-1/2 or the bf16 optimizer; an fp32 engine without them: the parameters), so a bf16
+    run writes its masters, not their bf16 copies; then the ranks of replica ``replica`` with data index 0 (one per
+    stage) send theirs to ``dst`` (``topology``: the ds_ext Topology the module was built with). Raises on ``dst``
+    if a parameter is missing, naming it."""
     import torch.distributed as dist
+    from ds_ext.models.hf import gather_fp32_state
     rank = dist.get_rank()
     rep, _, data = topology.coords(rank)
-    mine = None
-    if rep == replica and data == 0:
-        mine = {n: p.detach().cpu() for n, p in module.named_parameters()}
+    masters = {n: t.cpu() for n, t in gather_fp32_state(module).items()}  # every rank: a collective per stage group
+    mine = masters if rep == replica and data == 0 else None
     parts = [None] * dist.get_world_size() if rank == dst else None
     dist.gather_object(mine, parts, dst=dst)
     if rank != dst:
