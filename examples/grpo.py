@@ -310,6 +310,7 @@ def main(argv=None):
             print("grpo: ds_ext.prefix_grouper is for the reference model; the transformers policy trains "
                   "without it", flush=True)
     cfg = ext.asyncflow
+    select_engine(args, cfg)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     trainers = cfg.trainer_ranks
     if world < trainers or (trainers > 1 and world == trainers):
@@ -342,6 +343,20 @@ def main(argv=None):
         return
     stop_on_rollout_failure(run_trainer, args, ds_config, cfg, task, False, rank, world, state)
     rpc.shutdown()
+
+
+def select_engine(args, cfg) -> None:
+    """``ds_ext.asyncflow.rollout.engine`` made concrete (``auto``: vLLM for a model directory it can run here);
+    an explicit ``vllm`` that cannot run exits 2 naming why."""
+    from ds_ext.asyncflow.vllm_engine import resolve_engine
+    if is_model_dir(args.model):
+        cfg.rollout.model_dir = os.path.abspath(args.model)
+    try:
+        cfg.rollout.engine = resolve_engine(cfg, cfg.rollout.model_dir)
+    except ValueError as exc:
+        fail(str(exc))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"grpo: rollout engine {cfg.rollout.engine}", flush=True)
 
 
 def stop_on_rollout_failure(fn, *args) -> None:
@@ -438,7 +453,8 @@ def sync_metrics(result: dict) -> dict:
     return {"weight_sync_bytes_per_push": sync["bytes_per_push"], "weight_sync_transfer_s": sync["transfer_s_mean"],
             "weight_sync_transfer_s_max": sync["transfer_s_max"], "weight_sync_blocking_s": sync["blocking_s_mean"],
             "weight_sync_pushes": sync["pushes"], "dropped_workers": sync["dropped_workers"],
-            "dropped_partial_groups": result["queue"]["dropped_partial"]}
+            "dropped_partial_groups": result["queue"]["dropped_partial"],
+            **{k: sync[k] for k in ("logprob_mismatch", "logprob_checks") if k in sync}}
 
 
 def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: int = 0,
