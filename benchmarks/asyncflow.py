@@ -26,6 +26,22 @@ to admit), reward of the last 5 steps (after equal samples), staleness.
 TRL runs only when ``trl`` is installed (``pip install -e .[trl]``; not a dependency); otherwise
 ``throughput_ratio_vs_trl`` is absent.
 Prints a table, writes a PNG and prints one JSON object as its last line.
+
+``--engine vllm`` runs ``benchmarks/asyncflow_vllm.py`` instead (its other options pass through): the vLLM rollout
+engine on long-tailed lengths -- async, the best synchronous run (one process, every thread), the two-process sync,
+the measured phase times at 1 and 2 threads with the ideal-overlap bound, and TRL's GRPOTrainer with
+``use_vllm=True`` on the same model directory.
+
+Last-line JSON keys:
+- `async_vs_best_sync`: async samples/s over the best synchronous run's (one process, every thread) (with --engine vllm)
+- `overlap_bound`: (G_2 + R_2) / max(G_1, R_1) from the measured generation / training seconds per step at 1 and 2 threads: the most async can gain over the best sync run (with --engine vllm)
+- `async_vs_best_sync_over_bound`: `async_vs_best_sync` / `overlap_bound`, the share of the bound realised (with --engine vllm)
+- `async_vs_sync_2proc`: async over the two-process sync on the same processes (with --engine vllm)
+- `weight_sync_blocking_s_per_step`: seconds the trainer is held by a weight push (bucket writes + handles), mean per push (with --engine vllm)
+- `logprob_mismatch`: max relative error of the engine's probe log-probs against the trainer's after every push (with --engine vllm)
+- `trl_vllm_threads`: threads of TRL's fastest GRPOTrainer(use_vllm=True) run; null if TRL could not run vLLM (`trl_vllm_error` says why) (with --engine vllm)
+- `throughput_ratio_vs_trl_vllm`: our async samples/s over TRL+vLLM's fastest, both over their step loops (with --engine vllm)
+- `wall_ratio_vs_trl_vllm`: the same over each process's whole life, model load to the last step (with --engine vllm)
 """
 from __future__ import annotations
 
@@ -250,7 +266,15 @@ def print_peer(peer: dict, args) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    known, rest = pick.parse_known_args(argv)
+    if known.engine == "vllm":  # the vLLM rollout engine's setting (benchmarks/asyncflow_vllm.py)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import asyncflow_vllm
+        return asyncflow_vllm.main(rest)
+    args = parse_args(rest)
     work = tempfile.mkdtemp(prefix="ds_ext_asyncflow_bench_")
     threads = 1 + args.workers
     if args.only_peer:

@@ -326,7 +326,7 @@ def main(argv=None):
     if sync:
         if rank > 0:
             return
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(local_cores())  # every core this process may use (taskset narrows it)
         return stop_on_rollout_failure(run_trainer, args, ds_config, cfg, task, True, rank, world)
     import torch.distributed.rpc as rpc
     torch.set_num_threads(1)
@@ -475,15 +475,17 @@ def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: in
         out["decode_fill_before_tail"] = (busy - tail_busy) / max(1, (decode - tail_steps) * cfg.rollout_slots)
         out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
         out["decode_steps"] = decode
-        # the responses of the trained steps (not the groups an async worker generated ahead of the last step)
-        lengths = Counter()
-        for r in slots:
+    # the responses of the trained steps (not the groups an async worker generated ahead of the last step); the
+    # vLLM engine logs them too
+    lengths = Counter()
+    for r in result["rollout"]:
+        if r.get("response_lengths") is not None:
             lengths.update(r["response_lengths"].histogram(start, steps))
-        if lengths:
-            tokens, count = sum(n * c for n, c in lengths.items()), sum(lengths.values())
-            out["response_tokens_per_s"] = tokens / max(result["seconds"], 1e-9)
-            out["length_mean"] = tokens / count
-            out["length_p50"], out["length_p99"] = percentile_lengths(lengths, (0.5, 0.99))
+    if lengths:
+        tokens, count = sum(n * c for n, c in lengths.items()), sum(lengths.values())
+        out["response_tokens_per_s"] = tokens / max(result["seconds"], 1e-9)
+        out["length_mean"] = tokens / count
+        out["length_p50"], out["length_p99"] = percentile_lengths(lengths, (0.5, 0.99))
     workers = result["rollout"] if sync else result["rollout"][:-1]  # async: the trainer's own worker is last
     out["rollout_idle_fraction"] = 1 - (sum(r["generate_s"] for r in workers)
                                         / max(1e-9, result["seconds"] * max(1, len(workers))))

@@ -21,6 +21,17 @@ class RolloutEngineConfig(ExtSection):
     """Push the trainer's weights to the rollout workers after every this many optimizer steps. Must be at most
     ``max_staleness + 1`` (a worker with older weights could never be admitted to the slot the trainer needs)."""
 
+    weight_sync: Literal["files", "nccl"] = "files"
+    """How pushes reach vLLM engines: ``files`` -- safetensors buckets in ``shm_dir`` + the engine's reload (CPU, and
+    GPUs sharing a node); ``nccl`` -- a broadcast group between trainer rank 0 and the engines
+    (:mod:`ds_ext.asyncflow.vllm_nccl`; one GPU per process)."""
+
+    nccl_addr: str = "127.0.0.1"
+    """``nccl``: the address trainer rank 0's group store listens on (only this one)."""
+
+    nccl_port: int = Field(29650, ge=1, le=65535)
+    """``nccl``: the group store's port."""
+
     bucket_mb: float = Field(64.0, gt=0)
     """vLLM weight sync: tensors are written in safetensors files of at most this size (one bucket in memory at a
     time on the writing rank; a larger tensor is a bucket of its own)."""

@@ -138,6 +138,9 @@ def _writer(cfg, module):
 def _pusher(cfg, workers, queue, module):
     """The weight sync of ``cfg.rollout.engine``: safetensors buckets + in-place reload for vLLM engines
     (:class:`~ds_ext.asyncflow.vllm_sync.FileWeightPusher`), a cloned state over RPC for our decoders."""
+    if cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "nccl":
+        from ds_ext.asyncflow.vllm_nccl import NCCLWeightPusher
+        return NCCLWeightPusher(workers, queue, cfg.rollout.nccl_addr, cfg.rollout.nccl_port, cfg.rollout.bucket_mb)
     writer = _writer(cfg, module)
     if writer is None:
         return WeightPusher(workers, queue)
@@ -154,12 +157,17 @@ def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, mo
     workers = {name: rpc.remote(name, kind, args=(name, model_factory, task, cfg, qref, 1, i))
                for i, name in enumerate(worker_names)}
     pusher = _pusher(cfg, workers, queue, module)
-    initial = pusher.write(start, module) if hasattr(pusher, "write") else clone_state(module)
-    for w in workers.values():
-        w.rpc_sync().set_weights(start, initial)
+    nccl = cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "nccl"
+    # vLLM: the first weights as the push's handle (NCCL: None, the engines keep the directory's weights until the
+    # broadcast below); our decoders: a cloned state
+    initial = None if nccl else pusher.write(start, module) if hasattr(pusher, "write") else clone_state(module)
+    for w in workers.values():  # a resumed NCCL run: version -1, admission holds the engines until the push below
+        w.rpc_sync().set_weights(-1 if nccl and start > 0 else start, initial)
     runs = {name: w.rpc_async().run() for name, w in workers.items()}
     for name, fut in runs.items():
         pusher.watch(name, fut)
+    if nccl and start > 0:  # a resumed run: the engines get the journal's weights before they generate more
+        pusher.push(start, module)
     return pusher, runs
 
 

@@ -120,6 +120,8 @@ class VLLMRolloutWorker:
         self._lock = threading.Lock()
         self.stats = new_stats()
         self.stats.update(reload_s=0.0, probe_logprobs={}, engine_steps=0)
+        from ds_ext.asyncflow.continuous import LengthLog
+        self.stats["response_lengths"] = LengthLog.for_config(cfg)  # the isolated child swaps in its tracked log
         self.stop = False
         self.inflight: Dict[str, dict] = {}  # request id -> group meta and per-completion tokens / versions
         self.probe = None
@@ -143,6 +145,9 @@ class VLLMRolloutWorker:
             return
         version, handle = box
         t = time.perf_counter()
+        if handle is None:  # the model directory's weights, already loaded (the NCCL path's version 0)
+            self.version = version
+            return
         if isinstance(handle, dict) and handle.get("kind") == "files":
             from ds_ext.asyncflow.vllm_sync import reload_from_files
             self.llm.collective_rpc(reload_from_files, args=(handle["paths"],))

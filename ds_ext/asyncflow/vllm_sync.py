@@ -104,9 +104,10 @@ def probe_ids(vocab_size: int, length: int = PROBE_LEN, seed: int = 1234) -> Lis
 @torch.no_grad()
 def trainer_probe_logprobs(module: torch.nn.Module, ids: List[int]) -> torch.Tensor:
     """``[len(ids) - 1]`` fp32 log-probs of ``ids[1:]`` under the trainer's module (teacher-forced)."""
-    x = torch.tensor([ids])
-    logits = module(x, position_ids=torch.arange(len(ids))[None])
-    return torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+    device = next(module.parameters()).device
+    x = torch.tensor([ids], device=device)
+    logits = module(x, position_ids=torch.arange(len(ids), device=device)[None])
+    return torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None]).squeeze(-1).cpu()
 
 
 def relative_error(engine_lp, trainer_lp) -> float:
