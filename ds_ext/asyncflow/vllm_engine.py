@@ -70,10 +70,10 @@ def resolve_engine(cfg: AsyncFlowConfig, model_dir: Optional[str]) -> str:
     why = None
     if model_dir is None or not os.path.isdir(model_dir):
         why = "needs a transformers model directory (--model DIR)"
+    elif not torch.cuda.is_available() and cpu_supported(model_dir) is not None:  # cheap checks before the import
+        why = cpu_supported(model_dir)
     elif not vllm_available():
         why = "vllm does not import here (pip install -e '.[vllm]')"
-    elif not torch.cuda.is_available():
-        why = cpu_supported(model_dir)
     if why is None:
         return "vllm"
     if want == "vllm":
