@@ -130,7 +130,7 @@ def _control_loop(control, worker) -> None:
 
 
 def _child_main(calls, control, inherited, kill_after) -> None:
-    from ds_ext.asyncflow.rollout import make_worker
+    from ds_ext.asyncflow.engines import make_worker
     for conn in inherited:
         conn.close()
     _, name, factory, task, cfg, threads, seed = _read(control)

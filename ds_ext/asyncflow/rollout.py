@@ -136,13 +136,3 @@ class RolloutWorker:
     def request_stop(self) -> None:
         self.stop = True
 
-
-def make_worker(name: str, model_factory, task: Task, cfg: AsyncFlowConfig, queue, threads: Optional[int] = None,
-                seed: int = 0):
-    """The rollout worker of ``cfg.rollout.engine``: a :class:`~ds_ext.asyncflow.vllm_engine.VLLMRolloutWorker`
-    for ``vllm`` (``auto`` is resolved by the caller, :func:`ds_ext.asyncflow.vllm_engine.resolve_engine`), else
-    a :class:`RolloutWorker` (our decoders)."""
-    if cfg.rollout.engine == "vllm":
-        from ds_ext.asyncflow.vllm_engine import VLLMRolloutWorker
-        return VLLMRolloutWorker(name, model_factory, task, cfg, queue, threads, seed)
-    return RolloutWorker(name, model_factory, task, cfg, queue, threads, seed)

@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
-from ds_ext.asyncflow.rollout import RolloutWorker, make_worker, new_stats
+from ds_ext.asyncflow.engines import make_worker
+from ds_ext.asyncflow.rollout import RolloutWorker, new_stats
 from ds_ext.asyncflow.scatter import ScatteredQueue
 from ds_ext.asyncflow.task import Task
 from ds_ext.asyncflow.trainer import GRPOTrainer
