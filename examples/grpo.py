@@ -454,7 +454,17 @@ def sync_metrics(result: dict) -> dict:
             "weight_sync_transfer_s_max": sync["transfer_s_max"], "weight_sync_blocking_s": sync["blocking_s_mean"],
             "weight_sync_pushes": sync["pushes"], "dropped_workers": sync["dropped_workers"],
             "dropped_partial_groups": result["queue"]["dropped_partial"],
-            **{k: sync[k] for k in ("logprob_mismatch", "logprob_checks") if k in sync}}
+            **{k: sync[k] for k in ("logprob_mismatch", "logprob_checks") if k in sync},
+            **engine_reload_metrics(result["rollout"])}
+
+
+def engine_reload_metrics(rollout: list) -> dict:
+    """vLLM engines: the mean seconds of one in-place reload (each worker times its own)."""
+    engines = [r for r in rollout if "reload_s" in r]
+    if not engines:
+        return {}
+    return {"weight_sync_reload_s": sum(r["reload_s"] for r in engines) /
+            max(1, sum(r["weight_copies"] for r in engines))}
 
 
 def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: int = 0,
