@@ -102,6 +102,8 @@ def run(args, work: str, model: str, name: str, procs: int, staleness: int, pin:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     out["name"], out["wall_s"] = name, wall
+    with open(os.path.join(work, f"{name}.result.json"), "w") as f:  # each run's summary, kept with --work
+        json.dump(out, f)
     return out
 
 
