@@ -40,7 +40,7 @@ Last-line JSON keys:
 - `weight_sync_blocking_s_per_step`: seconds the trainer is held by a weight push (bucket writes + handles), mean per push (with --engine vllm)
 - `logprob_mismatch`: max relative error of the engine's probe log-probs against the trainer's after every push (with --engine vllm)
 - `trl_vllm_threads`: threads of TRL's fastest GRPOTrainer(use_vllm=True) run; null if TRL could not run vLLM (`trl_vllm_error` says why) (with --engine vllm)
-- `throughput_ratio_vs_trl_vllm`: our async samples/s over TRL+vLLM's fastest, both over their step loops (with --engine vllm)
+- `throughput_ratio_vs_trl_vllm`: our async samples/s (step loop) over TRL+vLLM's fastest `train()` samples/s (with --engine vllm)
 - `wall_ratio_vs_trl_vllm`: the same over each process's whole life, model load to the last step (with --engine vllm)
 """
 from __future__ import annotations
