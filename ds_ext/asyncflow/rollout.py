@@ -137,3 +137,4 @@ class RolloutWorker:
 
     def request_stop(self) -> None:
         self.stop = True
+

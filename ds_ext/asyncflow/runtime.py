@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
+from ds_ext.asyncflow.engines import make_worker
 from ds_ext.asyncflow.rollout import RolloutWorker, new_stats
 from ds_ext.asyncflow.scatter import ScatteredQueue
 from ds_ext.asyncflow.task import Task
@@ -54,12 +55,16 @@ def run_sync(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, 
     (``start`` > 0 after a journal resume: the queue starts at that slot, so no prompt is trained twice)."""
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, max_staleness=0, lease_s=cfg.lease_s,
                           start_slot=start)
-    worker = RolloutWorker("sync", model_factory, task, cfg, queue, seed=1000 * start)
-    worker.set_weights(start, clone_state(engine.module))
-    trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(v, clone_state(m)))
+    worker = make_worker("sync", model_factory, task, cfg, queue, seed=1000 * start)
+    writer = _writer(cfg, engine.module)  # vLLM: weights go in as safetensors buckets + reload
+    worker.set_weights(start, writer.write(start, engine.module) if writer else clone_state(engine.module))
+    trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(
+        v, writer.write(v, m) if writer else clone_state(m)))
 
     def produce(version):
-        if cfg.rollout_slots > 0:  # the step's whole batch through the continuous-batching slots, weights V
+        if writer is not None:  # the vLLM engine loop: the step's whole batch, weights V
+            worker.run(max_groups=(version + 1 - start) * cfg.groups_per_step)
+        elif cfg.rollout_slots > 0:  # the step's whole batch through the continuous-batching slots, weights V
             worker.run(max_groups=cfg.groups_per_step)
         while worker.stats["groups"] < (version + 1 - start) * cfg.groups_per_step:
             worker.produce_one(timeout=5)
@@ -67,9 +72,16 @@ def run_sync(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, 
     t = time.perf_counter()
     history = _step_loop(trainer, steps, produce, progress, start)
     seconds = time.perf_counter() - t
-    return {"history": history, "seconds": seconds, "trainer_idle_s": 0.0,
-            "train_busy_s": seconds - worker.stats["generate_s"] - worker.stats["wait_s"],
-            "rollout": [worker.stats], "queue": queue.summary()}
+    out = {"history": history, "seconds": seconds, "trainer_idle_s": 0.0,
+           "train_busy_s": seconds - worker.stats["generate_s"] - worker.stats["wait_s"],
+           "rollout": [worker.stats], "queue": queue.summary()}
+    if writer is not None:
+        from ds_ext.asyncflow.vllm_sync import logprob_mismatch
+        writer.cleanup()
+        out["weight_sync"] = {"pushes": 0, "bytes_per_push": 0.0, "transfer_s_mean": 0.0, "transfer_s_max": 0.0,
+                              "blocking_s_mean": 0.0, "blocking_s_total": 0.0, "dropped_workers": [],
+                              **logprob_mismatch(writer.probes, [worker.stats])}
+    return out
 
 
 def rpc_options(port_offset: int = 1):
@@ -115,7 +127,29 @@ def run_async_trainer(engine, model_factory: Callable, task: Task, cfg: AsyncFlo
                             replica_of, replicas, isolate_workers)
 
 
-def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, initial: dict, isolate: bool):
+def _writer(cfg, module):
+    """vLLM engines: the bucket writer of the weight sync (:mod:`ds_ext.asyncflow.vllm_sync`); else ``None``."""
+    if cfg.rollout.engine != "vllm":
+        return None
+    from ds_ext.asyncflow.vllm_sync import BucketWriter, probe_for
+    return BucketWriter(cfg.rollout.shm_dir, cfg.rollout.bucket_mb, keep=cfg.max_staleness + 3,
+                        probe=probe_for(module) if cfg.rollout.check_logprobs else None)
+
+
+def _pusher(cfg, workers, queue, module):
+    """The weight sync of ``cfg.rollout.engine``: safetensors buckets + in-place reload for vLLM engines
+    (:class:`~ds_ext.asyncflow.vllm_sync.FileWeightPusher`), a cloned state over RPC for our decoders."""
+    if cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "nccl":
+        from ds_ext.asyncflow.vllm_nccl import NCCLWeightPusher
+        return NCCLWeightPusher(workers, queue, cfg.rollout.nccl_addr, cfg.rollout.nccl_port, cfg.rollout.bucket_mb)
+    writer = _writer(cfg, module)
+    if writer is None:
+        return WeightPusher(workers, queue)
+    from ds_ext.asyncflow.vllm_sync import FileWeightPusher
+    return FileWeightPusher(workers, queue, writer)
+
+
+def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, module, isolate: bool):
     """The rollout actors, their initial weights (awaited: nothing is generated before them) and running loops."""
     import torch.distributed.rpc as rpc
     from ds_ext.asyncflow.isolated import IsolatedWorker
@@ -123,12 +157,18 @@ def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, in
     kind = IsolatedWorker if isolate else RolloutWorker
     workers = {name: rpc.remote(name, kind, args=(name, model_factory, task, cfg, qref, 1, i))
                for i, name in enumerate(worker_names)}
-    for w in workers.values():
-        w.rpc_sync().set_weights(start, initial)
-    pusher = WeightPusher(workers, queue)
+    pusher = _pusher(cfg, workers, queue, module)
+    nccl = cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "nccl"
+    # vLLM: the first weights as the push's handle (NCCL: None, the engines keep the directory's weights until the
+    # broadcast below); our decoders: a cloned state
+    initial = None if nccl else pusher.write(start, module) if hasattr(pusher, "write") else clone_state(module)
+    for w in workers.values():  # a resumed NCCL run: version -1, admission holds the engines until the push below
+        w.rpc_sync().set_weights(-1 if nccl and start > 0 else start, initial)
     runs = {name: w.rpc_async().run() for name, w in workers.items()}
     for name, fut in runs.items():
         pusher.watch(name, fut)
+    if nccl and start > 0:  # a resumed run: the engines get the journal's weights before they generate more
+        pusher.push(start, module)
     return pusher, runs
 
 
@@ -151,7 +191,7 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
                      replica_of, replicas, isolate_workers=False) -> Dict[str, Any]:
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s,
                           start_slot=start)
-    pusher, runs = _start_workers(model_factory, task, cfg, worker_names, queue, start, clone_state(engine.module),
+    pusher, runs = _start_workers(model_factory, task, cfg, worker_names, queue, start, engine.module,
                                   isolate_workers)
 
     # the trainer's process generates too while it would wait on the queue: with its own (current) weights
@@ -161,7 +201,8 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
 
     def push_all(version, module):
         local.version = version
-        pusher.push(version, module)
+        if version % cfg.rollout.weight_sync_interval == 0:
+            pusher.push(version, module)
 
     idle = (lambda: local.produce_one(timeout=0)) if cfg.trainer_generates else None
     if trainer_world > 1:
@@ -173,10 +214,15 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
     history = _step_loop(trainer, steps, lambda version: None, progress, start, pusher.last_metrics)
     seconds = time.perf_counter() - t
     stats = _stop_workers(pusher, runs, queue)
+    getattr(pusher, "cleanup", lambda: None)()
+    weight_sync = pusher.summary()
+    if getattr(pusher, "probes", None):
+        from ds_ext.asyncflow.vllm_sync import logprob_mismatch
+        weight_sync.update(logprob_mismatch(pusher.probes, stats))
     idle_work_s = trainer.idle_work_s if trainer_world == 1 else 0.0
     return {"history": history, "seconds": seconds, "trainer_idle_s": trainer.idle_s - idle_work_s,
             "train_busy_s": seconds - trainer.idle_s,
-            "rollout": stats + [local.stats], "queue": queue.summary(), "weight_sync": pusher.summary()}
+            "rollout": stats + [local.stats], "queue": queue.summary(), "weight_sync": weight_sync}
 
 
 def worker_names(world_size: int, trainer_ranks: int = 1) -> List[str]:
