@@ -29,10 +29,15 @@ if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensor
   pip install -q -e ".[test,mpi,monitor,hf,megatron,vllm]"
 fi
 # vllm's dependencies pull torchvision / torchaudio / torchcodec from PyPI as CUDA builds; against the CPU torch they
-# break `import transformers` (operator torchvision::nms does not exist) and vLLM (libnvrtc): remove them there
-if ! python -c "import transformers.models.auto.modeling_auto, vllm" >/dev/null 2>&1; then
-  pip uninstall -y -q torchvision torchaudio torchcodec || true
-fi
+# break transformers' model modules (operator torchvision::nms does not exist; seen only when a model class is
+# imported, transformers loads lazily) and vLLM (libnvrtc): remove any of them that does not import
+for pkg in torchvision torchaudio torchcodec; do
+  if pip show -q "$pkg" >/dev/null 2>&1 && ! python -c "import $pkg" >/dev/null 2>&1; then
+    pip uninstall -y -q "$pkg"
+  fi
+done
+python -c "from transformers import LlamaConfig, Qwen2ForCausalLM" >/dev/null 2>&1 \
+  || echo "bootstrap: warning: transformers' model classes do not import (see: python -c 'from transformers import LlamaConfig')" >&2
 DS_ACCELERATOR=cpu python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
   >/dev/null 2>&1 || echo "bootstrap: warning: DeepSpeed's CPU comm op did not build; runs will try again" >&2
 echo "bootstrap: ready ($(python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))"
