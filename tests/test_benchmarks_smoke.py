@@ -21,6 +21,12 @@ import _keys  # noqa: E402
 
 # Benchmarks whose main is a helper of another one: run by that benchmark's smoke test.
 RUN_BY = {"noloco_worker": ("noloco", "noloco_wan")}
+# Benchmarks the tier does not run yet, each with why (the static test below still requires their key lists). Not
+# the goal: issue 31 wants every benchmark in the tier.
+NOT_IN_TIER = {
+    "asyncflow_vllm": "4 vLLM engine start-ups (~25 s each) even at one step: over the tier's 4-minute budget",
+    "asyncflow_trl_vllm": "TRL's GRPOTrainer with use_vllm=True; TRL is not installed by the bootstrap",
+}
 # Keys whose value at the smoke size is not a measurement (a memory budget of a few MiB at T <= 512 is inside RSS
 # noise): type-checked only. The full-size runs in RESULTS.md are where these are judged.
 NOISE_AT_SMOKE_SIZE = {
@@ -53,12 +59,12 @@ def with_main() -> list:
     return sorted(p.stem for p in BENCH.glob("*.py") if "\ndef main(" in p.read_text())
 
 
-BENCHMARKS = [n for n in with_main() if n not in RUN_BY]
+BENCHMARKS = [n for n in with_main() if n not in RUN_BY and n not in NOT_IN_TIER]
 
 
 def test_every_benchmark_with_a_main_has_a_smoke_test_and_documented_keys():
     for name in with_main():
-        assert name in BENCHMARKS or set(RUN_BY[name]) <= set(BENCHMARKS), name
+        assert name in BENCHMARKS or name in NOT_IN_TIER or set(RUN_BY[name]) <= set(BENCHMARKS), name
     for name in BENCHMARKS:
         path = str(BENCH / f"{name}.py")
         outputs(name, Path("/nonexistent"))  # KeyError: a new benchmark without an entry here
