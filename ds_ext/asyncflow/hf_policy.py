@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ds_ext.models.generate import Generation, TokenSampler
+from ds_ext.models.generate import Generation, TokenSampler, decode
 from ds_ext.models.llama import causal_lm_loss
 
 
@@ -61,18 +61,17 @@ def generate_hf(policy: HFPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     mask = prompt_mask.long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     ids = prompt_ids
-    sampler = TokenSampler(b, max_new_tokens, temperature, eos_id, pad_id, generator)
-    for _ in range(max_new_tokens):
+
+    def next_logits(tok: Optional[torch.Tensor]) -> torch.Tensor:
+        nonlocal ids, positions, mask
+        if tok is not None:  # one new token per row, at the next position
+            ids, positions = tok[:, None], positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True)
-        tok, finished = sampler.step(out.logits[:, -1])
-        if finished:
-            break
-        if step_hook is not None:
-            step_hook()
-        ids, positions = tok[:, None], positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
-    return sampler.result()
+        return out.logits[:, -1]
+    return decode(next_logits, TokenSampler(b, max_new_tokens, temperature, eos_id, pad_id, generator),
+                  max_new_tokens, step_hook)
 
 
 def byte_tokenizer_hf():

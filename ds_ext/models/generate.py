@@ -104,17 +104,32 @@ def generate(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: tor
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
     x = model.embed(prompt_ids)
     caches: List = [None] * len(model.layers)
-    sampler = TokenSampler(b, max_new_tokens, temperature, eos_id, pad_id, generator)
     next_pos = positions[:, -1:] + 1
-    for _ in range(max_new_tokens):
+
+    def next_logits(tok: Optional[torch.Tensor]) -> torch.Tensor:
+        nonlocal x, positions, next_pos, key_mask
+        if tok is not None:  # one new token per row, at the next position
+            x, positions = model.embed(tok[:, None]), next_pos
+            next_pos = next_pos + 1
+            key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool)], 1)
         for i, layer in enumerate(model.layers):
             x, caches[i] = _layer_step(layer, x, positions, caches[i], key_mask)
-        tok, finished = sampler.step(model.lm_head(model.norm(x[:, -1])))
+        return model.lm_head(model.norm(x[:, -1]))
+    return decode(next_logits, TokenSampler(b, max_new_tokens, temperature, eos_id, pad_id, generator),
+                  max_new_tokens, step_hook)
+
+
+def decode(next_logits: Callable[[Optional[torch.Tensor]], torch.Tensor], sampler: TokenSampler,
+           max_new_tokens: int, step_hook: Optional[Callable[[], None]] = None) -> Generation:
+    """The decode loop of every KV-cache decoder (the reference model's and transformers'): ``next_logits(None)``
+    runs the prompts, ``next_logits(tok)`` one sampled token per row (``tok: [B]``); each returns the last
+    position's logits ``[B, V]``. ``step_hook`` runs between decode steps, before the next token goes in (new
+    weights land there: the next token's embedding and every later step use them)."""
+    tok = None
+    for _ in range(max_new_tokens):
+        tok, finished = sampler.step(next_logits(tok))
         if finished:
             break
         if step_hook is not None:
             step_hook()
-        x, positions = model.embed(tok[:, None]), next_pos
-        next_pos = next_pos + 1
-        key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool)], 1)
     return sampler.result()
