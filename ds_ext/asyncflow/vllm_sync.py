@@ -181,16 +181,8 @@ class FileWeightPusher(WeightPusher):
         t0 = time.perf_counter()
         self._settle()
         handle = self.write(version, module)
-        with self._lock:
-            targets = list(self.workers.items())
-        futures = []
-        for name, rref in targets:
-            ack: List[float] = []
-            fut = rref.rpc_async().set_weights(version, handle)
-            fut.add_done_callback(lambda _f, ack=ack: ack.append(time.perf_counter()))
-            futures.append((name, fut, ack))
-        self._pending = (t0, futures)
-        self.pushes.append({"version": version, "bytes": handle["bytes"], "workers": len(targets),
+        n = self._send(version, handle, since=t0)
+        self.pushes.append({"version": version, "bytes": handle["bytes"], "workers": n,
                             "write_s": handle["write_s"], "transfer_s": None,
                             "blocking_s": time.perf_counter() - t0})
 

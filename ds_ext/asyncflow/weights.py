@@ -93,19 +93,24 @@ class WeightPusher:
         t0 = time.perf_counter()
         self._settle()
         state = clone_state(module)
+        n = self._send(version, state)
+        self.pushes.append({"version": version, "bytes": state_bytes(state) * n, "workers": n, "transfer_s": None,
+                            "blocking_s": time.perf_counter() - t0})
+
+    def _send(self, version: int, payload, since: Optional[float] = None) -> int:
+        """``set_weights(version, payload)`` on every live worker, asynchronously (the next push or :meth:`close`
+        settles the futures; transfer time counts from ``since``, default now). Returns how many were sent to."""
         with self._lock:
             targets = list(self.workers.items())
-        sent = time.perf_counter()
+        sent = time.perf_counter() if since is None else since
         futures = []
         for name, rref in targets:
             ack: List[float] = []
-            fut = rref.rpc_async().set_weights(version, state)
+            fut = rref.rpc_async().set_weights(version, payload)
             fut.add_done_callback(lambda _f, ack=ack: ack.append(time.perf_counter()))
             futures.append((name, fut, ack))
         self._pending = (sent, futures)
-        self.pushes.append({"version": version, "bytes": state_bytes(state) * len(targets),
-                            "workers": len(targets), "transfer_s": None,
-                            "blocking_s": time.perf_counter() - t0})
+        return len(targets)
 
     def last_metrics(self) -> Dict[str, float]:
         """This push's bytes and trainer blocking time, and the transfer time of the newest settled push."""
