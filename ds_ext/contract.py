@@ -109,8 +109,15 @@ class FeatureBase:
         """For ``journal_export = REPLAY``: a replay-only object (``journal_replay(payload)``,
         ``load_state_dict(sd)``, ``close()``) working on the exporter's ``engine`` (a stock DeepSpeed engine of a
         parameters-only module with the run's config; no peers), for global rank ``global_rank`` of the run whose
-        ``EXPORT.bin`` is ``meta`` (:mod:`ds_ext.recovery.meta`); ``None`` when the run had the feature off."""
-        raise NotImplementedError(f"{cls.__name__} declares journal_export=REPLAY but no export_replayer")
+        ``EXPORT.bin`` is ``meta`` (:mod:`ds_ext.recovery.meta`); ``None`` when the run had the feature off. A class
+        declaring REPLAY must override it (checked when the class is defined, :meth:`__init_subclass__`)."""
+        return None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.journal_export == ExportRule.REPLAY and cls.export_replayer.__func__ is \
+                FeatureBase.export_replayer.__func__:
+            raise TypeError(f"{cls.__name__} declares journal_export=REPLAY but does not define export_replayer")
 
     def start(self, engine) -> None:
         pass

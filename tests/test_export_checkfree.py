@@ -120,3 +120,21 @@ def test_a_payload_the_exporter_cannot_replay_stops_the_export_naming_the_featur
     with pytest.raises(SystemExit, match="declares journal_export=refuse"):
         export_step([str(tmp_path / "journal" / "rank00000")], None, {"mine": Mine})
     assert export_step([str(tmp_path / "journal" / "rank00000")], 1, {}) == 1  # before the payload: allowed
+
+
+def test_a_replay_feature_without_a_replayer_is_refused_when_defined():
+    """REPLAY promises the exporter a replayer: a class that declares it without one fails at definition."""
+    import pytest
+    from ds_ext.contract import ExportRule, FeatureBase
+
+    with pytest.raises(TypeError, match="does not define export_replayer"):
+        class Broken(FeatureBase):  # noqa: F841
+            journal_export = ExportRule.REPLAY
+
+    class Fine(FeatureBase):
+        journal_export = ExportRule.REPLAY
+
+        @classmethod
+        def export_replayer(cls, meta, engine, global_rank):
+            return "replayer"
+    assert Fine.export_replayer({}, None, 0) == "replayer"

@@ -24,6 +24,7 @@ segment (``-1``: data / loss), so tests check the executed path against the shar
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,7 +50,7 @@ def split_stage(funcs: Sequence, layer_class: str) -> Dict[str, list]:
             ALL: list(funcs)}
 
 
-class PathSchedule:
+class PathSchedule(ABC):
     """Runs a step's micro-batches along :meth:`routes` (subclasses say which). ``group``: the p2p group, every rank
     (built once, at construction: a collective)."""
 
@@ -60,8 +61,9 @@ class PathSchedule:
         self.log: List[Tuple[int, int, int, int, int, int]] = []
         self.steps_run = 0
 
+    @abstractmethod
     def routes(self, step: int, micro_batches: int) -> List[Route]:
-        raise NotImplementedError
+        """The path of each of the step's ``micro_batches`` micro-batches."""
 
     def stage_parts(self, engine) -> Dict[str, list]:
         return {ALL: ds.pipeline_layers(engine.module)}
