@@ -303,6 +303,55 @@ def pipeline_layer_specs(module) -> List[Any]:
     return list(module._layer_specs)
 
 
+# The journal's exporter rebuilds a run's PipelineModule from parameters-only layers (ds_ext.tools.export_pipe) and
+# must give each stage the layers it had in the run, whatever partition method split them: the layout is read with
+# DeepSpeed's public ``stage_owner`` (:func:`pipeline_layout`) and imposed by replacing the module's partition step
+# (:func:`pipeline_module_with_layout`). Its ``parts`` attribute (what ``stage_owner`` reads) has a name too generic
+# to register (ds_ext's own schedules have ``Segment.parts``); the builder checks it by reading the layout back.
+INTERNALS += [("deepspeed.runtime.pipe.module.PipelineModule", name) for name in ("_partition_layers",
+                                                                                   "_set_bounds")]
+
+
+def pipeline_layout(module) -> Dict[str, Any]:
+    """How a built ``PipelineModule`` lays out its layers: ``num_stages``, ``stage`` (this rank's),
+    ``stage_starts`` (``num_stages + 1`` layer indices: stage s holds layers ``stage_starts[s]`` ..
+    ``stage_starts[s + 1] - 1``) and ``layers``, one entry per layer spec: ``{"kind": "tied", "key",
+    "tied_weight_attr"}`` (a ``TiedLayerSpec``: parameters under ``tied_modules.<key>.``), ``{"kind": "module"}``
+    (a ``LayerSpec`` or module: parameters under ``<index>.``) or ``{"kind": "function"}`` (no state)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    from torch import nn
+    specs = pipeline_layer_specs(module)
+    owners = [module.stage_owner(i) for i in range(len(specs))]
+    layers = []
+    for spec in specs:
+        if isinstance(spec, TiedLayerSpec):
+            layers.append({"kind": "tied", "key": spec.key, "tied_weight_attr": list(spec.tied_weight_attr)})
+        else:
+            layers.append({"kind": "module" if isinstance(spec, (LayerSpec, nn.Module)) else "function"})
+    return {"num_stages": module.num_stages, "stage": module.stage_id, "layers": layers,
+            "stage_starts": [sum(1 for o in owners if o < s) for s in range(module.num_stages + 1)]}
+
+
+def pipeline_module_with_layout(layers: Sequence[Any], topology, stage_starts: Sequence[int], **kwargs):
+    """A ``PipelineModule(layers=layers, topology=topology, **kwargs)`` whose stage s holds layers
+    ``stage_starts[s]`` .. ``stage_starts[s + 1] - 1`` (see :func:`pipeline_layout`) instead of the split its
+    partition method would compute. Collective, as ``PipelineModule`` is."""
+    from deepspeed.pipe import PipelineModule
+    starts = [int(s) for s in stage_starts]
+
+    class FixedLayoutPipelineModule(PipelineModule):
+        def _partition_layers(self, method="uniform"):
+            self.parts = list(starts)
+            self._set_bounds(start=starts[self.stage_id], stop=starts[self.stage_id + 1])
+
+    module = FixedLayoutPipelineModule(layers=list(layers), topology=topology, **kwargs)
+    if pipeline_layout(module)["stage_starts"] != starts:
+        raise RuntimeError(f"deepspeed {deepspeed.__version__}: a PipelineModule built with stage starts {starts} "
+                           f"reports {pipeline_layout(module)['stage_starts']}; update "
+                           "ds_ext/_deepspeed.py:pipeline_module_with_layout for this DeepSpeed version")
+    return module
+
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Section C: ZeRO's per-parameter gradient-ready flag (StreamBP)

@@ -1,7 +1,9 @@
 """``python -m ds_ext.recovery export`` of journals written with CheckFree on (pipeline stages, end-stage replicas,
 an injected failure): every record holds a ``checkpoint_free`` payload; the exporter replays it as the feature
-declares through the contract (``journal_export``), so the exported weights are the run's own at that step. A
-payload of a feature that cannot be replayed stops the export, naming the feature."""
+declares through the contract (``journal_export``), so the exported weights are the run's own at that step, in both
+forms: the HF directory and the DeepSpeed pipeline checkpoint, which a stock ``PipelineEngine`` loads. A payload of a
+feature that cannot be replayed stops the export, naming the feature; so does a pipeline journal without the
+recorded layout the DeepSpeed form needs."""
 import pytest
 import torch
 
@@ -17,6 +19,12 @@ def text_batch(step: int, micro: int, batch: int = 2, length: int = 16):
     return (ids, torch.arange(length).expand_as(ids)), ids
 
 
+def _ds_config(stages: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": stages,
+            "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 1},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}}}
+
+
 def _run_body(model_dir: str, journal_dir: str, stages: int, steps: int, snapshot_at: tuple, checkfree: dict):
     """An HF model directory as ``stages`` pipeline stages (one process each; ZeRO-1, AdamW, fp32) with the journal
     and CheckFree (``checkfree``: the rest of its section). At each step of ``snapshot_at`` the whole model's
@@ -26,9 +34,7 @@ def _run_body(model_dir: str, journal_dir: str, stages: int, steps: int, snapsho
     from ds_ext.models.hf import hf_export_meta
     from ds_ext.models.hf_pipeline import gather_hf_state_dict, hf_pipeline
     deepspeed.init_distributed(dist_backend="gloo")
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": stages,
-              "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 1},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+    config = {**_ds_config(stages),
               "ds_ext": {"topology": {"pipeline_stages": stages},
                          "recovery": {"journal_dir": journal_dir, "base_interval": 3,
                                       "checkpoint_free": {"enabled": True, **checkfree}}}}
@@ -47,9 +53,39 @@ def _run_body(model_dir: str, journal_dir: str, stages: int, steps: int, snapsho
     return {"snapshots": snapshots, "metrics": metrics}
 
 
-def _export(journal, step, out):
+def _load_body(model_dir: str, stages: int, checkpoints: dict):
+    """A stock DeepSpeed ``PipelineEngine`` of the same model and stage count (DeepSpeed's own pipe x data layout,
+    no ds_ext) loads each exported checkpoint (``checkpoints``: step -> directory, tag from its ``latest``), module
+    weights and ZeRO optimizer partitions. Per step: the engine's step counter, this rank's module weights under HF
+    names, and the fp32 masters as ``--save_hf`` gathers them (rank 0)."""
+    import deepspeed
+    from ds_ext.models.hf_pipeline import gather_hf_state_dict, hf_pipeline, pipeline_to_hf_key
+    from ds_ext.topology import Topology
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    layers, tied = model.config.num_hidden_layers, model.config.tie_word_embeddings
+    pipe = hf_pipeline(model, num_stages=stages)
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=_ds_config(stages))
+    out = {}
+    for step, ckpt in checkpoints.items():
+        path, _ = engine.load_checkpoint(ckpt)
+        out[step] = {"path": path, "global_steps": engine.global_steps,
+                     "params": {pipeline_to_hf_key(n, layers): p.detach().clone()
+                                for n, p in engine.module.named_parameters()},
+                     "masters": gather_hf_state_dict(engine.module, Topology(stages, stages, stages), layers, tied)}
+    return out
+
+
+def _export(journal, step, hf_out, ds_out):
+    """Both forms of one step from one replay (``export JOURNAL OUT --hf DIR``)."""
     from ds_ext.recovery.__main__ import main
-    assert main(["export", str(journal), "--hf", str(out), "--step", str(step)]) == 0
+    assert main(["export", str(journal), str(ds_out), "--hf", str(hf_out), "--step", str(step)]) == 0
+
+
+def _assert_equal(got, expected, what):
+    assert got.keys() <= expected.keys() and got, (what, sorted(got), sorted(expected))
+    for name, w in got.items():  # fp32 masters replayed with the run's own updates: bit for bit
+        assert torch.equal(w, expected[name]), (what, name, (w - expected[name]).abs().max())
 
 
 def _assert_exported(out, expected, what):
@@ -57,18 +93,32 @@ def _assert_exported(out, expected, what):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)  # every export loads
     exported = load_file(str(out / "model.safetensors"))
     assert exported.keys() == expected.keys(), what
-    for name, w in expected.items():  # fp32 masters replayed with the run's own updates: bit for bit
-        assert torch.equal(exported[name], w), (what, name, (exported[name] - w).abs().max())
+    _assert_equal(exported, expected, what)
     assert loaded.config.num_hidden_layers == len({k.split(".")[2] for k in expected if ".layers." in k})
+
+
+def _assert_pipeline_checkpoint(ckpt, step: int, stages: int, layers: int):
+    """DeepSpeed's pipeline layout: a file per layer (embedding, decoders, norm, head), per stage the engine's
+    state and the ZeRO partitions (one data-parallel rank), ``latest`` naming the step's tag."""
+    tag = f"global_step{step}"
+    assert (ckpt / "latest").read_text().strip() == tag
+    files = sorted(p.name for p in (ckpt / tag).iterdir())
+    expected = [f"layer_{i:02d}-model_states.pt" for i in range(layers + 3)]
+    expected += [f"mp_rank_{s:02d}_model_states.pt" for s in range(stages)]
+    expected += [f"zero_pp_rank_0_mp_rank_{s:02d}_optim_states.pt" for s in range(stages)]
+    # besides them DeepSpeed copies its recovery scripts (zero_to_fp32.py, ...) next to ZeRO partitions
+    assert set(expected) <= set(files) and all(f.endswith(".py") for f in set(files) - set(expected)), files
 
 
 @pytest.mark.slow
 def test_checkfree_journals_export_the_runs_own_weights(tmp_path):
     """Two runs: 4 stages with stage 1 failing after step 2 (rebuilt from its neighbours: its journal starts over
     from a base and it trains at lr_scale x lr from then on, which the export must replay), end replicas every 2
-    steps; 2 stages without a failure, end replicas every step. Each journal exported with ``--hf`` at its last
-    step and at an earlier one (both replay records holding CheckFree payloads) equals ``--save_hf``'s gathering
-    of the run at that step, exactly."""
+    steps; 2 stages without a failure, end replicas every step. Each journal exported at its last step and at an
+    earlier one (both replay records holding CheckFree payloads), as an HF directory and as a DeepSpeed pipeline
+    checkpoint from the same replay: the HF weights equal ``--save_hf``'s gathering of the run at that step,
+    exactly, and a stock PipelineEngine with the same stage count loads the checkpoint (its step counter, module
+    weights and fp32 masters: the run's, exactly)."""
     from hf_dirs import make_model_dir, qwen2_config
     cases = {4: ({"replicate_ends_interval": 2, "inject": {"at": [{"step": 2, "stage": 1}]}}, 5, (4, 5)),
              2: ({"replicate_ends_interval": 1}, 5, (2, 5))}
@@ -78,10 +128,21 @@ def test_checkfree_journals_export_the_runs_own_weights(tmp_path):
         ranks = run_distributed(_run_body, stages, args=(str(model_dir), str(journal), stages, steps, at, checkfree),
                                 timeout=400)
         assert ranks[1]["metrics"]["checkpoint_free/neighbours"] == (1 if stages == 4 else 0), ranks[1]["metrics"]
+        snapshots, checkpoints = ranks[0]["snapshots"], {}
         for step in at:
-            out = tmp_path / f"hf{stages}_{step}"
-            _export(journal, step, out)
-            _assert_exported(out, ranks[0]["snapshots"][step], f"{stages} stages, step {step}")
+            hf_out, checkpoints[step] = tmp_path / f"hf{stages}_{step}", tmp_path / f"ds{stages}_{step}"
+            _export(journal, step, hf_out, checkpoints[step])
+            _assert_exported(hf_out, snapshots[step], f"{stages} stages, step {step}, --hf")
+            _assert_pipeline_checkpoint(checkpoints[step], step, stages, stages)
+        loaded = run_distributed(_load_body, stages, args=(str(model_dir), stages,
+                                                           {k: str(v) for k, v in checkpoints.items()}), timeout=300)
+        for step in at:
+            what = f"{stages} stages, step {step}, DeepSpeed checkpoint"
+            assert loaded[0][step]["path"] and all(r[step]["global_steps"] == step for r in loaded), what
+            assert loaded[0][step]["masters"].keys() == snapshots[step].keys(), what
+            _assert_equal(loaded[0][step]["masters"], snapshots[step], what + " (fp32 masters)")
+            for rank, r in enumerate(loaded):  # each stage's module weights, loaded from the layer files
+                _assert_equal(r[step]["params"], snapshots[step], f"{what} (stage {rank} weights)")
 
 
 def _journal_with_payload(rank_dir, name: str) -> None:
@@ -120,6 +181,23 @@ def test_a_payload_the_exporter_cannot_replay_stops_the_export_naming_the_featur
     with pytest.raises(SystemExit, match="declares journal_export=refuse"):
         export_step([str(tmp_path / "journal" / "rank00000")], None, {"mine": Mine})
     assert export_step([str(tmp_path / "journal" / "rank00000")], 1, {}) == 1  # before the payload: allowed
+
+
+def test_a_pipeline_journal_without_its_layout_is_refused_naming_what_is_missing(tmp_path, capsys):
+    """A pipeline journal written before the layout was recorded: the DeepSpeed form stops with exit 2 before any
+    process starts, naming the file, the missing ``pipeline_layout`` and what to do; nothing is written."""
+    from ds_ext.recovery.__main__ import main
+    from ds_ext.recovery.meta import read_export_meta, write_export_meta
+    rank_dir = tmp_path / "journal" / "rank00000"
+    _journal_with_payload(rank_dir, "checkpoint_free")
+    meta = read_export_meta(str(rank_dir))
+    meta.update(pipeline=True, topology={"world_size": 1, "ranks_per_replica": 1, "pipeline_stages": 1})
+    write_export_meta(str(rank_dir), meta)
+    out = tmp_path / "ckpt"
+    assert main(["export", str(tmp_path / "journal"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{rank_dir}/EXPORT.bin of this pipeline journal records no pipeline_layout" in err, err
+    assert "Export it with --hf DIR" in err and not out.exists()
 
 
 def test_a_replay_feature_without_a_replayer_is_refused_when_defined():

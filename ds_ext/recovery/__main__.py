@@ -1,5 +1,5 @@
 """``python -m ds_ext.recovery export JOURNAL_DIR OUT [--tag TAG] [--step N]``: a standard DeepSpeed checkpoint of the newest
-step all ranks' journals reach (see :mod:`ds_ext.tools.export`). ``python -m ds_ext.recovery export JOURNAL_DIR
+step all ranks' journals reach (see :mod:`ds_ext.tools.export`; a pipeline journal gives a pipeline checkpoint). ``python -m ds_ext.recovery export JOURNAL_DIR
 --hf DIR [--replica R] [--tokenizer DIR]``: an HF model directory of replica R (:mod:`ds_ext.tools.export_hf`).
 ``python -m ds_ext.recovery inspect JOURNAL_DIR``: each rank's bases, records, newest reachable step and any
 damage.
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     e.add_argument("--step", type=int, default=None,
                    help="the step to export (default: the newest every rank's journal reaches)")
     e.add_argument("--hf", default=None, metavar="DIR", help="write an HF model directory (save_pretrained format)")
-    e.add_argument("--replica", type=int, default=0, help="with --hf: the NoLoCo/DiLoCo replica to export")
+    e.add_argument("--replica", type=int, default=0,
+                   help="with --hf or a pipeline journal: the NoLoCo/DiLoCo replica to export")
     e.add_argument("--tokenizer", default=None, help="with --hf: tokenizer directory (default: the run's)")
     i = sub.add_parser("inspect", help="what each rank's journal can reconstruct")
     i.add_argument("journal_dir")
@@ -48,11 +49,14 @@ def main(argv=None) -> int:
     if args.out is None and args.hf is None:
         p.error("export needs OUT (a DeepSpeed checkpoint) or --hf DIR")
     try:
-        if args.hf is not None:
-            step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer, args.step, feature_types())
+        if args.hf is not None:  # with OUT too: a pipeline journal is replayed once for both
+            step = export_hf(args.journal_dir, args.hf, args.replica, args.tokenizer, args.step, feature_types(),
+                             also_checkpoint=args.out, tag=args.tag)
             print(f"wrote HF model {args.hf} (replica {args.replica}, step {step})")
-        if args.out is not None:
-            tag = export(args.journal_dir, args.out, args.tag, args.step, feature_types())
+            if args.out is not None:
+                print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, args.tag or f'global_step{step}')}")
+        else:
+            tag = export(args.journal_dir, args.out, args.tag, args.step, feature_types(), args.replica)
             print(f"wrote DeepSpeed checkpoint {os.path.join(args.out, tag)}")
     except SystemExit as refused:  # the exporter's refusals (a message): bad input, exit 2 as every ds_ext CLI
         if not isinstance(refused.code, str):

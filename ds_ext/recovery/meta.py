@@ -6,7 +6,10 @@ and dtypes, the groups' hyperparameters, the module's buffers, whether it is a p
 size; the ``ds_ext`` block and the topology (``world_size``, ``ranks_per_replica``, ``pipeline_stages``: which ranks
 form replica R) so NoLoCo's outer steps can be replayed; and ``hf``: what the module's ``export_meta()`` returns
 when it has one (:class:`ds_ext.models.hf.HFCausalLM`: the HF config and the tokenizer directory), so ``export
---hf`` needs no model directory.
+--hf`` needs no model directory. A pipeline engine's journal also holds ``pipeline_layout``
+(:func:`ds_ext._deepspeed.pipeline_layout`: stage count, this rank's stage, the layer index each stage starts at,
+each layer's kind and tied key), from which the exporter rebuilds the ``PipelineModule``; journals written before it
+was recorded export to HF directories only.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def export_meta(engine) -> Dict[str, Any]:
             "shapes": {n: [list(params[n].shape), str(params[n].dtype).split(".")[-1]] for g in groups for n in g},
             "buffers": {k: v.detach().clone() for k, v in engine.module.state_dict().items() if k not in param_names},
             "pipeline": ds.is_pipeline(engine),
+            "pipeline_layout": ds.pipeline_layout(engine.module) if ds.is_pipeline(engine) else None,
             "dp_world_size": ds.zero_partition_count(engine.optimizer)}
 
 

@@ -1,156 +1,28 @@
 """``python -m ds_ext.recovery export JOURNAL_DIR OUT``: a standard DeepSpeed checkpoint of the newest step every
-rank's journal reaches, written by DeepSpeed's own ``save_checkpoint``.
+rank's journal reaches (or ``--step N``), written by DeepSpeed's own ``save_checkpoint``.
 
 Each rank's journal holds ``EXPORT.bin`` (:mod:`ds_ext.recovery.meta`; one frame: the DeepSpeed config,
-parameter names/shapes/dtypes in ZeRO's group order, group hyperparameters, module buffers). The exporter starts
-one local process per journal rank (gloo, CPU), builds a parameters-only module with those names and shapes, a
-stock DeepSpeed engine with the same config (so ZeRO partitions identically), loads base + records exactly as a
-resume does (:func:`ds_ext.recovery.resume.replay_journal`), and calls ``save_checkpoint(OUT, tag)``. The result
-loads with ``engine.load_checkpoint`` and DeepSpeed's ``zero_to_fp32``. No model code is needed. Not covered:
-pipeline-engine journals and journals of several NoLoCo replicas.
+parameter names/shapes/dtypes in ZeRO's group order, group hyperparameters, module buffers, and for a pipeline engine
+its layout). For a journal of one data-parallel ZeRO group the exporter starts one local process per journal rank
+(gloo, CPU), builds a parameters-only module with those names and shapes, a stock DeepSpeed engine with the same
+config (so ZeRO partitions identically), loads base + records exactly as a resume does
+(:func:`ds_ext.tools.export_base.replayed_engine`), and calls ``save_checkpoint(OUT, tag)``. The result loads with
+``engine.load_checkpoint`` and DeepSpeed's ``zero_to_fp32``. No model code is needed. A pipeline-engine journal
+gives a DeepSpeed pipeline checkpoint of one replica (:mod:`ds_ext.tools.export_pipe`), which a ``PipelineEngine``
+with the same stage count loads. Not covered: journals of several NoLoCo replicas without a pipeline (export one
+replica with ``--hf``).
 
-Feature payloads in the records are handled as each feature declares through the contract
-(:class:`ds_ext.contract.ExportRule`; the classes come from ``feature_types``, name -> class, which the CLI takes
-from :func:`ds_ext.features.feature_types`): ``REPLAY`` ones are replayed by the feature's ``export_replayer``
-(NoLoCo's outer steps, CheckFree's learning-rate scaling of rebuilt stages), ``SKIP`` ones are passed over, and any
-other payload stops the export before anything is written (:func:`check_payloads`), naming the feature.
+Feature payloads are replayed or passed over as each feature declares (see :mod:`ds_ext.tools.export_base`).
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional
 
-import torch
-from torch import nn
-
-from ds_ext.contract import ExportRule
 from ds_ext.distributed import free_port
-from ds_ext.recovery import journal, records
 from ds_ext.recovery.meta import read_export_meta
-from ds_ext.recovery.resume import replay_journal
-from ds_ext.state.partition import ZeroPartitionState
-
-
-class ShapeOnlyModule(nn.Module):
-    """Parameters (zeros) and buffers under the journal's dotted names; no forward. Only for loading and saving."""
-
-    def __init__(self, shapes: Dict[str, list], buffers: Dict[str, torch.Tensor]):
-        super().__init__()
-        for name, (shape, dtype) in shapes.items():
-            owner, leaf = self._owner(name)
-            owner.register_parameter(leaf, nn.Parameter(torch.zeros(shape, dtype=records.DTYPES[dtype])))
-        for name, value in buffers.items():
-            owner, leaf = self._owner(name)
-            owner.register_buffer(leaf, value.clone())
-
-    def _owner(self, name: str):
-        module, *path = [self] + name.split(".")
-        for part in path[:-1]:
-            if not hasattr(module, part):
-                module.add_module(part, nn.Module())
-            module = getattr(module, part)
-        return module, path[-1]
-
-
-def journal_ranks(journal_dir: str) -> List[str]:
-    dirs = sorted(d for d in os.listdir(journal_dir) if d.startswith("rank") and d[4:].isdigit())
-    if not dirs:
-        raise SystemExit(f"ds_ext.recovery export: no rank<R> journal directories in {journal_dir}")
-    return [os.path.join(journal_dir, d) for d in dirs]
-
-
-def export_step(rank_dirs: List[str], step: Optional[int] = None,
-                feature_types: Optional[Dict[str, type]] = None) -> int:
-    """The step to export: ``step``, or the newest every rank of ``rank_dirs`` reaches; refuses (``SystemExit``) a
-    step some rank cannot reconstruct, and a journal holding a payload the exporter cannot replay
-    (:func:`check_payloads`)."""
-    scans = [journal.scan(d) for d in rank_dirs]
-    for s in scans:
-        for damage in s.damage:
-            print(f"ds_ext.recovery export: {damage} (not used)")
-    newest = min(s.newest_reachable() for s in scans)
-    if newest < 0:
-        raise SystemExit(f"ds_ext.recovery export: some rank in {os.path.dirname(rank_dirs[0])} has no usable base")
-    target = newest if step is None else step
-    for s in scans:
-        try:
-            s.plan(target)
-        except ValueError:
-            raise SystemExit(f"ds_ext.recovery export: --step {target}: {s.rank_dir} reaches steps "
-                             f"{min(s.bases, default=-1)}..{s.newest_reachable()} only (bases {sorted(s.bases)}); "
-                             f"every rank reaches step {newest}") from None
-    check_payloads(scans, target, feature_types or {})
-    return target
-
-
-def check_payloads(scans: List[journal.JournalScan], target: int, feature_types: Dict[str, type]) -> None:
-    """Refuse (``SystemExit``) before anything runs when a record to replay up to ``target`` holds a payload of a
-    feature whose class (``feature_types[name]``) does not declare ``journal_export`` REPLAY or SKIP."""
-    for s in scans:
-        for step in s.plan(target)[1]:
-            for name in s.load_commit(step).state["features"]:
-                rule = getattr(feature_types.get(name), "journal_export", None)
-                if rule in (ExportRule.REPLAY, ExportRule.SKIP):
-                    continue
-                why = (f"feature {name!r} declares journal_export={rule.value}" if rule is not None else
-                       f"no known feature is named {name!r}; a feature of your own needs journal_export = "
-                       "ExportRule.REPLAY (with export_replayer) or SKIP, passed in feature_types")
-                raise SystemExit(f"ds_ext.recovery export: {s.rank_dir}: step {step} holds {name!r} data, which "
-                                 f"the exporter cannot replay ({why}). Export a step before it with --step, or "
-                                 "resume the job with that feature on and save there (save_checkpoint, --save_hf)")
-
-
-class _Skipped:
-    """Stands for a feature declaring ``journal_export = SKIP``: its payloads and base state are passed over."""
-
-    def journal_replay(self, payload) -> None:
-        pass
-
-    def load_state_dict(self, sd) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def export_features(meta: Dict, engine, global_rank: int, feature_types: Dict[str, type]) -> Dict[str, object]:
-    """Name -> replay-only object for every feature class of ``feature_types`` whose payloads the exporter handles
-    (the run's features as the contract declares them): ``export_replayer(meta, engine, global_rank)`` for REPLAY
-    (left out when the run had the feature off), a pass-over for SKIP."""
-    out: Dict[str, object] = {}
-    for name, cls in feature_types.items():
-        if cls.journal_export == ExportRule.SKIP:
-            out[name] = _Skipped()
-        elif cls.journal_export == ExportRule.REPLAY:
-            replayer = cls.export_replayer(meta, engine, global_rank)
-            if replayer is not None:
-                out[name] = replayer
-    return out
-
-
-def replayed_engine(rank: int, rank_dirs: List[str], target: int, port: int, global_rank: int = None,
-                    feature_types: Optional[Dict[str, type]] = None):
-    """Local rank ``rank`` of one exporter group (one process per journal of ``rank_dirs``, gloo, CPU): a
-    parameters-only module under the journal's names, a stock DeepSpeed engine with the run's config (so ZeRO
-    partitions identically) and the journal replayed into it up to ``target``, the features' payloads as they
-    declare (:func:`export_features`; ``global_rank``: the run's rank of this journal, default ``rank``). Returns
-    ``(engine, module)``."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(rank_dirs)),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
-    torch.set_num_threads(1)
-    import deepspeed
-    meta = read_export_meta(rank_dirs[rank])
-    module = ShapeOnlyModule(meta["shapes"], meta["buffers"])
-    params = dict(module.named_parameters())
-    groups = [{"params": [params[n] for n in names], **hyper} for names, hyper in zip(meta["groups"], meta["hyper"])]
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=meta["ds_config"])
-    features = export_features(meta, engine, rank if global_rank is None else global_rank, feature_types or {})
-    replay_journal(ZeroPartitionState(engine), journal.scan(rank_dirs[rank]), target, features,
-                   cannot_replay="the run had that feature on? the exporter rebuilds only what the journal's "
-                   "EXPORT.bin enables")
-    for feature in features.values():
-        feature.close()
-    return engine, module
+from ds_ext.tools.export_base import (ShapeOnlyModule, check_payloads, export_step, journal_ranks,  # noqa: F401
+                                      replayed_engine, start_exporters)
+from ds_ext.tools.export_pipe import export_pipeline
 
 
 def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: str, port: int,
@@ -162,19 +34,21 @@ def _export_rank(rank: int, rank_dirs: List[str], out: str, target: int, tag: st
 
 
 def export(journal_dir: str, out: str, tag: str = None, step: int = None,
-           feature_types: Optional[Dict[str, type]] = None) -> str:
-    """Write the checkpoint of ``step`` (default: the newest every rank reaches); returns its tag. Refuses journals
-    it cannot express as one DeepSpeed checkpoint. ``feature_types``: see the module docstring (none: a journal
-    holding any feature payload is refused)."""
-    import torch.multiprocessing as mp
+           feature_types: Optional[Dict[str, type]] = None, replica: int = 0) -> str:
+    """Write the checkpoint of ``step`` (default: the newest every rank reaches); returns its tag. ``replica``:
+    which replica of a pipeline journal. Refuses journals it cannot express as one DeepSpeed checkpoint.
+    ``feature_types``: see :mod:`ds_ext.tools.export_base` (none: a journal holding any feature payload is
+    refused)."""
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
-    if meta["pipeline"] or meta["dp_world_size"] != len(rank_dirs):
-        raise SystemExit("ds_ext.recovery export: only journals of one data-parallel ZeRO group are supported "
-                         f"(this one: pipeline={meta['pipeline']}, ZeRO group of {meta['dp_world_size']} of "
-                         f"{len(rank_dirs)} ranks); resume the job instead and call save_checkpoint")
+    if meta["pipeline"]:
+        return export_pipeline(journal_dir, out, tag, replica=replica, step=step, feature_types=feature_types)[1]
+    if meta["dp_world_size"] != len(rank_dirs):
+        raise SystemExit("ds_ext.recovery export: only journals of one data-parallel ZeRO group or of a pipeline "
+                         f"are supported (this one: a ZeRO group of {meta['dp_world_size']} of {len(rank_dirs)} "
+                         "ranks, several replicas); export one replica with --hf, or resume the job instead and "
+                         "call save_checkpoint")
     target = export_step(rank_dirs, step, feature_types)
     tag = tag or f"global_step{target}"
-    mp.start_processes(_export_rank, args=(rank_dirs, out, target, tag, free_port(), feature_types or {}),
-                       nprocs=len(rank_dirs), start_method="spawn")
+    start_exporters(_export_rank, (rank_dirs, out, target, tag, free_port(), feature_types or {}), len(rank_dirs))
     return tag

@@ -11,8 +11,11 @@ payloads as each feature declares, :func:`ds_ext.tools.export.export_features`: 
 their recorded payloads, no partner needed; CheckFree's learning-rate scaling of rebuilt stages), assembles each parameter's fp32
 master from the ZeRO partitions (:func:`ds_ext.models.hf.gather_fp32_state`); the exporting process writes the
 directory.
-Pipeline-engine journals (``ds_ext.models.hf_pipeline.HFPipelineModule`` records the same HF meta): each stage's
-data-parallel ranks are replayed as their own ZeRO group and the stages' parameter names are mapped to HF names by
+Pipeline-engine journals (``ds_ext.models.hf_pipeline.HFPipelineModule`` records the same HF meta): the replica's
+ranks are replayed as one pipeline engine (:func:`ds_ext.tools.export_pipe.export_pipeline`, which can write the
+DeepSpeed checkpoint from the same replay: ``also_checkpoint``) and its fp32 masters gathered as ``--save_hf``
+gathers them; journals written before the pipeline layout was recorded replay each stage's data-parallel ranks as
+their own ZeRO group and map the stages' parameter names to HF names by
 ``ds_ext.models.hf_pipeline.pipeline_state_to_hf``.
 """
 from __future__ import annotations
@@ -21,8 +24,10 @@ import os
 from typing import Any, Dict, List, Optional
 
 from ds_ext.distributed import free_port
-from ds_ext.tools.export import export_step, journal_ranks, replayed_engine
 from ds_ext.recovery.meta import read_export_meta
+from ds_ext.tools.export import export
+from ds_ext.tools.export_base import export_step, journal_ranks, replayed_engine, start_exporters
+from ds_ext.tools.export_pipe import export_pipeline, pipeline_layout_of
 
 
 def _export_rank(rank: int, rank_dirs: List[str], first: int, state_out: str, target: int, port: int,
@@ -43,11 +48,9 @@ def _replayed_state(rank_dirs: List[str], first: int, target: int, feature_types
     """The fp32 state of one ZeRO group's module at ``target`` (one local process per rank, gloo)."""
     import tempfile
     import torch
-    import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "state.pt")
-        mp.start_processes(_export_rank, args=(rank_dirs, first, path, target, free_port(), feature_types),
-                           nprocs=len(rank_dirs), start_method="spawn")
+        start_exporters(_export_rank, (rank_dirs, first, path, target, free_port(), feature_types), len(rank_dirs))
         return torch.load(path, weights_only=True)
 
 
@@ -71,9 +74,12 @@ def _replica_state(rank_dirs: List[str], meta: Dict[str, Any], replica: int, tar
 
 
 def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str = None, step: int = None,
-              feature_types: Optional[Dict[str, type]] = None) -> int:
+              feature_types: Optional[Dict[str, type]] = None, also_checkpoint: Optional[str] = None,
+              tag: Optional[str] = None) -> int:
     """Write replica ``replica``'s HF model directory of ``step`` (default: the newest its ranks reach) to ``out``;
-    returns the step exported. ``feature_types``: as :func:`ds_ext.tools.export.export`'s."""
+    returns the step exported. ``also_checkpoint``: also write the DeepSpeed checkpoint of that step there (tag
+    ``tag``, default ``global_step<N>``), for a pipeline journal from the same replay. ``feature_types``: as
+    :func:`ds_ext.tools.export.export`'s."""
     from ds_ext.models.hf import load_tokenizer, save_hf_state
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
@@ -92,8 +98,16 @@ def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str =
     if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
         raise SystemExit(f"ds_ext.recovery export --hf: the run's tokenizer directory {tokenizer_dir} is gone; "
                          "pass --tokenizer DIR")
+    if meta["pipeline"] and also_checkpoint is not None:
+        pipeline_layout_of(meta, rank_dirs[0])  # refused before anything is written
+    if meta["pipeline"] and meta.get("pipeline_layout"):
+        target, _, state = export_pipeline(journal_dir, also_checkpoint, tag, True, replica, step, feature_types)
+        save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
+        return target
     first = replica * topo["ranks_per_replica"]
     target = export_step(rank_dirs[first:first + topo["ranks_per_replica"]], step, feature_types)
     state = _replica_state(rank_dirs, meta, replica, target, feature_types or {})
     save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
+    if also_checkpoint is not None:
+        export(journal_dir, also_checkpoint, tag, target, feature_types, replica)
     return target
