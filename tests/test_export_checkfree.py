@@ -118,7 +118,8 @@ def test_checkfree_journals_export_the_runs_own_weights(tmp_path):
     earlier one (both replay records holding CheckFree payloads), as an HF directory and as a DeepSpeed pipeline
     checkpoint from the same replay: the HF weights equal ``--save_hf``'s gathering of the run at that step,
     exactly, and a stock PipelineEngine with the same stage count loads the checkpoint (its step counter, module
-    weights and fp32 masters: the run's, exactly)."""
+    weights and fp32 masters: the run's, exactly). Without the recorded layout (older journals) ``--hf`` still
+    equals the run's weights."""
     from hf_dirs import make_model_dir, qwen2_config
     cases = {4: ({"replicate_ends_interval": 2, "inject": {"at": [{"step": 2, "stage": 1}]}}, 5, (4, 5)),
              2: ({"replicate_ends_interval": 1}, 5, (2, 5))}
@@ -143,6 +144,22 @@ def test_checkfree_journals_export_the_runs_own_weights(tmp_path):
             _assert_equal(loaded[0][step]["masters"], snapshots[step], what + " (fp32 masters)")
             for rank, r in enumerate(loaded):  # each stage's module weights, loaded from the layer files
                 _assert_equal(r[step]["params"], snapshots[step], f"{what} (stage {rank} weights)")
+    _drop_layouts(journal)  # the 2-stage journal as an older ds_ext wrote it: --hf replays stage by stage
+    from ds_ext.recovery.__main__ import main
+    both = [str(tmp_path / "ds_old"), "--hf", str(tmp_path / "hf_old")]
+    assert main(["export", str(journal), *both]) == 2  # the DeepSpeed form needs the layout: refused, nothing written
+    assert not (tmp_path / "ds_old").exists() and not (tmp_path / "hf_old").exists()
+    assert main(["export", str(journal), "--hf", str(tmp_path / "hf_old"), "--step", str(at[0])]) == 0
+    _assert_exported(tmp_path / "hf_old", snapshots[at[0]], "2 stages, no recorded layout, --hf")
+
+
+def _drop_layouts(journal) -> None:
+    """Remove ``pipeline_layout`` from every EXPORT.bin of ``journal`` (what journals of older versions hold)."""
+    from ds_ext.recovery.meta import read_export_meta, write_export_meta
+    for rank_dir in sorted(journal.glob("rank*")):
+        meta = read_export_meta(str(rank_dir))
+        assert meta.pop("pipeline_layout")["num_stages"] == 2
+        write_export_meta(str(rank_dir), meta)
 
 
 def _journal_with_payload(rank_dir, name: str) -> None:
