@@ -58,6 +58,8 @@ Last-line JSON keys:
 - `failure_scale`: --failure_scale (with --swap)
 - `checkfree_plus_time_ratio_vs_ckpt`: CheckFree+ / checkpoint-restart time to target at the middle rate (the
   paper: <= 0.88 at 5-10 %/h) (with --swap)
+- `checkfree_plus_time_ratio_vs_ckpt_without_restarts`: the same with each side's relaunches / replacement boots
+  before its target time subtracted (the old accounting: neither side pays a process start) (with --swap)
 - `checkfree_plus_time_ratio_vs_checkfree`: CheckFree+ / CheckFree (no swap) time to target, middle rate (with --swap)
 - `checkfree_plus_time_ratio_vs_ckpt_by_rate`: the same ratio at each rate (with --swap)
 - `end_stage_recovery_loss_ratio`: CheckFree+ eval loss at the highest rate / failure-free eval loss, equal steps
@@ -157,13 +159,15 @@ def run_job(rank: int, args, method: str, rate: float, job_dir: str) -> bool:
     state = json.load(open(state_path)) if os.path.exists(state_path) else None
     engine, topo = build_engine(args, ds_config(args, method, rate))
     data, ckpt_dir = Batches(args), os.path.join(job_dir, "ckpt")
-    seg = {"log": [], "save_s": 0.0, "saves": 0, "load_s": 0.0, "launch_s": 0.0, "replace_s": 0.0}
+    seg = {"log": [], "save_s": 0.0, "saves": 0, "load_s": 0.0, "launch_s": 0.0, "replace_s": 0.0,
+           "pauses": []}
     if state is None:  # a fresh run: the clock starts at the first step (start-up is the same for every method)
         state = {"iteration": 0, "t0": None, "segments": 0}
         if method == "checkpoint":
             engine.save_checkpoint(ckpt_dir)
     else:  # a relaunched checkpoint run: everything since the failure is its restart cost
         seg["launch_s"] = time.time() - state["failed_at"]
+        seg["pauses"].append((state["failed_at"] - state["t0"], seg["launch_s"]))
         t = time.time()
         engine.load_checkpoint(ckpt_dir)
         seg["load_s"] = time.time() - t
@@ -189,6 +193,7 @@ def run_job(rank: int, args, method: str, rate: float, job_dir: str) -> bool:
                     boot_replacement(args)
                 torch.distributed.barrier()
                 seg["replace_s"] += time.time() - t
+                seg["pauses"].append((t - state["t0"], time.time() - t))
     state.update(iteration=iteration, segments=state["segments"] + 1)
     if failed:
         state["failed_at"] = time.time()
@@ -263,6 +268,7 @@ def collect(job_dir: str, method: str, rate: float) -> dict:
     failures = (state["segments"] - 1 if method == "checkpoint"
                 else int(metrics[-1].get("checkpoint_free/failures", 0)))
     return {"method": method, "rate": rate, "log": [e for s in last for e in s["log"]],
+            "pauses": [p for s in ranks[0] for p in s["pauses"]],
             "eval_loss": last[-1]["eval_loss"], "iterations": state["iteration"], "failures": failures,
             "params": sum(segs[-1]["params"] for segs in ranks), **total,
             "rebuild_s": max(m.get("checkpoint_free/rebuild_s", 0.0) for m in metrics)}
@@ -280,6 +286,11 @@ def time_to(log, target):
     return next((t for t, _, ema in smoothed(log) if ema <= target), float("nan"))
 
 
+def without_pauses(t: float, pauses: list) -> float:
+    """``t`` minus the relaunches / replacement boots (``(start, seconds)``) that began before it."""
+    return t - sum(d for start, d in pauses if start < t)
+
+
 def summarise(args, runs: list) -> dict:
     from ds_ext.checkfree.rules import per_step_probability
     ref = next(r for r in runs if r["method"] == "none")
@@ -292,6 +303,7 @@ def summarise(args, runs: list) -> dict:
         rows.append({"method": r["method"], "rate_per_hour": r["rate"], "failures": r["failures"],
                      "expected_failures": expected_failures, "iterations": r["iterations"],
                      "wall_s": r["log"][-1][0], "time_to_target_s": time_to(r["log"], target),
+                     "time_to_target_without_restarts_s": without_pauses(time_to(r["log"], target), r["pauses"]),
                      "eval_loss": r["eval_loss"], "save_s": r["save_s"], "load_s": r["load_s"],
                      "saves": r["saves"], "relaunch_s": r["launch_s"], "replacement_boot_s": r["replace_s"], "rebuild_s": r["rebuild_s"],
                      "steps_per_s": len(r["log"]) / r["log"][-1][0]})
@@ -383,14 +395,16 @@ def swap_main(args) -> dict:
     rows = {(x["method"], x["rate_per_hour"]): x for x in summarise(args, runs)["rows"]}
     mid, high = rates[len(rates) // 2], rates[-1]
 
-    def ratio(a, b):
-        return rows[a]["time_to_target_s"] / rows[b]["time_to_target_s"]
+    def ratio(a, b, key="time_to_target_s"):
+        return rows[a][key] / rows[b][key]
 
     def steps_per_s(r):
         return len(r["log"]) / r["log"][-1][0]
     res.update({
         "swap": True, "iteration_rates": rates, "failure_scale": args.failure_scale,
         "checkfree_plus_time_ratio_vs_ckpt": ratio(("checkfree_plus", mid), ("checkpoint", mid)),
+        "checkfree_plus_time_ratio_vs_ckpt_without_restarts": ratio(
+            ("checkfree_plus", mid), ("checkpoint", mid), "time_to_target_without_restarts_s"),
         "checkfree_plus_time_ratio_vs_checkfree": ratio(("checkfree_plus", mid), ("checkfree", mid)),
         "checkfree_plus_time_ratio_vs_ckpt_by_rate": {str(r): ratio(("checkfree_plus", r), ("checkpoint", r))
                                                       for r in rates},
