@@ -2,12 +2,12 @@
 
     python benchmarks/checkfree.py                  # CPU default: 4 processes (4 stages), 5 runs
     python benchmarks/checkfree.py --swap           # CheckFree+ at the reference's failure rates, 11 runs
-    python benchmarks/checkfree.py --smoke --out /tmp/cf.png   # CI size: 8 steps, hidden 32, one rate
+    python benchmarks/checkfree.py --smoke --out /tmp/cf.png   # CI size: 2 stages, 8 steps, one rate
 
-Model: the reference Llama-style decoder (``--layers`` layers, ``--hidden`` wide, vocabulary 259) as a 4-stage
-DeepSpeed ``PipelineEngine`` on 4 gloo processes, ZeRO-1, AdamW, windows of the shipped corpus. Every stage of
-the pipeline fails at random with an hourly probability (``--rates``, CheckFree's 5-33 %/h), turned into a per-step
-probability for a step of ``--nominal_step_s`` seconds, the same failures for every method (drawn from ``--seed``
+Model: the reference Llama-style decoder (``--layers`` layers, ``--hidden`` wide, vocabulary 259) as a DeepSpeed
+``PipelineEngine`` of ``--stages`` stages (default 4) on as many gloo processes, ZeRO-1, AdamW, windows of the shipped
+corpus. Every stage of the pipeline fails at random with an hourly probability (``--rates``, CheckFree's 5-33 %/h),
+turned into a per-step probability for a step of ``--nominal_step_s`` seconds, the same failures for every method (drawn from ``--seed``
 and the iteration number):
 
 * ``none``: no failures (the reference curve and the loss target);
@@ -17,7 +17,7 @@ and the iteration number):
   for the lost stage's replacement process, which is really booted (a fresh Python importing torch, DeepSpeed and
   ds_ext and building the model; ``replacement_boot_s``), then rebuilt (``rebuild_s``);
 * ``checkpoint``: stock DeepSpeed ``save_checkpoint`` every ``--ckpt_every`` steps (timed: ``save_s``). A failure
-  kills the job: every process exits and the job is really relaunched (a new spawn of all 4 processes, imports,
+  kills the job: every process exits and the job is really relaunched (a new spawn of all processes, imports,
   process group, engine build: ``relaunch_s``, from the failure to engine-ready), ``load_checkpoint`` rolls every
   stage back (``load_s``) and the lost steps are trained again. Not counted for either method: the time to detect
   the failure and to get a replacement machine (the same for both).
@@ -29,7 +29,7 @@ prototype): failures at the reference code's per-iteration stage-failure probabi
 stage is an end-side one. Runs ``none`` and ``none_swap`` (failure-free, plain vs swapped schedule), then per rate
 ``checkfree_plus`` (swap on: a lost stage is a copy of its partner), ``checkfree`` (no swap) and ``checkpoint``.
 
-Runs of one failure rate share one spawn of the 4 processes (each builds a fresh engine from the same seed); the
+Runs of one failure rate share one spawn of the processes (each builds a fresh engine from the same seed); the
 clock of a run starts at its first step, so start-up is not counted, relaunches are. The loss target is the
 failure-free run's smoothed training loss (EMA 0.1) at ``--target_at`` of its steps; time to target is when a run's
 smoothed loss first reaches it. Theory for the time ratio, if a rebuild cost nothing (neither loss nor time):
@@ -41,6 +41,7 @@ Last-line JSON keys:
 - `rows`: one row per run (method, rate, failures, iterations, wall / to-target / save / load / relaunch /
   replacement-boot / rebuild seconds, steps per second, eval loss)
 - `target_loss`: the failure-free run's smoothed loss at --target_at of its steps
+- `stages`: --stages (pipeline stages, one process each)
 - `params`: model parameters (all stages)
 - `steps`: --steps
 - `ckpt_every`: --ckpt_every
@@ -87,9 +88,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _keys import parse_with_smoke  # noqa: E402
 from _pipeline_bench import build_engine, free_port, maybe_locked, rank_env  # noqa: E402
 
-SMOKE = {"steps": 8, "hidden": 32, "layers": 4, "seq_len": 16, "micro": 2, "rates": [0.33], "nominal_step_s": 900.0,
-         "ckpt_every": 4, "eval_batches": 2, "seed": 39}
-STAGES = 4
+SMOKE = {"stages": 2, "steps": 8, "hidden": 32, "layers": 4, "seq_len": 16, "micro": 2, "rates": [0.33],
+         "nominal_step_s": 900.0,         "ckpt_every": 4, "eval_batches": 2, "seed": 39}
 
 
 def parse_args(argv=None):
@@ -99,6 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--iteration_rates", type=float, nargs="+", default=[0.0009, 0.002, 0.01],
                    help="--swap: per-iteration stage failure probabilities (reference: 5, 10, 33 %%/h)")
     p.add_argument("--failure_scale", type=float, default=1.0, help="--swap: multiplies --iteration_rates")
+    p.add_argument("--stages", type=int, default=4, help="pipeline stages = processes (--swap: >= 4)")
     p.add_argument("--steps", type=int, default=300 if swap else 400)
     p.add_argument("--hidden", type=int, default=64 if swap else 128)
     p.add_argument("--layers", type=int, default=12 if swap else 8, help="decoder layers (4 stages share them)")
@@ -118,7 +119,7 @@ def parse_args(argv=None):
 
 
 def ds_config(args, method: str, rate: float) -> dict:
-    ext = {"topology": {"pipeline_stages": STAGES}}
+    ext = {"topology": {"pipeline_stages": args.stages}}
     if method in ("checkfree", "checkfree_plus"):
         ext["recovery"] = {"checkpoint_free": {"enabled": True, "replicate_ends_interval": 10, "inject": {
             "stage_failure_rate_per_hour": rate, "nominal_step_time_s": args.nominal_step_s, "seed": args.seed}}}
@@ -227,7 +228,7 @@ def boot_replacement(args) -> None:
 
 def worker(rank: int, args, jobs: list, work: str, port: int) -> None:
     """Runs ``jobs`` (``(key, method, rate)``) in order in one process group; stops at a checkpoint failure."""
-    rank_env(rank, STAGES, port)
+    rank_env(rank, args.stages, port)
     for key, method, rate in jobs:
         job_dir = os.path.join(work, key)
         os.makedirs(job_dir, exist_ok=True)
@@ -239,7 +240,7 @@ def worker(rank: int, args, jobs: list, work: str, port: int) -> None:
 
 
 def run_group(args, jobs: list) -> list:
-    """Every ``(method, rate)`` of ``jobs``, in one spawn of ``STAGES`` processes, respawned after each checkpoint
+    """Every ``(method, rate)`` of ``jobs``, in one spawn of ``--stages`` processes, respawned after each checkpoint
     failure (the relaunch is part of that run's clock), under ``--lock``. Returns one result per job."""
     import torch.multiprocessing as mp
     work = tempfile.mkdtemp(prefix="ds_ext_cf_")
@@ -250,17 +251,17 @@ def run_group(args, jobs: list) -> list:
                 pending = [j for j in keyed if not os.path.exists(os.path.join(work, j[0], "done"))]
                 if not pending:
                     break
-                mp.start_processes(worker, args=(args, pending, work, free_port()), nprocs=STAGES,
+                mp.start_processes(worker, args=(args, pending, work, free_port()), nprocs=args.stages,
                                    start_method="spawn")
-        return [collect(os.path.join(work, key), method, rate) for key, method, rate in keyed]
+        return [collect(args, os.path.join(work, key), method, rate) for key, method, rate in keyed]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def collect(job_dir: str, method: str, rate: float) -> dict:
+def collect(args, job_dir: str, method: str, rate: float) -> dict:
     state = json.load(open(os.path.join(job_dir, "state.json")))
     ranks = [[torch.load(os.path.join(job_dir, f"rank{r}_seg{s}.pt"), weights_only=False)
-              for s in range(state["segments"])] for r in range(STAGES)]
+              for s in range(state["segments"])] for r in range(args.stages)]
     last = ranks[-1]  # the last stage computes the loss
     total = {k: max(sum(s[k] for s in segs) for segs in ranks) for k in ("save_s", "saves", "load_s", "launch_s",
                                                                          "replace_s")}
@@ -299,13 +300,14 @@ def summarise(args, runs: list) -> dict:
     rows = []
     for r in runs:
         p = per_step_probability(r["rate"], args.nominal_step_s)
-        expected_failures = STAGES * p * args.steps
+        expected_failures = args.stages * p * args.steps
         rows.append({"method": r["method"], "rate_per_hour": r["rate"], "failures": r["failures"],
                      "expected_failures": expected_failures, "iterations": r["iterations"],
                      "wall_s": r["log"][-1][0], "time_to_target_s": time_to(r["log"], target),
                      "time_to_target_without_restarts_s": without_pauses(time_to(r["log"], target), r["pauses"]),
                      "eval_loss": r["eval_loss"], "save_s": r["save_s"], "load_s": r["load_s"],
-                     "saves": r["saves"], "relaunch_s": r["launch_s"], "replacement_boot_s": r["replace_s"], "rebuild_s": r["rebuild_s"],
+                     "saves": r["saves"], "relaunch_s": r["launch_s"], "replacement_boot_s": r["replace_s"],
+                     "rebuild_s": r["rebuild_s"],
                      "steps_per_s": len(r["log"]) / r["log"][-1][0]})
     high = max(args.rates)
     cf = next(x for x in rows if x["method"] == "checkfree" and x["rate_per_hour"] == high)
@@ -313,7 +315,7 @@ def summarise(args, runs: list) -> dict:
     none = next(x for x in rows if x["method"] == "none")
     f, cost = ck["expected_failures"], cost_per_event(rows)
     restart_steps = ((cost["relaunch_s"] or 0.0) + (cost["load_checkpoint_s"] or 0.0)) / cost["step_s"]
-    return {"rows": rows, "target_loss": target, "params": ref["params"], "steps": args.steps,
+    return {"rows": rows, "stages": args.stages, "target_loss": target, "params": ref["params"], "steps": args.steps,
             "ckpt_every": args.ckpt_every, "nominal_step_s": args.nominal_step_s,
             "loss_gap_vs_no_failure": cf["eval_loss"] / none["eval_loss"] - 1,
             "time_ratio_vs_checkpoint_restart": cf["time_to_target_s"] / ck["time_to_target_s"],
@@ -342,7 +344,7 @@ def cost_per_event(rows: list) -> dict:
 
 
 def print_table(res: dict) -> None:
-    print(f"4-stage pipeline, {res['params'] / 1e6:.2f}M params, {res['steps']} steps, checkpoint every "
+    print(f"{res['stages']}-stage pipeline, {res['params'] / 1e6:.2f}M params, {res['steps']} steps, checkpoint every "
           f"{res['ckpt_every']}, loss target {res['target_loss']:.3f} (failure-free EMA at its "
           f"{res['steps']}-step run's target point)")
     print(f"{'method':<15}{'rate':>8}{'fails':>6}{'expect':>7}{'iters':>6}{'wall s':>8}{'to target':>10}"
@@ -355,7 +357,8 @@ def print_table(res: dict) -> None:
     print("per event (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res["cost_per_event_s"].items() if v is not None))
     print(f"at {res['high_rate_per_hour']:.2f}/h: CheckFree / checkpoint restart time to target "
           f"{res['time_ratio_vs_checkpoint_restart']:.3f} (theory if a rebuild cost no loss: "
-          f"{res['time_ratio_theory']:.3f}); CheckFree eval loss vs no failure {100 * res['loss_gap_vs_no_failure']:+.2f} %")
+          f"{res['time_ratio_theory']:.3f}); CheckFree eval loss vs no failure "
+          f"{100 * res['loss_gap_vs_no_failure']:+.2f} %")
 
 
 def plot(res: dict, path: str) -> None:
