@@ -7,8 +7,8 @@
 Model: the reference Llama-style decoder (``--layers`` layers, ``--hidden`` wide, vocabulary 259) as a DeepSpeed
 ``PipelineEngine`` of ``--stages`` stages (default 4) on as many gloo processes, ZeRO-1, AdamW, windows of the shipped
 corpus. Every stage of the pipeline fails at random with an hourly probability (``--rates``, CheckFree's 5-33 %/h),
-turned into a per-step probability for a step of ``--nominal_step_s`` seconds, the same failures for every method (drawn from ``--seed``
-and the iteration number):
+turned into a per-step probability for a step of ``--nominal_step_s`` seconds, the same failures for every method
+(drawn from ``--seed`` and the iteration number):
 
 * ``none``: no failures (the reference curve and the loss target);
 * ``checkfree``: ds_ext checkpoint-free recovery -- a middle stage becomes the gradient-norm-weighted average of its
@@ -89,7 +89,7 @@ from _keys import parse_with_smoke  # noqa: E402
 from _pipeline_bench import build_engine, free_port, maybe_locked, rank_env  # noqa: E402
 
 SMOKE = {"stages": 2, "steps": 8, "hidden": 32, "layers": 4, "seq_len": 16, "micro": 2, "rates": [0.33],
-         "nominal_step_s": 900.0,         "ckpt_every": 4, "eval_batches": 2, "seed": 39}
+         "nominal_step_s": 900.0, "ckpt_every": 4, "eval_batches": 2, "seed": 39}
 
 
 def parse_args(argv=None):
