@@ -58,11 +58,12 @@ Last-line JSON keys:
 - `iteration_rates`: the per-iteration failure probabilities run, after --failure_scale (with --swap)
 - `failure_scale`: --failure_scale (with --swap)
 - `checkfree_plus_time_ratio_vs_ckpt`: CheckFree+ / checkpoint-restart time to target at the middle rate (the
-  paper: <= 0.88 at 5-10 %/h) (with --swap)
+  paper: <= 0.88 at 5-10 %/h); null if a run missed the target within --max_iterations (with --swap)
 - `checkfree_plus_time_ratio_vs_ckpt_without_restarts`: the same with each side's relaunches / replacement boots
   before its target time subtracted (the old accounting: neither side pays a process start) (with --swap)
 - `checkfree_plus_time_ratio_vs_checkfree`: CheckFree+ / CheckFree (no swap) time to target, middle rate (with --swap)
-- `checkfree_plus_time_ratio_vs_ckpt_by_rate`: the same ratio at each rate (with --swap)
+- `checkfree_plus_time_ratio_vs_ckpt_by_rate`: the same ratio at each rate; null where a run did not reach the target
+  within --max_iterations (with --swap)
 - `end_stage_recovery_loss_ratio`: CheckFree+ eval loss at the highest rate / failure-free eval loss, equal steps
   (with --swap)
 - `checkfree_end_stage_loss_ratio`: the same for CheckFree without the swap (with --swap)
@@ -111,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--nominal_step_s", type=float, default=90.0)
     p.add_argument("--ckpt_every", type=int, default=100 if swap else 20)
     p.add_argument("--target_at", type=float, default=0.8)
+    p.add_argument("--max_iterations", type=int, default=None,
+                   help="stop a run after this many iterations, steps redone included (default 2 x --steps): at "
+                        "high rates checkpoint restart may never get through --ckpt_every failure-free steps")
     p.add_argument("--eval_batches", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--lock", default=None, help="a file to flock around each group of runs (a shared machine)")
@@ -158,7 +162,10 @@ def run_job(rank: int, args, method: str, rate: float, job_dir: str) -> bool:
     from ds_ext.checkfree.rules import failures_at
     state_path = os.path.join(job_dir, "state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else None
+    t_build = time.time()
     engine, topo = build_engine(args, ds_config(args, method, rate))
+    if rank == 0:
+        print(f"{method}@{rate}: engine built in {time.time() - t_build:.1f} s", flush=True)
     data, ckpt_dir = Batches(args), os.path.join(job_dir, "ckpt")
     seg = {"log": [], "save_s": 0.0, "saves": 0, "load_s": 0.0, "launch_s": 0.0, "replace_s": 0.0,
            "pauses": []}
@@ -173,7 +180,8 @@ def run_job(rank: int, args, method: str, rate: float, job_dir: str) -> bool:
         engine.load_checkpoint(ckpt_dir)
         seg["load_s"] = time.time() - t
     iteration, failed, seen = state["iteration"], False, 0.0
-    while engine.global_steps < args.steps and not failed:
+    cap = getattr(args, "max_iterations", None) or 2 * args.steps  # checkpoint restart may never get through
+    while engine.global_steps < args.steps and not failed and iteration < cap:
         iteration += 1
         state["t0"] = state["t0"] or time.time()
         loss = float(engine.train_batch(data.iterator(iteration)))
@@ -399,7 +407,8 @@ def swap_main(args) -> dict:
     mid, high = rates[len(rates) // 2], rates[-1]
 
     def ratio(a, b, key="time_to_target_s"):
-        return rows[a][key] / rows[b][key]
+        r = rows[a][key] / rows[b][key]
+        return None if r != r else r  # NaN: a run that never reached the target (--max_iterations)
 
     def steps_per_s(r):
         return len(r["log"]) / r["log"][-1][0]
@@ -420,8 +429,8 @@ def swap_main(args) -> dict:
                      for r in runs}
     print_table(res)
     print(f"CheckFree+ / checkpoint restart time to target at p={mid:.4f}: "
-          f"{res['checkfree_plus_time_ratio_vs_ckpt']:.3f}; "
-          f"vs CheckFree {res['checkfree_plus_time_ratio_vs_checkfree']:.3f}; "
+          f"{res['checkfree_plus_time_ratio_vs_ckpt']}; "
+          f"vs CheckFree {res['checkfree_plus_time_ratio_vs_checkfree']}; "
           f"eval loss vs no failure at p={high:.4f}: {res['end_stage_recovery_loss_ratio']:.4f} (CheckFree "
           f"{res['checkfree_end_stage_loss_ratio']:.4f}); failure-free swap throughput ratio "
           f"{res['swap_cost_throughput_ratio']:.3f}, eval loss ratio {res['swap_failure_free_loss_ratio']:.4f}")
