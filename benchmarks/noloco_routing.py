@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 
 import torch
+
+from _pipeline_bench import build_engine, free_port, rank_env
 
 WORLD = 4
 
@@ -34,19 +35,9 @@ def ds_config(args, method: str) -> dict:
 
 
 def worker(rank: int, args, method: str, port: int, result_dir: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
-    torch.set_num_threads(1)
-    import ds_ext
-    from ds_ext.models import ModelConfig, llama_pipeline
+    rank_env(rank, WORLD, port)
     from ds_ext.data.corpus import load_corpus
-    cfg = ds_config(args, method)
-    topo = ds_ext.build_topology(cfg)
-    torch.manual_seed(0)
-    mcfg = ModelConfig(vocab_size=259, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-                       num_layers=args.layers, num_heads=4, num_kv_heads=2, max_seq_len=args.seq_len)
-    model = llama_pipeline(mcfg, topology=topo.process_topology())
-    engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=cfg, topology=topo)
+    engine, topo = build_engine(args, ds_config(args, method))
     tokens = load_corpus(max_bytes=4 << 20)
     shard, shards = topo.data_shard(rank)  # each replica / data rank its own data; a pipeline's stages the same
 
@@ -66,12 +57,6 @@ def worker(rank: int, args, method: str, port: int, result_dir: str) -> None:
     engine.ds_ext_close()
     torch.save({"coords": topo.coords(rank), "snaps": snaps, "losses": losses, "wall": wall, "eval": eval_loss},
                os.path.join(result_dir, f"rank{rank}.pt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args, method: str) -> dict:

@@ -277,3 +277,72 @@ def test_routed_run_resumed_from_the_journal_is_bit_identical(tmp_path):
         for name, w in a["weights"].items():
             assert torch.equal(w, b["weights"][name]), name
         assert a["losses"][2:] == b["losses"]
+
+
+# -- HF models as pipeline stages, with StreamBP per stage ------------------------------------------------------------
+def _hf_text_batch(step: int, micro: int, length: int = 24):
+    """``((input_ids, position_ids), labels)``: 2 windows of the shipped corpus (bytes < the test vocabulary)."""
+    from ds_ext.data.corpus import load_corpus
+    tokens = load_corpus(max_bytes=1 << 16)
+    g = torch.Generator().manual_seed(step * 101 + micro)
+    starts = torch.randint(0, tokens.numel() - length, (2,), generator=g).tolist()
+    ids = torch.stack([tokens[s:s + length] for s in starts]).long()
+    return (ids, torch.arange(length).expand_as(ids)), ids
+
+
+def _hf_schedules_body(dirs: dict, steps: int):
+    """On 4 processes, one after the other: a generated Qwen2 directory as 4 stages with CheckFree+'s swapped end
+    stages, then as 2 replicas x 2 stages with NoLoCo's random routing; StreamBP on both, ZeRO-1, AdamW. Returns per
+    layout the losses, the schedule's metrics and how many forward calls StreamBP streamed on this rank."""
+    import deepspeed
+    import transformers
+    import ds_ext
+    from ds_ext.models.hf_pipeline import hf_pipeline
+    from ds_ext.streambp.layer import is_streamed, streamed_calls
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = deepspeed.comm.get_rank()
+    stream = {"enabled": True, "chunk_size": 10, "logits_chunk_size": 10}  # chunks that do not divide 24 positions
+    layouts = {
+        "swap": (dirs["swap"], {"topology": {"pipeline_stages": 4}, "streambp": stream,
+                                "recovery": {"checkpoint_free": {"enabled": True, "swap_end_stages": True}}}),
+        "routing": (dirs["routing"], {"topology": {"pipeline_stages": 2}, "streambp": stream,
+                                      "noloco": {"enabled": True, "inner_steps": 4, "ranks_per_replica": 2,
+                                                 "random_routing": True, "seed": ROUTE_SEED}})}
+    out = {}
+    for name, (path, ext) in layouts.items():
+        cfg = pipe_config(ext, stage=1)
+        cfg["optimizer"]["params"]["lr"] = 3e-3
+        topo = ds_ext.build_topology(cfg)
+        replica = topo.coords(rank)[0]
+        pipe = hf_pipeline(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), topo)
+        engine, *_ = ds_ext.initialize(model=pipe, model_parameters=pipe.parameters(), config=cfg, topology=topo)
+        losses = [float(engine.train_batch(iter([_hf_text_batch(2 * step + replica, m) for m in range(2)])))
+                  for step in range(steps)]
+        metrics = engine.ds_ext_metrics()
+        calls = sum(streamed_calls(m) for m in engine.module.modules() if is_streamed(m))
+        out[name] = {"losses": losses, "metrics": metrics, "streamed_calls": calls, "coords": topo.coords(rank)}
+        engine.ds_ext_close()
+    return out
+
+
+@pytest.mark.slow
+def test_hf_stages_train_with_swapped_end_stages_and_with_random_routing_under_streambp(tmp_path):
+    """A generated HF Qwen2 directory (tests/hf_dirs.py) as pipeline stages with StreamBP on: 4 stages with CheckFree+'s
+    swapped end stages, and 2 replicas x 2 stages with random routing. Each trains: finite losses that fall, every
+    swapped micro-batch counted, routes drawn, and every forward of every decoder layer ran StreamBP's streamed
+    function (one decoder layer per stage: one streamed call per micro-batch per rank)."""
+    from hf_dirs import make_model_dir, qwen2_config
+    dirs = {"swap": str(make_model_dir(tmp_path / "q4", qwen2_config(num_hidden_layers=4), tokenizer=False)),
+            "routing": str(make_model_dir(tmp_path / "q2", qwen2_config(num_hidden_layers=2), tokenizer=False))}
+    steps = 8
+    res = run_distributed(_hf_schedules_body, 4, args=(dirs, steps), timeout=400)
+    for name in ("swap", "routing"):
+        for r in res:
+            assert r[name]["streamed_calls"] == steps * 2, (name, r[name]["coords"], r[name]["streamed_calls"])
+        last = [r[name]["losses"] for r in res if r[name]["coords"][1] == (3 if name == "swap" else 1)]
+        for losses in last:
+            assert all(torch.isfinite(torch.tensor(losses))), (name, losses)
+            # the first steps of a random-init model on bytes: the loss falls well past step-to-step noise
+            assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, (name, losses)
+    assert res[0]["swap"]["metrics"]["checkpoint_free/swapped_micro_batches"] == steps  # one of 2 per step
+    assert res[0]["routing"]["metrics"]["noloco/schedule_steps"] == steps
