@@ -25,39 +25,43 @@ def _ds_config(stages: int) -> dict:
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}}}
 
 
-def _run_body(model_dir: str, journal_dir: str, stages: int, steps: int, snapshot_at: tuple, checkfree: dict):
+def _run_body(model_dir: str, stages: int, steps: int, runs: dict):
     """An HF model directory as ``stages`` pipeline stages (one process each; ZeRO-1, AdamW, fp32) with the journal
-    and CheckFree (``checkfree``: the rest of its section). At each step of ``snapshot_at`` the whole model's
-    weights under HF names, gathered as ``--save_hf`` gathers them (rank 0; None elsewhere)."""
+    and CheckFree, trained once per entry of ``runs`` (name -> (journal_dir, checkfree: the rest of its section,
+    snapshot_at)), one after the other in the same processes (each run its own model, engine and journal). Per run:
+    at each step of ``snapshot_at`` the whole model's weights under HF names, gathered as ``--save_hf`` gathers
+    them (rank 0; None elsewhere), and the engine's metrics."""
     import deepspeed
     import ds_ext
     from ds_ext.models.hf import hf_export_meta
     from ds_ext.models.hf_pipeline import gather_hf_state_dict, hf_pipeline
     deepspeed.init_distributed(dist_backend="gloo")
-    config = {**_ds_config(stages),
-              "ds_ext": {"topology": {"pipeline_stages": stages},
-                         "recovery": {"journal_dir": journal_dir, "base_interval": 3,
-                                      "checkpoint_free": {"enabled": True, **checkfree}}}}
-    topo = ds_ext.build_topology(config)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pipe = hf_pipeline(model, topo, hf_meta=hf_export_meta(model.config, model_dir, model_dir))
-    engine, *_ = ds_ext.initialize(model=pipe, model_parameters=pipe.parameters(), config=config, topology=topo)
-    snapshots = {}
-    for step in range(1, steps + 1):
-        engine.train_batch(iter([text_batch(step, m) for m in range(stages)]))
-        if step in snapshot_at:
-            snapshots[step] = gather_hf_state_dict(engine.module, topo, model.config.num_hidden_layers,
-                                                   model.config.tie_word_embeddings)
-    metrics = engine.ds_ext_metrics()
-    engine.ds_ext_close()
-    return {"snapshots": snapshots, "metrics": metrics}
+    out = {}
+    for name, (journal_dir, checkfree, snapshot_at) in runs.items():
+        config = {**_ds_config(stages),
+                  "ds_ext": {"topology": {"pipeline_stages": stages},
+                             "recovery": {"journal_dir": journal_dir, "base_interval": 3,
+                                          "checkpoint_free": {"enabled": True, **checkfree}}}}
+        topo = ds_ext.build_topology(config)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        pipe = hf_pipeline(model, topo, hf_meta=hf_export_meta(model.config, model_dir, model_dir))
+        engine, *_ = ds_ext.initialize(model=pipe, model_parameters=pipe.parameters(), config=config, topology=topo)
+        snapshots = {}
+        for step in range(1, steps + 1):
+            engine.train_batch(iter([text_batch(step, m) for m in range(stages)]))
+            if step in snapshot_at:
+                snapshots[step] = gather_hf_state_dict(engine.module, topo, model.config.num_hidden_layers,
+                                                       model.config.tie_word_embeddings)
+        out[name] = {"snapshots": snapshots, "metrics": engine.ds_ext_metrics()}
+        engine.ds_ext_close()
+    return out
 
 
 def _load_body(model_dir: str, stages: int, checkpoints: dict):
     """A stock DeepSpeed ``PipelineEngine`` of the same model and stage count (DeepSpeed's own pipe x data layout,
-    no ds_ext) loads each exported checkpoint (``checkpoints``: step -> directory, tag from its ``latest``), module
-    weights and ZeRO optimizer partitions. Per step: the engine's step counter, this rank's module weights under HF
-    names, and the fp32 masters as ``--save_hf`` gathers them (rank 0)."""
+    no ds_ext) loads each exported checkpoint in turn (``checkpoints``: key -> directory, tag from its ``latest``),
+    module weights and ZeRO optimizer partitions. Per key: the engine's step counter, this rank's module weights
+    under HF names, and the fp32 masters as ``--save_hf`` gathers them (rank 0)."""
     import deepspeed
     from ds_ext.models.hf_pipeline import gather_hf_state_dict, hf_pipeline, pipeline_to_hf_key
     from ds_ext.topology import Topology
@@ -67,12 +71,12 @@ def _load_body(model_dir: str, stages: int, checkpoints: dict):
     pipe = hf_pipeline(model, num_stages=stages)
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=_ds_config(stages))
     out = {}
-    for step, ckpt in checkpoints.items():
+    for key, ckpt in checkpoints.items():
         path, _ = engine.load_checkpoint(ckpt)
-        out[step] = {"path": path, "global_steps": engine.global_steps,
-                     "params": {pipeline_to_hf_key(n, layers): p.detach().clone()
-                                for n, p in engine.module.named_parameters()},
-                     "masters": gather_hf_state_dict(engine.module, Topology(stages, stages, stages), layers, tied)}
+        out[key] = {"path": path, "global_steps": engine.global_steps,
+                    "params": {pipeline_to_hf_key(n, layers): p.detach().clone()
+                               for n, p in engine.module.named_parameters()},
+                    "masters": gather_hf_state_dict(engine.module, Topology(stages, stages, stages), layers, tied)}
     return out
 
 
@@ -110,47 +114,81 @@ def _assert_pipeline_checkpoint(ckpt, step: int, stages: int, layers: int):
     assert set(expected) <= set(files) and all(f.endswith(".py") for f in set(files) - set(expected)), files
 
 
+# Per stage count, two runs: without a failure (end replicas every step; the issue's 2-stage report) and with one
+# stage failing after step 2 (end replicas every 2 steps). With 4 stages the failing stage 1 is a middle stage:
+# CheckFree's neighbour average. With 2 stages both stages are end stages, so the failure is an end stage's:
+# stage 0 is rebuilt CheckFree+-style from its one neighbour (stage 1's layers plus the replica of the embedding
+# stage 1 keeps; rules.plan_rebuilds' "partner"). That is what CheckFree supports with 2 stages; refused by design
+# are both stages failing at once (no live neighbour) and swap_end_stages (needs >= 4 stages). Each run exports
+# its last step and an earlier one (every record holds a checkpoint_free payload; after a failure the earlier step
+# is one the rebuilt stage trained at lr_scale x lr).
+# name -> (checkfree section, the stage that fails or None, the rebuild counter it bumps, export steps)
+CASES = {2: {"no_failure": ({"replicate_ends_interval": 1}, None, None, (2, 5)),
+             "failure": ({"replicate_ends_interval": 2, "inject": {"at": [{"step": 2, "stage": 0}]}}, 0, "partner",
+                         (4, 5))},
+         4: {"no_failure": ({"replicate_ends_interval": 1}, None, None, (2, 5)),
+             "failure": ({"replicate_ends_interval": 2, "inject": {"at": [{"step": 2, "stage": 1}]}}, 1,
+                         "neighbours", (4, 5))}}
+STEPS = 5
+
+
 @pytest.mark.slow
-def test_checkfree_journals_export_the_runs_own_weights(tmp_path):
-    """Two runs: 4 stages with stage 1 failing after step 2 (rebuilt from its neighbours: its journal starts over
-    from a base and it trains at lr_scale x lr from then on, which the export must replay), end replicas every 2
-    steps; 2 stages without a failure, end replicas every step. Each journal exported at its last step and at an
-    earlier one (both replay records holding CheckFree payloads), as an HF directory and as a DeepSpeed pipeline
-    checkpoint from the same replay: the HF weights equal ``--save_hf``'s gathering of the run at that step,
-    exactly, and a stock PipelineEngine with the same stage count loads the checkpoint (its step counter, module
-    weights and fp32 masters: the run's, exactly). Without the recorded layout (older journals) ``--hf`` still
-    equals the run's weights."""
+@pytest.mark.parametrize("stages", sorted(CASES))
+def test_checkfree_journals_export_the_runs_own_weights(tmp_path, stages):
+    """Two runs of ``stages`` pipeline stages with CheckFree on (see :data:`CASES`), without and with an injected
+    failure; a rebuilt stage's journal starts over from a base and it trains at lr_scale x lr from then on, which
+    the export must replay. A 2-stage failure is an end stage's (both stages are end stages): rebuilt from its one
+    neighbour's layers and replica (CheckFree+), as CheckFree allows with 2 stages (both failing at once has no
+    live neighbour and is refused by design). Each journal exported at its last step and at an earlier one (both
+    replay records holding CheckFree payloads), as an HF directory and as a DeepSpeed pipeline checkpoint from the
+    same replay: the HF weights equal ``--save_hf``'s gathering of the run at that step, exactly, and a stock
+    PipelineEngine with the same stage count loads the checkpoint (its step counter, module weights and fp32
+    masters: the run's, exactly). Without the recorded layout (older journals) the 2-stage no-failure journal's
+    ``--hf`` still equals the run's weights. Both runs of a stage count share their processes (one after the
+    other), and one stock engine loads all their checkpoints: each process start costs seconds on 2 cores."""
     from hf_dirs import make_model_dir, qwen2_config
-    cases = {4: ({"replicate_ends_interval": 2, "inject": {"at": [{"step": 2, "stage": 1}]}}, 5, (4, 5)),
-             2: ({"replicate_ends_interval": 1}, 5, (2, 5))}
-    for stages, (checkfree, steps, at) in cases.items():
-        model_dir = make_model_dir(tmp_path / f"model{stages}", qwen2_config(num_hidden_layers=stages))
-        journal = tmp_path / f"journal{stages}"
-        ranks = run_distributed(_run_body, stages, args=(str(model_dir), str(journal), stages, steps, at, checkfree),
-                                timeout=400)
-        assert ranks[1]["metrics"]["checkpoint_free/neighbours"] == (1 if stages == 4 else 0), ranks[1]["metrics"]
-        snapshots, checkpoints = ranks[0]["snapshots"], {}
+    model_dir = make_model_dir(tmp_path / "model", qwen2_config(num_hidden_layers=stages))
+    runs = {name: (str(tmp_path / f"journal_{name}"), checkfree, at)
+            for name, (checkfree, _, _, at) in CASES[stages].items()}
+    ranks = run_distributed(_run_body, stages, args=(str(model_dir), stages, STEPS, runs), timeout=400)
+    checkpoints = {}
+    for name, (_, victim, rebuilt_by, at) in CASES[stages].items():
+        metrics = [r[name]["metrics"] for r in ranks]
+        assert all(m["checkpoint_free/failures"] == (victim is not None) for m in metrics), (name, metrics)
+        if victim is not None:  # the victim was rebuilt the way this stage count allows, by its neighbour(s)
+            assert metrics[victim][f"checkpoint_free/{rebuilt_by}"] == 1, (name, metrics[victim])
+            assert metrics[victim]["checkpoint_free/lr_scaled"] == 1.0, (name, metrics[victim])
+        snapshots = ranks[0][name]["snapshots"]
         for step in at:
-            hf_out, checkpoints[step] = tmp_path / f"hf{stages}_{step}", tmp_path / f"ds{stages}_{step}"
-            _export(journal, step, hf_out, checkpoints[step])
-            _assert_exported(hf_out, snapshots[step], f"{stages} stages, step {step}, --hf")
-            _assert_pipeline_checkpoint(checkpoints[step], step, stages, stages)
-        loaded = run_distributed(_load_body, stages, args=(str(model_dir), stages,
-                                                           {k: str(v) for k, v in checkpoints.items()}), timeout=300)
-        for step in at:
-            what = f"{stages} stages, step {step}, DeepSpeed checkpoint"
-            assert loaded[0][step]["path"] and all(r[step]["global_steps"] == step for r in loaded), what
-            assert loaded[0][step]["masters"].keys() == snapshots[step].keys(), what
-            _assert_equal(loaded[0][step]["masters"], snapshots[step], what + " (fp32 masters)")
-            for rank, r in enumerate(loaded):  # each stage's module weights, loaded from the layer files
-                _assert_equal(r[step]["params"], snapshots[step], f"{what} (stage {rank} weights)")
-    _drop_layouts(journal)  # the 2-stage journal as an older ds_ext wrote it: --hf replays stage by stage
+            hf_out, checkpoints[name, step] = tmp_path / f"hf_{name}_{step}", tmp_path / f"ds_{name}_{step}"
+            _export(tmp_path / f"journal_{name}", step, hf_out, checkpoints[name, step])
+            _assert_exported(hf_out, snapshots[step], f"{stages} stages, {name}, step {step}, --hf")
+            _assert_pipeline_checkpoint(checkpoints[name, step], step, stages, stages)
+    loaded = run_distributed(_load_body, stages, args=(str(model_dir), stages,
+                                                       {k: str(v) for k, v in checkpoints.items()}), timeout=300)
+    for (name, step) in checkpoints:
+        what, expected = f"{stages} stages, {name}, step {step}, DeepSpeed checkpoint", ranks[0][name]["snapshots"]
+        got = loaded[0][name, step]
+        assert got["path"] and all(r[name, step]["global_steps"] == step for r in loaded), what
+        assert got["masters"].keys() == expected[step].keys(), what
+        _assert_equal(got["masters"], expected[step], what + " (fp32 masters)")
+        for rank, r in enumerate(loaded):  # each stage's module weights, loaded from the layer files
+            _assert_equal(r[name, step]["params"], expected[step], f"{what} (stage {rank} weights)")
+    if stages == 2:
+        _old_layout_exports_hf_only(tmp_path, tmp_path / "journal_no_failure", ranks[0]["no_failure"]["snapshots"])
+
+
+def _old_layout_exports_hf_only(tmp_path, journal, snapshots) -> None:
+    """The 2-stage journal as an older ds_ext wrote it (no recorded layout): the DeepSpeed form is refused, nothing
+    written; ``--hf`` alone replays stage by stage and still gives the run's weights."""
     from ds_ext.recovery.__main__ import main
+    _drop_layouts(journal)
     both = [str(tmp_path / "ds_old"), "--hf", str(tmp_path / "hf_old")]
     assert main(["export", str(journal), *both]) == 2  # the DeepSpeed form needs the layout: refused, nothing written
     assert not (tmp_path / "ds_old").exists() and not (tmp_path / "hf_old").exists()
-    assert main(["export", str(journal), "--hf", str(tmp_path / "hf_old"), "--step", str(at[0])]) == 0
-    _assert_exported(tmp_path / "hf_old", snapshots[at[0]], "2 stages, no recorded layout, --hf")
+    step = min(snapshots)
+    assert main(["export", str(journal), "--hf", str(tmp_path / "hf_old"), "--step", str(step)]) == 0
+    _assert_exported(tmp_path / "hf_old", snapshots[step], "2 stages, no recorded layout, --hf")
 
 
 def _drop_layouts(journal) -> None:
