@@ -1,6 +1,7 @@
 """StreamBP vs DeepSpeed's long-sequence stack (ALST at sp=1), activation checkpointing and plain autograd.
 
-    python benchmarks/streambp.py                      # CPU default: HF Qwen2 model, 4k..16k tokens, ~7 min
+    DS_EXT_BENCH_LOCK=/tmp/lock python benchmarks/streambp.py   # CPU default: HF Qwen2, 4k/8k grid, sp=2, ~15 min
+    python benchmarks/streambp.py --lengths 4096,8192,16384 --budget_length 16384 --no_sp2   # the 16k budget
     python benchmarks/streambp.py --lengths 1024,2048 --full_logits_lengths 1024 --budget_length 2048
     python benchmarks/streambp.py --model reference    # the reference model grid (none / checkpointing / StreamBP)
     python benchmarks/streambp.py --device cuda --lengths 32768,65536 --full_logits_lengths 32768,65536 \
@@ -22,7 +23,10 @@ Modes:
 * ``streambp``: ds_ext StreamBP (``--chunk_size``; logits chunk ``--logits_chunk_size`` tokens, capped by
   StreamBP's own logits byte budget);
 * ``streambp_offload`` (``--device cuda`` only): StreamBP with ``offload_layer_inputs`` (stored layer inputs in
-  pinned host memory, so its "stored" device bytes are 0).
+  pinned host memory, so its "stored" device bytes are 0);
+* ``alst_sp2`` / ``streambp_sp2`` (qwen2, unless ``--no_sp2``): the same at sequence-parallel size 2, 2 processes x
+  1 thread over gloo (DeepSpeed's ``UlyssesSPAttentionHF`` for ALST; ``streambp.sequence_parallel: 2`` for
+  StreamBP); T is the whole sequence, memory the larger rank's (``benchmarks/_streambp_sp.py``).
 
 ``--device cuda``: every model is cast to bf16 on the GPU (the issue's GPU grid), peak memory is the caching
 allocator's ``max_memory_allocated`` growth over the step, times follow ``torch.cuda.synchronize``; gradient errors
@@ -38,16 +42,21 @@ keep between forward and backward); "working set" = peak - stored layer inputs, 
 theoretical bytes per token (:func:`theory_bytes_per_token`).
 
 "Longest sequence under a budget": the budget is the baseline's measured peak at ``--budget_length`` (ALST's at
-16k on qwen2, checkpointing's on the reference model); the answer is the longest measured length whose StreamBP
-peak fits and a linear extrapolation from StreamBP's two longest points. Gradient error: max relative error over
-all parameters of each mode vs plain autograd at ``--grad_length``. Prints a table, writes a PNG and prints one JSON
-object as its last line.
+8k on qwen2, checkpointing's on the reference model). On qwen2 it is found by running: probes of StreamBP at the
+least-squares estimate from its measured points, bisection of the (fits, fails) bracket, ``--search_probes`` runs,
+resolution ``--search_step``; the same for sp=2 within ALST sp=2's per-rank peak at ``--budget_length``, where
+StreamBP sp=1 is searched too (equal per-rank memory). Also a linear extrapolation from StreamBP's two longest
+points. Time: ``--repeats`` paired runs (ALST then StreamBP) at ``--budget_length``, the median of the per-pair
+ratios. ``DS_EXT_BENCH_LOCK=FILE``: every point holds that flock (a shared machine). Gradient error: max relative
+error over all parameters of each mode vs plain autograd at ``--grad_length``. Prints a table, writes a PNG and
+prints one JSON object as its last line.
 
 Which command gives which keys: every command gives the unconditional keys below; the default model (qwen2, the
 default grid ``python benchmarks/streambp.py``) adds the ALST keys (``*_vs_alst``); ``--model reference`` adds
 ``max_seq_ratio_vs_checkpointing`` and the other checkpointing-budget keys instead; ``--device cuda`` adds the
 offload keys. The ``time_ratio_vs_checkpointing`` group needs a length in both ``--lengths`` and
-``--full_logits_lengths`` (true of every documented grid).
+``--full_logits_lengths`` (true of every documented grid; ``--smoke`` measures no full-logits mode, whose code its
+gradient check still runs).
 
 Last-line JSON keys:
 - `benchmark`: "streambp"
@@ -62,10 +71,10 @@ Last-line JSON keys:
 - `grad_rel_err`: the same for every mode, {mode: error}
 - `rows`: every measured (mode, length): seconds, peak_bytes, stored_bytes (or error)
 - `plot`: the PNG written, relative to the repository root
-- `time_ratio_vs_checkpointing`: StreamBP time / checkpointing time at time_ratio_length
-- `time_ratio_length`: the longest length measured for both checkpointing and StreamBP
-- `memory_ratio_at_longest`: checkpointing peak / StreamBP peak at time_ratio_length
-- `theory_memory_ratio`: the same from theory_bytes_per_token
+- `time_ratio_vs_checkpointing`: StreamBP time / checkpointing time at time_ratio_length (without --smoke)
+- `time_ratio_length`: the longest length measured for both checkpointing and StreamBP (without --smoke)
+- `memory_ratio_at_longest`: checkpointing peak / StreamBP peak at time_ratio_length (without --smoke)
+- `theory_memory_ratio`: the same from theory_bytes_per_token (without --smoke)
 - `max_seq_ratio_vs_checkpointing`: longest measured StreamBP length within checkpointing's peak at
   --budget_length, over --budget_length (with --model reference)
 - `max_seq_ratio_extrapolated`: the same, extrapolated linearly from StreamBP's two longest points
@@ -73,11 +82,28 @@ Last-line JSON keys:
 - `checkpointing_grad_rel_err`: checkpointing's max relative gradient error (with --model reference)
 - `max_seq_ratio_vs_alst`: StreamBP's extrapolated longest length within ALST's peak at --budget_length, over
   --budget_length (without --model reference)
-- `max_seq_ratio_vs_alst_measured`: the same, longest measured length (without --model reference)
+- `max_seq_ratio_vs_alst_measured`: StreamBP's longest length within ALST's peak at --budget_length, found by
+  running (the search), over --budget_length; null when ALST did not run there (without --model reference)
+- `max_seq_vs_alst_bracket`: that search's [longest fitting, shortest failing (null if none)] lengths; null when
+  ALST did not run there (without --model reference)
 - `budget_bytes`: ALST's peak at --budget_length (without --model reference)
 - `budget_length`: --budget_length (without --model reference)
 - `time_ratio_vs_alst`: StreamBP time / ALST time at --budget_length; null when either did not run there
   (without --model reference)
+- `time_ratio_vs_alst_median`: median over --repeats paired runs of StreamBP time / ALST time at
+  --budget_length; null when no pair ran (without --model reference)
+- `time_vs_alst_spread`: max - min of those per-pair time ratios (beside time_ratio_vs_alst_median); null when
+  no pair ran (without --model reference)
+- `time_ratio_vs_alst_runs`: the per-pair ratios; null when no pair ran (without --model reference)
+- `sp2_budget_bytes`: ALST sp=2's per-rank peak at --budget_length; null when it failed (without --model reference)
+  (without --no_sp2)
+- `sp2_error`: why alst_sp2 failed, else null (without --model reference) (without --no_sp2)
+- `sp2_max_seq_ratio_vs_alst_sp2`: StreamBP+Ulysses sp=2's longest length within sp2_budget_bytes per rank (the
+  search), over --budget_length; null when alst_sp2 failed (without --model reference) (without --no_sp2)
+- `sp2_max_seq_ratio_vs_sp1`: that length over StreamBP sp=1's longest within the same per-rank bytes; null when
+  either is missing (without --model reference) (without --no_sp2)
+- `sp2_brackets`: both searches' [longest fitting, shortest failing] lengths, {mode: bracket}; null when
+  alst_sp2 failed (without --model reference) (without --no_sp2)
 - `working_set_ratio_vs_alst`: StreamBP working set / ALST's at --budget_length; null when either did not run
   there (without --model reference)
 - `activation_ratio_vs_alst`: StreamBP peak / ALST peak per length, {length: ratio} (without --model reference)
@@ -106,6 +132,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _keys import parse_with_smoke  # noqa: E402
+from _streambp_sp import SP_MODES, alst_measurements, bench_lock, build_sp2, plot, run_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
@@ -116,8 +143,9 @@ MODELS = {
 }
 MODES = {"qwen2": ("none", "checkpointing", "alst", "streambp"), "reference": ("none", "checkpointing", "streambp")}
 BASELINE = {"qwen2": "alst", "reference": "checkpointing"}
-SMOKE = {"lengths": "512", "full_logits_lengths": "512", "budget_length": 512, "streambp_only_lengths": "",
-         "chunk_size": 128, "logits_chunk_size": 64, "grad_length": 128}
+SMOKE = {"lengths": "512", "full_logits_lengths": "", "budget_length": 512, "streambp_only_lengths": "",
+         "chunk_size": 128, "logits_chunk_size": 64, "grad_length": 128, "repeats": 1, "search_probes": 0,
+         "no_sp2": True}
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -263,8 +291,9 @@ def rss_bytes() -> int:
 
 
 def child(model_name: str, mode: str, length: int, args) -> dict:
-    torch.set_num_threads(2)
-    model, loss_fn = build(model_name, mode, args)
+    sp = mode in SP_MODES  # one of 2 ranks, 1 thread each
+    torch.set_num_threads(1 if sp else 2)
+    model, loss_fn = build_sp2(sys.modules[__name__], mode, args) if sp else build(model_name, mode, args)
     model.to(args.device)
     vocab = MODELS[model_name]["vocab_size"]
     step(loss_fn, model, 64, vocab)
@@ -285,20 +314,32 @@ def measure(mode: str, length: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(length), "--model", args.model,
            "--chunk_size", str(args.chunk_size), "--logits_chunk_size", str(args.logits_chunk_size),
            "--device", args.device]
+    ranks = 2 if mode in SP_MODES else 1
     # A fixed mmap threshold makes glibc return freed large blocks, so RSS follows the live tensors (otherwise its
     # adaptive threshold keeps freed blocks in the heap and the peak depends on allocation history).
-    env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, OMP_NUM_THREADS=str(2 // ranks), MALLOC_MMAP_THRESHOLD_="65536")
     # DeepSpeed's CPU comm op (checkpointing's init_distributed) is built once per venv, as the tests do
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env["DS_ACCELERATOR"] = args.device  # explicit: the parent's own CPU setting (grad_errors) must not leak
+    envs = [env]
+    if ranks > 1:
+        from ds_ext.distributed import free_port
+        port = str(free_port())
+        envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port) for r in range(ranks)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.point_timeout)
+        with bench_lock():
+            procs = run_ranks(cmd, envs, args.point_timeout, ROOT)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "length": length, "error": f"timed out after {args.point_timeout} s"}
-    if proc.returncode != 0:
-        return {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["stored_bytes"] = 0 if mode == "streambp_offload" else stored_bytes(args.model, length, args.device)
+    failed = [err for code, _, err in procs if code != 0]
+    if failed:
+        return {"mode": mode, "length": length, "error": failed[0].strip().splitlines()[-1:]}
+    per_rank = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in procs]
+    result = {"mode": mode, "length": length, "seconds": max(r["seconds"] for r in per_rank),
+              "peak_bytes": max(r["peak_bytes"] for r in per_rank)}
+    result["stored_bytes"] = 0 if mode == "streambp_offload" else stored_bytes(args.model, length // ranks,
+                                                                                args.device)
     print(f"  {mode:>13} T={length:>6}: {result['seconds']:7.2f} s  {result['peak_bytes'] / 2**20:8.1f} MiB",
           file=sys.stderr)
     return result
@@ -402,35 +443,13 @@ def budget_answer(rows: list, baseline: str, budget_length: int, mode: str = "st
             "streambp_max_measured": max(fits, default=0), "streambp_max_extrapolated": extrapolated}
 
 
-def plot(rows: list, modes, path: str, device_label: str = "2 CPU threads") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    colors = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # one color per mode in every panel
-    for mode in modes:
-        pts = sorted((r["length"], r["peak_bytes"] / 2**20, r["seconds"], (r["peak_bytes"] - r["stored_bytes"]) / 2**20)
-                     for r in rows if r["mode"] == mode and "error" not in r)
-        if pts:
-            a.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode, color=colors[mode])
-            b.loglog([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode, color=colors[mode])
-            if mode != "none":
-                c.loglog([p[0] for p in pts], [p[3] for p in pts], marker="o", label=mode, color=colors[mode])
-    a.set(xlabel="sequence length", ylabel="peak extra memory (MiB)", title="memory of one fwd+bwd")
-    b.set(xlabel="sequence length", ylabel="seconds", title=f"time of one fwd+bwd ({device_label})")
-    c.set(xlabel="sequence length", ylabel="MiB", title="working set (peak - stored layer inputs)")
-    for ax in (a, b, c):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def print_table(rows: list, modes, lengths, model_name: str) -> None:
     by = {(r["mode"], r["length"]): r for r in rows if "error" not in r}
     print(f"{'mode':>14}{'T':>7}{'peak MiB':>10}{'seconds':>9}{'stored MiB':>12}{'working MiB':>13}"
           f"{'ws B/token':>12}{'theory B/token':>16}")
     for mode in modes:
-        theory = theory_working_set(model_name, mode) if mode != "none" else theory_bytes_per_token(model_name, mode)
+        theory = (float("nan") if mode in SP_MODES else theory_working_set(model_name, mode) if mode != "none"
+                  else theory_bytes_per_token(model_name, mode))
         for t in lengths:
             r = by.get((mode, t))
             if r is None:
@@ -444,11 +463,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2", choices=sorted(MODELS))
     p.add_argument("--lengths", default=None,
-                   help="lengths for the baseline and StreamBP (qwen2: 4096,8192,16384; reference: 1k..16k)")
+                   help="lengths for the baseline and StreamBP (qwen2: 4096,8192; reference: 1k..16k)")
     p.add_argument("--full_logits_lengths", default=None,
                    help="lengths for the full-logits modes none and checkpointing (qwen2: 4096,8192; reference: "
                         "the same as --lengths)")
-    p.add_argument("--budget_length", type=int, default=None, help="qwen2: 16384 (ALST's peak); reference: 4096")
+    p.add_argument("--budget_length", type=int, default=None, help="qwen2: 8192 (ALST's peak); reference: 4096")
     p.add_argument("--streambp_only_lengths", default=None,
                    help="extra lengths measured for StreamBP alone (reference default 24576)")
     p.add_argument("--chunk_size", type=int, default=None, help="StreamBP chunk (qwen2: 512, reference: 1024)")
@@ -459,14 +478,19 @@ def main(argv=None) -> dict:
     p.add_argument("--plot", default=None)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: peak memory from torch.cuda.max_memory_allocated, times after synchronize")
+    p.add_argument("--repeats", type=int, default=3, help="paired ALST/StreamBP runs at --budget_length (qwen2)")
+    p.add_argument("--search_probes", type=int, default=3,
+                   help="runs per search for the longest sequence within a budget (qwen2)")
+    p.add_argument("--search_step", type=int, default=512, help="length resolution of that search (even)")
+    p.add_argument("--no_sp2", action="store_true", help="skip the sp=2 modes (qwen2: 2 processes x 1 thread)")
     p.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parse_with_smoke(p, argv, SMOKE)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda: no CUDA device is visible (torch {torch.__version__}, "
                 f"torch.cuda.is_available() is False); run it on a GPU machine (scripts/gpu_check.sh)")
     qwen = args.model == "qwen2"
-    defaults = dict(lengths="4096,8192,16384" if qwen else "1024,2048,4096,8192,16384",
-                    budget_length=16384 if qwen else 4096, streambp_only_lengths="" if qwen else "24576",
+    defaults = dict(lengths="4096,8192" if qwen else "1024,2048,4096,8192,16384",
+                    budget_length=8192 if qwen else 4096, streambp_only_lengths="" if qwen else "24576",
                     chunk_size=512 if qwen else 1024, logits_chunk_size=128 if qwen else 512,
                     plot=os.path.join(ROOT, "benchmarks", "results", ("streambp_qwen2" if qwen else "streambp")
                                       + ("_cuda.png" if args.device == "cuda" else ".png")))
@@ -491,9 +515,11 @@ def main(argv=None) -> dict:
                     or (mode in (baseline, "streambp", "streambp_offload") and t in lengths)):
                 rows.append(measure(mode, t, args))
     rows += [measure("streambp", int(t), args) for t in args.streambp_only_lengths.split(",") if t]
+    extra = alst_measurements(lambda mode, n: measure(mode, n, args), rows, args) if qwen else {}
     errors = grad_errors(args.grad_length, args)
     all_lengths = sorted({r["length"] for r in rows})
-    print_table(rows, modes, all_lengths, args.model)
+    shown = modes + tuple(m for m in SP_MODES if any(r["mode"] == m for r in rows))
+    print_table(rows, shown, all_lengths, args.model)
     by = {(r["mode"], r["length"]): r for r in rows if "error" not in r}
     budget = budget_answer(rows, baseline, args.budget_length)
     print(f"\nbudget = {baseline}'s peak at T={args.budget_length}: {budget['budget_bytes'] / 2**20:.1f} MiB; "
@@ -501,7 +527,7 @@ def main(argv=None) -> dict:
           "extrapolated")
     print(f"max grad rel err vs autograd at T={args.grad_length} (fp32, CPU): {errors}")
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    plot(rows, modes, args.plot, "2 CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
+    plot(rows, shown, args.plot, "2 CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
     result = {"benchmark": "streambp", "device": args.device, "model_name": args.model, "model": MODELS[args.model],
               "chunk_size": args.chunk_size, "logits_chunk_size": args.logits_chunk_size,
               "max_grad_rel_err": errors["streambp"], "grad_rel_err": errors,
@@ -529,7 +555,8 @@ def main(argv=None) -> dict:
         al, sb = by.get(("alst", t)), by.get(("streambp", t))
         result.update(
             max_seq_ratio_vs_alst=budget["streambp_max_extrapolated"] / t,
-            max_seq_ratio_vs_alst_measured=budget["streambp_max_measured"] / t,
+            max_seq_ratio_vs_alst_measured=extra["sp1"]["max_fit"] / t if "sp1" in extra else None,
+            max_seq_vs_alst_bracket=[extra["sp1"]["max_fit"], extra["sp1"]["min_fail"]] if "sp1" in extra else None,
             budget_bytes=budget["budget_bytes"], budget_length=t,
             time_ratio_vs_alst=sb["seconds"] / al["seconds"] if al and sb else None,
             working_set_ratio_vs_alst=((sb["peak_bytes"] - sb["stored_bytes"]) / (al["peak_bytes"] - al["stored_bytes"])
@@ -539,6 +566,17 @@ def main(argv=None) -> dict:
             working_set_slope_ratio_vs_alst=working_set_slope_ratio(by, lengths),
             theory_working_set_bytes_per_token={mode: theory_working_set(args.model, mode) for mode in modes[1:]},
             alst_grad_rel_err=errors["alst"])
+        timing = extra.get("time") or {}
+        result.update(time_ratio_vs_alst_median=timing.get("median"), time_vs_alst_spread=timing.get("spread"),
+                      time_ratio_vs_alst_runs=timing.get("ratios"))
+        if not args.no_sp2:
+            sp2, sp1 = extra.get("sp2"), extra.get("sp1_at_sp2_budget")
+            result.update(
+                sp2_budget_bytes=extra.get("sp2_budget"), sp2_error=extra.get("sp2_error"),
+                sp2_max_seq_ratio_vs_alst_sp2=sp2["max_fit"] / t if sp2 else None,
+                sp2_max_seq_ratio_vs_sp1=sp2["max_fit"] / sp1["max_fit"] if sp2 and sp1 and sp1["max_fit"] else None,
+                sp2_brackets={"streambp_sp2": [sp2["max_fit"], sp2["min_fail"]],
+                              "streambp": [sp1["max_fit"], sp1["min_fail"]]} if sp2 and sp1 else None)
     print(json.dumps(result))
     return result
 

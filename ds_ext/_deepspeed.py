@@ -483,3 +483,42 @@ def pipeline_check_schedulable(engine) -> None:
     if getattr(engine, "using_bf16_optimizer", False):
         raise ValueError("a ds_ext pipeline schedule needs fp32/fp16 or ZeRO-1 bf16; DeepSpeed's BF16_Optimizer "
                          "(bf16 with grad_accum_dtype fp32 and ZeRO 0) is not supported")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Section E: Ulysses sequence parallelism (StreamBP with ``sequence_parallel``)
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed's Ulysses (``deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF``) exchanges q/k/v and
+# the attention output with ``deepspeed.sequence.layer._dim_zero_all_to_all`` (a differentiable all-to-all over dim
+# 0, registered as a torch operator whose backward is the same exchange); its group resolves by name through
+# ``register_all_to_all_group``. The sequence-parallel groups come from ``parallel_state_sp``.
+INTERNALS += [("deepspeed.sequence.layer", "_dim_zero_all_to_all")]
+
+
+def ulysses_register_group(group) -> None:
+    """Make ``group`` usable by :func:`ulysses_all_to_all` (outside any compiled region, before the first call)."""
+    from deepspeed.sequence.layer import register_all_to_all_group
+    register_all_to_all_group(group)
+
+
+def ulysses_all_to_all(group, tensor):
+    """Ulysses' differentiable all-to-all: ``tensor: [N, ...]`` (``N`` = the group's size); slice ``i`` goes to
+    group rank ``i``, and slice ``i`` of the result came from group rank ``i``. Backward is the same exchange."""
+    from deepspeed.sequence import layer
+    return layer._dim_zero_all_to_all(group, tensor)
+
+
+def ulysses_sequence_group(size: int):
+    """The Ulysses sequence-parallel group of this rank for ``size`` ranks (DeepSpeed's ``parallel_state_sp``:
+    consecutive ranks form a group; made on the first call, then reused). A different size than the one already
+    made is refused (DeepSpeed keeps one set of groups per process)."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
+    try:
+        group = sp_state.get_sequence_parallel_group()
+    except AssertionError:  # not made yet
+        sp_state.initialize_sequence_parallel(sequence_parallel_size=size)
+        group = sp_state.get_sequence_parallel_group()
+    made = sp_state.get_sequence_parallel_world_size()
+    if made != size:
+        raise ValueError(f"DeepSpeed's sequence-parallel groups of this process have size {made}; asked for {size}")
+    return group

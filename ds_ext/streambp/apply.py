@@ -85,10 +85,13 @@ def _chunk_head(model: nn.Module, loss) -> List[Callable[[], None]]:
     return [undo]
 
 
-def stream_model(model: nn.Module, cfg: StreamBPConfig, store: Optional[LayerInputStore] = None) -> StreamBPFeature:
+def stream_model(model: nn.Module, cfg: StreamBPConfig, store: Optional[LayerInputStore] = None,
+                 sequence_group=None) -> StreamBPFeature:
     """Stream every known decoder layer of ``model`` and chunk its LM head + loss (plain models, HF models and
     ``PipelineModule`` stages alike); returns the feature whose ``close()`` undoes it. ``store``: the layers' input
-    store (default: :func:`input_store`'s; tests pass a CPU-mode store)."""
+    store (default: :func:`input_store`'s; tests pass a CPU-mode store). With ``cfg.sequence_parallel > 1`` the
+    layers run sharded (:mod:`ds_ext.streambp.ulysses`) over ``sequence_group`` (default: DeepSpeed's Ulysses
+    group of that size, :func:`ds_ext._deepspeed.ulysses_sequence_group`)."""
     if isinstance(model, PipelineModule) and model.activation_checkpoint_interval > 0:
         raise DsExtConfigError([("ds_ext.streambp.enabled", "got true for a PipelineModule built with "
                                  f"activation_checkpoint_interval={model.activation_checkpoint_interval}: StreamBP "
@@ -98,10 +101,26 @@ def stream_model(model: nn.Module, cfg: StreamBPConfig, store: Optional[LayerInp
     if not found and not isinstance(model, PipelineModule):  # a pipeline stage may hold no decoder layer
         raise ValueError(f"StreamBP found no decoder layer it knows in {type(model).__name__}")
     store = store if store is not None else input_store(model, cfg)
+    runner = _sequence_runner(cfg, sequence_group)
     for index, (layer, adapter) in enumerate(found):
-        stream_layer(layer, adapter, cfg.chunk_size, store, index)
+        stream_layer(layer, adapter, cfg.chunk_size, store, index, runner)
     undo = route_attention(a for _, a in found) + _chunk_head(model, chunked_cross_entropy(cfg.logits_chunk_size))
     return StreamBPFeature(cfg, [m for m, _ in found], undo)
+
+
+def _sequence_runner(cfg: StreamBPConfig, group):
+    """The sharded-layer runner of ``cfg.sequence_parallel`` (None at 1); the group's size must equal it."""
+    if cfg.sequence_parallel == 1:
+        return None
+    import torch.distributed as dist
+    from ds_ext.streambp.ulysses import UlyssesStreaming
+    if group is None:
+        from ds_ext._deepspeed import ulysses_sequence_group
+        group = ulysses_sequence_group(cfg.sequence_parallel)
+    if dist.get_world_size(group) != cfg.sequence_parallel:
+        raise DsExtConfigError([("ds_ext.streambp.sequence_parallel", f"got {cfg.sequence_parallel} with a "
+                                 f"sequence group of {dist.get_world_size(group)} ranks; they must be equal")])
+    return UlyssesStreaming(group)
 
 
 def apply_streambp(engine, cfg: StreamBPConfig, topology=None) -> StreamBPFeature:

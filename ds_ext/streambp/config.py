@@ -21,3 +21,10 @@ class StreamBPConfig(ExtSection):
     offload_layer_inputs: bool = False
     """Keep each streamed layer's stored input in pinned host memory and prefetch it during backward
     (:mod:`ds_ext.streambp.offload`): device memory no longer grows with depth. CUDA only (refused on CPU)."""
+
+    sequence_parallel: int = Field(1, ge=1)
+    """Ulysses sequence parallelism over this many consecutive ranks (DeepSpeed's ``parallel_state_sp`` groups):
+    each rank holds a contiguous shard of the sequence (global ``position_ids``) and streams it; heads and rows are
+    exchanged around attention with DeepSpeed's Ulysses all-to-all (:mod:`ds_ext.streambp.ulysses`). Exact (fp32
+    gradients equal sp=1's); sum the parameter gradients over the group. Causal attention over one document per
+    row only (no key padding, packed documents or Prefix Grouper masks); must divide the attention heads. 1: off."""

@@ -209,11 +209,16 @@ def _needs_grad(layer: nn.Module, args, kwargs) -> bool:
             or any(p.requires_grad for p in layer.parameters()))
 
 
-def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int, store=None, layer_index: int = 0) -> None:
+def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int, store=None, layer_index: int = 0,
+                 runner=None) -> None:
     """Give ``layer`` StreamBP's backward; it keeps its own call signature (the adapter reads it).
 
     ``store``: a :class:`ds_ext.streambp.offload.LayerInputStore` keeping the layer's input in host memory
     (``layer_index``: the layer's position among the model's streamed layers, which orders the prefetches).
+    ``runner``: ``runner(call, adapter, chunk_size, store, layer_index) -> y`` in place of
+    :class:`StreamedLayerFunction`, run with and without gradients (a layer whose input is a sequence shard cannot
+    run its own forward: :class:`ds_ext.streambp.ulysses.UlyssesStreaming`); a call the adapter declines is then
+    refused.
 
     The instance's ``forward`` is replaced, the module stays where it is, so parameter names, state dicts and
     hooks are unchanged; :func:`unstream_layer` undoes it. Without gradients, or when the adapter declines the call
@@ -223,11 +228,18 @@ def stream_layer(layer: nn.Module, adapter: LayerAdapter, chunk_size: int, store
         raise ValueError(f"{type(layer).__name__} is already streamed")
 
     def forward(self, *args, **kwargs):
-        call = adapter.streamed_call(*args, **kwargs) if _needs_grad(self, args, kwargs) else None
+        wanted = runner is not None or _needs_grad(self, args, kwargs)
+        call = adapter.streamed_call(*args, **kwargs) if wanted else None
+        if call is None and runner is not None:
+            raise ValueError(f"{type(self).__name__}: StreamBP with sequence parallelism runs every call sharded; this "
+                             "call (a KV cache, or arguments the layer's adapter does not stream) cannot be")
         if call is None:
             return adapter.own_forward(*args, **kwargs)
-        y = StreamedLayerFunction.apply(call.x, call.positions, call.key_padding_mask, adapter, call.full,
-                                        chunk_size, call.chunk_mask, call.segment_ids, store, layer_index)
+        if runner is not None:
+            y = runner(call, adapter, chunk_size, store, layer_index)
+        else:
+            y = StreamedLayerFunction.apply(call.x, call.positions, call.key_padding_mask, adapter, call.full,
+                                            chunk_size, call.chunk_mask, call.segment_ids, store, layer_index)
         self.__dict__[_CALLS] = self.__dict__.get(_CALLS, 0) + 1
         return call.output(y)
 
