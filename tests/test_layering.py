@@ -1,8 +1,7 @@
 """Layering of ``ds_ext``: every module imports on its own, and the import graph inside ``ds_ext`` has no cycle.
 
-**Imports on their own.** One interpreter imports the third-party modules ``ds_ext`` imports at import time
-(torch, DeepSpeed, megatron-core, ...; importing them takes seconds and cannot create a cycle inside ``ds_ext``;
-what ``ds_ext`` imports only inside functions never runs here and is not preloaded), then forks one child
+**Imports on their own.** One interpreter imports the third-party packages ``ds_ext`` uses (torch, DeepSpeed,
+megatron-core, ...; importing them takes seconds and cannot create a cycle inside ``ds_ext``), then forks one child
 per ``ds_ext`` module; each child starts with no ``ds_ext`` module in ``sys.modules`` and imports just that module,
 so an import that only works after some other ``ds_ext`` module was loaded first (the symptom of a cycle broken by
 luck of import order) fails here, naming the module and the error. ``__main__`` modules are imported too (their
@@ -274,25 +273,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _import_time_nodes(tree: ast.AST):
-    """The nodes that run when the module is imported: everything but function bodies (a lazy import inside a
-    function does not run on import; class bodies and ``if``/``try`` blocks do)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack += [child for child in ast.iter_child_nodes(node)
-                  if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
-
-
 def third_party_roots(files: dict) -> list:
-    """The non-``ds_ext`` modules ``ds_ext`` imports at import time (preloaded once before the forks). Modules only
-    imported inside functions (vLLM, transformers' model classes, megatron's GPT model: ~20 s of imports on 2
-    cores) are left out: importing a ``ds_ext`` module never runs those imports, so preloading them bought
-    nothing."""
+    """Top-level names of the non-``ds_ext`` packages ``ds_ext`` imports (preloaded once before the forks)."""
     roots = set()
     for path in files.values():
-        for node in _import_time_nodes(ast.parse((ROOT / path).read_text())):
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
             roots |= {n for n in names if n.split(".")[0] != "ds_ext"}
