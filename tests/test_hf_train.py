@@ -263,10 +263,11 @@ def summary_of(proc):
 
 
 def export(journal, out, *extra):
-    """``python -m ds_ext.recovery export JOURNAL --hf OUT`` run in this process (its ``main``: a subprocess
-    paid ~4 s of imports per call for the same code; test_recovery.py's export test runs the real command)."""
-    from ds_ext.recovery.__main__ import main as recovery_main
-    assert recovery_main(["export", str(journal), "--hf", str(out), *map(str, extra)]) == 0
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "ds_ext.recovery", "export", str(journal), "--hf", str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def weights(path):
