@@ -318,32 +318,26 @@ def test_ds_ext_bf16_baseline_noloco_and_kill_9_resume(tmp_path, model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["model", "jsonl", "two_forms", "empty_txt", "empty_tokenizer", "size_flag",
-                                  "flag_value"])
+@pytest.mark.parametrize("case", ["model", "jsonl", "size_flag", "flag_value"])
 def test_bad_input_exits_2_before_training_writing_nothing(tmp_path, model_dir, case):
     """``ds-ext`` with 2 processes: each refusal exits 2, is printed once (by rank 0; the launcher's own line
-    about the failed worker is not the message), and nothing is written (no HF dir, journal or monitor files). A
-    ``--seq_len`` beyond the positions takes the same exit (``test_refusals_name_the_problem[seq_len]`` checks its
-    message); left out here for CI time."""
+    about the failed worker is not the message), and nothing is written (no HF dir, journal or monitor files).
+    One case per place a refusal comes from in ``examples/train.py``: the HF model/tokenizer/data loading
+    (``model``: an HFModelError, ``jsonl``: a DataError; both leave through the same ``refuse``), the flag check
+    (``size_flag``) and argparse (``flag_value``). The other messages of that same path are checked in this
+    process, ~12 s of CI each saved: a ``--seq_len`` beyond the positions by
+    ``test_refusals_name_the_problem[seq_len]``; two forms in one line, an empty text file and an empty
+    tokenizer directory by ``test_train_flags.py::test_bad_input_messages``."""
     from conftest import ds_ext_run
     data = e2e_data(tmp_path / "data")
     args = ["--model", str(model_dir), "--data", str(data), "--seq_len", "64", "--save_hf", str(tmp_path / "out")]
     if case == "model":
         args[1], message = "Qwen/Qwen2.5-0.5B", "not a directory"
-    elif case in ("jsonl", "two_forms"):
+    elif case == "jsonl":
         line = len((data / "mixed.jsonl").read_text().splitlines()) + 1
-        bad = {"txt": "no known field"} if case == "jsonl" else {"text": "a", "messages": []}
         with open(data / "mixed.jsonl", "a") as f:
-            f.write(json.dumps(bad) + "\n")
-        message = (f"mixed.jsonl:{line}: no known field (keys: txt)" if case == "jsonl" else
-                   f"mixed.jsonl:{line}: fields of 2 forms ('messages', 'text')")
-    elif case == "empty_txt":
-        (data / "empty.txt").write_text("")
-        message = "empty.txt: empty file (no text)"
-    elif case == "empty_tokenizer":
-        (tmp_path / "tok").mkdir()
-        args += ["--tokenizer", str(tmp_path / "tok")]
-        message = f"--tokenizer {tmp_path / 'tok'}: no tokenizer files in this directory"
+            f.write(json.dumps({"txt": "no known field"}) + "\n")
+        message = f"mixed.jsonl:{line}: no known field (keys: txt)"
     elif case == "size_flag":
         args += ["--layers", "2"]
         message = "--layers size the reference model and have no effect with --model DIR"
