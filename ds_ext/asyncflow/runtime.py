@@ -165,6 +165,9 @@ def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, mo
     initial = None if nccl else pusher.write(start, module) if hasattr(pusher, "write") else clone_state(module)
     for w in workers.values():  # a resumed NCCL run: version -1, admission holds the engines until the push below
         w.rpc_sync().set_weights(-1 if nccl and start > 0 else start, initial)
+    if isolate:  # every engine built before the run's clock starts (as run_sync builds its worker first)
+        for w in workers.values():
+            w.rpc_sync().wait_ready()
     runs = {name: w.rpc_async().run() for name, w in workers.items()}
     for name, fut in runs.items():
         pusher.watch(name, fut)
