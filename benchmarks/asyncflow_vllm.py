@@ -25,7 +25,7 @@ is the most async can gain over the best sync run here; ``async_vs_best_sync_ove
 realised. Throughput = trained responses per second of the step loop (engine start-up excluded in every mode: the
 async runtime waits for every worker's engine before its clock starts, as the one-process runs build theirs first).
 
-    python benchmarks/asyncflow_vllm.py --smoke     # CI size: the async run only (one engine start-up), 1 step
+    python benchmarks/asyncflow_vllm.py --smoke     # CI size: the async run only (one engine start-up), 2 steps
 
 Last-line JSON keys:
 - `engine`: "vllm"
@@ -57,12 +57,12 @@ Last-line JSON keys:
 - `trl_vllm_threads`: threads of TRL's fastest GRPOTrainer(use_vllm=True) run; null if it did not run
   (`trl_vllm_error` says why)
 - `throughput_ratio_vs_trl_vllm`: async samples/s over TRL+vLLM's fastest `train()` samples/s; null without TRL
-- `trl_vllm_error`: why TRL+vLLM did not run (without TRL runs only; with --trl_repeats 0: "skipped")
-- `trl_vllm_samples_per_s`: each TRL run's samples/s from model load to the last step (with TRL runs only)
-- `best_sync_vs_trl_vllm`: the best sync run over TRL+vLLM's fastest (with TRL runs only)
-- `trl_vllm_wall_samples_per_s`: each TRL run's responses over its whole process life (with TRL runs only)
-- `trl_vllm_train_samples_per_s`: each TRL run's `train()` samples/s (with TRL runs only)
-- `wall_ratio_vs_trl_vllm`: async over TRL's fastest, each over its whole process life (with TRL runs only)
+- `trl_vllm_error`: why TRL+vLLM did not run (also printed when a TRL run fails; "skipped") (with --trl_repeats 0)
+- `trl_vllm_samples_per_s`: each TRL run's samples/s from model load to the last step (without --trl_repeats 0)
+- `best_sync_vs_trl_vllm`: the best sync run over TRL+vLLM's fastest (without --trl_repeats 0) (without --modes async)
+- `trl_vllm_wall_samples_per_s`: each TRL run's responses over its whole process life (without --trl_repeats 0)
+- `trl_vllm_train_samples_per_s`: each TRL run's `train()` samples/s (without --trl_repeats 0)
+- `wall_ratio_vs_trl_vllm`: async over TRL's fastest, each over its whole process life (without --trl_repeats 0)
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _keys import parse_with_smoke  # noqa: E402
 
 MODES = ("async", "sync_2proc", "sync_best", "sync_1thread")
-SMOKE = {"steps": 1, "max_new_tokens": 16, "trl_repeats": 0, "modes": "async"}
+SMOKE = {"steps": 2, "max_new_tokens": 16, "trl_repeats": 0, "modes": "async"}
 REWARD = '''def vowels(prompt, completion):
     return sum(c in "aeiou " for c in completion) / max(1, len(completion))
 '''
