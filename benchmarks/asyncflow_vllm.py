@@ -22,7 +22,47 @@ Phase times per step (generation G_t, training R_t at t threads) come from the o
 ``generate_s`` and ``train_busy_s``. Ideal overlap of the async layout (one core per phase, perfectly pipelined):
 step time ``max(G_1, R_1)``; the best sync step is ``G_2 + R_2``, so ``overlap_bound = (G_2 + R_2) / max(G_1, R_1)``
 is the most async can gain over the best sync run here; ``async_vs_best_sync_over_bound`` is how much of it is
-realised. Throughput = trained responses per second of the step loop (engine start-up excluded in every mode).
+realised. Throughput = trained responses per second of the step loop (engine start-up excluded in every mode: the
+async runtime waits for every worker's engine before its clock starts, as the one-process runs build theirs first).
+
+    python benchmarks/asyncflow_vllm.py --smoke     # CI size: the async run only (one engine start-up), 2 steps
+
+Last-line JSON keys:
+- `engine`: "vllm"
+- `steps`: --steps
+- `threads`: --threads
+- `samples_per_s_async`: async samples per second of the step loop
+- `samples_per_s_sync_2proc`: the two-process sync's (without --modes async)
+- `samples_per_s_sync_best`: the best sync run's (without --modes async)
+- `samples_per_s_sync_1thread`: the one-core one-process run's (without --modes async)
+- `phase_gen_s_1thread`: generation seconds per step at 1 thread (without --modes async)
+- `phase_train_s_1thread`: training seconds per step at 1 thread (without --modes async)
+- `phase_gen_s_2threads`: generation seconds per step at --threads threads (without --modes async)
+- `phase_train_s_2threads`: training seconds per step at --threads threads (without --modes async)
+- `async_vs_best_sync`: async samples/s over the best synchronous run's (one process, every thread)
+  (without --modes async)
+- `async_vs_sync_2proc`: async over the two-process sync on the same processes (without --modes async)
+- `overlap_bound`: (G_2 + R_2) / max(G_1, R_1), the most async can gain over the best sync run (without --modes async)
+- `async_vs_best_sync_over_bound`: `async_vs_best_sync` / `overlap_bound` (without --modes async)
+- `weight_sync_blocking_s_per_step`: seconds the trainer is held by a weight push, mean per push
+- `weight_sync_bytes_per_push`: bytes written per push
+- `weight_sync_transfer_s`: push start to the last worker's acknowledgement, mean
+- `logprob_mismatch`: max relative error of the engines' probe log-probs against the trainer's after every push
+- `length_p50`: median response length of the async run
+- `length_p99`: its 99th percentile
+- `reward_first5_async`: the async run's mean reward of its first 5 steps
+- `reward_last5_async`: the same over its last 5 steps
+- `wall_samples_per_s_async`: trained responses over the async process's whole life (launch .. last step)
+- `wall_samples_per_s_sync_best`: the same for the best sync run (without --modes async)
+- `trl_vllm_threads`: threads of TRL's fastest GRPOTrainer(use_vllm=True) run; null if it did not run
+  (`trl_vllm_error` says why)
+- `throughput_ratio_vs_trl_vllm`: async samples/s over TRL+vLLM's fastest `train()` samples/s; null without TRL
+- `trl_vllm_error`: why TRL+vLLM did not run (also printed when a TRL run fails; "skipped") (with --trl_repeats 0)
+- `trl_vllm_samples_per_s`: each TRL run's samples/s from model load to the last step (without --trl_repeats 0)
+- `best_sync_vs_trl_vllm`: the best sync run over TRL+vLLM's fastest (without --trl_repeats 0) (without --modes async)
+- `trl_vllm_wall_samples_per_s`: each TRL run's responses over its whole process life (without --trl_repeats 0)
+- `trl_vllm_train_samples_per_s`: each TRL run's `train()` samples/s (without --trl_repeats 0)
+- `wall_ratio_vs_trl_vllm`: async over TRL's fastest, each over its whole process life (without --trl_repeats 0)
 """
 from __future__ import annotations
 
@@ -36,6 +76,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _keys import parse_with_smoke  # noqa: E402
+
+MODES = ("async", "sync_2proc", "sync_best", "sync_1thread")
+SMOKE = {"steps": 2, "max_new_tokens": 16, "trl_repeats": 0, "modes": "async"}
 REWARD = '''def vowels(prompt, completion):
     return sum(c in "aeiou " for c in completion) / max(1, len(completion))
 '''
@@ -50,7 +95,13 @@ def parse_args(argv=None):
     p.add_argument("--stop_tokens", type=int, default=6, help="ids that end a response (the long tail's rate)")
     p.add_argument("--trl_repeats", type=int, default=3)
     p.add_argument("--work", default=None)
-    return p.parse_args(argv)
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated runs of ours (the comparisons need all four; 'async' alone: the CI size)")
+    args = parse_with_smoke(p, argv, SMOKE)
+    args.modes = args.modes.split(",")
+    if set(args.modes) - set(MODES) or "async" not in args.modes or (len(args.modes) > 1 and len(args.modes) < 4):
+        p.error(f"--modes: 'async' or all of {','.join(MODES)}")
+    return args
 
 
 def make_inputs(work: str) -> str:
@@ -141,26 +192,55 @@ def run_trl_vllm(args, work: str, model: str) -> dict:
     return {"runs": runs, "error": err}
 
 
+def compare(args, runs: dict, res: dict) -> None:
+    """The comparisons against the synchronous runs and the ideal-overlap bound (all four modes ran)."""
+    g2, r2 = phases(runs["sync_best"], args.steps)
+    g1, r1 = phases(runs["sync_1thread"], args.steps)
+    bound = (g2 + r2) / max(g1, r1)
+    sps = {k: v["samples_per_s"] for k, v in runs.items()}
+    res.update(phase_gen_s_1thread=g1, phase_train_s_1thread=r1, phase_gen_s_2threads=g2, phase_train_s_2threads=r2)
+    res["async_vs_best_sync"] = sps["async"] / sps["sync_best"]
+    res["async_vs_sync_2proc"] = sps["async"] / sps["sync_2proc"]
+    res["overlap_bound"] = bound
+    res["async_vs_best_sync_over_bound"] = res["async_vs_best_sync"] / bound
+
+
+def compare_trl(args, runs: dict, res: dict, trl: dict) -> None:
+    sps = runs["async"]["samples_per_s"]
+    if not trl["runs"]:
+        res["trl_vllm_threads"], res["throughput_ratio_vs_trl_vllm"] = None, None
+        res["trl_vllm_error"] = (trl["error"] or "")[-600:]
+        return
+    # steady state on both sides: our step loop against TRL's train() (model load excluded in both)
+    best = max(trl["runs"], key=lambda r: r["train_samples_per_s"])
+    res["trl_vllm_threads"] = best["threads"]
+    res["trl_vllm_samples_per_s"] = [r["samples_per_s"] for r in trl["runs"]]
+    res["throughput_ratio_vs_trl_vllm"] = sps / best["train_samples_per_s"]
+    if "sync_best" in runs:
+        res["best_sync_vs_trl_vllm"] = runs["sync_best"]["samples_per_s"] / best["train_samples_per_s"]
+    res["trl_vllm_wall_samples_per_s"] = [steps_wall(args, r) for r in trl["runs"]]
+    res["trl_vllm_train_samples_per_s"] = [r["train_samples_per_s"] for r in trl["runs"]]
+    res["wall_ratio_vs_trl_vllm"] = steps_wall(args, runs["async"]) / max(steps_wall(args, r) for r in trl["runs"])
+
+
+def steps_wall(args, r: dict) -> float:
+    """Trained responses over the process's whole life (launch .. last step; with DS_EXT_BENCH_LOCK this includes
+    the wait for the lock: compare wall_* only from unlocked runs)."""
+    return args.steps * 64 / r["wall_s"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="ds_ext_asyncflow_vllm_")
     os.makedirs(work, exist_ok=True)
     model = make_inputs(work)
     res = {"engine": "vllm", "steps": args.steps, "threads": args.threads}
-    runs = {"async": run(args, work, model, "async", 2, args.staleness),
-            "sync_2proc": run(args, work, model, "sync_2proc", 2, 0),
-            "sync_best": run(args, work, model, "sync_best", 1, 0),
-            "sync_1thread": run(args, work, model, "sync_1thread", 1, 0, pin="0")}
-    g2, r2 = phases(runs["sync_best"], args.steps)
-    g1, r1 = phases(runs["sync_1thread"], args.steps)
-    bound = (g2 + r2) / max(g1, r1)
-    sps = {k: v["samples_per_s"] for k, v in runs.items()}
-    res.update({f"samples_per_s_{k}": v for k, v in sps.items()})
-    res.update(phase_gen_s_1thread=g1, phase_train_s_1thread=r1, phase_gen_s_2threads=g2, phase_train_s_2threads=r2)
-    res["async_vs_best_sync"] = sps["async"] / sps["sync_best"]
-    res["async_vs_sync_2proc"] = sps["async"] / sps["sync_2proc"]
-    res["overlap_bound"] = bound
-    res["async_vs_best_sync_over_bound"] = res["async_vs_best_sync"] / bound
+    layout = {"async": (2, args.staleness, None), "sync_2proc": (2, 0, None), "sync_best": (1, 0, None),
+              "sync_1thread": (1, 0, "0")}
+    runs = {m: run(args, work, model, m, *layout[m]) for m in MODES if m in args.modes}
+    res.update({f"samples_per_s_{k}": v["samples_per_s"] for k, v in runs.items()})
+    if len(runs) == len(MODES):
+        compare(args, runs, res)
     a = runs["async"]
     res["weight_sync_blocking_s_per_step"] = a.get("weight_sync_blocking_s")
     res["weight_sync_bytes_per_push"] = a.get("weight_sync_bytes_per_push")
@@ -169,31 +249,17 @@ def main(argv=None) -> dict:
     res["length_p50"], res["length_p99"] = a.get("length_p50"), a.get("length_p99")
     res["reward_first5_async"], res["reward_last5_async"] = a["reward_first5"], a["reward_last5"]
     trl = run_trl_vllm(args, work, model) if args.trl_repeats > 0 else {"runs": [], "error": "skipped"}
-    if trl["runs"]:
-        # steady state on both sides: our step loop against TRL's train() (model load excluded in both)
-        best = max(trl["runs"], key=lambda r: r["train_samples_per_s"])
-        res["trl_vllm_threads"] = best["threads"]
-        res["trl_vllm_samples_per_s"] = [r["samples_per_s"] for r in trl["runs"]]
-        res["throughput_ratio_vs_trl_vllm"] = sps["async"] / best["train_samples_per_s"]
-        res["best_sync_vs_trl_vllm"] = sps["sync_best"] / best["train_samples_per_s"]
-    else:
-        res["trl_vllm_threads"], res["throughput_ratio_vs_trl_vllm"] = None, None
-        res["trl_vllm_error"] = (trl["error"] or "")[-600:]
+    compare_trl(args, runs, res, trl)
     print(f"{'mode':14s} {'samples/s':>10s} {'gen_s':>8s} {'train_s':>8s} {'seconds':>8s}")
     for k, v in runs.items():
         print(f"{k:14s} {v['samples_per_s']:10.2f} {v['generate_s']:8.2f} {v['train_busy_s']:8.2f} "
               f"{v['train_loop_s']:8.2f}")
-    print(f"async / best sync {res['async_vs_best_sync']:.2f}x, bound {bound:.2f}x, "
-          f"realised {res['async_vs_best_sync_over_bound']:.2f}; async / 2-process sync {res['async_vs_sync_2proc']:.2f}x")
-    def steps_wall(r):  # trained responses over the process's whole life (launch .. last step; with
-        # DS_EXT_BENCH_LOCK this includes the wait for the lock: compare wall_* only from unlocked runs)
-        return args.steps * 64 / r["wall_s"]
-    res["wall_samples_per_s_async"] = steps_wall(a)
-    res["wall_samples_per_s_sync_best"] = steps_wall(runs["sync_best"])
-    if trl["runs"]:
-        res["trl_vllm_wall_samples_per_s"] = [steps_wall(r) for r in trl["runs"]]
-        res["trl_vllm_train_samples_per_s"] = [r["train_samples_per_s"] for r in trl["runs"]]
-        res["wall_ratio_vs_trl_vllm"] = steps_wall(a) / max(steps_wall(r) for r in trl["runs"])
+    if "overlap_bound" in res:
+        print(f"async / best sync {res['async_vs_best_sync']:.2f}x, bound {res['overlap_bound']:.2f}x, realised "
+              f"{res['async_vs_best_sync_over_bound']:.2f}; async / 2-process sync {res['async_vs_sync_2proc']:.2f}x")
+    res["wall_samples_per_s_async"] = steps_wall(args, a)
+    if "sync_best" in runs:
+        res["wall_samples_per_s_sync_best"] = steps_wall(args, runs["sync_best"])
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res))

@@ -25,12 +25,16 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     # the features attached to an engine through the contract
     ("features", ("ds_ext.streambp", "ds_ext.prefix_grouper", "ds_ext.noloco", "ds_ext.checkfree",
                   "ds_ext.recovery")),
-    # applications built from features and models: async GRPO, the exporters, the training script's flags
-    ("applications", ("ds_ext.asyncflow", "ds_ext.grpo", "ds_ext.tools", "ds_ext.train_flags")),
+    # applications built from features and models: AsyncFlow (queue, runtime, rollout workers and their engines),
+    # the exporters, the training script's flags
+    ("applications", ("ds_ext.asyncflow", "ds_ext.tools", "ds_ext.train_flags")),
+    # RL algorithms on AsyncFlow: GRPO (loss, trainer, rewards, tasks) hands the runtime its task and trainer factory
+    ("algorithms", ("ds_ext.grpo",)),
     # what wires features into engines and processes
     ("integration", ("ds_ext.engine", "ds_ext.features", "ds_ext.megatron", "ds_ext.launch")),
-    # the package's face, and every command-line entry point (nothing imports a __main__)
-    ("api", ("ds_ext", "ds_ext.*.__main__")),
+    # the package's face, and every command-line entry point (nothing imports a __main__; ds_ext.grpo.cli is the
+    # GRPO command line behind examples/grpo.py and python -m ds_ext.grpo)
+    ("api", ("ds_ext", "ds_ext.*.__main__", "ds_ext.grpo.cli")),
 ]
 FEATURE_LAYER = "features"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything ds_ext needs on a fresh Debian machine with Python 3.11, idempotently:
 # Debian's Open MPI (for mpi4py and mpirun), a venv in .venv with the CPU build of torch installed *before*
-# deepspeed (otherwise pip pulls a multi-GB CUDA build), the package with its test/mpi/monitor/hf/megatron extras
+# deepspeed (otherwise pip pulls a multi-GB CUDA build), the package with its test/mpi/monitor/hf/megatron/vllm/trl extras
 # (megatron-core 0.16.1 from PyPI; never PyPI's unrelated `apex`), and
 # DeepSpeed's CPU comm op compiled once into the torch extensions cache (~55 s the first time).
 set -euo pipefail
@@ -24,9 +24,9 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q --upgrade pip
   pip install -q torch==2.13.0
 fi
-if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard, transformers, megatron.core, einops, vllm" \
+if ! python -c "import ds_ext, deepspeed, mpi4py, pytest, pytest_timeout, tensorboard, transformers, megatron.core, einops, vllm, trl" \
     2>/dev/null; then
-  pip install -q -e ".[test,mpi,monitor,hf,megatron,vllm]"
+  pip install -q -e ".[test,mpi,monitor,hf,megatron,vllm,trl]"
 fi
 # vllm's dependencies pull torchvision / torchaudio / torchcodec from PyPI as CUDA builds; against the CPU torch they
 # break transformers' model modules (operator torchvision::nms does not exist; seen only when a model class is

@@ -10,10 +10,10 @@ import torch
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.continuous import LengthLog, percentile_lengths
 from ds_ext.asyncflow.queue import TransferQueue
-from ds_ext.asyncflow.rewards import RewardFn
+from ds_ext.grpo.rewards import RewardFn
 from ds_ext.asyncflow.rollout import RolloutWorker
-from ds_ext.asyncflow.task import AdditionPrompts, Task
-from ds_ext.asyncflow.trainer import collate, response_logprobs
+from ds_ext.grpo.task import AdditionPrompts, Task
+from ds_ext.grpo.trainer import collate, response_logprobs
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 
 VOCAB, EOS, PAD = 16, 3, 0
@@ -35,7 +35,7 @@ def run_slot_worker(model):
     the policy's own teacher-forced log-probs, a batch kept full until the drain) and returns (stats, lengths)."""
     cfg = AsyncFlowConfig(group_size=4, groups_per_step=5, max_new_tokens=24, rollout_slots=3, max_staleness=4)
     task = Task(AdditionPrompts(max_operand=999, instruction=""), TinyCodec(),
-                RewardFn("ds_ext.asyncflow.rewards:exact_match"))
+                RewardFn("ds_ext.grpo.rewards:exact_match"))
     queue = TransferQueue(4, 5, 4)
     worker = RolloutWorker("w", lambda: model, task, cfg, queue, seed=1)
     worker.set_weights(0, {k: v.clone() for k, v in model.state_dict().items()})

@@ -130,7 +130,7 @@ def run_trainer(model, samples, cfg):
     import ds_ext
     from ds_ext.asyncflow.queue import TransferQueue
     from ds_ext.asyncflow.rollout import COLUMNS
-    from ds_ext.asyncflow.trainer import GRPOTrainer
+    from ds_ext.grpo.trainer import GRPOTrainer
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": GAS, "steps_per_print": 10 ** 9,
               "optimizer": {"type": "SGD", "params": {"lr": LR}}, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0}
@@ -228,7 +228,7 @@ def test_decoupled_differs_from_tis_only_with_several_updates(results):
 def test_trainer_logprobs_are_the_samplers_distribution():
     """The sampler's log-prob of a drawn token (temperature 0.7, top_p 0.9) equals the trainer's on the same logits;
     without the temperature division (or the nucleus) they differ."""
-    from ds_ext.asyncflow.grpo import sampling_logprobs
+    from ds_ext.grpo.loss import sampling_logprobs
     from ds_ext.models.generate import sample
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(64, 100, generator=g) * 3

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dist import run_distributed
-from ds_ext.asyncflow.grpo import GRPOTokenLoss, group_advantages, step_token_weights
+from ds_ext.grpo.loss import GRPOTokenLoss, group_advantages, step_token_weights
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
 N, T, P, L_MAX, EPS_LOW, EPS_HIGH, BETA = 8, 12, 4, 8, 0.2, 0.28, 0.1
@@ -121,8 +121,8 @@ def test_clipping_zeroes_the_gradient_only_on_the_clipped_side():
 
 def test_grouped_and_plain_response_logprobs_agree():
     """The trainer's Prefix Grouper path gives the per-response log-probs of the plain path (fp32, 1e-5)."""
-    from ds_ext.asyncflow.task import addition_task
-    from ds_ext.asyncflow.trainer import collate, grouped_response_logprobs, response_logprobs
+    from ds_ext.grpo.task import addition_task
+    from ds_ext.grpo.trainer import collate, grouped_response_logprobs, response_logprobs
     from ds_ext.models import LlamaForCausalLM, ModelConfig
     from ds_ext.prefix_grouper.apply import prefix_group_model
     torch.manual_seed(0)

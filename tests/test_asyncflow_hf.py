@@ -44,7 +44,7 @@ def test_a_new_rollout_worker_adopts_the_first_weights_it_is_sent():
     from ds_ext.asyncflow.config import AsyncFlowConfig
     from ds_ext.asyncflow.queue import TransferQueue
     from ds_ext.asyncflow.rollout import RolloutWorker
-    from ds_ext.asyncflow.task import addition_task
+    from ds_ext.grpo.task import addition_task
     from ds_ext.models import LlamaForCausalLM, ModelConfig
     cfg = AsyncFlowConfig(enabled=True, group_size=2, groups_per_step=1, max_new_tokens=2)
     tiny = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)

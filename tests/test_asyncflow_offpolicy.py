@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ds_ext.asyncflow.grpo import GRPOTokenLoss, group_advantages, step_token_weights
+from ds_ext.grpo.loss import GRPOTokenLoss, group_advantages, step_token_weights
 
 N, T, L_MAX, EPS_LOW, EPS_HIGH, BETA, CAP = 8, 6, 6, 0.2, 0.28, 0.05, 1.5
 

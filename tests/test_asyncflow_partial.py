@@ -3,11 +3,11 @@ with them; every token records its policy version and behaviour log-prob, and th
 import torch
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
-from ds_ext.asyncflow.grpo import GRPOTokenLoss, group_advantages
+from ds_ext.grpo.loss import GRPOTokenLoss, group_advantages
 from ds_ext.asyncflow.queue import TransferQueue
 from ds_ext.asyncflow.rollout import RolloutWorker
-from ds_ext.asyncflow.task import addition_task
-from ds_ext.asyncflow.trainer import collate, response_logprobs
+from ds_ext.grpo.task import addition_task
+from ds_ext.grpo.trainer import collate, response_logprobs
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 
 TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)

@@ -1,15 +1,13 @@
 """The long-tail task of the AsyncFlow benchmark: reverse a string of log-uniform random length (correct responses
 from a few tokens to >= 256), graded by ``prefix_match``; the trainer's collate cuts padded responses to the longest;
-``examples/grpo.py --task reverse`` builds it."""
-import importlib.util
-import os
+``ds_ext.grpo.cli --task reverse`` (examples/grpo.py) builds it."""
 import statistics
 
 import torch
 
-from ds_ext.asyncflow.rewards import prefix_match
-from ds_ext.asyncflow.task import ReversePrompts, reverse_task
-from ds_ext.asyncflow.trainer import collate
+from ds_ext.grpo.rewards import prefix_match
+from ds_ext.grpo.task import ReversePrompts, reverse_task
+from ds_ext.grpo.trainer import collate
 
 
 def test_reverse_prompts_are_long_tailed_and_deterministic():
@@ -63,12 +61,10 @@ def test_collate_cuts_padded_responses_to_the_longest():
     assert batch["mask"].sum(1).tolist() == [3, 17, 9]
 
 
-def test_the_example_builds_the_reverse_task(repo_root):
-    spec = importlib.util.spec_from_file_location("grpo_example", os.path.join(repo_root, "examples", "grpo.py"))
-    grpo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grpo)
+def test_the_example_builds_the_reverse_task():
+    from ds_ext.grpo import cli as grpo
     args = grpo.parse_args(["--deepspeed_config", "unused", "--task", "reverse", "--reverse_max_len", "32"])
-    assert args.reward == "ds_ext.asyncflow.rewards:prefix_match"
+    assert args.reward == "ds_ext.grpo.rewards:prefix_match"
     task = grpo.task_for(args)
     assert isinstance(task.prompts, ReversePrompts) and task.prompts.max_len == 32
     assert grpo.warm_start_path(args, task) != grpo.warm_start_path(

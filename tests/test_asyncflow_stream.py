@@ -6,7 +6,6 @@ rollout workers), DAPO normalisation (micro-batches stream with an estimated tok
 update: tests/test_asyncflow_grpo.py checks the correction is exact), and
 ``--kill_group`` kills rollout rank 3's generator process while it holds a reservation."""
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -57,9 +56,7 @@ def test_a_streamed_micro_batch_splits_over_ranks_by_response_tokens():
 
 
 def _model_bytes() -> int:
-    spec = importlib.util.spec_from_file_location("grpo_example_stream", ROOT / "examples" / "grpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from ds_ext.grpo import cli as mod
     return sum(t.numel() * t.element_size() for t in mod.build_model(HIDDEN, LAYERS).state_dict().values())
 
 

@@ -1,18 +1,17 @@
 """The GRPO task interface: JSONL prompts (text or chat messages + metadata), a user's ``module:function`` reward
 (plain and batched), the built-in verifiers, the addition task as one instance, and bad input named clearly (exit 2
 from the example before anything starts; a reward raising mid-run stops the queue instead of hanging it)."""
-import importlib.util
 import json
 import textwrap
 
 import pytest
 import torch
 
-from ds_ext.asyncflow.rewards import RewardError, exact_match, last_number, regex
-from ds_ext.asyncflow.task import AdditionPrompts, TaskError, addition_task, build_task
+from ds_ext.grpo.rewards import RewardError, exact_match, last_number, regex
+from ds_ext.grpo.task import AdditionPrompts, TaskError, addition_task, build_task
 
 USER_REWARDS = """
-    import ds_ext.asyncflow.rewards as r
+    import ds_ext.grpo.rewards as r
 
     def contains_answer(prompt, completion, answer, bonus=0.0):
         return float(str(answer) in completion) + bonus
@@ -83,15 +82,15 @@ def test_addition_is_an_instance_of_the_interface():
 
 
 @pytest.mark.parametrize("rows,reward,message", [
-    ([{"answer": 1}], "ds_ext.asyncflow.rewards:exact_match", ":1: a record needs exactly one of 'prompt'"),
-    (['{"prompt": "x",'], "ds_ext.asyncflow.rewards:exact_match", ":1: not valid JSON"),
-    ([{"prompt": "a", "answer": 1}, {"prompt": "b"}], "ds_ext.asyncflow.rewards:exact_match",
-     ":2: reward 'ds_ext.asyncflow.rewards:exact_match' needs the field(s) ['answer']"),
-    ([{"prompt": "a", "pattern": "x"}], "ds_ext.asyncflow.rewards:regexp", "has no attribute 'regexp'"),
+    ([{"answer": 1}], "ds_ext.grpo.rewards:exact_match", ":1: a record needs exactly one of 'prompt'"),
+    (['{"prompt": "x",'], "ds_ext.grpo.rewards:exact_match", ":1: not valid JSON"),
+    ([{"prompt": "a", "answer": 1}, {"prompt": "b"}], "ds_ext.grpo.rewards:exact_match",
+     ":2: reward 'ds_ext.grpo.rewards:exact_match' needs the field(s) ['answer']"),
+    ([{"prompt": "a", "pattern": "x"}], "ds_ext.grpo.rewards:regexp", "has no attribute 'regexp'"),
     ([{"prompt": "a"}], "no_such_module_af:f", "module 'no_such_module_af' does not import: ModuleNotFoundError"),
     ([{"prompt": "a"}], "exact_match", "expected 'module:function'"),
     ([{"prompt": "a"}], "USER:text", "returned 'high' (str); a reward must be a finite real number"),
-    ([{"messages": [{"role": "user", "content": "hi"}], "answer": 1}], "ds_ext.asyncflow.rewards:exact_match",
+    ([{"messages": [{"role": "user", "content": "hi"}], "answer": 1}], "ds_ext.grpo.rewards:exact_match",
      ":1: the record has 'messages' but the tokenizer has no chat template"),
 ])
 def test_bad_task_input_is_named(tmp_path, user_module, rows, reward, message):
@@ -123,12 +122,8 @@ def test_a_reward_raising_mid_run_names_the_prompt_and_stops_the_queue(tmp_path,
 
 
 def _example():
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("grpo_example_task",
-                                                  Path(__file__).resolve().parents[1] / "examples" / "grpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from ds_ext.grpo import cli
+    return cli
 
 
 @pytest.mark.parametrize("case", ["missing_prompt", "no_import", "non_number"])
@@ -136,7 +131,7 @@ def test_the_example_exits_2_before_training(tmp_path, user_module, capsys, repo
     rows = {"missing_prompt": [{"prompt": "a", "answer": 1}, {"question": "b", "answer": 2}]}.get(
         case, [{"prompt": "a", "answer": 1}])
     reward = {"no_import": "no_such_module_af:f", "non_number": f"{user_module}:text"}.get(
-        case, "ds_ext.asyncflow.rewards:exact_match")
+        case, "ds_ext.grpo.rewards:exact_match")
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(SystemExit) as info:
         _example().main(["--deepspeed_config", str(repo_root / "configs" / "grpo_async.json"), "--prompts", path,

@@ -19,7 +19,7 @@ def setup(tmp_path_factory):
     from ds_ext.asyncflow.config import AsyncFlowConfig
     from ds_ext.asyncflow.hf_policy import HFPolicy
     from ds_ext.asyncflow.queue import TransferQueue
-    from ds_ext.asyncflow.task import build_task
+    from ds_ext.grpo.task import build_task
     from ds_ext.asyncflow.vllm_engine import VLLMRolloutWorker, resolve_engine
     from ds_ext.asyncflow.vllm_sync import BucketWriter, probe_for
     from ds_ext.models.hf import load_hf_model
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     assert resolve_engine(cfg, str(model_dir)) == "vllm"  # auto picks vLLM for a directory it can run
     cfg.rollout.engine = "vllm"
     from transformers import AutoTokenizer
-    task = build_task(str(prompts), "ds_ext.asyncflow.rewards:exact_match", AutoTokenizer.from_pretrained(model_dir))
+    task = build_task(str(prompts), "ds_ext.grpo.rewards:exact_match", AutoTokenizer.from_pretrained(model_dir))
     policy = HFPolicy(load_hf_model(str(model_dir), init="pretrained", dtype=torch.float32))
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness)
     worker = VLLMRolloutWorker("w", None, task, cfg, queue, threads=2)

@@ -37,7 +37,7 @@ def _setup(tmp_path):
     from ds_ext.asyncflow.config import AsyncFlowConfig
     from ds_ext.asyncflow.hf_policy import HFPolicy
     from ds_ext.asyncflow.queue import TransferQueue
-    from ds_ext.asyncflow.task import build_task
+    from ds_ext.grpo.task import build_task
     from ds_ext.asyncflow.vllm_engine import VLLMRolloutWorker
     from ds_ext.models.hf import load_hf_model
     from tests.hf_dirs import make_model_dir, qwen2_config
@@ -48,7 +48,7 @@ def _setup(tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(f'{{"prompt": "Say {i}", "answer": "{i}"}}\n' for i in range(8)))
     cfg = AsyncFlowConfig(enabled=True, group_size=4, groups_per_step=2, max_new_tokens=8, max_staleness=1,
                           rollout={"engine": "vllm", "model_dir": str(model_dir), "shm_dir": str(tmp_path)})
-    task = build_task(str(tmp_path / "p.jsonl"), "ds_ext.asyncflow.rewards:exact_match",
+    task = build_task(str(tmp_path / "p.jsonl"), "ds_ext.grpo.rewards:exact_match",
                       AutoTokenizer.from_pretrained(model_dir))
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness)
     worker = VLLMRolloutWorker("w", None, task, cfg, queue)

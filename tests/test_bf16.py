@@ -108,7 +108,7 @@ def _grouped_deltas(rank: int) -> dict:
     import deepspeed
     import ds_ext
     from ds_ext.prefix_grouper.layout import pack
-    from ds_ext.asyncflow.grpo import GRPOTokenLoss
+    from ds_ext.grpo.loss import GRPOTokenLoss
     from test_prefix_grouper import baseline_logprobs, grpo_batch
     prompts, pmask, comps, cmask, sizes = grpo_batch(10 + rank)
     adv = torch.randn(comps.shape[0], generator=torch.Generator().manual_seed(5))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ds_ext.ops.attention_kernels as attention_op
-from ds_ext.asyncflow.grpo import GRPOTokenLoss
+from ds_ext.grpo.loss import GRPOTokenLoss
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 from ds_ext.prefix_grouper.apply import prefix_group_model
 from ds_ext.prefix_grouper.attention import GroupedAttention, prefix_grouped_attention

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import ds_ext.ops.attention_kernels as attention_op
 from dist import run_distributed
-from ds_ext.asyncflow.grpo import GRPOTokenLoss
+from ds_ext.grpo.loss import GRPOTokenLoss
 from ds_ext.models import LlamaForCausalLM, ModelConfig
 from ds_ext.models.llama import ReferenceLayerAdapter
 from ds_ext.ops.attention import chunk_attention, chunk_mask

@@ -86,7 +86,7 @@ class AsyncFlowConfig(ExtSection):
     """Sampling temperature of the rollout (the behaviour log-probs are those of this distribution)."""
 
     loss_norm: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
-    """Token-loss normalisation over the whole step (see :mod:`ds_ext.asyncflow.grpo`)."""
+    """Token-loss normalisation over the whole step (see :mod:`ds_ext.grpo.loss`)."""
 
     advantage_scale: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group std (GRPO), the batch std, or not at all (Dr.GRPO)."""
@@ -128,7 +128,7 @@ class AsyncFlowConfig(ExtSection):
     adopted between groups only (every token of a group has one version)."""
 
     off_policy: Literal["none", "tis", "mask", "decoupled"] = "none"
-    """Off-policy correction of the token loss (stale or partial rollouts; see :mod:`ds_ext.asyncflow.grpo` and
+    """Off-policy correction of the token loss (stale or partial rollouts; see :mod:`ds_ext.grpo.loss` and
     ``docs/grpo.md``): ``none`` -- PPO clip of pi_theta / pi_behav; ``tis`` -- truncated importance sampling, the
     policy gradient weighted by min(pi_theta / pi_behav, is_cap), no ratio clip; ``mask`` -- the same weight
     pi_theta / pi_behav, tokens above ``is_cap`` dropped; ``decoupled`` -- decoupled PPO (AReaL): clip of

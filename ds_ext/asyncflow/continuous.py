@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ds_ext.asyncflow.rewards import RewardError
+from ds_ext.asyncflow.protocol import RewardError
 from ds_ext.asyncflow.slots import SlotDecoder
 
 

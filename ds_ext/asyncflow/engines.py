@@ -8,11 +8,11 @@ from typing import Optional
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.rollout import RolloutWorker
-from ds_ext.asyncflow.task import Task
+from ds_ext.asyncflow.protocol import RolloutTask
 
 
-def make_worker(name: str, model_factory, task: Task, cfg: AsyncFlowConfig, queue, threads: Optional[int] = None,
-                seed: int = 0):
+def make_worker(name: str, model_factory, task: RolloutTask, cfg: AsyncFlowConfig, queue,
+                threads: Optional[int] = None, seed: int = 0):
     """``auto`` must already be resolved (:func:`ds_ext.asyncflow.vllm_engine.resolve_engine`)."""
     if cfg.rollout.engine == "vllm":
         from ds_ext.asyncflow.vllm_engine import VLLMRolloutWorker

@@ -140,6 +140,7 @@ def _child_main(calls, control, inherited, kill_after) -> None:
     # continuous batching fills it, _PipeQueue._stats drains its increments
     worker.stats["response_lengths"] = LengthLog.for_config(cfg, track_unsent=True)
     queue.worker = worker
+    calls.send_bytes(_pack(("ready",)))  # its engine is built (a vLLM engine takes ~20 s): the run's clock may start
     first = _read(control)  # the initial weights: nothing is generated before them
     assert first[0] == "weights", first[0]
     worker.set_weights(first[1], first[2])
@@ -186,13 +187,27 @@ class IsolatedWorker:
     def request_stop(self) -> None:
         self._send(("stop",))
 
+    def wait_ready(self) -> bool:
+        """Block until the child has built its worker (its engine); ``False`` if it died first (:meth:`run` then
+        returns at once with ``died: True``). Call before :meth:`run`."""
+        try:
+            msg = _unpack(self.child.calls.recv_bytes())
+        except (EOFError, OSError):
+            return False
+        if msg[0] != "ready":
+            self._early = msg
+        return True
+
     def run(self) -> dict:
         """Serve the child's queue calls until it is done (its stats) or dies (the last stats, ``died: True``)."""
+        early = getattr(self, "_early", None)
         while True:
             try:
-                msg = _unpack(self.child.calls.recv_bytes())
+                msg, early = (early, None) if early is not None else (_unpack(self.child.calls.recv_bytes()), None)
             except (EOFError, OSError):
                 break
+            if msg[0] == "ready":  # wait_ready was not called
+                continue
             if msg[0] == "done":
                 self.child.proc.join(timeout=30)
                 return dict(msg[1], died=False)

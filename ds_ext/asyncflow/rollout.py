@@ -23,8 +23,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
-from ds_ext.asyncflow.rewards import RewardError
-from ds_ext.asyncflow.task import Task
+from ds_ext.asyncflow.protocol import RewardError, RolloutTask
 from ds_ext.models.generate import generate
 
 
@@ -44,7 +43,7 @@ def _hf_sampler():
 class RolloutWorker:
     COLUMNS = COLUMNS
 
-    def __init__(self, name: str, model_factory: Callable[[], torch.nn.Module], task: Task,
+    def __init__(self, name: str, model_factory: Callable[[], torch.nn.Module], task: RolloutTask,
                  cfg: AsyncFlowConfig, queue, threads: Optional[int] = None, seed: int = 0, shared: bool = False):
         if threads:
             torch.set_num_threads(threads)

@@ -30,12 +30,11 @@ from ds_ext.asyncflow.queue import TransferQueue
 from ds_ext.asyncflow.engines import make_worker
 from ds_ext.asyncflow.rollout import RolloutWorker, new_stats
 from ds_ext.asyncflow.scatter import ScatteredQueue
-from ds_ext.asyncflow.task import Task
-from ds_ext.asyncflow.trainer import GRPOTrainer
+from ds_ext.asyncflow.protocol import RolloutTask, Trainer, TrainerFactory
 from ds_ext.asyncflow.weights import WeightPusher, clone_state
 
 
-def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None], progress=None,
+def _step_loop(trainer: Trainer, steps: int, produce: Callable[[int], None], progress=None,
                start: int = 0, extra: Callable[[], dict] = dict) -> List[dict]:
     history = []
     for version in range(start, steps):
@@ -49,16 +48,17 @@ def _step_loop(trainer: GRPOTrainer, steps: int, produce: Callable[[int], None],
     return history
 
 
-def run_sync(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, steps: int,
-             progress=None, start: int = 0) -> Dict[str, Any]:
+def run_sync(engine, model_factory: Callable, task: RolloutTask, cfg: AsyncFlowConfig, steps: int,
+             progress=None, start: int = 0, *, make_trainer: TrainerFactory) -> Dict[str, Any]:
     """The synchronous baseline in this process (all its threads in each phase): steps ``start .. steps - 1``
-    (``start`` > 0 after a journal resume: the queue starts at that slot, so no prompt is trained twice)."""
+    (``start`` > 0 after a journal resume: the queue starts at that slot, so no prompt is trained twice).
+    ``make_trainer``: the algorithm's trainer (:class:`~ds_ext.asyncflow.protocol.TrainerFactory`)."""
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, max_staleness=0, lease_s=cfg.lease_s,
                           start_slot=start)
     worker = make_worker("sync", model_factory, task, cfg, queue, seed=1000 * start)
     writer = _writer(cfg, engine.module)  # vLLM: weights go in as safetensors buckets + reload
     worker.set_weights(start, writer.write(start, engine.module) if writer else clone_state(engine.module))
-    trainer = GRPOTrainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(
+    trainer = make_trainer(engine, queue, cfg, on_weights=lambda v, m: worker.set_weights(
         v, writer.write(v, m) if writer else clone_state(m)))
 
     def produce(version):
@@ -109,22 +109,23 @@ def init_rpc(name: str, rank: int, world_size: int) -> None:
             os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
 
 
-def run_async_trainer(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, steps: int,
+def run_async_trainer(engine, model_factory: Callable, task: RolloutTask, cfg: AsyncFlowConfig, steps: int,
                       worker_names: List[str], progress=None, start: int = 0, trainer_rank: int = 0,
                       trainer_world: int = 1, replica_of: Callable[[int], int] = lambda r: 0,
-                      replicas: int = 1, isolate_workers: bool = False) -> Dict[str, Any]:
+                      replicas: int = 1, isolate_workers: bool = False, *,
+                      make_trainer: TrainerFactory) -> Dict[str, Any]:
     """A trainer rank of an async run (RPC already initialised): train steps ``start..steps-1``. Trainer rank 0
     owns the queue (starting at slot ``start``), starts the rollout actors and pushes weights; with several trainer
     ranks it streams each micro-batch's groups to them through :class:`~ds_ext.asyncflow.scatter.ScatteredQueue`."""
     if trainer_rank > 0:
         feed = ScatteredQueue(None, trainer_rank, trainer_world, replica_of)
-        trainer = GRPOTrainer(engine, feed, cfg, trainer_rank, trainer_world, replicas=replicas)
+        trainer = make_trainer(engine, feed, cfg, trainer_rank, trainer_world, replicas=replicas)
         t = time.perf_counter()
         history = _step_loop(trainer, steps, lambda version: None, progress, start)
         return {"history": history, "seconds": time.perf_counter() - t, "trainer_idle_s": trainer.idle_s,
                 "train_busy_s": time.perf_counter() - t - trainer.idle_s, "rollout": [], "queue": {}}
     return _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                            replica_of, replicas, isolate_workers)
+                            replica_of, replicas, isolate_workers, make_trainer)
 
 
 def _writer(cfg, module):
@@ -164,6 +165,9 @@ def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, mo
     initial = None if nccl else pusher.write(start, module) if hasattr(pusher, "write") else clone_state(module)
     for w in workers.values():  # a resumed NCCL run: version -1, admission holds the engines until the push below
         w.rpc_sync().set_weights(-1 if nccl and start > 0 else start, initial)
+    if isolate:  # every engine built before the run's clock starts (as run_sync builds its worker first)
+        for w in workers.values():
+            w.rpc_sync().wait_ready()
     runs = {name: w.rpc_async().run() for name, w in workers.items()}
     for name, fut in runs.items():
         pusher.watch(name, fut)
@@ -188,7 +192,7 @@ def _stop_workers(pusher: WeightPusher, runs: dict, queue) -> list:
 
 
 def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                     replica_of, replicas, isolate_workers=False) -> Dict[str, Any]:
+                     replica_of, replicas, isolate_workers, make_trainer) -> Dict[str, Any]:
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s,
                           start_slot=start)
     pusher, runs = _start_workers(model_factory, task, cfg, worker_names, queue, start, engine.module,
@@ -207,9 +211,9 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
     idle = (lambda: local.produce_one(timeout=0)) if cfg.trainer_generates else None
     if trainer_world > 1:
         feed = ScatteredQueue(queue, 0, trainer_world, replica_of, idle_work=idle)
-        trainer = GRPOTrainer(engine, feed, cfg, 0, trainer_world, on_weights=push_all, replicas=replicas)
+        trainer = make_trainer(engine, feed, cfg, 0, trainer_world, on_weights=push_all, replicas=replicas)
     else:
-        trainer = GRPOTrainer(engine, queue, cfg, on_weights=push_all, idle_work=idle)
+        trainer = make_trainer(engine, queue, cfg, on_weights=push_all, idle_work=idle)
     t = time.perf_counter()
     history = _step_loop(trainer, steps, lambda version: None, progress, start, pusher.last_metrics)
     seconds = time.perf_counter() - t

@@ -5,7 +5,7 @@ talk to the queue.
 Two paths, chosen by the trainer's first call of a step (every rank runs the same code, so they agree):
 
 * **Streaming** (``take`` first; every normalisation where the engine can correct DAPO's total, see
-  :mod:`ds_ext.asyncflow.trainer`): each ``take`` of ``n`` groups is one collective micro-batch. Rank 0 takes the
+  :mod:`ds_ext.grpo.trainer`): each ``take`` of ``n`` groups is one collective micro-batch. Rank 0 takes the
   next ``n x world`` complete groups of the slot as they arrive (running ``idle_work`` -- local generation -- while
   too few are complete), splits them over the ranks by response tokens (greedy, longest group first, to the rank
   with the fewest tokens among those with fewer than ``n`` groups) and scatters them. Every rank then trains that
@@ -20,7 +20,7 @@ Two paths, chosen by the trainer's first call of a step (every rank runs the sam
   on this path (``last_streamed`` is ``False``).
 
 :class:`ScatteredQueue` has the queue's consumer interface (``take``, ``slot_tokens``, ``finish_slot``), so
-:class:`~ds_ext.asyncflow.trainer.GRPOTrainer` runs unchanged on top of it.
+:class:`~ds_ext.grpo.trainer.GRPOTrainer` runs unchanged on top of it.
 """
 from __future__ import annotations
 

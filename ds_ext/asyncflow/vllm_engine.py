@@ -35,9 +35,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
-from ds_ext.asyncflow.rewards import RewardError
 from ds_ext.asyncflow.rollout import COLUMNS, new_stats
-from ds_ext.asyncflow.task import Task
+from ds_ext.asyncflow.protocol import RewardError, RolloutTask
 
 PROBE_ID = "probe"
 
@@ -106,7 +105,7 @@ def build_llm(cfg: AsyncFlowConfig, seed: int = 0):
 class VLLMRolloutWorker:
     COLUMNS = COLUMNS
 
-    def __init__(self, name: str, model_factory, task: Task, cfg: AsyncFlowConfig, queue,
+    def __init__(self, name: str, model_factory, task: RolloutTask, cfg: AsyncFlowConfig, queue,
                  threads: Optional[int] = None, seed: int = 0, llm=None):
         if threads:
             torch.set_num_threads(threads)

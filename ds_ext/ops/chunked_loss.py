@@ -7,7 +7,7 @@ positions ``[s, e)``; it weights every token with a denominator taken over the *
 sum exactly to the unchunked loss:
 
 * :class:`TokenCrossEntropy`: mean token cross-entropy over labels != ignore_index (SFT, pretraining);
-* :class:`ds_ext.asyncflow.grpo.GRPOTokenLoss`: the GRPO / PPO clipped-ratio loss (it lives with the GRPO trainer).
+* :class:`ds_ext.grpo.loss.GRPOTokenLoss`: the GRPO / PPO clipped-ratio loss (it lives with the GRPO trainer).
 
 Shapes: ``hidden: [B, T, C]``, ``weight: [V, C]``, per-token tensors ``[B, T]`` aligned with ``hidden`` (position t
 scores the token at t + 1, i.e. labels/targets already shifted).

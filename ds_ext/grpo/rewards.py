@@ -12,7 +12,7 @@ names a callable, and every metadata field the function requires (a parameter af
 is in every prompt record. A call that raises or returns anything but a finite real number raises
 :class:`RewardError` naming the spec, the prompt index, its origin (``file:line``) and the user's traceback.
 
-Built-in verifiers (``ds_ext.asyncflow.rewards:<name>``), each 1.0 or 0.0:
+Built-in verifiers (``ds_ext.grpo.rewards:<name>``), each 1.0 or 0.0:
 
 * :func:`exact_match` -- the completion, stripped, equals ``answer`` (stripped, as a string);
 * :func:`last_number` -- the last number in the completion (``-12``, ``3.5``, ``1,024``) equals ``answer``
@@ -36,11 +36,14 @@ import sys
 import traceback
 from typing import Any, Callable, List, Sequence
 
+# AsyncFlow's rollout workers stop a run on it, so it lives in the layer below (re-exported here)
+from ds_ext.asyncflow.protocol import RewardError
+
 BUILTIN_MODULE = __name__
 
 
-class RewardError(ValueError):
-    """A reward spec that does not resolve, a record that lacks a field it needs, or a call that failed."""
+__all__ = ["RewardError", "RewardFn", "batched", "exact_match", "last_number", "prefix_match", "regex", "resolve",
+           "required_fields"]
 
 
 def batched(fn: Callable) -> Callable:

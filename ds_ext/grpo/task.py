@@ -8,12 +8,12 @@
   record ``i mod len`` (epochs repeat the file in order); a regenerated group gets the same prompt.
 * Tokenizer: :class:`TextCodec` over a transformers tokenizer (``AutoTokenizer`` of the policy's directory) or the
   reference model's :class:`~ds_ext.models.ByteTokenizer`.
-* Reward: :class:`~ds_ext.asyncflow.rewards.RewardFn` (``module:function`` or a built-in verifier).
+* Reward: :class:`~ds_ext.grpo.rewards.RewardFn` (``module:function`` or a built-in verifier).
 
 :meth:`Task.score` decodes each response up to its EOS (excluded; a response cut at ``max_new_tokens`` is decoded
 whole) and calls the reward. Every check that can run before training runs in :func:`build_task` (bad JSONL, a
 missing field, a chat without a template, a reward that does not import or returns a non-number on a probe) and
-raises :class:`TaskError` / :class:`~ds_ext.asyncflow.rewards.RewardError`, which name the file, line and field.
+raises :class:`TaskError` / :class:`~ds_ext.grpo.rewards.RewardError`, which name the file, line and field.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from ds_ext.asyncflow.rewards import RewardError, RewardFn
+from ds_ext.grpo.rewards import RewardError, RewardFn
 
 INSTRUCTION = "You are a careful calculator: add the two numbers, answer with the sum only. "
-EXACT_MATCH = "ds_ext.asyncflow.rewards:exact_match"
-PREFIX_MATCH = "ds_ext.asyncflow.rewards:prefix_match"
+EXACT_MATCH = "ds_ext.grpo.rewards:exact_match"
+PREFIX_MATCH = "ds_ext.grpo.rewards:prefix_match"
 
 
 class TaskError(ValueError):
@@ -246,7 +246,7 @@ def addition_task(min_operand: int = 0, max_operand: int = 4, instruction: str =
 
 
 def reverse_task(min_len: int = 2, max_len: int = 256, seed: int = 0, hf_tokenizer=None) -> Task:
-    """The long-tail task: :class:`ReversePrompts` scored by :func:`~ds_ext.asyncflow.rewards.prefix_match`."""
+    """The long-tail task: :class:`ReversePrompts` scored by :func:`~ds_ext.grpo.rewards.prefix_match`."""
     return build_task(ReversePrompts(min_len, max_len, seed=seed), PREFIX_MATCH, hf_tokenizer)
 
 

@@ -27,8 +27,8 @@ each of ``mini_batches`` optimizer steps over consecutive ``1 / mini_batches`` o
 each), the loss normalised over that mini-batch on every rank (DAPO's token total: one all-reduce).
 
 Log-probs are those of the rollout's sampling distribution (temperature, top_p:
-:func:`ds_ext.asyncflow.grpo.sampling_logprobs`), the policy's and the reference's alike. The step's metrics carry
-the sampler-trainer mismatch (:func:`ds_ext.asyncflow.grpo.mismatch_metrics`) at each sample's first forward.
+:func:`ds_ext.grpo.loss.sampling_logprobs`), the policy's and the reference's alike. The step's metrics carry
+the sampler-trainer mismatch (:func:`ds_ext.grpo.loss.mismatch_metrics`) at each sample's first forward.
 
 Micro-batch tensors: prompts left-padded to ``[B, P]``, responses right-padded to ``[B, L]`` (``L``: the longest
 response of the micro-batch); the response token
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from ds_ext._deepspeed import engine_config_dict, engine_data_parallel_group
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.ledger import SampleLedger
-from ds_ext.asyncflow.grpo import (GRPOTokenLoss, group_advantages, mismatch_metrics, sampling_logprobs,
+from ds_ext.grpo.loss import (GRPOTokenLoss, group_advantages, mismatch_metrics, sampling_logprobs,
                                    step_token_weights)
 from ds_ext.prefix_grouper.apply import PrefixGrouperFeature
 
