@@ -77,7 +77,8 @@ def test_slow_killed_and_garbage_workers_leave_every_prompt_trained_once(tmp_pat
            "--config", str(tmp_path / "cfg.json"), str(ROOT / "examples" / "grpo.py"), "--steps", str(STEPS),
            "--sft_steps", "0", "--hidden", "32", "--layers", "1", "--plot", str(tmp_path / "reward.png"),
            "--ledger_out", str(ledgers), "--fault", "1:slow:3", "--kill_group", "2:1", "--fault", "3:garbage:1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    log_path = tmp_path / "log"  # a file, not a pipe: nobody reads a pipe while the run lives
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     pids = set()
     try:
@@ -85,11 +86,12 @@ def test_slow_killed_and_garbage_workers_leave_every_prompt_trained_once(tmp_pat
         while proc.poll() is None and time.monotonic() < deadline:
             pids |= _session(proc.pid)  # every process the run ever had, for the leftovers check below
             time.sleep(0.5)
-        log, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+        proc.wait(timeout=max(1, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    log = log_path.read_text()
     assert proc.returncode == 0, log[-5000:]
     out = json.loads([line for line in log.splitlines() if line.startswith("{")][-1])
     assert sorted(out["dropped_workers"]) == ["rollout2", "rollout3"], log[-3000:]
