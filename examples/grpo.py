@@ -359,6 +359,7 @@ def main(argv=None):
                                   threads=1, seed=rank - trainers, faults=rollout_faults(args, rank),
                                   started=started)
         return
+    args.hub_address = runtime.transport_address()  # before trainer_engine moves MASTER_PORT for its own group
     state = wait_for_warm_start(args, task, rank)
     arm_kills(args.kill, rank)  # the trainers build their engines, then train
     stop_on_rollout_failure(run_trainer, args, ds_config, cfg, task, False, rank, world, state)
@@ -422,7 +423,8 @@ def run_trainer(args, ds_config, cfg, task, sync: bool, rank: int, world: int, s
         topo = engine.topology
         result = runtime.run_async_trainer(engine, factory, task, cfg, args.steps,
                                            runtime.worker_names(world, trainers), progress, start, rank, trainers,
-                                           lambda r: topo.coords(r)[0], topo.num_replicas)
+                                           lambda r: topo.coords(r)[0], topo.num_replicas,
+                                           getattr(args, "hub_address", None))
     bar.close()
     ledger = next((f for f in engine.ds_ext_features if f.name == "asyncflow"), None)
     trained = ledger.trained_prompts() if ledger is not None else []

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
@@ -99,7 +99,7 @@ def transport_address() -> tuple:
 def run_async_trainer(engine, model_factory: Callable, task: Task, cfg: AsyncFlowConfig, steps: int,
                       worker_names: List[str], progress=None, start: int = 0, trainer_rank: int = 0,
                       trainer_world: int = 1, replica_of: Callable[[int], int] = lambda r: 0,
-                      replicas: int = 1) -> Dict[str, Any]:
+                      replicas: int = 1, address: Optional[tuple] = None) -> Dict[str, Any]:
     """A trainer rank of an async run (the rollout ranks run :func:`~ds_ext.asyncflow.isolated.run_rollout_rank`):
     train steps ``start..steps-1``. Trainer rank 0
     owns the queue (starting at slot ``start``), starts the rollout actors and pushes weights; with several trainer
@@ -112,7 +112,7 @@ def run_async_trainer(engine, model_factory: Callable, task: Task, cfg: AsyncFlo
         return {"history": history, "seconds": time.perf_counter() - t, "trainer_idle_s": trainer.idle_s,
                 "train_busy_s": time.perf_counter() - t - trainer.idle_s, "rollout": [], "queue": {}}
     return _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                            replica_of, replicas)
+                            replica_of, replicas, address or transport_address())
 
 
 def _writer(cfg, module):
@@ -137,12 +137,12 @@ def _pusher(cfg, workers, queue, module):
     return FileWeightPusher(workers, queue, writer)
 
 
-def _start_workers(cfg, worker_names, queue, start: int, module):
+def _start_workers(cfg, worker_names, queue, start: int, module, address: tuple):
     """The hub the rollout workers connect to, their initial weights (awaited: nothing is generated before them)
     and their run futures."""
     from ds_ext.asyncflow import transport
     from ds_ext.asyncflow.remote import RolloutHub
-    hub = RolloutHub(queue, cfg, worker_names, *transport_address(), transport.run_secret())
+    hub = RolloutHub(queue, cfg, worker_names, *address, transport.run_secret())
     hub.wait_connected()
     workers = hub.workers
     pusher = _pusher(cfg, workers, queue, module)
@@ -177,10 +177,10 @@ def _stop_workers(pusher: WeightPusher, runs: dict, queue, hub) -> list:
 
 
 def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                     replica_of, replicas) -> Dict[str, Any]:
+                     replica_of, replicas, address) -> Dict[str, Any]:
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s,
                           start_slot=start, staleness_policy=cfg.staleness_policy)
-    hub, pusher, runs = _start_workers(cfg, worker_names, queue, start, engine.module)
+    hub, pusher, runs = _start_workers(cfg, worker_names, queue, start, engine.module, address)
 
     # the trainer's process generates too while it would wait on the queue: with its own (current) weights
     local = RolloutWorker("trainer", lambda: engine.module, task, cfg, queue, seed=len(worker_names) + 1000 * start,
