@@ -29,6 +29,7 @@ setup(
         "pydantic>=2",
         "tqdm",
         "matplotlib",
+        "msgpack>=1.0",  # AsyncFlow's transport: frames are msgpack, never pickle
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],

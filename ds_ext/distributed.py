@@ -4,10 +4,17 @@ Under torch.distributed.elastic (``ds-ext --max_restarts K``) the workers of eve
 TCPStore, which outlives the round. Gloo publishes each rank's listening address under fixed keys, so a restarted
 rank 1 can read the address of the *previous* round's rank 0 before the new rank 0 overwrites it, and fail with
 "connectFullMesh ... Connection refused". Initialising the default group on a store prefixed by the restart count
-gives each round its own keys. Everywhere else this defers to ``deepspeed.init_distributed`` unchanged.
+gives each round its own keys.
+
+Listening only where told: torch's TCPStore server binds every interface whatever host it is given. Where this
+module starts the store server (rank 0 outside torch elastic, and rank 0's fresh store of an elastic round), it binds
+a socket to ``MASTER_ADDR`` itself and hands it to the store (``master_listen_fd``), so the store listens on that
+address only. On one node with a loopback ``MASTER_ADDR``, gloo's own connections are bound to loopback too
+(``GLOO_SOCKET_IFNAME=lo`` unless set). Everything else defers to ``deepspeed.init_distributed``.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from datetime import timedelta
@@ -16,12 +23,45 @@ import deepspeed
 import torch.distributed as dist
 
 
+def one_node() -> bool:
+    """Whether every rank runs on this node (torch elastic's ``LOCAL_WORLD_SIZE``, DeepSpeed's ``LOCAL_SIZE``)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)) == world
+
+
+def is_loopback(addr: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(addr, None, proto=socket.IPPROTO_TCP))
+    except (socket.gaierror, ValueError):
+        return False
+
+
+def bound_store(addr: str, port: int, world: int, is_master: bool, timeout: timedelta, **kw) -> dist.TCPStore:
+    """A TCPStore whose server (``is_master``) listens on ``addr`` only (see the module docstring)."""
+    if not is_master:
+        return dist.TCPStore(addr, port, world, False, timeout=timeout, **kw)
+    info = socket.getaddrinfo(addr, port, proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(info[4])
+    sock.listen(128)
+    # the store takes the descriptor over: the Python object must not close it
+    return dist.TCPStore(addr, port, world, True, timeout=timeout, master_listen_fd=sock.detach(), **kw)
+
+
+def _loopback_gloo() -> None:
+    addr = os.environ.get("MASTER_ADDR")
+    if addr and one_node() and is_loopback(addr):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def _elastic_round_store(timeout: timedelta):
     env = os.environ
     agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
-                          is_master=not agent_store and int(env["RANK"]) == 0, timeout=timeout,
-                          multi_tenant=not agent_store)
+    store = bound_store(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
+                        is_master=not agent_store and int(env["RANK"]) == 0, timeout=timeout,
+                        multi_tenant=not agent_store)
     # The agent store outlives rounds: key by round. Without it (ds-ext sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
     # rank 0 hosts a fresh store each round; a fixed key then, as nodes' restart counts differ after a membership
     # change (torch does not count those as restarts).
@@ -32,10 +72,19 @@ def _elastic_round_store(timeout: timedelta):
 def init_distributed(dist_init_required=None, distributed_port=None) -> None:
     """``deepspeed.init_distributed`` with the accelerator's backend; restart-safe under torch elastic."""
     backend = deepspeed.get_accelerator().communication_backend_name()
-    if "TORCHELASTIC_RESTART_COUNT" in os.environ and not dist.is_initialized() and dist_init_required is not False:
-        timeout = timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 30)))
-        dist.init_process_group(backend, store=_elastic_round_store(timeout), rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    env = os.environ
+    elastic = "TORCHELASTIC_RESTART_COUNT" in env
+    if not dist.is_initialized() and dist_init_required is not False and (elastic or distributed_port is None) \
+            and all(k in env for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
+        _loopback_gloo()
+        timeout = timedelta(minutes=int(env.get("DEEPSPEED_TIMEOUT", 30)))
+        if elastic:
+            store = _elastic_round_store(timeout)
+        else:
+            store = bound_store(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
+                                is_master=int(env["RANK"]) == 0, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                                timeout=timeout)
     kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=dist_init_required, **kwargs)
 

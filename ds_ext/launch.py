@@ -26,6 +26,10 @@ node that cannot reach (or node 0 that cannot open) the store gives up after ``R
 naming address and port (``--rdzv_timeout S`` sets that time). Global ranks follow torch's rendezvous order (sorted node addresses), not ``--node_rank``;
 they stay the same across restarts.
 
+The run secret (single node): ``ds-ext`` writes a fresh random secret to a 0600 file, hands its path to every rank
+in ``DS_EXT_RUN_SECRET_FILE`` (never the secret itself) and removes it when it exits; AsyncFlow's connections
+authenticate with it (:mod:`ds_ext.secret`). Several nodes: set ``DS_EXT_RUN_SECRET_FILE`` on every node yourself.
+
 Threads: ``OMP_NUM_THREADS`` (unless set) is this node's cores (its CPU affinity: a container's or cgroup's share,
 not the machine's) divided by its local processes. It is set only where this process starts the workers itself
 (local runs, ``--no_ssh``); through a hostfile the workers start on other nodes, where ``examples/train.py``
@@ -39,6 +43,7 @@ import sys
 from typing import List, Optional, Tuple
 
 from ds_ext._deepspeed_launcher import forward_env_prefixes, hostfile_pool, parse_runner_args, run_runner
+from ds_ext.secret import SECRET_FILE_ENV, make_secret_file, remove_secret_file
 
 OWN_FLAGS = {"--config": "config", "--num_procs": "num_procs", "--max_restarts": "max_restarts",
              "--rdzv_timeout": "rdzv_timeout"}
@@ -148,7 +153,7 @@ def _worker_env(nprocs: Optional[int]) -> None:
 # What ``_worker_env`` sets, forwarded to the other nodes' workers. DeepSpeed's runner forwards only variables whose
 # names start with one of its export prefixes (PYTHON*, UCX*, ...). Without TORCH_EXTENSIONS_DIR a remote rank
 # built its JIT comm op in ~/.cache instead, and waited forever on a build lock that a killed run had left there.
-RUNNER_EXPORTS = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+RUNNER_EXPORTS = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", SECRET_FILE_ENV)
 
 
 def _check_nodes(ns) -> Optional[str]:
@@ -268,6 +273,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     nprocs = _local_world(ns, own)
     runs_here = max_restarts > 0 or ns.no_ssh or not _is_multi_node(ns)
     _worker_env(nprocs if runs_here else None)
+    secret = None
+    if not _is_multi_node(ns) and not os.environ.get(SECRET_FILE_ENV):
+        secret = make_secret_file()  # AsyncFlow's connections authenticate with it (ds_ext.secret)
+        os.environ[SECRET_FILE_ENV] = secret
+    try:
+        return _launch(ns, nprocs, max_restarts, user_argv, rdzv_timeout, runner_argv)
+    finally:
+        if secret is not None:
+            remove_secret_file(secret)
+
+
+def _launch(ns, nprocs, max_restarts: int, user_argv: List[str], rdzv_timeout: int, runner_argv: List[str]) -> int:
     if max_restarts > 0:
         if _is_multi_node(ns) and not ns.no_ssh:
             print("ds-ext: --max_restarts across nodes runs one ds-ext per node: add --no_ssh --node_rank R "

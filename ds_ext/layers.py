@@ -14,8 +14,10 @@ from fnmatch import fnmatchcase
 from typing import List, Optional, Tuple
 
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    # DeepSpeed internals (one adapter), the config base, process-group start-up, the math every feature shares
-    ("base", ("ds_ext._deepspeed", "ds_ext._deepspeed_launcher", "ds_ext.config.base", "ds_ext.distributed", "ds_ext.ops", "ds_ext.layers")),
+    # DeepSpeed internals (one adapter), the config base, process-group start-up (and the run secret), the math
+    # every feature shares
+    ("base", ("ds_ext._deepspeed", "ds_ext._deepspeed_launcher", "ds_ext.config.base", "ds_ext.distributed", "ds_ext.ops", "ds_ext.layers",
+              "ds_ext.secret")),
     # each feature's section model, and the whole "ds_ext" block built from them
     ("config", ("ds_ext.*.config", "ds_ext.config")),
     # the feature contract, the replica x stage x ZeRO layout, a rank's partition state, the pipeline schedules

@@ -163,3 +163,33 @@ def test_a_slow_worker_s_late_group_is_discarded_and_the_worker_keeps_generating
     groups = q.take("train", 0, 2, timeout=2)
     assert sorted(g["samples"][0]["prompt_index"] for g in groups) == [0, 1]
     assert q.summary()["late_discarded"] == 1 and q.summary()["dropped_partial"] == 1
+
+
+def _samples(prompt_index: int, version: int, n: int = 2) -> list:
+    import torch
+    return [{"prompt_ids": torch.tensor([prompt_index]), "response_ids": torch.tensor([1]), "response_len": 1,
+             "logprobs": torch.zeros(1), "token_versions": torch.full((1,), version), "reward": 0.0,
+             "prompt_index": prompt_index, "version": version} for _ in range(n)]
+
+
+@pytest.mark.parametrize("policy", ["pace", "drop"])
+def test_staleness_policy_paces_or_drops(policy):
+    """max_staleness 0 with room for two slots: weights 0 are too old for slot 1. ``pace`` holds the producer at
+    its reservation; ``drop`` lets it generate, discards the group on delivery and regenerates that prompt."""
+    q = TransferQueue(group_size=2, groups_per_step=1, max_staleness=0, capacity_slots=2, staleness_policy=policy)
+    first = q.reserve("w", 0, timeout=0.1)
+    assert q.put_group(first.group_id, _samples(0, 0), ["reward"])
+    second = q.reserve("w", 0, timeout=0.1)  # slot 1 with weights 0: lag 1 > 0
+    if policy == "pace":
+        assert second is None
+    else:
+        assert second is not None and second.slot == 1
+        assert q.put_group(second.group_id, _samples(1, 0), ["reward"]) is False
+        assert q.summary()["stale_dropped"] == 1
+    assert [g["samples"][0]["prompt_index"] for g in q.take("train", 0, 1, timeout=1)] == [0]
+    q.finish_slot(0)
+    again = q.reserve("w", 1, timeout=0.1)  # weights 1: slot 1's prompt, generated (again) in time
+    assert (again.slot, again.index_in_slot) == (1, 0)
+    assert q.put_group(again.group_id, _samples(1, 1), ["reward"])
+    assert [g["meta"].version for g in q.take("train", 1, 1, timeout=1)] == [1]
+    assert q.summary()["max_lag"] == 0

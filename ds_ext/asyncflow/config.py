@@ -73,6 +73,13 @@ class AsyncFlowConfig(ExtSection):
     max_staleness: int = Field(1, ge=0)
     """k: a sample trained at step V was generated with weights of step >= V - k. 0 is the synchronous baseline."""
 
+    staleness_policy: Literal["pace", "drop"] = "pace"
+    """How ``max_staleness`` is enforced (:mod:`ds_ext.asyncflow.queue`): ``pace`` -- a rollout worker whose weights
+    are too old for the next group waits for newer ones before it generates (nothing generated is lost); ``drop`` --
+    workers generate without waiting (only the queue's ``max_staleness + 1`` slots of capacity hold them back) and a
+    group that arrives more than ``max_staleness`` versions older than the step it would train in is discarded
+    (counted as ``stale_dropped``) and its prompt generated again."""
+
     group_size: int = Field(8, ge=2)
     """G: responses per prompt."""
 
@@ -167,6 +174,10 @@ class AsyncFlowConfig(ExtSection):
     ``trainer_ranks + rollout_workers`` processes when ``--num_procs`` is not given and refuses an explicit
     ``--num_procs`` that differs (exit 2, nothing started); ``examples/grpo.py`` checks its world size against it.
     ``null``: the launcher's process count decides (``world_size - trainer_ranks`` workers)."""
+
+    reward_timeout_s: float = Field(600.0, gt=0)
+    """A reward call (one group's completions) that has not returned after this many seconds fails the run with a
+    message naming the reward and the prompt, instead of hanging it (``examples/grpo.py`` applies it)."""
 
     lease_s: float = Field(300.0, gt=0)
     """A group not completed this long after its reservation is dropped and regenerated."""

@@ -7,9 +7,13 @@ per row, which columns are written; per consumer task, which rows it has consume
 batch slot and the policy version it was generated with.
 
 Staleness (bounded, exact): training step ``V`` consumes the groups of *batch slot* ``V`` (``groups_per_step``
-groups), streamed as they complete. A producer whose weights have version ``v`` may reserve a group of slot ``b`` only
-if ``b - v <= max_staleness``; so every trained sample has ``lag = V - v <= max_staleness`` by construction (0: the
-rollout of slot V waits for the weights of step V, i.e. synchronous). Reservations fill slots in order, and at most
+groups), streamed as they complete. Every trained sample has ``lag = V - v <= max_staleness`` (``v``: the version of
+its oldest token), enforced by ``staleness_policy``: ``pace`` (default) -- a producer whose weights have version ``v``
+may reserve a group of slot ``b`` only if ``b - v <= max_staleness`` (it waits for newer weights; 0: the rollout of
+slot V waits for the weights of step V, i.e. synchronous); ``drop`` -- producers are held by the capacity only, and a
+group delivered with ``b - v > max_staleness`` is discarded (``stale_dropped``) and its prompt regenerated for the
+same slot by the next producer (work is lost instead of waited for; TRL's and prime-rl's discard).
+Reservations fill slots in order, and at most
 ``capacity_slots`` slots beyond the one in training hold data (memory bound, admission control).
 
 Faults: a group whose producer died (``producer_died``) or whose lease expired before it completed is dropped whole,
@@ -72,6 +76,7 @@ class QueueStats:
     consumed: int = 0
     dropped_partial: int = 0
     late_discarded: int = 0  # groups delivered after their lease expired (already re-queued): discarded
+    stale_dropped: int = 0   # staleness_policy "drop": groups delivered too stale, discarded and regenerated
     lag_histogram: Counter = field(default_factory=Counter)
 
 
@@ -79,10 +84,14 @@ class TransferQueue:
     """Thread-safe controller + column store for one RL task (see the module docstring)."""
 
     def __init__(self, group_size: int, groups_per_step: int, max_staleness: int = 1, capacity_slots: int = None,
-                 lease_s: float = 600.0, token_column: str = "response_len", start_slot: int = 0):
+                 lease_s: float = 600.0, token_column: str = "response_len", start_slot: int = 0,
+                 staleness_policy: str = "pace"):
         if group_size < 1 or groups_per_step < 1 or max_staleness < 0:
             raise ValueError("group_size and groups_per_step must be >= 1, max_staleness >= 0")
+        if staleness_policy not in ("pace", "drop"):
+            raise ValueError(f"staleness_policy {staleness_policy!r}: 'pace' or 'drop'")
         self.group_size, self.groups_per_step, self.max_staleness = group_size, groups_per_step, max_staleness
+        self.staleness_policy = staleness_policy
         self.capacity_slots = capacity_slots if capacity_slots is not None else max_staleness + 1
         self.lease_s, self.token_column = lease_s, token_column
         self._cv = threading.Condition()
@@ -140,7 +149,10 @@ class TransferQueue:
         return divmod(self._next_reservation, self.groups_per_step)
 
     def _admissible(self, slot: int, version: int) -> bool:
-        return slot - version <= self.max_staleness and slot < self._train_slot + self.capacity_slots
+        """``pace``: the staleness bound holds producers back here; ``drop``: only the capacity does (a group too
+        stale is discarded when it is delivered, :meth:`put_group`)."""
+        fresh = self.staleness_policy == "drop" or slot - version <= self.max_staleness
+        return fresh and slot < self._train_slot + self.capacity_slots
 
     def _take_reservation(self, producer: str, version: int) -> GroupMeta:
         if self._free:
@@ -190,6 +202,12 @@ class TransferQueue:
             if group_id not in self._groups:
                 self.stats.late_discarded += 1
                 return False
+            group = self._groups[group_id]
+            oldest = min([int(s.get("version", group.version)) for s in samples] + [1 << 62])
+            if group.slot - oldest > self.max_staleness:  # ``drop``: too stale to train; regenerated elsewhere
+                self._drop(group, stale=True)
+                self._cv.notify_all()
+                return False
             for i, columns in enumerate(samples):
                 self.put(group_id, i, columns)
             self.complete(group_id, required)
@@ -209,12 +227,15 @@ class TransferQueue:
         for g in [g for g in self._groups.values() if not g.complete and g.leased_until < now]:
             self._drop(g)
 
-    def _drop(self, group: GroupMeta) -> None:
+    def _drop(self, group: GroupMeta, stale: bool = False) -> None:
         del self._groups[group.group_id]
         for r in group.rows:
             self._columns.pop(r, None)
         self._free.append((group.slot, group.index_in_slot))
-        self.stats.dropped_partial += 1
+        if stale:
+            self.stats.stale_dropped += 1
+        else:
+            self.stats.dropped_partial += 1
 
     # -- consumers ---------------------------------------------------------------------------------------------
     def take(self, consumer: str, slot: int, max_groups: int, dp_rank: int = 0, dp_size: int = 1,
@@ -297,6 +318,6 @@ class TransferQueue:
         with self._cv:
             return {"reserved": self.stats.reserved, "completed": self.stats.completed,
                     "consumed": self.stats.consumed, "dropped_partial": self.stats.dropped_partial,
-                    "late_discarded": self.stats.late_discarded,
+                    "late_discarded": self.stats.late_discarded, "stale_dropped": self.stats.stale_dropped,
                     "lag_histogram": dict(self.stats.lag_histogram), "train_slot": self._train_slot,
                     "max_lag": max(self.stats.lag_histogram, default=0)}

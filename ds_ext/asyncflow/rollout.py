@@ -10,9 +10,9 @@ in there and the group's sequences continue with them (the KV cache of earlier p
 PipelineRL's in-flight updates). Column ``token_versions [L]``: the version of the weights that gave each token's
 distribution (and its behaviour log-prob in ``logprobs``); ``version`` = the oldest, ``token_versions[0]``.
 
-``queue`` is a :class:`TransferQueue` or, across processes, an ``RRef`` to one (every call is then a
-``torch.distributed.rpc`` call to the process that owns it). In async mode a worker is an RPC actor created with
-``rpc.remote(worker_name, RolloutWorker, ...)``; its ``run`` occupies one RPC thread of its process.
+``queue`` is a :class:`TransferQueue` or, in another process, a :class:`~ds_ext.asyncflow.remote.RemoteQueue`
+(every call is then one authenticated msgpack frame to trainer rank 0, which owns the queue; a rollout rank's
+generator child, :mod:`ds_ext.asyncflow.isolated`).
 """
 from __future__ import annotations
 

@@ -3,16 +3,16 @@
 * :func:`run_sync` -- the baseline, one process: generate the whole batch of step V with weights V (every thread
   generates), then train on it (every thread trains). ``max_staleness`` is 0 by construction.
 * :func:`run_async_trainer` -- ``world_size`` processes (``world_size - trainer_ranks`` rollout workers), one
-  thread each: rank 0 owns the
-  :class:`TransferQueue` and the DeepSpeed engine, and generates groups itself (with its current weights, no copy)
-  whenever the queue has nothing for it to train on; each other rank hosts a :class:`RolloutWorker` actor (``torch.distributed.rpc.remote``) that
-  reserves, generates and delivers groups through an ``RRef`` to the queue (``isolate_workers``: the actor is an
-  :class:`~ds_ext.asyncflow.isolated.IsolatedWorker`, generating in a child process of its rank, so a worker that
-  dies is dropped while its rank stays in the RPC group). After every step rank 0 pushes the new weights to each
-  live worker (:class:`~ds_ext.asyncflow.weights.WeightPusher`: ``rpc_async``, the previous push awaited first, its
+  thread each: rank 0 owns the :class:`TransferQueue` and the DeepSpeed engine, and generates groups itself (with
+  its current weights, no copy) whenever the queue has nothing for it to train on; each other rank runs
+  :func:`~ds_ext.asyncflow.isolated.run_rollout_rank`: a generator child that connects to rank 0's
+  :class:`~ds_ext.asyncflow.remote.RolloutHub` (authenticated msgpack frames, :mod:`ds_ext.asyncflow.transport`;
+  listening on :func:`transport_address` only) and reserves, generates and delivers groups through it; a worker
+  that dies is dropped while its rank exits normally. After every step rank 0 pushes the new weights to each live
+  worker (:class:`~ds_ext.asyncflow.weights.WeightPusher`: asynchronously, the previous push awaited first, its
   bytes and seconds measured), so generation stops only for the copy.
-  The trainer's own process group (gloo, DeepSpeed) holds the trainer ranks only; RPC spans every process, so the
-  same code runs across nodes given ``MASTER_ADDR``.
+  The trainer's own process group (gloo, DeepSpeed) holds the trainer ranks only; the hub's address is
+  ``MASTER_ADDR`` across nodes, so the same code runs there.
 
 Both return per-step metrics (reward, lag, time, streamed micro-batches; in async runs the weight sync's
 ``weight_sync_*``), the trainer's idle time waiting on the queue, the queue's counters (staleness histogram, dropped
@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from ds_ext.asyncflow.config import AsyncFlowConfig
 from ds_ext.asyncflow.queue import TransferQueue
@@ -32,6 +32,8 @@ from ds_ext.asyncflow.rollout import RolloutWorker, new_stats
 from ds_ext.asyncflow.scatter import ScatteredQueue
 from ds_ext.asyncflow.protocol import RolloutTask, Trainer, TrainerFactory
 from ds_ext.asyncflow.weights import WeightPusher, clone_state
+
+STOP_TIMEOUT_S = 600.0  # a stopped worker finishes its group in flight; longer means it hangs
 
 
 def _step_loop(trainer: Trainer, steps: int, produce: Callable[[int], None], progress=None,
@@ -84,37 +86,23 @@ def run_sync(engine, model_factory: Callable, task: RolloutTask, cfg: AsyncFlowC
     return out
 
 
-def rpc_options(port_offset: int = 1):
-    """RPC over TCP, meeting in a store rank 0 hosts at ``MASTER_PORT + port_offset + restart round``: a fresh one
-    per torch elastic round (``ds-ext --max_restarts``), because the agent's store outlives rounds and RPC's gloo
-    group would read the dead round's addresses from it."""
-    import torch.distributed.rpc as rpc
-    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
-    port += port_offset + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    # TCP (libuv) transport only: TensorPipe's shared-memory transport busy-polls, which on a small CPU machine
-    # takes cores from generation and training (measured: more system time than user time)
-    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{addr}:{port}", num_worker_threads=16,
-                                           rpc_timeout=1800, _transports=["uv"], _channels=["basic"])
-
-
-def init_rpc(name: str, rank: int, world_size: int) -> None:
-    """``torch.distributed.rpc.init_rpc`` on :func:`rpc_options`' store (rank 0 hosts it even under torch
-    elastic, whose rendezvous would otherwise make every rank a client of the agent's store)."""
-    import torch.distributed.rpc as rpc
-    saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-    try:
-        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=rpc_options())
-    finally:
-        if saved is not None:
-            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
+def transport_address() -> tuple:
+    """Where trainer rank 0's :class:`~ds_ext.asyncflow.remote.RolloutHub` listens: loopback when every rank is on
+    this node, else ``MASTER_ADDR`` (never all interfaces); port ``MASTER_PORT + 1 + restart round`` (a fresh one
+    per torch elastic round, ``ds-ext --max_restarts``)."""
+    from ds_ext.distributed import one_node
+    addr = "127.0.0.1" if one_node() else os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500")) + 1 + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return addr, port
 
 
 def run_async_trainer(engine, model_factory: Callable, task: RolloutTask, cfg: AsyncFlowConfig, steps: int,
                       worker_names: List[str], progress=None, start: int = 0, trainer_rank: int = 0,
                       trainer_world: int = 1, replica_of: Callable[[int], int] = lambda r: 0,
-                      replicas: int = 1, isolate_workers: bool = False, *,
+                      replicas: int = 1, address: Optional[tuple] = None, *,
                       make_trainer: TrainerFactory) -> Dict[str, Any]:
-    """A trainer rank of an async run (RPC already initialised): train steps ``start..steps-1``. Trainer rank 0
+    """A trainer rank of an async run (the rollout ranks run :func:`~ds_ext.asyncflow.isolated.run_rollout_rank`):
+    train steps ``start..steps-1``. Trainer rank 0
     owns the queue (starting at slot ``start``), starts the rollout actors and pushes weights; with several trainer
     ranks it streams each micro-batch's groups to them through :class:`~ds_ext.asyncflow.scatter.ScatteredQueue`."""
     if trainer_rank > 0:
@@ -125,7 +113,8 @@ def run_async_trainer(engine, model_factory: Callable, task: RolloutTask, cfg: A
         return {"history": history, "seconds": time.perf_counter() - t, "trainer_idle_s": trainer.idle_s,
                 "train_busy_s": time.perf_counter() - t - trainer.idle_s, "rollout": [], "queue": {}}
     return _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                            replica_of, replicas, isolate_workers, make_trainer)
+                            replica_of, replicas, address or transport_address(),
+                            make_trainer)
 
 
 def _writer(cfg, module):
@@ -139,7 +128,7 @@ def _writer(cfg, module):
 
 def _pusher(cfg, workers, queue, module):
     """The weight sync of ``cfg.rollout.engine``: safetensors buckets + in-place reload for vLLM engines
-    (:class:`~ds_ext.asyncflow.vllm_sync.FileWeightPusher`), a cloned state over RPC for our decoders."""
+    (:class:`~ds_ext.asyncflow.vllm_sync.FileWeightPusher`), a cloned state over the transport for our decoders."""
     if cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "nccl":
         from ds_ext.asyncflow.vllm_nccl import NCCLWeightPusher
         return NCCLWeightPusher(workers, queue, cfg.rollout.nccl_addr, cfg.rollout.nccl_port, cfg.rollout.bucket_mb)
@@ -150,53 +139,50 @@ def _pusher(cfg, workers, queue, module):
     return FileWeightPusher(workers, queue, writer)
 
 
-def _start_workers(model_factory, task, cfg, worker_names, queue, start: int, module, isolate: bool):
-    """The rollout actors, their initial weights (awaited: nothing is generated before them) and running loops."""
-    import torch.distributed.rpc as rpc
-    from ds_ext.asyncflow.isolated import IsolatedWorker
-    qref = rpc.RRef(queue)
-    kind = IsolatedWorker if isolate else RolloutWorker
-    workers = {name: rpc.remote(name, kind, args=(name, model_factory, task, cfg, qref, 1, i))
-               for i, name in enumerate(worker_names)}
+def _start_workers(cfg, worker_names, queue, start: int, module, address: tuple):
+    """The hub the rollout workers connect to, their initial weights (awaited: nothing is generated before them)
+    and their run futures."""
+    from ds_ext.asyncflow import transport
+    from ds_ext.asyncflow.remote import RolloutHub
+    hub = RolloutHub(queue, cfg, worker_names, *address, transport.run_secret())
+    hub.wait_connected()
+    workers = hub.workers
     pusher = _pusher(cfg, workers, queue, module)
     nccl = cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "nccl"
     # vLLM: the first weights as the push's handle (NCCL: None, the engines keep the directory's weights until the
     # broadcast below); our decoders: a cloned state
     initial = None if nccl else pusher.write(start, module) if hasattr(pusher, "write") else clone_state(module)
     for w in workers.values():  # a resumed NCCL run: version -1, admission holds the engines until the push below
-        w.rpc_sync().set_weights(-1 if nccl and start > 0 else start, initial)
-    if isolate:  # every engine built before the run's clock starts (as run_sync builds its worker first)
-        for w in workers.values():
-            w.rpc_sync().wait_ready()
-    runs = {name: w.rpc_async().run() for name, w in workers.items()}
+        w.set_weights(-1 if nccl and start > 0 else start, initial)
+    runs = {name: w.run for name, w in workers.items()}
     for name, fut in runs.items():
         pusher.watch(name, fut)
     if nccl and start > 0:  # a resumed run: the engines get the journal's weights before they generate more
         pusher.push(start, module)
-    return pusher, runs
+    return hub, pusher, runs
 
 
-def _stop_workers(pusher: WeightPusher, runs: dict, queue) -> list:
+def _stop_workers(pusher: WeightPusher, runs: dict, queue, hub) -> list:
     """Settle the last push, stop the live workers, and collect every worker's stats (a dead one's last)."""
     pusher.close()
     for w in pusher.live().values():
-        w.rpc_sync().request_stop()
+        w.request_stop()
     queue.close()
     stats = []
     for name, fut in runs.items():
         try:
-            stats.append(fut.wait())
-        except Exception as exc:  # noqa: BLE001 -- its rank is gone; the run still ended
+            stats.append(fut.wait(STOP_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 -- the worker is gone or stuck; the run still ended
             stats.append({**new_stats(), "died": True, "error": f"{type(exc).__name__}: {exc}"})
+    hub.close()
     return stats
 
 
 def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, progress, start, trainer_world,
-                     replica_of, replicas, isolate_workers, make_trainer) -> Dict[str, Any]:
+                     replica_of, replicas, address, make_trainer) -> Dict[str, Any]:
     queue = TransferQueue(cfg.group_size, cfg.groups_per_step, cfg.max_staleness, lease_s=cfg.lease_s,
-                          start_slot=start)
-    pusher, runs = _start_workers(model_factory, task, cfg, worker_names, queue, start, engine.module,
-                                  isolate_workers)
+                          start_slot=start, staleness_policy=cfg.staleness_policy)
+    hub, pusher, runs = _start_workers(cfg, worker_names, queue, start, engine.module, address)
 
     # the trainer's process generates too while it would wait on the queue: with its own (current) weights
     local = RolloutWorker("trainer", lambda: engine.module, task, cfg, queue, seed=len(worker_names) + 1000 * start,
@@ -217,7 +203,7 @@ def _run_async_rank0(engine, model_factory, task, cfg, steps, worker_names, prog
     t = time.perf_counter()
     history = _step_loop(trainer, steps, lambda version: None, progress, start, pusher.last_metrics)
     seconds = time.perf_counter() - t
-    stats = _stop_workers(pusher, runs, queue)
+    stats = _stop_workers(pusher, runs, queue, hub)
     getattr(pusher, "cleanup", lambda: None)()
     weight_sync = pusher.summary()
     if getattr(pusher, "probes", None):
@@ -233,12 +219,10 @@ def worker_names(world_size: int, trainer_ranks: int = 1) -> List[str]:
     return [f"rollout{r}" for r in range(trainer_ranks, world_size)]
 
 
-def rpc_name(rank: int, trainer_ranks: int = 1) -> str:
-    if rank < trainer_ranks:
-        return "trainer" if rank == 0 else f"trainer{rank}"
+def worker_name(rank: int) -> str:
     return f"rollout{rank}"
 
 
 def model_factory_for(build: Callable, *args) -> Callable:
-    """A picklable factory (RPC ships it to the rollout processes)."""
+    """The rollout workers' model factory (each rank builds its own; nothing of it travels)."""
     return functools.partial(build, *args)

@@ -1,6 +1,10 @@
 """Several trainer ranks fed from one transfer queue: rank 0 of the trainers' process group owns the queue and hands
-every rank its groups (``torch.distributed.scatter_object_list`` over the trainers' group); the other ranks never
-talk to the queue.
+every rank its groups over the trainers' group; the other ranks never talk to the queue.
+
+Encoding (:meth:`ScatteredQueue._scatter`, nothing pickled): rank 0 encodes each rank's payload with the transport's
+msgpack codec (:func:`ds_ext.asyncflow.transport.encode`: tensors as raw bytes with dtype and shape, group
+reservations as maps), broadcasts the byte lengths as an ``int64 [world]`` tensor, then scatters ``uint8 [max
+length]`` tensors (each payload zero-padded); every rank decodes its first ``length`` bytes.
 
 Two paths, chosen by the trainer's first call of a step (every rank runs the same code, so they agree):
 
@@ -27,9 +31,11 @@ from __future__ import annotations
 import time
 from typing import Callable, List, Optional
 
+import torch
 import torch.distributed as dist
 
 from ds_ext.asyncflow.queue import greedy_ranks
+from ds_ext.asyncflow.transport import decode, encode
 
 
 def group_tokens(group: dict) -> int:
@@ -60,9 +66,26 @@ class ScatteredQueue:
         self.streamed_tokens = [0] * world          # rank 0: response tokens handed to each rank in that slot
 
     def _scatter(self, payload: Optional[list]):
-        out = [None]
-        dist.scatter_object_list(out, payload if self.rank == 0 else None, src=0, group=self.group)
-        return out[0]
+        """Rank 0's ``payload[r]`` to rank ``r`` (see the module docstring's encoding)."""
+        sizes = torch.zeros(self.world, dtype=torch.int64)
+        if self.rank == 0:
+            blobs = [encode(p) for p in payload]
+            sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+        dist.broadcast(sizes, src=self._src(), group=self.group)
+        width = int(sizes.max())
+        out = torch.zeros(width, dtype=torch.uint8)
+        chunks = None
+        if self.rank == 0:
+            chunks = [torch.zeros(width, dtype=torch.uint8) for _ in blobs]
+            for c, b in zip(chunks, blobs):
+                if b:
+                    c[:len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        dist.scatter(out, chunks, src=self._src(), group=self.group)
+        return decode(out[:int(sizes[self.rank])].numpy().tobytes())
+
+    def _src(self) -> int:
+        """The global rank of the group's rank 0 (the collectives name the source globally)."""
+        return 0 if self.group is None else dist.get_global_rank(self.group, 0)
 
     def _wait_a_little(self) -> None:
         if self.idle_work is None or not self.idle_work():

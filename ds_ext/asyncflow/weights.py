@@ -5,12 +5,14 @@ once -> ``push`` per step -> ``close``):
 
 1. ``push(version, module)`` first settles the previous push (waits for every worker's acknowledgement: a worker
    copies new weights between decode steps, so a push normally has long arrived), then clones the weights and sends
-   them to every live worker with ``rpc_async(...).set_weights`` (the trainer goes on training while they travel).
+   them to every live worker with ``rpc_async().set_weights`` (a :class:`~ds_ext.asyncflow.remote.WorkerHandle`:
+   one msgpack frame on the worker's control connection, sent from the handle's own thread; the trainer goes on
+   training while they travel).
 2. Measured per push: ``bytes`` = the state's tensor bytes x the workers it went to; ``transfer_s`` = from the send
    to the last worker's acknowledgement (each future's completion time, recorded by a callback, so the trainer's
    own delay in looking does not count); ``blocking_s`` = how long ``push`` held the trainer (settling the previous
-   push + the clone + handing the state to RPC).
-3. A worker whose ``set_weights`` answers ``False`` (its generating process is gone) or raises (its rank is gone),
+   push + the clone + handing the state to the sender threads).
+3. A worker whose ``set_weights`` answers ``False`` (its connection is gone) or raises,
    or whose ``run`` ended before ``close`` (it died), is dropped: no later push goes to it, and
    ``queue.producer_died(name)`` returns its reserved, incomplete groups to the queue's pool, so the other workers
    (and the trainer's own idle-time generation) regenerate the same prompts for the same slots. Groups it delivered
@@ -35,8 +37,8 @@ def state_bytes(state: Dict[str, torch.Tensor]) -> int:
 
 class WeightPusher:
     def __init__(self, workers: Dict[str, object], queue):
-        """``workers``: name -> ``RRef`` of a worker actor with ``set_weights(version, state)``; ``queue``: the
-        local :class:`~ds_ext.asyncflow.queue.TransferQueue`."""
+        """``workers``: name -> :class:`~ds_ext.asyncflow.remote.WorkerHandle` (``rpc_async().set_weights``);
+        ``queue``: the local :class:`~ds_ext.asyncflow.queue.TransferQueue`."""
         self.workers = dict(workers)
         self.queue = queue
         self.dropped: List[str] = []
@@ -65,7 +67,7 @@ class WeightPusher:
                 stats = fut.wait()
                 why = f"its generator exited with code {stats.get('exitcode')}" if isinstance(stats, dict) \
                     else "its run ended"
-            except Exception as exc:  # noqa: BLE001 -- any RPC failure means the worker is gone
+            except Exception as exc:  # noqa: BLE001 -- any failure means the worker is gone
                 why = f"its rank is unreachable: {type(exc).__name__}"
             self.drop(name, why)
         run_future.add_done_callback(done)

@@ -33,8 +33,9 @@ import numbers
 import os
 import re
 import sys
+import threading
 import traceback
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 # AsyncFlow's rollout workers stop a run on it, so it lives in the layer below (re-exported here)
 from ds_ext.asyncflow.protocol import RewardError
@@ -141,6 +142,8 @@ class RewardFn:
     """A resolved reward (see the module docstring); pickles as its spec, so RPC ships it to rollout processes,
     which import it themselves."""
 
+    timeout_s: Optional[float] = None  # a call that runs longer raises RewardError (``asyncflow.reward_timeout_s``)
+
     def __init__(self, spec: str):
         self.spec = spec
         self.fn = resolve(spec)
@@ -165,12 +168,16 @@ class RewardFn:
     def score(self, record, index: int, completions: List[str]) -> List[float]:
         """Rewards of one group's ``completions`` to prompt ``index`` (``record``: its text and metadata)."""
         where = f"prompt {index} ({record.origin})"
-        try:
+
+        def call():
             if self.batched:
                 meta = {k: [v] * len(completions) for k, v in record.metadata.items()}
-                out = self.fn([record.text] * len(completions), list(completions), **meta)
-            else:
-                out = [self.fn(record.text, c, **record.metadata) for c in completions]
+                return self.fn([record.text] * len(completions), list(completions), **meta)
+            return [self.fn(record.text, c, **record.metadata) for c in completions]
+        try:
+            out = call() if self.timeout_s is None else self._within_timeout(call, where)
+        except RewardError:
+            raise
         except Exception as exc:  # the user's code: report where, with its traceback
             raise RewardError(f"reward {self.spec!r} raised on {where}: {type(exc).__name__}: {exc}\n"
                               f"{traceback.format_exc()}") from exc
@@ -178,6 +185,26 @@ class RewardFn:
             raise RewardError(f"reward {self.spec!r} (batched) on {where} returned {type(out).__name__} "
                               f"{out!r:.200}; expected a list of {len(completions)} numbers")
         return [_number(v, self.spec, where) for v in out]
+
+    def _within_timeout(self, call, where: str):
+        """``call()`` in a daemon thread; a call still running after ``timeout_s`` is abandoned (the thread stays
+        blocked until the process ends) and named."""
+        box = {}
+
+        def run():
+            try:
+                box["out"] = call()
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
+                box["exc"] = exc
+        thread = threading.Thread(target=run, daemon=True, name="reward")
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise RewardError(f"reward {self.spec!r} did not return within {self.timeout_s:g} s on {where} "
+                              "(ds_ext.asyncflow.reward_timeout_s)")
+        if "exc" in box:
+            raise box["exc"]
+        return box["out"]
 
     def probe(self, record) -> None:
         """Call the reward once on ``record`` with an empty completion: a function that raises or returns a
