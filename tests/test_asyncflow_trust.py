@@ -130,10 +130,10 @@ def test_a_run_listens_on_loopback_only_and_refuses_the_other_namespace(attacker
         while proc.poll() is None and time.monotonic() < deadline:
             pids = session_pids(proc.pid)
             seen = listening(pids)
-            if any(p == port + 1 for _, p in seen):  # the hub: the run is training and generating
+            if any(p == port + 3 for _, p in seen):  # the hub (MASTER_PORT + 3): the run is training and generating
                 break
             time.sleep(0.2)
-        assert any(p == port + 1 for _, p in seen), (seen, (tmp_path / "log").read_text()[-3000:])
+        assert any(p == port + 3 for _, p in seen), (seen, (tmp_path / "log").read_text()[-3000:])
         assert list(tmp_path.glob("ds_ext_run_*/secret")), "ds-ext made no secret file"
         print("listening:", seen)
         wildcard = [(a, p) for a, p in seen if a in ("0.0.0.0", "*", "[::]", "::")]

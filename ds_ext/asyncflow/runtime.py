@@ -88,11 +88,12 @@ def run_sync(engine, model_factory: Callable, task: RolloutTask, cfg: AsyncFlowC
 
 def transport_address() -> tuple:
     """Where trainer rank 0's :class:`~ds_ext.asyncflow.remote.RolloutHub` listens: loopback when every rank is on
-    this node, else ``MASTER_ADDR`` (never all interfaces); port ``MASTER_PORT + 1 + restart round`` (a fresh one
-    per torch elastic round, ``ds-ext --max_restarts``)."""
+    this node, else ``MASTER_ADDR`` (never all interfaces); port ``MASTER_PORT + 3 + restart round`` (a fresh one
+    per torch elastic round, ``ds-ext --max_restarts``; above ``MASTER_PORT + 2``, where the GRPO trainers' own
+    process group meets: with ``+ 1 + round`` round 1's hub took that port and the relaunch failed to bind)."""
     from ds_ext.distributed import one_node
     addr = "127.0.0.1" if one_node() else os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = int(os.environ.get("MASTER_PORT", "29500")) + 1 + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    port = int(os.environ.get("MASTER_PORT", "29500")) + 3 + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return addr, port
 
 
