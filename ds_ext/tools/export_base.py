@@ -13,7 +13,7 @@ other payload stops the export before anything is written (:func:`check_payloads
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -51,6 +51,22 @@ def journal_ranks(journal_dir: str) -> List[str]:
     if not dirs:
         raise SystemExit(f"ds_ext.recovery export: no rank<R> journal directories in {journal_dir}")
     return [os.path.join(journal_dir, d) for d in dirs]
+
+
+def replica_rank_dirs(journal_dir: str, rank_dirs: List[str], topo: Dict, replica: int,
+                      command: str) -> Tuple[int, List[str]]:
+    """The global rank of replica ``replica``'s first rank and that replica's rank journals, after checking that
+    ``journal_dir`` holds every rank of the run (``topo``: EXPORT.bin's topology) and has that replica; else a
+    ``SystemExit`` naming ``command`` (the refusing command line)."""
+    if topo["world_size"] != len(rank_dirs):
+        raise SystemExit(f"{command}: {journal_dir} holds {len(rank_dirs)} rank journals but the run had "
+                         f"{topo['world_size']} ranks")
+    replicas = topo["world_size"] // topo["ranks_per_replica"]
+    if not 0 <= replica < replicas:
+        raise SystemExit(f"{command}: --replica {replica}: this journal has {replicas} replica(s), "
+                         f"0..{replicas - 1}")
+    first = replica * topo["ranks_per_replica"]
+    return first, rank_dirs[first:first + topo["ranks_per_replica"]]
 
 
 def export_step(rank_dirs: List[str], step: Optional[int] = None,

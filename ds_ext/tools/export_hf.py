@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 from ds_ext.distributed import free_port
 from ds_ext.recovery.meta import read_export_meta
 from ds_ext.tools.export import export
-from ds_ext.tools.export_base import export_step, journal_ranks, replayed_engine, start_exporters
+from ds_ext.tools.export_base import export_step, journal_ranks, replayed_engine, replica_rank_dirs, start_exporters
 from ds_ext.tools.export_pipe import export_pipeline, pipeline_layout_of
 
 
@@ -87,13 +87,7 @@ def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str =
         raise SystemExit(f"ds_ext.recovery export --hf: {journal_dir} was not written by an HF model run (no HF "
                          "config in its EXPORT.bin); export it as a DeepSpeed checkpoint instead")
     topo = meta["topology"]
-    if topo["world_size"] != len(rank_dirs):
-        raise SystemExit(f"ds_ext.recovery export --hf: {journal_dir} holds {len(rank_dirs)} rank journals but the "
-                         f"run had {topo['world_size']} ranks")
-    replicas = topo["world_size"] // topo["ranks_per_replica"]
-    if not 0 <= replica < replicas:
-        raise SystemExit(f"ds_ext.recovery export --hf: --replica {replica}: this journal has {replicas} "
-                         f"replica(s), 0..{replicas - 1}")
+    _, mine = replica_rank_dirs(journal_dir, rank_dirs, topo, replica, "ds_ext.recovery export --hf")
     tokenizer_dir = tokenizer_dir or meta["hf"]["tokenizer_dir"]
     if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
         raise SystemExit(f"ds_ext.recovery export --hf: the run's tokenizer directory {tokenizer_dir} is gone; "
@@ -104,8 +98,7 @@ def export_hf(journal_dir: str, out: str, replica: int = 0, tokenizer_dir: str =
         target, _, state = export_pipeline(journal_dir, also_checkpoint, tag, True, replica, step, feature_types)
         save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
         return target
-    first = replica * topo["ranks_per_replica"]
-    target = export_step(rank_dirs[first:first + topo["ranks_per_replica"]], step, feature_types)
+    target = export_step(mine, step, feature_types)
     state = _replica_state(rank_dirs, meta, replica, target, feature_types or {})
     save_hf_state(state, meta["hf"]["config"], load_tokenizer(tokenizer_dir), out)
     if also_checkpoint is not None:

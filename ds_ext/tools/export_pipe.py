@@ -33,7 +33,7 @@ from ds_ext import _deepspeed as ds
 from ds_ext.distributed import free_port
 from ds_ext.recovery.meta import EXPORT_FILE, read_export_meta
 from ds_ext.tools.export_base import (ShapeOnlyModule, export_step, exporter_process, journal_ranks, param_groups,
-                                      replay_into, start_exporters)
+                                      replay_into, replica_rank_dirs, start_exporters)
 
 
 def pipeline_layout_of(meta: Dict[str, Any], rank_dir: str) -> Dict[str, Any]:
@@ -124,16 +124,7 @@ def export_pipeline(journal_dir: str, out: Optional[str] = None, tag: Optional[s
     rank_dirs = journal_ranks(journal_dir)
     meta = read_export_meta(rank_dirs[0])
     pipeline_layout_of(meta, rank_dirs[0])
-    topo = meta["topology"]
-    if topo["world_size"] != len(rank_dirs):
-        raise SystemExit(f"ds_ext.recovery export: {journal_dir} holds {len(rank_dirs)} rank journals but the run "
-                         f"had {topo['world_size']} ranks")
-    replicas = topo["world_size"] // topo["ranks_per_replica"]
-    if not 0 <= replica < replicas:
-        raise SystemExit(f"ds_ext.recovery export: --replica {replica}: this journal has {replicas} replica(s), "
-                         f"0..{replicas - 1}")
-    first = replica * topo["ranks_per_replica"]
-    mine = rank_dirs[first:first + topo["ranks_per_replica"]]
+    first, mine = replica_rank_dirs(journal_dir, rank_dirs, meta["topology"], replica, "ds_ext.recovery export")
     target = export_step(mine, step, feature_types)
     tag = tag or f"global_step{target}"
     with tempfile.TemporaryDirectory() as tmp:
