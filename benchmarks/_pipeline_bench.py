@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 
 import torch
+
+from ds_ext.distributed import free_port  # noqa: F401 -- re-exported for the benchmarks
 
 
 def rank_env(rank: int, world: int, port: int) -> None:
@@ -36,12 +37,6 @@ def build_engine(args, cfg: dict):
     model = llama_pipeline(model_config(args), topology=topo.process_topology())
     engine, *_ = ds_ext.initialize(model=model, model_parameters=model.parameters(), config=cfg, topology=topo)
     return engine, topo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

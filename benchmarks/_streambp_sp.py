@@ -12,8 +12,6 @@ rank holds ``T / 2`` tokens; a rank's peak is its RSS growth as in the sp=1 mode
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import os
 import statistics
@@ -24,23 +22,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from _pipeline_bench import maybe_locked  # noqa: E402 -- benchmarks/ is on sys.path for its scripts
+
 SP_MODES = ("alst_sp2", "streambp_sp2")
 
 
-@contextlib.contextmanager
 def bench_lock():
     """``DS_EXT_BENCH_LOCK=FILE``: each measured point holds that ``flock`` (a machine shared with other jobs; the
     benchmark's own process waits unlocked between points)."""
-    path = os.environ.get("DS_EXT_BENCH_LOCK")
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return maybe_locked(os.environ.get("DS_EXT_BENCH_LOCK"))
 
 
 def run_ranks(cmd, envs, timeout: float, cwd: str) -> list:
