@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import deepspeed
 
 from ds_ext._deepspeed import (STOCK_INITIALIZE, initialize_with_engines, replace_initialize, restore_initialize,
-                               set_pipeline_model_group)
+                               set_pipeline_model_group, ulysses_mpu)
 from ds_ext.config import EXT_KEY, DsExtConfig, DsExtConfigError, load_config_file, parse_ext_config
 from ds_ext.distributed import init_distributed
 from ds_ext.features import attach_features
@@ -72,7 +72,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     ``topology=`` takes a prebuilt :class:`Topology` (else it is built from the config's ``ds_ext.topology``).
 
     Builds :class:`DsExtEngine` (or :class:`DsExtPipelineEngine` for a ``PipelineModule``) through stock
-    ``deepspeed.initialize``; DeepSpeed's data-parallel group becomes one replica through the ``mpu``.
+    ``deepspeed.initialize``; DeepSpeed's data-parallel group becomes one replica through the ``mpu`` (with
+    ``ds_ext.streambp.sequence_parallel: N``, DeepSpeed's Ulysses ``mpu``: ``world / N`` data-parallel ranks).
     """
     ds_config = _resolve_config(args, config, config_params)
     ext = parse_ext_config(ds_config)
@@ -84,8 +85,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             _narrow_pipeline_grid(model, topology)
     elif not topology.is_trivial:
         if mpu is not None:
-            raise ValueError("pass either mpu= or a ds_ext topology with several replicas, not both")
-        mpu = topology.build_mpu()
+            raise ValueError("pass either mpu= or a ds_ext topology with several replicas or sequence_parallel, not "
+                             "both")
+        # sequence parallelism: DeepSpeed's own Ulysses mpu (ds_ext._deepspeed.ulysses_mpu: batch arithmetic and
+        # ZeRO's reduction over the sequence groups)
+        sp = topology.sequence_parallel
+        mpu = ulysses_mpu(sp) if sp > 1 else topology.build_mpu()
     bound = dict(ds_ext_config=ext, topology=topology)
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,

@@ -522,3 +522,16 @@ def ulysses_sequence_group(size: int):
     if made != size:
         raise ValueError(f"DeepSpeed's sequence-parallel groups of this process have size {made}; asked for {size}")
     return group
+
+
+def ulysses_mpu(size: int):
+    """DeepSpeed's own sequence-parallel ``mpu`` (ALST's: what ``UlyssesSPAttentionHF.register_with_transformers``
+    returns), its groups made by :func:`ulysses_sequence_group`: the ``parallel_state_sp`` module. Passed to
+    ``deepspeed.initialize(mpu=...)`` it makes DeepSpeed count ``world / size`` data-parallel ranks in the batch
+    arithmetic (``train_batch_size = micro x accumulation x world / size``) and run ZeRO over the sequence-data-
+    parallel group (every rank), whose gradient reduction divides the sum by ``world / size``: with each rank's
+    gradient its shard's share of the sequence loss, the step's gradient is the mean over the sequence groups of
+    whole-sequence gradients."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
+    ulysses_sequence_group(size)
+    return sp_state

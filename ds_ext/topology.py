@@ -33,6 +33,9 @@ class Topology:
     world_size: int
     ranks_per_replica: int
     pipeline_stages: int = 1
+    sequence_parallel: int = 1
+    """Ulysses sequence-parallel ranks per group (``ds_ext.streambp.sequence_parallel``): ``N`` consecutive ranks
+    share one data shard and each streams a shard of its sequence (one replica, no pipeline)."""
 
     def __post_init__(self):
         if self.world_size < 1 or self.ranks_per_replica < 1 or self.pipeline_stages < 1:
@@ -43,6 +46,11 @@ class Topology:
         if self.ranks_per_replica % self.pipeline_stages:
             raise ValueError(f"pipeline_stages={self.pipeline_stages} does not divide ranks_per_replica="
                              f"{self.ranks_per_replica}")
+        if self.sequence_parallel < 1 or self.world_size % self.sequence_parallel:
+            raise ValueError(f"sequence_parallel={self.sequence_parallel} does not divide world size "
+                             f"{self.world_size}")
+        if self.sequence_parallel > 1 and (self.num_replicas > 1 or self.pipeline_stages > 1):
+            raise ValueError(f"sequence_parallel={self.sequence_parallel} needs one replica and no pipeline: {self}")
 
     @classmethod
     def from_config(cls, ext: DsExtConfig, world_size: int) -> "Topology":
@@ -55,7 +63,16 @@ class Topology:
         if rpr % cfg.pipeline_stages:
             raise DsExtConfigError([("ds_ext.topology.pipeline_stages",
                                      f"got {cfg.pipeline_stages}: must divide ranks per replica {rpr}")])
-        topo = cls(world_size, rpr, cfg.pipeline_stages)
+        sp = ext.streambp.sequence_parallel if ext.streambp.enabled else 1
+        if world_size % sp:
+            raise DsExtConfigError([("ds_ext.streambp.sequence_parallel",
+                                     f"got {sp} with world size {world_size}: must divide it (each group of {sp} "
+                                     "consecutive ranks shards one sequence)")])
+        if sp > 1 and (rpr != world_size or cfg.pipeline_stages > 1):
+            raise DsExtConfigError([("ds_ext.streambp.sequence_parallel",
+                                     f"got {sp} with {world_size // rpr} replicas x {cfg.pipeline_stages} pipeline "
+                                     "stages: sequence parallelism needs one replica and no pipeline")])
+        topo = cls(world_size, rpr, cfg.pipeline_stages, sp)
         if topo.num_replicas > 1 and not ext.replica_sync_enabled:
             raise DsExtConfigError([(path, f"got {rpr} with world size {world_size}: that makes "
                                            f"{topo.num_replicas} replicas, but no enabled ds_ext feature "
@@ -74,8 +91,8 @@ class Topology:
 
     @property
     def is_trivial(self) -> bool:
-        """One replica and no pipeline: stock DeepSpeed needs no ``mpu`` at all."""
-        return self.num_replicas == 1 and self.pipeline_stages == 1
+        """One replica, no pipeline, no sequence parallelism: stock DeepSpeed needs no ``mpu`` at all."""
+        return self.num_replicas == 1 and self.pipeline_stages == 1 and self.sequence_parallel == 1
 
     def process_topology(self) -> ProcessTopology:
         """DeepSpeed's ``ProcessTopology`` for this layout (pass it to ``PipelineModule(topology=...)``)."""
@@ -104,11 +121,17 @@ class Topology:
         _, stage, data = self.coords(rank)
         return [self.rank_of(r, stage, data) for r in range(self.num_replicas)]
 
+    @property
+    def data_shards(self) -> int:
+        """How many data shards the world reads per micro-step (distinct micro-batches)."""
+        return self.num_replicas * self.data_parallel_size // self.sequence_parallel
+
     def data_shard(self, rank: int) -> Tuple[int, int]:
         """``(index, count)`` of the data shard ``rank`` reads: every replica and every ZeRO rank reads its own,
-        all stages of one pipeline read the same."""
+        all stages of one pipeline read the same, and so do the ``sequence_parallel`` ranks of one sequence group
+        (consecutive ranks: each streams its shard of the same rows)."""
         replica, _, data = self.coords(rank)
-        return replica * self.data_parallel_size + data, self.num_replicas * self.data_parallel_size
+        return (replica * self.data_parallel_size + data) // self.sequence_parallel, self.data_shards
 
     def build_shard_peer_group(self, rank: Optional[int] = None):
         """Create the shard-peer groups (collective over the default group: every rank calls it, in the same order)

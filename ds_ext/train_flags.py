@@ -94,6 +94,25 @@ def set_total_steps(cfg: Dict[str, Any], max_steps: int) -> None:
         scheduler.setdefault("params", {})["total_num_steps"] = max_steps
 
 
+def check_sequence_parallel(sequence_parallel: int, hf_model: bool, seq_len: int, packing: bool) -> None:
+    """What ``ds_ext.streambp.sequence_parallel: N > 1`` cannot train, refused before training (:class:`FlagError`
+    naming the key and value): the reference model (the engine shards HF causal LMs only), a ``--seq_len`` not
+    divisible by ``N`` (equal shards), packed rows (the sharded attention is causal over a whole row: one document
+    per row, ``--no_packing``)."""
+    if sequence_parallel == 1:
+        return
+    key = f"ds_ext.streambp.sequence_parallel={sequence_parallel}"
+    if not hf_model:
+        raise FlagError(f"{key} shards the rows of an HF model (--model DIR); the reference model trains unsharded: "
+                        "use sequence_parallel 1")
+    if seq_len % sequence_parallel:
+        raise FlagError(f"{key}: --seq_len {seq_len} is not divisible by {sequence_parallel} (each rank of a "
+                        f"sequence group streams seq_len / {sequence_parallel} tokens)")
+    if packing:
+        raise FlagError(f"{key} streams one document per row (causal attention over the whole row), and packed rows "
+                        "hold several: add --no_packing")
+
+
 def steps_for_epochs(epochs: float, rows: int, micro: int, shards: int, gas: int) -> int:
     """Optimizer steps of ``epochs`` passes over ``rows`` training rows (HF Trainer's count: whole micro-batches
     per data shard per epoch, divided by the accumulation steps, times the epochs, rounded up)."""

@@ -33,14 +33,15 @@ import torch
 from tqdm import tqdm
 
 import ds_ext
-from ds_ext.config import load_config_file
+from ds_ext.config import DsExtConfigError, load_config_file
 from ds_ext.data import DataError, build_datasets
 from ds_ext.models import (LlamaForCausalLM, ModelConfig, TokenWindows, llama_pipeline, load_corpus,
                            sharded_batches, threads_per_process, train_eval_split)
 from ds_ext.models.hf import (HFCausalLM, HFModelError, check_seq_len, gather_fp32_state, hf_export_meta,
                               load_hf_model, load_tokenizer, save_hf_state)
-from ds_ext.train_flags import (FlagError, checkpoint_dir, override_config, rotate_checkpoints, run_name,
-                                set_run_name, set_total_steps, steps_for_epochs, write_effective)
+from ds_ext.train_flags import (FlagError, check_sequence_parallel, checkpoint_dir, override_config,
+                                rotate_checkpoints, run_name, set_run_name, set_total_steps, steps_for_epochs,
+                                write_effective)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -327,9 +328,11 @@ def main(argv=None):
     try:
         ds_config = override_config(load_config_file(args.deepspeed_config), args.lr, args.warmup_steps,
                                     args.gradient_accumulation_steps)
-    except FlagError as e:
+        topology = ds_ext.build_topology(ds_config)
+        check_sequence_parallel(topology.sequence_parallel, args.model != "reference", args.seq_len,
+                                not args.no_packing)
+    except (FlagError, DsExtConfigError) as e:
         refuse(e)
-    topology = ds_ext.build_topology(ds_config)
     rank = deepspeed.comm.get_rank()
     tokenizer = hf_config = None
     try:
@@ -407,7 +410,7 @@ def inject_fault(engine, spec: str, rank: int) -> None:
 
 
 def run(args, engine, trainer, topology, start, rank, save_checkpoint_hf) -> dict:
-    tokens_per_step = trainer.micro * trainer.gas * args.seq_len * topology.num_replicas * topology.data_parallel_size
+    tokens_per_step = trainer.micro * trainer.gas * args.seq_len * topology.data_shards
     bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     first = last = None
     eval_first = trainer.eval_loss() if start < args.max_steps else None

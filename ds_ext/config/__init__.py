@@ -219,6 +219,16 @@ def _streambp_compat(ds_config: Dict[str, Any], ext: DsExtConfig) -> List[tuple]
         problems.append((f"{EXT_KEY}.streambp.enabled",
                          f"got true with zero_optimization.stage={_zero_stage(ds_config)}: StreamBP supports ZeRO "
                          "stage 0, 1 or 2"))
+    sp = ext.streambp.sequence_parallel
+    unsupported = [what for what, on in (
+        (f"topology.pipeline_stages={ext.topology.pipeline_stages}", ext.topology.pipeline_stages > 1),
+        ("noloco.enabled (several replicas)", ext.noloco.enabled),
+        ("prefix_grouper.enabled (per-call chunk masks)", ext.prefix_grouper.enabled)) if on]
+    if sp > 1 and unsupported:
+        problems.append((f"{EXT_KEY}.streambp.sequence_parallel",
+                         f"got {sp} with {', '.join(unsupported)}: sequence parallelism shards one model's "
+                         "sequence over consecutive ranks of one replica, without pipeline stages or chunk masks; "
+                         "use sequence_parallel 1 or drop the other"))
     return problems
 
 

@@ -172,6 +172,12 @@ class HFCausalLM(nn.Module):
         self.logits_chunk_size = logits_chunk_size
         self.source, self.tokenizer_dir = source, tokenizer_dir
         self.lm_loss_fn: Optional[Callable] = None
+        self.forward_fn: Optional[Callable] = None
+
+    def set_forward(self, fn: Optional[Callable]) -> None:
+        """Replace :meth:`forward` by ``fn(input_ids, labels, position_ids)`` (StreamBP's sequence-parallel forward,
+        which runs this rank's shard of the rows: :mod:`ds_ext.streambp.ulysses`); ``None`` restores it."""
+        self.forward_fn = fn
 
     def set_lm_loss(self, fn: Optional[Callable]) -> None:
         """Replace the head + loss by ``fn(hidden [B, T, C], lm_head.weight [V, C], shifted labels [B, T]) ->
@@ -183,6 +189,8 @@ class HFCausalLM(nn.Module):
                              use_cache=False).last_hidden_state
 
     def forward(self, input_ids, labels=None, position_ids=None):
+        if self.forward_fn is not None:
+            return self.forward_fn(input_ids, labels, position_ids)
         hidden = self.hidden_states(input_ids, position_ids)
         weight = self.hf.lm_head.weight
         if labels is None:

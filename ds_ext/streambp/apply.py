@@ -56,7 +56,7 @@ class StreamBPFeature(FeatureBase):
 
     def metrics(self) -> dict:
         return {"streamed_layers": len(self.layers), "chunk_size": self.cfg.chunk_size,
-                "logits_chunk_size": self.cfg.logits_chunk_size}
+                "logits_chunk_size": self.cfg.logits_chunk_size, "sequence_parallel": self.cfg.sequence_parallel}
 
     def close(self) -> None:
         for layer in self.layers:
@@ -125,5 +125,33 @@ def _sequence_runner(cfg: StreamBPConfig, group):
 
 def apply_streambp(engine, cfg: StreamBPConfig, topology=None) -> StreamBPFeature:
     """The feature for a ds_ext engine (``engine.module`` streamed; not attached: ``ds_ext.features`` attaches it).
-    ``topology`` is unused: every stage streams its own layers."""
-    return stream_model(engine.module, cfg)
+    ``topology`` is unused: every stage streams its own layers. With ``cfg.sequence_parallel > 1`` the engine was
+    built with DeepSpeed's Ulysses ``mpu`` (``ds_ext.initialize``: the group reads one data shard, ZeRO reduces
+    over the groups) and the model's forward runs this rank's shard of the rows (:func:`_shard_forward`)."""
+    if cfg.sequence_parallel == 1:
+        return stream_model(engine.module, cfg)
+    from ds_ext._deepspeed import ulysses_sequence_group
+    group = ulysses_sequence_group(cfg.sequence_parallel)
+    undo_forward = _shard_forward(engine.module, group, cfg)
+    try:
+        feature = stream_model(engine.module, cfg, sequence_group=group)
+    except BaseException:
+        undo_forward()
+        raise
+    feature._undo.insert(0, undo_forward)  # undone last, after the layers and head are restored
+    return feature
+
+
+def _shard_forward(model: nn.Module, group, cfg: StreamBPConfig) -> Callable[[], None]:
+    """Install :class:`ds_ext.streambp.ulysses.ShardedCausalLMForward` through the model's ``set_forward`` seam (an
+    :class:`ds_ext.models.hf.HFCausalLM`, what ``examples/train.py --model DIR`` trains; another model is refused
+    before anything changes); returns what undoes it."""
+    from ds_ext.models.hf import HFCausalLM
+    from ds_ext.streambp.ulysses import ShardedCausalLMForward
+    if not isinstance(model, HFCausalLM):
+        raise DsExtConfigError([("ds_ext.streambp.sequence_parallel", f"got {cfg.sequence_parallel} for a "
+                                 f"{type(model).__name__}: a DeepSpeed engine shards the rows of an HF causal LM "
+                                 "wrapped as ds_ext.models.hf.HFCausalLM (examples/train.py --model DIR); for "
+                                 "another model call ds_ext.streambp.ulysses.causal_lm_shard_loss in your loop")])
+    model.set_forward(ShardedCausalLMForward(model, group, cfg.logits_chunk_size))
+    return lambda: model.set_forward(None)

@@ -26,5 +26,8 @@ class StreamBPConfig(ExtSection):
     """Ulysses sequence parallelism over this many consecutive ranks (DeepSpeed's ``parallel_state_sp`` groups):
     each rank holds a contiguous shard of the sequence (global ``position_ids``) and streams it; heads and rows are
     exchanged around attention with DeepSpeed's Ulysses all-to-all (:mod:`ds_ext.streambp.ulysses`). Exact (fp32
-    gradients equal sp=1's); sum the parameter gradients over the group. Causal attention over one document per
-    row only (no key padding, packed documents or Prefix Grouper masks); must divide the attention heads. 1: off."""
+    gradients equal sp=1's). In a ds_ext engine (HF models, ``examples/train.py --model DIR``) the ranks of a group
+    read the same micro-batch (``world / N`` data shards, DeepSpeed's Ulysses ``mpu``), each runs its shard and the
+    step equals sp=1's on the same batch; must divide the world size. Causal attention over one document per row
+    only (no key padding, packed documents or Prefix Grouper masks; ``--no_packing``); no pipeline stages or NoLoCo
+    replicas; must divide the attention heads and the sequence length. 1: off."""

@@ -33,7 +33,9 @@ bytes as sp=1's at ``T / N`` rows), one chunk's activations and ``N`` chunks' at
 Limits: one document per row, no key padding, no per-call chunk mask (refused, naming what was given); equal shard
 lengths on every rank; the group's size divides the query heads, and the KV heads divide it or it them.
 Gradients: each rank's parameter gradients are its shard's share; sum them over the group (with the loss of
-:func:`shard_loss`, the sum is the full sequence's mean-loss gradient).
+:func:`shard_loss`, the sum is the full sequence's mean-loss gradient). In a DeepSpeed engine
+(:class:`ShardedCausalLMForward`, installed by :func:`ds_ext.streambp.apply.apply_streambp`) the group reads one
+data shard and DeepSpeed's Ulysses ZeRO reduction does that sum (:func:`ds_ext._deepspeed.ulysses_mpu`).
 
 ZeRO-1/2: parameters are marked ready (:func:`ds_ext._deepspeed.set_grad_ready`) for the last inner backward that
 reaches them: pass 1's last chunk for every parameter outside the key/value path, pass 2's last for the rest.
@@ -41,7 +43,7 @@ reaches them: pass 1's last chunk for every parameter outside the key/value path
 from __future__ import annotations
 
 import warnings
-from typing import Set
+from typing import Optional, Set
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,7 @@ import torch.distributed as dist
 from ds_ext._deepspeed import set_grad_ready, ulysses_all_to_all, ulysses_register_group
 from ds_ext.ops.attention import chunk_attention
 from ds_ext.ops.chunked_loss import TokenCrossEntropy, chunked_lm_loss
+from ds_ext.ops.losses import IGNORE_INDEX, shift_labels
 from ds_ext.ops.stream import LayerAdapter, StreamCall
 from ds_ext.streambp.layer import _accumulating_leaf, chunk_bounds, keys_values
 
@@ -257,19 +260,91 @@ def shard_loss(hidden: torch.Tensor, weight: torch.Tensor, shifted_labels: torch
     return chunked_lm_loss(hidden, weight, objective, logits_chunk_size, norm=norm)
 
 
+def shard_rows(input_ids: torch.Tensor, labels: torch.Tensor, group):
+    """This rank's shard of whole-sequence rows (``input_ids, labels: [B, T]``, unshifted labels, the same on every
+    rank of ``group``): ``(input_ids [B, L], shifted labels [B, L], global position_ids [B, L])`` for the rows
+    ``[r L, (r + 1) L)``; labels are shifted over the whole sequence (so the label at a shard boundary is kept)."""
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    positions = shard_positions(input_ids.shape[1], group, input_ids.shape[0], input_ids.device)
+    rows = slice(rank * (input_ids.shape[1] // n), (rank + 1) * (input_ids.shape[1] // n))
+    return input_ids[:, rows], shift_labels(labels)[:, rows], positions
+
 
 def causal_lm_shard_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, group,
                          logits_chunk_size: int = 256) -> torch.Tensor:
     """HF causal-LM loss of this rank's shard under ``sequence_parallel``: ``input_ids, labels: [B, T]`` are the
     whole sequence (unshifted labels, HF convention; every rank passes the same); the rank runs ``model.model`` on
-    its rows ``[r L, (r + 1) L)`` with global ``position_ids`` and :func:`shard_loss` on the labels shifted over
-    the whole sequence (so the label at a shard boundary is kept). Sum the gradients over the group."""
-    from ds_ext.ops.losses import shift_labels
+    its rows (:func:`shard_rows`) and :func:`shard_loss`. Sum the gradients over the group."""
     from ds_ext.streambp.hf import _without_final_norm
-    n, rank = dist.get_world_size(group), dist.get_rank(group)
-    positions = shard_positions(input_ids.shape[1], group, input_ids.shape[0], input_ids.device)
-    shard = input_ids.shape[1] // n
-    rows = slice(rank * shard, (rank + 1) * shard)
+    ids, shifted, positions = shard_rows(input_ids, labels, group)
     with _without_final_norm(model.model) as norm:
-        hidden = model.model(input_ids=input_ids[:, rows], position_ids=positions, use_cache=False).last_hidden_state
-    return shard_loss(hidden, model.lm_head.weight, shift_labels(labels)[:, rows], group, logits_chunk_size, norm)
+        hidden = model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    return shard_loss(hidden, model.lm_head.weight, shifted, group, logits_chunk_size, norm)
+
+
+def one_document_problem(position_ids: Optional[torch.Tensor], labels: torch.Tensor) -> Optional[str]:
+    """Why rows with these ``position_ids`` (``[B or 1, T]``, None: ``0 .. T-1``) and unshifted ``labels [B, T]``
+    cannot be sharded, or None. Allowed: each row one document from position 0, optionally followed by a tail
+    without labels (the padding of ``--no_packing`` rows, whose positions restart: causal attention over the whole
+    row gives the document's tokens the same outputs, and the tail is not scored). Refused: a row whose positions
+    restart before a labelled token (packed documents: the sharded attention is causal over the whole row)."""
+    if position_ids is None:
+        return None
+    arange = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    tail = (position_ids.expand_as(labels) != arange).cumsum(dim=1) > 0
+    scored = tail & (labels != IGNORE_INDEX)
+    if not bool(scored.any()):
+        return None
+    row, col = (int(i) for i in scored.nonzero()[0])
+    return (f"row {row} holds packed documents (position_ids restart before the labelled token {col}); sharded "
+            "rows must be one document each (examples/train.py: --no_packing)")
+
+
+class _WholeSequenceValue(torch.autograd.Function):
+    """Value ``total`` (the group's summed loss), gradient straight to ``share`` (this rank's part): the loss every
+    rank reports is the whole sequence's, while each rank backpropagates only its own share."""
+
+    @staticmethod
+    def forward(ctx, share, total):
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ShardedCausalLMForward:
+    """The forward of an :class:`ds_ext.models.hf.HFCausalLM` under ``sequence_parallel`` in a DeepSpeed engine
+    (installed by :func:`ds_ext.streambp.apply.apply_streambp` through the model's ``set_forward`` seam).
+
+    ``(input_ids, labels, position_ids) -> loss``: every rank of the group gets the same rows ``[B, T]`` (the
+    group reads one data shard); the rank runs its shard (:func:`shard_rows`) through the streamed layers, and the
+    head + loss of :func:`shard_loss`. The returned loss has the whole sequence's value (the group's sum, equal on
+    every rank) and the gradient of this rank's share only: DeepSpeed's Ulysses ZeRO reduction then sums the
+    shares of a group and averages over the groups (:func:`ds_ext._deepspeed.ulysses_mpu`), the sp=1 step.
+    ``calls`` counts the sharded forwards. Refused (ValueError, naming the key): ``labels=None`` (full logits
+    would need every rank's rows), rows of several documents (:func:`one_document_problem`), ``T`` not divisible
+    by ``N``."""
+
+    def __init__(self, model, group, logits_chunk_size: int):
+        self.model, self.group, self.logits_chunk_size = model, group, logits_chunk_size
+        self.calls = 0
+
+    def __call__(self, input_ids, labels=None, position_ids=None):
+        n = dist.get_world_size(self.group)
+        key = f"ds_ext.streambp.sequence_parallel={n}"
+        if labels is None:
+            raise ValueError(f"{key}: the sharded forward computes the training loss; it needs labels (logits of "
+                             "the whole sequence need sequence_parallel 1)")
+        problem = one_document_problem(position_ids, labels)
+        if problem is not None:
+            raise ValueError(f"{key}: {problem}")
+        if input_ids.shape[1] % n:
+            raise ValueError(f"{key}: sequence length {input_ids.shape[1]} is not divisible by {n}")
+        ids, shifted, positions = shard_rows(input_ids, labels, self.group)
+        hidden = self.model.hidden_states(ids, positions)
+        share = shard_loss(hidden, self.model.hf.lm_head.weight, shifted, self.group, self.logits_chunk_size)
+        total = share.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        self.calls += 1
+        return _WholeSequenceValue.apply(share, total)
