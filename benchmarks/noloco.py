@@ -5,11 +5,11 @@ and a latency-bandwidth model of one synchronisation for 8..1024 workers.
     python benchmarks/noloco.py --steps 100 --inner_steps 25 --layouts 2x2
     python benchmarks/noloco.py --steps 3000 --eval_interval 250 --layouts 2x2 --modes noloco   # ~26 min
     python benchmarks/noloco.py --steps 8000 --eval_interval 500 --layouts 4x1 --modes noloco   # ~67 min
-    python benchmarks/noloco.py --smoke --plot /tmp/noloco.png   # CI size: 16 steps, DDP and NoLoCo 2x2
+    python benchmarks/noloco.py --smoke --plot /tmp/noloco.png   # CI size: 16 steps, DDP and NoLoCo 2x1 (2 processes)
 
-Runs (each through the real ``ds-ext`` launcher, 4 gloo processes, ZeRO-1, the reference model on the default
-corpus, the same seed, micro-batch and steps, so equal tokens):
-* ``ddp``: one replica of 4 ranks (stock ZeRO all-reduce over all ranks);
+Runs (each through the real ``ds-ext`` launcher on R x K gloo processes, 4 by default, every layout the same
+count; ZeRO-1, the reference model on the default corpus, the same seed, micro-batch and steps, so equal tokens):
+* ``ddp``: one replica of all R x K ranks (stock ZeRO all-reduce over all ranks);
 * ``diloco-RxK`` / ``noloco-RxK``: R replicas of K ZeRO ranks, outer step every H steps.
 
 Every rank counts its communication by the replica layout (benchmarks/noloco_worker.py installs the counter, DDP
@@ -63,7 +63,7 @@ WORLD = 4
 MODEL_BYTES = 4e9
 LATENCY_S = 0.1
 BANDWIDTH_BPS = 1e9 / 8
-SMOKE = {"steps": 16, "inner_steps": 4, "eval_interval": 8, "eval_batches": 2, "seq_len": 32, "layouts": "2x2",
+SMOKE = {"steps": 16, "inner_steps": 4, "eval_interval": 8, "eval_batches": 2, "seq_len": 32, "layouts": "2x1",
          "modes": "noloco"}
 
 
@@ -91,11 +91,11 @@ def run_config(base: dict, mode: str, rpr: int, inner_steps: int, schedule: str 
     return cfg
 
 
-def launch(name: str, cfg: dict, layout_rpr: int, args, workdir: str) -> list:
+def launch(name: str, cfg: dict, layout_rpr: int, args, workdir: str, world: int = WORLD) -> list:
     cfg_path, out = os.path.join(workdir, f"{name}.json"), os.path.join(workdir, name)
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(WORLD), "--master_port", str(args.port),
+    cmd = [sys.executable, "-m", "ds_ext.launch", "--num_procs", str(world), "--master_port", str(args.port),
            "--config", cfg_path, WORKER, "--out", out, "--layout_ranks_per_replica", str(layout_rpr),
            "--max_steps", str(args.steps), "--eval_interval", str(args.eval_interval), "--seq_len",
            str(args.seq_len), "--eval_batches", str(args.eval_batches)]
@@ -104,7 +104,7 @@ def launch(name: str, cfg: dict, layout_rpr: int, args, workdir: str) -> list:
     if proc.returncode != 0:
         raise RuntimeError(f"run {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(WORLD)]
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
 
 
 def summarise(name: str, ranks: list, steps: int) -> dict:
@@ -122,12 +122,12 @@ def summarise(name: str, ranks: list, steps: int) -> dict:
             "curve": [(s, l) for s, _, l in ranks[0]["evals"]]}
 
 
-def theoretical_bytes_ratio(mode: str, rpr: int, inner_steps: int) -> float:
+def theoretical_bytes_ratio(mode: str, rpr: int, inner_steps: int, world: int = WORLD) -> float:
     """Cross-replica wire bytes per step, DDP over the run's. DDP with ZeRO-1 sends 3(n-1)/n of the model per step
     (gradient all-reduce 2(n-1)/n, parameter all-gather (n-1)/n). Per H steps NoLoCo sends its 1/rpr shard once;
     DiLoCo all-reduces it over the R replicas, 2(R-1)/R of the shard."""
-    ddp = 3 * (WORLD - 1) / WORLD
-    replicas = WORLD // rpr
+    ddp = 3 * (world - 1) / world
+    replicas = world // rpr
     per_sync = 1.0 if mode == "noloco" else 2 * (replicas - 1) / replicas
     return ddp / (per_sync / rpr / inner_steps)
 
@@ -158,7 +158,7 @@ def print_tables(rows: list, ddp: dict, args) -> None:
     for row in rows:
         rpr = int(row["run"].split("x")[1]) if "x" in row["run"] else None
         ratio = ddp["cross_bytes_per_step"] / row["cross_bytes_per_step"] if row["cross_bytes_per_step"] else 0
-        theory = theoretical_bytes_ratio(row["run"].split("-")[0], rpr, args.inner_steps) if rpr else 1.0
+        theory = theoretical_bytes_ratio(row["run"].split("-")[0], rpr, args.inner_steps, args.world) if rpr else 1.0
         print(f"{row['run']:<14}{row['eval_loss']:>10.4f}{row['eval_loss'] / ddp['eval_loss']:>8.3f}"
               f"{row['sent_bytes_per_step']:>14.0f}{row['cross_bytes_per_step']:>14.0f}{ratio:>8.1f}"
               f"{theory:>8.1f}{row['collectives_per_step']:>10.2f}{row['global_collectives']:>8d}"
@@ -207,15 +207,19 @@ def main(argv=None) -> dict:
         p.error(f"--modes {args.modes!r}: give noloco, optionally with diloco (comma separated)")
     base = json.load(open(os.path.join(ROOT, "configs", "baseline.json")))
     layouts = [tuple(int(v) for v in s.split("x")) for s in args.layouts.split(",")]
+    worlds = {r * k for r, k in layouts}
+    if len(worlds) != 1:
+        p.error(f"--layouts {args.layouts!r}: every layout needs the same number of processes")
+    world = args.world = worlds.pop()
     with tempfile.TemporaryDirectory() as workdir:
-        ddp_cfg = run_config(base, "ddp", WORLD, 0, args.schedule, args.steps)
-        ddp = summarise("ddp", launch("ddp", ddp_cfg, layouts[0][1], args, workdir), args.steps)
+        ddp_cfg = run_config(base, "ddp", world, 0, args.schedule, args.steps)
+        ddp = summarise("ddp", launch("ddp", ddp_cfg, layouts[0][1], args, workdir, world), args.steps)
         rows = [ddp]
         for replicas, rpr in layouts:
             for mode in modes:
                 name = f"{mode}-{replicas}x{rpr}"
                 cfg = run_config(base, mode, rpr, args.inner_steps, args.schedule, args.steps)
-                rows.append(summarise(name, launch(name, cfg, rpr, args, workdir), args.steps))
+                rows.append(summarise(name, launch(name, cfg, rpr, args, workdir, world), args.steps))
     print_tables(rows, ddp, args)
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     plot(rows, args.plot)
@@ -223,7 +227,7 @@ def main(argv=None) -> dict:
     diloco = [r for r in rows if r["run"].startswith("diloco")]
     result = {
         "benchmark": "noloco", "steps": args.steps, "schedule": args.schedule, "inner_steps": args.inner_steps,
-        "world": WORLD,
+        "world": world,
         "loss_ratio_vs_ddp": max(r["eval_loss"] / ddp["eval_loss"] for r in noloco),
         "loss_ratio_diloco_vs_ddp": max((r["eval_loss"] / ddp["eval_loss"] for r in diloco), default=None),
         "bytes_ratio_vs_ddp": min(ddp["cross_bytes_per_step"] / r["cross_bytes_per_step"] for r in noloco),

@@ -2,13 +2,14 @@
 
     sudo python benchmarks/noloco_wan.py                          # quick default, < 15 min on 2 cores
     sudo python benchmarks/noloco_wan.py --layouts 2x2 --rates 100 --steps 300
-    sudo python benchmarks/noloco_wan.py --smoke --out /tmp/wan.png   # CI size: 2x2 at 100 Mbit/s, 10 steps
+    sudo python benchmarks/noloco_wan.py --smoke --out /tmp/wan.png   # CI size: 2x1 at 100 Mbit/s, 10 steps
 
 Hosts are Linux network namespaces on this machine joined by a bridge, every host link shaped with ``tc tbf`` to
 the given rate in both directions (:mod:`wan_hosts`; the kernel here has ``tbf`` but no ``netem``, so no added
 latency). Layouts: ``2x2`` = 2 hosts x 2 ranks (ZeRO inside a host over its own address, unshaped; NoLoCo/DiLoCo
-replicas = hosts) and ``4x1`` = 4 hosts x 1 rank. Each run is ``benchmarks/noloco_worker.py`` (examples/train.py's
-model, data and loop) on 4 gloo processes, one thread each, equal tokens per step in every mode: ``ddp`` = ZeRO-1
+replicas = hosts), ``4x1`` = 4 hosts x 1 rank and ``2x1`` (the CI size) = 2 hosts x 1 rank. Each run is
+``benchmarks/noloco_worker.py`` (examples/train.py's model, data and loop) on hosts x ranks gloo processes, one
+thread each, equal tokens per step in every mode: ``ddp`` = ZeRO-1
 over all ranks, ``diloco`` and ``noloco`` with ``--inner_steps`` H. The target eval loss is fixed in advance from
 the DDP run on unshaped links: its eval loss at ``--target_fraction`` of ``--steps``. Time to target = training
 wall-clock (start-up excluded) at the first eval at or below it; a run is stopped at ``--cap_s`` and then counts
@@ -50,9 +51,9 @@ from noloco import run_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "benchmarks", "noloco_worker.py")
-LAYOUTS = {"2x2": (2, 2), "4x1": (4, 1)}
+LAYOUTS = {"2x2": (2, 2), "4x1": (4, 1), "2x1": (2, 1)}
 MODES = ("ddp", "diloco", "noloco")
-SMOKE = {"layouts": "2x2", "rates": "100", "steps": 10, "eval_interval": 5, "inner_steps": 5, "cap_s": 30.0,
+SMOKE = {"layouts": "2x1", "rates": "100", "steps": 10, "eval_interval": 5, "inner_steps": 5, "cap_s": 30.0,
          "hidden": 32, "layers": 1, "seq_len": 32}
 
 

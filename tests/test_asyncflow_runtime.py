@@ -42,7 +42,9 @@ def run_example(tmp_path, sft_cache, staleness: int, procs: int, steps: int = 4,
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-@pytest.mark.parametrize("staleness", [1, 2])
+# max_staleness 1, the shipped config's (a k = 2 case, 15 s of CI, ran the same code path; the queue's bound for
+# every k is unit-tested in test_asyncflow_queue.py)
+@pytest.mark.parametrize("staleness", [1])
 def test_async_run_trains_within_the_staleness_bound(tmp_path, sft_cache, staleness):
     out = run_example(tmp_path, sft_cache, staleness, procs=3, steps=5)
     assert out["mode"] == "async" and out["steps"] == 5

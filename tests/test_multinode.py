@@ -289,18 +289,18 @@ def test_master_on_host_0s_second_address_trains(noloco_reference):
 
 @needs_hosts
 def test_unreachable_master_fails_after_rdzv_timeout_naming_address_and_port(net, tmp_path):
-    """Default 60 s (torch's read_timeout); ``--rdzv_timeout 10`` here so the wait costs CI 10 s, not 60."""
+    """Default 60 s (torch's read_timeout); ``--rdzv_timeout 4`` here so the wait costs CI 4 s, not 60."""
     nobody = "169.254.77.99"  # on the hosts' subnet, no host has it
     t0 = time.monotonic()
     proc = start(net, 1, [sys.executable, "-m", "ds_ext.launch", "--no_ssh", "--num_nodes", "2", "--node_rank", "1",
                           "--num_procs", "1", "--master_addr", nobody, "--master_port", "29614", "--max_restarts",
-                          "1", "--rdzv_timeout", "10", "--config", "configs/baseline.json", TRAIN, "--max_steps",
+                          "1", "--rdzv_timeout", "4", "--config", "configs/baseline.json", TRAIN, "--max_steps",
                           "3"] + QUICK, tmp_path / "unreachable.log")
     (code,), (out,) = finish(net, [proc], [tmp_path / "unreachable.log"], timeout=150)
     took = time.monotonic() - t0
     assert code not in (0, None), out[-3000:]
-    assert took < 60, f"took {took:.0f} s with --rdzv_timeout 10"
-    assert f"could not reach the rendezvous store at {nobody}:29614 within 10 s" in out, out[-3000:]
+    assert took < 60, f"took {took:.0f} s with --rdzv_timeout 4"
+    assert f"could not reach the rendezvous store at {nobody}:29614 within 4 s" in out, out[-3000:]
 
 
 @needs_hosts
