@@ -94,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=192)
     p.add_argument("--stop_tokens", type=int, default=6, help="ids that end a response (the long tail's rate)")
     p.add_argument("--trl_repeats", type=int, default=3)
+    p.add_argument("--in_flight_kv", default="recompute", choices=("recompute", "keep"),
+                   help="asyncflow.rollout.in_flight_kv of every run (what a reload does to requests in flight)")
     p.add_argument("--work", default=None)
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated runs of ours (the comparisons need all four; 'async' alone: the CI size)")
@@ -130,7 +132,7 @@ def config(args, work: str, name: str, staleness: int, trainers_only: bool) -> s
              trainer_generates=not trainers_only)
     a.pop("rollout_workers", None)
     a["rollout"].update(stop_token_ids=list(range(100, 100 + args.stop_tokens)), shm_dir=work,
-                        max_num_seqs=64)
+                        max_num_seqs=64, in_flight_kv=args.in_flight_kv)
     path = os.path.join(work, f"{name}.json")
     with open(path, "w") as f:
         json.dump(cfg, f)

@@ -52,6 +52,16 @@ class RolloutEngineConfig(ExtSection):
     max_num_seqs: int = Field(64, ge=1)
     """vLLM: sequences decoded together at most (the engine's batch)."""
 
+    in_flight_kv: Literal["recompute", "keep"] = "recompute"
+    """vLLM with ``partial_rollouts``: what a reload does to requests in flight. ``recompute``: the prefix cache is
+    reset with its running requests, which vLLM preempts and re-prefills (prompt + tokens so far) under the new
+    weights, so every later token's behaviour log-prob is the new policy's exactly (teacher-forced equal), at the
+    cost of one re-prefill of everything in flight per push. ``keep`` (PipelineRL's in-flight update, and what the
+    ``hf`` engine does): their KV of earlier positions stays and later tokens are sampled with the new weights over
+    it (the recorded behaviour log-prob is still the distribution each token was drawn from); requests admitted
+    after the reload carry the new version as vLLM's ``cache_salt``, so no new request reuses prefix KV of older
+    weights."""
+
     check_logprobs: bool = True
     """After every reload the worker scores a fixed probe sequence (prompt log-probs); trainer rank 0 compares them
     with its own log-probs of the same tokens under the pushed weights (``logprob_mismatch``)."""

