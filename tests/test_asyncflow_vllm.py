@@ -102,3 +102,42 @@ def test_a_push_between_decode_steps_stamps_later_tokens(setup):
     groups = queue.take("train", slot, cfg.groups_per_step, timeout=5)
     versions = torch.cat([s["token_versions"][:s["response_len"]] for g in groups for s in g["samples"]])
     assert set(versions.tolist()) == {slot - 1, slot}  # old tokens keep their version, new ones the new
+
+
+def test_keep_in_flight_kv_samples_later_tokens_over_the_old_kv(setup):
+    """``rollout.in_flight_kv: keep`` (PipelineRL's in-flight update): a push between decode steps leaves the
+    running requests their KV, so their later tokens are drawn from the new weights over KV of the old ones -- their
+    behaviour log-probs differ from the new policy's teacher-forced ones (under ``recompute``, the first test, they
+    are equal within REL), while the probe request, admitted after the reload and salted with its version, sees
+    the new weights alone. A silent fall-back to recompute would make the in-flight log-probs equal and fail."""
+    cfg, policy, queue, worker, writer = setup
+    queue.finish_slot(3)  # the previous test took slot 3's groups
+    slot = 4
+    cfg.rollout.in_flight_kv = "keep"
+    try:
+        worker._admit()
+        assert worker.inflight
+        for _ in range(3):
+            for out in worker.engine.step():
+                worker._on_output(out)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+        opt.zero_grad()
+        policy(torch.tensor([[1, 2, 3, 4, 5]]), labels=torch.tensor([[2, 3, 4, 5, 6]])).backward()
+        opt.step()
+        worker.set_weights(slot, writer.write(slot, policy))  # lands between two decode steps
+        worker.run(max_groups=worker.stats["groups"] + cfg.groups_per_step)
+    finally:
+        cfg.rollout.in_flight_kv = "recompute"
+    probe = torch.tensor(worker.stats["probe_logprobs"][slot])
+    assert (probe - writer.probes[slot]).abs().max() <= REL * writer.probes[slot].abs().max()
+    gaps = []
+    for g in queue.take("train", slot, cfg.groups_per_step, timeout=5):
+        for s in g["samples"]:
+            n = s["response_len"]
+            now = s["token_versions"][:n] == slot
+            if now.any():
+                tf = _teacher_forced(policy, s)
+                gaps.append(((s["logprobs"][:n] - tf)[now].abs().max() / tf.abs().max()).item())
+    # the update moved the probe's log-probs by > 1e-2 (first test); over old KV the in-flight tokens' log-probs
+    # keep part of that gap, far above the fp32 kernel difference REL
+    assert gaps and max(gaps) > 10 * REL, gaps
