@@ -25,7 +25,7 @@ is the most async can gain over the best sync run here; ``async_vs_best_sync_ove
 realised. Throughput = trained responses per second of the step loop (engine start-up excluded in every mode: the
 async runtime waits for every worker's engine before its clock starts, as the one-process runs build theirs first).
 
-    python benchmarks/asyncflow_vllm.py --smoke     # CI size: the async run only (one engine start-up), 2 steps
+    python benchmarks/asyncflow_vllm.py --smoke     # CI size: the async run only (one eager engine start-up), 2 steps
 
 Last-line JSON keys:
 - `engine`: "vllm"
@@ -80,7 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _keys import parse_with_smoke  # noqa: E402
 
 MODES = ("async", "sync_2proc", "sync_best", "sync_1thread")
-SMOKE = {"steps": 2, "max_new_tokens": 16, "trl_repeats": 0, "modes": "async"}
+SMOKE = {"steps": 2, "max_new_tokens": 16, "trl_repeats": 0, "modes": "async", "enforce_eager": True}
 REWARD = '''def vowels(prompt, completion):
     return sum(c in "aeiou " for c in completion) / max(1, len(completion))
 '''
@@ -94,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=192)
     p.add_argument("--stop_tokens", type=int, default=6, help="ids that end a response (the long tail's rate)")
     p.add_argument("--trl_repeats", type=int, default=3)
+    p.add_argument("--enforce_eager", action="store_true",
+                   help="asyncflow.rollout.enforce_eager: no torch.compile in the engines (faster start, slower decode)")
     p.add_argument("--in_flight_kv", default="recompute", choices=("recompute", "keep"),
                    help="asyncflow.rollout.in_flight_kv of every run (what a reload does to requests in flight)")
     p.add_argument("--work", default=None)
@@ -132,7 +134,7 @@ def config(args, work: str, name: str, staleness: int, trainers_only: bool) -> s
              trainer_generates=not trainers_only)
     a.pop("rollout_workers", None)
     a["rollout"].update(stop_token_ids=list(range(100, 100 + args.stop_tokens)), shm_dir=work,
-                        max_num_seqs=64, in_flight_kv=args.in_flight_kv)
+                        max_num_seqs=64, in_flight_kv=args.in_flight_kv, enforce_eager=args.enforce_eager)
     path = os.path.join(work, f"{name}.json")
     with open(path, "w") as f:
         json.dump(cfg, f)

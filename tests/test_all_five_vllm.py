@@ -29,7 +29,8 @@ def test_all_json_with_vllm_survives_a_trainer_kill(tmp_path):
     config = json.loads((ROOT / "configs" / "all.json").read_text())
     config.pop("csv_monitor")
     config["ds_ext"]["recovery"]["journal_dir"] = str(tmp_path / "journal")
-    config["ds_ext"]["asyncflow"]["rollout"] = {"engine": "vllm", "shm_dir": str(tmp_path)}
+    # enforce_eager: no inductor compile (CI's fresh machine has no vLLM compile cache; ~15 s per engine start)
+    config["ds_ext"]["asyncflow"]["rollout"] = {"engine": "vllm", "shm_dir": str(tmp_path), "enforce_eager": True}
     (tmp_path / "all.json").write_text(json.dumps(config))
     ledgers = tmp_path / "ledger"
     cmd = [sys.executable, "-m", "ds_ext.launch", "--max_restarts", "1", "--master_port", str(free_port()),

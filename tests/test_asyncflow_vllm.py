@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     prompts.write_text("".join(f'{{"prompt": "What is {i} plus {i}?", "answer": "{2 * i}"}}\n' for i in range(8)))
     cfg = AsyncFlowConfig(enabled=True, group_size=4, groups_per_step=2, max_new_tokens=12, max_staleness=1,
                           rollout={"engine": "auto", "model_dir": str(model_dir), "shm_dir": str(root),
-                                   "bucket_mb": 0.1, "max_num_seqs": 8})
+                                   "bucket_mb": 0.1, "max_num_seqs": 8, "enforce_eager": True})
     assert resolve_engine(cfg, str(model_dir)) == "vllm"  # auto picks vLLM for a directory it can run
     cfg.rollout.engine = "vllm"
     from transformers import AutoTokenizer

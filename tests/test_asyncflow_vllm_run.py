@@ -38,6 +38,8 @@ def test_readme_command_with_vllm_workers_one_killed(tmp_path):
     config = json.loads((ROOT / "configs" / "grpo_vllm.json").read_text())
     config.pop("csv_monitor")
     config["ds_ext"]["asyncflow"]["rollout"]["shm_dir"] = str(tmp_path)
+    # no inductor compile: CI's fresh machine has no vLLM compile cache (~15 s per engine start saved there)
+    config["ds_ext"]["asyncflow"]["rollout"]["enforce_eager"] = True
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "ds_ext.launch", "--master_port", str(free_port()), "--config",
            str(tmp_path / "cfg.json"), str(ROOT / "examples" / "grpo.py"), "--model", str(model),

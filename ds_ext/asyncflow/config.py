@@ -62,6 +62,12 @@ class RolloutEngineConfig(ExtSection):
     after the reload carry the new version as vLLM's ``cache_salt``, so no new request reuses prefix KV of older
     weights."""
 
+    enforce_eager: bool = False
+    """vLLM's ``enforce_eager``: run the model without ``torch.compile``. Start-up skips the inductor compile of a
+    model vLLM has not compiled before (measured on 2 CPU cores, a 2-layer Qwen2: engine ready in 11.4 s eager vs
+    25.6 s compiling, 10.2 s from vLLM's compile cache); decoding is slower (16 x 64 tokens: 0.22 s vs 0.16 s). For
+    short runs and tests on fresh machines; leave it off for training."""
+
     check_logprobs: bool = True
     """After every reload the worker scores a fixed probe sequence (prompt log-probs); trainer rank 0 compares them
     with its own log-probs of the same tokens under the pushed weights (``logprob_mismatch``)."""

@@ -97,7 +97,7 @@ def build_llm(cfg: AsyncFlowConfig, seed: int = 0):
     from vllm import LLM
     r = cfg.rollout
     kw: Dict[str, Any] = dict(model=r.model_dir, enable_prefix_caching=True, seed=seed, max_num_seqs=r.max_num_seqs,
-                              logprobs_mode="processed_logprobs")
+                              logprobs_mode="processed_logprobs", enforce_eager=r.enforce_eager)
     if torch.cuda.is_available():
         kw.update(dtype="auto", gpu_memory_utilization=r.gpu_memory_utilization)
     else:  # fp32: the trainer's precision, so the behaviour and trainer log-probs agree to rounding
