@@ -91,7 +91,7 @@ def run_config(base: dict, mode: str, rpr: int, inner_steps: int, schedule: str 
     return cfg
 
 
-def launch(name: str, cfg: dict, layout_rpr: int, args, workdir: str, world: int = WORLD) -> list:
+def launch(name: str, cfg: dict, layout_rpr: int, args, workdir: str, world: int) -> list:
     cfg_path, out = os.path.join(workdir, f"{name}.json"), os.path.join(workdir, name)
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
@@ -122,7 +122,7 @@ def summarise(name: str, ranks: list, steps: int) -> dict:
             "curve": [(s, l) for s, _, l in ranks[0]["evals"]]}
 
 
-def theoretical_bytes_ratio(mode: str, rpr: int, inner_steps: int, world: int = WORLD) -> float:
+def theoretical_bytes_ratio(mode: str, rpr: int, inner_steps: int, world: int) -> float:
     """Cross-replica wire bytes per step, DDP over the run's. DDP with ZeRO-1 sends 3(n-1)/n of the model per step
     (gradient all-reduce 2(n-1)/n, parameter all-gather (n-1)/n). Per H steps NoLoCo sends its 1/rpr shard once;
     DiLoCo all-reduces it over the R replicas, 2(R-1)/R of the shard."""

@@ -73,7 +73,7 @@ def _elastic_round_store(timeout: timedelta):
 def init_distributed(dist_init_required=None, distributed_port=None) -> None:
     """``deepspeed.init_distributed`` with the accelerator's backend; restart-safe under torch elastic."""
     backend = deepspeed.get_accelerator().communication_backend_name()
-    _own_tools_first()
+    venv_tools_first()
     env = os.environ
     elastic = "TORCHELASTIC_RESTART_COUNT" in env
     if not dist.is_initialized() and dist_init_required is not False and (elastic or distributed_port is None) \
@@ -91,7 +91,7 @@ def init_distributed(dist_init_required=None, distributed_port=None) -> None:
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=dist_init_required, **kwargs)
 
 
-def _own_tools_first() -> None:
+def venv_tools_first() -> None:
     """Put this interpreter's bin directory first on ``PATH`` when it holds a ``ninja`` (a venv's): DeepSpeed's
     CPU comm op is JIT-built into ``TORCH_EXTENSIONS_DIR`` by the ``ninja`` found on ``PATH``, and a cache built by
     another ninja version is rebuilt (~30-60 s on 2 cores). ``ds-ext`` does this for the workers it starts; a worker

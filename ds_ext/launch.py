@@ -141,7 +141,8 @@ def _worker_env(nprocs: Optional[int]) -> None:
     start elsewhere, e.g. through a hostfile, and pick their own thread count there)."""
     # The interpreter's bin first on PATH and a JIT cache per environment: DeepSpeed's JIT ops rebuild (~55 s)
     # whenever the ninja that built the cached copy differs from the one on PATH.
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    from ds_ext.distributed import venv_tools_first  # lazily: it imports DeepSpeed (ds-ext --help stays fast)
+    venv_tools_first()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if nprocs:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, local_cores() // nprocs)))

@@ -324,7 +324,7 @@ class ShardedCausalLMForward:
     shares of a group and averages over the groups (:func:`ds_ext._deepspeed.ulysses_mpu`), the sp=1 step.
     ``calls`` counts the sharded forwards. Refused (ValueError, naming the key): ``labels=None`` (full logits
     would need every rank's rows), rows of several documents (:func:`one_document_problem`), ``T`` not divisible
-    by ``N``."""
+    by ``N`` (:func:`shard_positions`)."""
 
     def __init__(self, model, group, logits_chunk_size: int):
         self.model, self.group, self.logits_chunk_size = model, group, logits_chunk_size
@@ -339,8 +339,6 @@ class ShardedCausalLMForward:
         problem = one_document_problem(position_ids, labels)
         if problem is not None:
             raise ValueError(f"{key}: {problem}")
-        if input_ids.shape[1] % n:
-            raise ValueError(f"{key}: sequence length {input_ids.shape[1]} is not divisible by {n}")
         ids, shifted, positions = shard_rows(input_ids, labels, self.group)
         hidden = self.model.hidden_states(ids, positions)
         share = shard_loss(hidden, self.model.hf.lm_head.weight, shifted, self.group, self.logits_chunk_size)
