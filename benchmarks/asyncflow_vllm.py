@@ -1,6 +1,7 @@
 """AsyncFlow with the vLLM rollout engine on long-tailed response lengths: async against the best synchronous run.
 
-    python benchmarks/asyncflow.py --engine vllm            # ~6 min on 2 CPU cores (4 engine start-ups)
+    python benchmarks/asyncflow.py --engine vllm            # ~10 min on 2 CPU cores: 4 runs of ours (~1.1 min each,
+                                                            # an engine start-up included) and 3 TRL runs (~1.8 min each)
     python benchmarks/asyncflow_vllm.py --steps 16 --threads 2
 
 Every run is ``examples/grpo.py`` through ``ds-ext`` with ``asyncflow.rollout.engine: vllm`` on the same generated
