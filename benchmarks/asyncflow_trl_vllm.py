@@ -5,7 +5,12 @@ the same generated Qwen2 directory, prompts, reward (share of vowels), G = 8, 8 
 
     python benchmarks/asyncflow_trl_vllm.py --model DIR --prompts prompts.jsonl --steps 8
 
-    python benchmarks/asyncflow_trl_vllm.py --smoke   # CI size: generated model and prompts, 1 step, 16 tokens
+    python benchmarks/asyncflow_trl_vllm.py --smoke   # CI size: generated model and prompts, 1 step, 16 tokens, eager
+
+``--enforce_eager`` builds TRL's colocated engine with vLLM's ``enforce_eager=True`` (no inductor compile: ~11 s
+instead of ~25 s on a cold compile cache, decoding slower), as ``asyncflow.rollout.enforce_eager`` does for ours;
+``benchmarks/asyncflow_vllm.py --enforce_eager`` passes it on, so both sides of a comparison match. TRL 1.16 has no
+option for it: its engine constructor (``trl.generation.vllm_generation.LLM``) is wrapped.
 
 Prints one JSON line: samples per second timed from model load to the last step (``samples_per_s``) and over
 ``trainer.train()`` (``train_samples_per_s``); or ``{"error": ...}`` with the exception when TRL cannot run vLLM here
@@ -19,6 +24,7 @@ Last-line JSON keys:
 - `threads`: --threads
 - `samples_per_s`: steps x 64 responses over model load .. last step
 - `train_samples_per_s`: the same over `trainer.train()`
+- `enforce_eager`: whether the engine TRL built runs eager (read back from it; true with --enforce_eager)
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _keys import parse_with_smoke  # noqa: E402
 
-SMOKE = {"steps": 1, "max_new_tokens": 16}
+SMOKE = {"steps": 1, "max_new_tokens": 16, "enforce_eager": True}
 NO_TRL = "trl is not installed (an optional extra: pip install -e .[trl])"
 
 
@@ -45,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=192)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--enforce_eager", action="store_true", help="TRL's vLLM engine without torch.compile")
     return parse_with_smoke(p, argv, SMOKE)
 
 
@@ -59,6 +66,9 @@ def run(args) -> dict:
                        if k not in os.environ})
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
+    built = {"enforce_eager": False}
+    if args.enforce_eager:
+        eager_engine(built)
     with open(args.prompts) as f:
         rows = [json.loads(line) for line in f][: args.steps * 8]
     data = Dataset.from_dict({"prompt": [r["prompt"] for r in rows]})
@@ -81,7 +91,24 @@ def run(args) -> dict:
         end = time.perf_counter()
     n = args.steps * 64
     return {"mode": "trl_vllm", "trl_version": __import__("trl").__version__, "threads": args.threads,
-            "samples_per_s": n / (end - t0), "train_samples_per_s": n / (end - t)}
+            "samples_per_s": n / (end - t0), "train_samples_per_s": n / (end - t), **built}
+
+
+def eager_engine(built: dict) -> None:
+    """TRL's colocated engine built with ``enforce_eager=True`` (TRL 1.16 passes a fixed argument list to
+    ``vllm.LLM``; the name it calls is replaced by one that adds the flag). ``built["enforce_eager"]`` is then read
+    back from the engine TRL built (the smoke test checks it: a TRL that builds its engine elsewhere fails it)."""
+    import trl.generation.vllm_generation as gen
+    if not hasattr(gen, "LLM"):
+        raise RuntimeError("--enforce_eager: trl.generation.vllm_generation.LLM is gone in this TRL version")
+    real = gen.LLM
+
+    def llm(*args, **kwargs):
+        engine = real(*args, **dict(kwargs, enforce_eager=True))
+        built["enforce_eager"] = bool(engine.llm_engine.vllm_config.model_config.enforce_eager)
+        return engine
+
+    gen.LLM = llm
 
 
 def main(argv=None) -> dict:

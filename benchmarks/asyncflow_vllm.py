@@ -187,7 +187,8 @@ def run_trl_vllm(args, work: str, model: str) -> dict:
     for _ in range(args.trl_repeats):
         cmd = locked([sys.executable, os.path.join(ROOT, "benchmarks", "asyncflow_trl_vllm.py"), "--model", model,
                       "--prompts", os.path.join(work, "prompts.jsonl"), "--steps", str(args.steps),
-                      "--max_new_tokens", str(args.max_new_tokens), "--threads", str(args.threads)])
+                      "--max_new_tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+                     + (["--enforce_eager"] if args.enforce_eager else []))  # both sides compiled, or both eager
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work,
                               env={**os.environ, "PYTHONPATH": ROOT})

@@ -134,6 +134,7 @@ def specific(name: str, res: dict) -> None:
         assert res["logprob_mismatch"] <= 1e-4, res  # the bound and reason of tests/test_asyncflow_vllm_run.py
     elif name == "asyncflow_trl_vllm":
         assert res["mode"] == "trl_vllm" and res["train_samples_per_s"] > 0, res
+        assert res["enforce_eager"] is True, res  # --smoke builds TRL's engine eager: a compile here costs CI ~15 s
     elif name == "prefix_grouper":
         assert res["rows"] and res["headline"] == {"P": 128, "S": 32, "G": 4}
 
