@@ -7,7 +7,9 @@
 
 The command line lives in :mod:`ds_ext.grpo.cli` (``--help`` lists every flag); this file is its entry point.
 """
+from ds_ext.distributed import shutdown
 from ds_ext.grpo.cli import main
 
 if __name__ == "__main__":
     main()
+    shutdown()  # gloo torn down while the interpreter is alive (ds_ext.distributed.shutdown)

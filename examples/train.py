@@ -35,6 +35,7 @@ from tqdm import tqdm
 import ds_ext
 from ds_ext.config import DsExtConfigError, load_config_file
 from ds_ext.data import DataError, build_datasets
+from ds_ext.distributed import shutdown
 from ds_ext.models import (LlamaForCausalLM, ModelConfig, TokenWindows, llama_pipeline, load_corpus,
                            sharded_batches, threads_per_process, train_eval_split)
 from ds_ext.models.hf import (HFCausalLM, HFModelError, check_seq_len, gather_fp32_state, hf_export_meta,
@@ -445,3 +446,4 @@ def run(args, engine, trainer, topology, start, rank, save_checkpoint_hf) -> dic
 
 if __name__ == "__main__":
     main()
+    shutdown()  # gloo torn down while the interpreter is alive (ds_ext.distributed.shutdown)

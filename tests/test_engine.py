@@ -314,3 +314,20 @@ def test_pipeline_engine_matches_stock_pipeline():
         assert r["stock_cls"] == "PipelineEngine" and r["ds_ext_cls"] == "DsExtPipelineEngine"
         assert r["stock"] == r["ds_ext"]
         assert r["stock"][-1] < r["stock"][0]
+
+
+def _shutdown_body():
+    import torch.distributed as dist
+    from ds_ext.distributed import init_distributed, shutdown
+    init_distributed()
+    dist.all_reduce(torch.ones(2))  # gloo has worked: its threads exist
+    shutdown()
+    destroyed = not dist.is_initialized()
+    shutdown()  # a second call (or a process that never started a group) is a no-op
+    return destroyed
+
+
+def test_shutdown_destroys_the_process_group_and_is_idempotent():
+    """``ds_ext.distributed.shutdown``, what ``examples/train.py`` and ``examples/grpo.py`` call after ``main()``:
+    without it gloo can abort a finished run at interpreter exit (SIGABRT, pytorch/pytorch#190489)."""
+    assert run_distributed(_shutdown_body, world_size=2) == [True, True]
