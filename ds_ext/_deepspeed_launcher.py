@@ -43,27 +43,28 @@ def run_runner(argv: Sequence[str]) -> None:
     ``[python, -u, -m, deepspeed.launcher.launch, ...]`` is rewritten."""
     runner = _runner()
     real = runner.subprocess
-    runner.subprocess = _LocalLaunch(real)
+
+    def popen(cmd, *args, **kwargs):
+        if isinstance(cmd, list) and cmd[1:4] == ["-u", "-m", LAUNCH]:
+            cmd = cmd[:3] + [MODULE] + cmd[4:]
+        return real.Popen(cmd, *args, **kwargs)
+
+    runner.subprocess = _Overridden(real, Popen=popen)
     try:
         runner.main(list(argv))
     finally:
         runner.subprocess = real
 
 
-class _LocalLaunch:
-    """``subprocess`` for the runner, whose ``Popen`` starts :mod:`ds_ext._deepspeed_launcher` in place of
-    ``deepspeed.launcher.launch`` (same arguments); everything else is the real module."""
+class _Overridden:
+    """A module as DeepSpeed's launcher code sees it: the names given replaced, everything else the real module's."""
 
-    def __init__(self, real):
+    def __init__(self, real, **names):
         self._real = real
+        self.__dict__.update(names)
 
     def __getattr__(self, name):
         return getattr(self._real, name)
-
-    def Popen(self, cmd, *args, **kwargs):  # noqa: N802 -- subprocess's name
-        if isinstance(cmd, list) and cmd[1:4] == ["-u", "-m", LAUNCH]:
-            cmd = cmd[:3] + [MODULE] + cmd[4:]
-        return self._real.Popen(cmd, *args, **kwargs)
 
 
 def hostfile_pool(path: Optional[str]) -> Dict[str, int]:
@@ -78,24 +79,15 @@ def forward_env_prefixes(names: List[str]) -> None:
     runner.EXPORT_ENVS = list(runner.EXPORT_ENVS) + [v for v in names if v not in runner.EXPORT_ENVS]
 
 
-class _ShortPoll:
-    """``time`` for DeepSpeed's launcher: ``sleep`` capped at :data:`POLL_S` (its loop's only sleep is the poll);
-    everything else is the real module."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def sleep(self, seconds: float) -> None:
-        self._real.sleep(min(seconds, POLL_S))
+def short_poll(time_module):
+    """``time`` for DeepSpeed's launcher: ``sleep`` capped at :data:`POLL_S` (its loop's only sleep is the poll)."""
+    return _Overridden(time_module, sleep=lambda seconds: time_module.sleep(min(seconds, POLL_S)))
 
 
 def launch_main() -> None:
     """DeepSpeed's per-node launcher (its ``main``, reading ``sys.argv``) with the short poll."""
     from deepspeed.launcher import launch
-    launch.time = _ShortPoll(launch.time)
+    launch.time = short_poll(launch.time)
     launch.main()
 
 

@@ -108,8 +108,8 @@ def test_the_local_launcher_is_deepspeeds_with_a_short_poll(tmp_path):
     import time
     from ds_ext import _deepspeed_launcher as adapter
     t = time.perf_counter()
-    adapter._ShortPoll(time).sleep(1)
-    assert time.perf_counter() - t < 0.5 and adapter._ShortPoll(time).monotonic() > 0  # the rest is the real time
+    adapter.short_poll(time).sleep(1)
+    assert time.perf_counter() - t < 0.5 and adapter.short_poll(time).monotonic() > 0  # the rest is the real time
     script = tmp_path / "parent.py"
     script.write_text("import os\nprint('PARENT', open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')[:4])\n")
     (tmp_path / "c.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 1}))
