@@ -16,12 +16,14 @@ with the short poll 4.3 s and 0.9 s). :func:`run_runner` has the runner start th
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence
 
 RUNNER = "deepspeed.launcher.runner"
 LAUNCH = "deepspeed.launcher.launch"
 INTERNALS = [(RUNNER, "parse_args"), (RUNNER, "main"), (RUNNER, "fetch_hostfile"), (RUNNER, "EXPORT_ENVS"),
-             (RUNNER, "subprocess"), (LAUNCH, "main"), (LAUNCH, "time")]
+             (RUNNER, "subprocess"), (LAUNCH, "main"), (LAUNCH, "time"),
+             (LAUNCH, "parse_args")]
 MODULE = "ds_ext._deepspeed_launcher"  # run as a module: DeepSpeed's per-node launcher, short poll
 POLL_S = 0.05  # the per-node launcher's poll of its workers (DeepSpeed's: 1 s)
 
@@ -85,10 +87,41 @@ def short_poll(time_module):
 
 
 def launch_main() -> None:
-    """DeepSpeed's per-node launcher (its ``main``, reading ``sys.argv``) with the short poll."""
+    """DeepSpeed's per-node launcher (its ``main``, reading ``sys.argv``) with the short poll; once its workers are
+    gone (finished, failed or killed), the shared-memory buffers they left are removed (:func:`_remove_shm_buffers`)."""
     from deepspeed.launcher import launch
     launch.time = short_poll(launch.time)
-    launch.main()
+    args = launch.parse_args()  # what main() reads from sys.argv: the run's master address and port
+    before = set(_shm_buffers())
+    try:
+        launch.main()
+    finally:
+        _remove_shm_buffers(before, args.master_addr, int(args.master_port))
+
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer_"  # DeepSpeed's CPU comm op: <prefix><uid>_<addr>_<port>_<rank>
+SHM_PORTS = 8  # the run's ports: MASTER_PORT and the few above it that a run's own groups use (GRPO's trainers: +2)
+
+
+def _shm_buffers() -> list:
+    try:
+        return [n for n in os.listdir(SHM_DIR) if n.startswith(f"{SHM_PREFIX}{os.getuid()}_")]
+    except OSError:
+        return []
+
+
+def _remove_shm_buffers(before: set, addr: str, port: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates a ~69 MB ``/dev/shm`` file per rank and never unlinks it:
+    remove those that appeared while this launcher ran, for its master address and ports ``MASTER_PORT ..
+    MASTER_PORT + SHM_PORTS - 1`` (another run's buffers, on other ports, stay)."""
+    ours = {f"{SHM_PREFIX}{os.getuid()}_{addr}_{p}_" for p in range(port, port + SHM_PORTS)}
+    for name in set(_shm_buffers()) - before:
+        if name[:name.rindex("_") + 1] in ours:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ def test_streambp_config_runs_five_steps_on_two_processes():
 def test_the_local_launcher_is_deepspeeds_with_a_short_poll(tmp_path):
     """``ds-ext``'s runner starts ``ds_ext._deepspeed_launcher`` where DeepSpeed's runner starts
     ``deepspeed.launcher.launch``: the workers' parent is it (DeepSpeed's launcher, polling every 0.05 s instead of
-    1 s; measured 2.8 -> 0.9 s from the workers' last line to the exit of a trivial run). The cap itself is checked
+    1 s; measured 2.8 -> 0.9 s from the workers' last line to the exit of a trivial run), and once the workers are
+    gone it has removed the ~69 MB ``/dev/shm`` buffer per rank that DeepSpeed's CPU all-reduce creates and never
+    unlinks (the workers here all-reduce through it: the buffers exist during the run). The cap itself is checked
     in this process: a 1 s sleep of the launcher's loop returns within the bound (0.5 s: ten times the cap)."""
     import time
     from ds_ext import _deepspeed_launcher as adapter
@@ -111,12 +113,22 @@ def test_the_local_launcher_is_deepspeeds_with_a_short_poll(tmp_path):
     adapter.short_poll(time).sleep(1)
     assert time.perf_counter() - t < 0.5 and adapter.short_poll(time).monotonic() > 0  # the rest is the real time
     script = tmp_path / "parent.py"
-    script.write_text("import os\nprint('PARENT', open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')[:4])\n")
+    script.write_text("import os, glob, torch, deepspeed\n"
+                      "deepspeed.init_distributed(dist_backend='gloo')\n"
+                      "t = torch.ones(2)\ndeepspeed.comm.all_reduce(t)\n"
+                      "line = str([open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')[:4], t.tolist(),\n"
+                      "            len(glob.glob(f'/dev/shm/deepspeed_allreduce_buffer_*_{os.environ[\"MASTER_PORT\"]}_*'))])\n"
+                      "open(os.path.join(os.path.dirname(__file__), 'rank' + os.environ['RANK']), 'w').write(line)\n"
+                      "from ds_ext.distributed import shutdown\nshutdown()\n")  # as the examples end (gloo's exit)
     (tmp_path / "c.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 1}))
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
     proc = ds_ext_run(["--num_procs", "2", "--config", tmp_path / "c.json", script], timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    parents = [line for line in proc.stdout.splitlines() if line.startswith("PARENT")]
-    assert len(parents) == 2 and all("'ds_ext._deepspeed_launcher'" in line for line in parents), parents
+    parents = [(tmp_path / f"rank{r}").read_text() for r in range(2)]  # a file each: stdout lines interleave
+    assert all("'ds_ext._deepspeed_launcher'" in line for line in parents), parents
+    assert all(line.endswith("[2.0, 2.0], 2]") for line in parents), parents  # summed through the two shm buffers
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
 
 
 @pytest.mark.slow
